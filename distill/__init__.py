@@ -1,0 +1,1 @@
+"""distill: distillation of classifier-free-guided diffusion models in JAX/Flax."""

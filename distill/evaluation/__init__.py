@@ -1,0 +1,1 @@
+"""Metrics, feature networks, grids and reports."""

@@ -1,0 +1,1 @@
+"""Distillation methods: each a loss function plus a plan of rounds."""
