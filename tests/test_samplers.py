@@ -148,7 +148,6 @@ def test_guidance_makes_mixture_samples_more_class_specific():
     den = samplers.guided_denoiser(gmm.model_fn, jnp.asarray(labels), w, gmm.num_classes)
     x = samplers.ddim_sample(den, z, LOGSNR, 64).x
     post[w] = _class_log_posterior(gmm, np.asarray(x), labels).mean()
-  print(post)
   assert post[0.0] < -0.2 and post[2.0] > 0.5 * post[0.0], post
 
 
