@@ -1,0 +1,155 @@
+"""The config schema: every field with its default, and one validator that names the field it rejects.
+
+Data-set configs (configs/*.py) start from `base_config()` and change values; `validate` runs in the
+entry point after command-line overrides, before anything is written.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from distill import diffusion
+
+DATA_NAMES = ("digits", "cifar10", "imagenet64", "npz", "mixture")
+SCHEDULES = ("cosine", "linear_beta", "scaled_linear_beta")
+STAGES = ("teacher",)
+
+
+class ConfigError(ValueError):
+  """A config value that is not allowed; the message is one line naming field, value and what is allowed."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.pipeline = ("teacher",)  # stages run in order; each resumes or skips if already finished
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="digits", image_size=8, channels=1, num_classes=10,
+      path="",          # .npz file for name='npz'
+      data_dir="",      # TFDS data_dir ('' = TFDS default)
+      num_examples=4096, mixture_scale=1.0, mixture_std=0.2,  # name='mixture'
+      seed=0,
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      ch=24, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,), head_dim=32,
+      dropout=0.1, emb_ch=0,            # 0: 4·ch
+      num_groups=32, resample_with_resblock=True,
+      parameterization="v",             # network output: 'x' | 'eps' | 'v' | 'both'
+      schedule="cosine", logsnr_min=-20.0, logsnr_max=20.0,
+  ))
+
+  c.teacher = ml_collections.ConfigDict(dict(
+      num_steps=2000, batch_size=128, lr=2e-3, warmup_steps=200, grad_clip=1.0,
+      ema_decay=0.999, p_uncond=0.1, weighting="snr_plus_one",  # v-MSE
+      log_every=100, ckpt_every=500, skip_nonfinite=False,
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      num_steps=128,                    # teacher DDIM steps (CFG: 2 evaluations each)
+      w_values=(0.0, 0.3, 1.0, 2.0, 4.0),
+      per_cell=4,                       # samples per (class, w) in the grid
+      max_grid_classes=10,              # grid rows (first classes) for many-class data
+      clip=True,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      class_agreement=True,             # needs a classifier: embedded data (digits, npz, mixture) only
+      agreement_w=(0.0, 1.0),
+      agreement_steps=128,
+      agreement_per_class=100,
+      classifier_steps=1500,
+  ))
+  return c
+
+
+def _fail(field, value, allowed):
+  raise ConfigError(f"config.{field}={value!r}: {allowed}")
+
+
+def _positive_int(c, field):
+  v = _get(c, field)
+  if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+    _fail(field, v, "must be a positive integer")
+
+
+def _number(c, field, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+  v = _get(c, field)
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    _fail(field, v, "must be a finite number")
+  if (v < lo or (lo_open and v == lo)) or (v > hi or (hi_open and v == hi)):
+    lb, hb = ("(" if lo_open else "["), (")" if hi_open else "]")
+    _fail(field, v, f"must lie in {lb}{lo}, {hi}{hb}")
+
+
+def _choice(c, field, allowed):
+  v = _get(c, field)
+  if v not in allowed:
+    _fail(field, v, f"allowed: {', '.join(map(repr, allowed))}")
+
+
+def _get(c, field):
+  node = c
+  for part in field.split("."):
+    if part not in node:
+      raise ConfigError(f"config.{field} is missing")
+    node = node[part]
+  return node
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError (one line) on the first invalid field."""
+  for stage in c.pipeline:
+    if stage not in STAGES:
+      _fail("pipeline", tuple(c.pipeline), f"stages allowed: {', '.join(STAGES)}")
+  _choice(c, "data.name", DATA_NAMES)
+  for f in ("data.image_size", "data.channels", "data.num_classes"):
+    _positive_int(c, f)
+
+  _choice(c, "model.parameterization", diffusion.PARAMETERIZATIONS)
+  _choice(c, "model.schedule", SCHEDULES)
+  _number(c, "model.logsnr_min")
+  _number(c, "model.logsnr_max")
+  if c.model.logsnr_min >= c.model.logsnr_max:
+    _fail("model.logsnr_min", c.model.logsnr_min, f"must be below model.logsnr_max={c.model.logsnr_max}")
+  for f in ("model.ch", "model.num_res_blocks", "model.head_dim", "model.num_groups"):
+    _positive_int(c, f)
+  if not isinstance(c.model.emb_ch, int) or c.model.emb_ch < 0:
+    _fail("model.emb_ch", c.model.emb_ch, "must be 0 (= 4·ch) or a positive integer")
+  mult = tuple(c.model.ch_mult)
+  if not mult or any(not isinstance(m, int) or m <= 0 for m in mult):
+    _fail("model.ch_mult", mult, "must be a non-empty tuple of positive integers")
+  down = 2 ** (len(mult) - 1)
+  if c.data.image_size % down:
+    _fail("model.ch_mult", mult, f"{len(mult)} levels halve the resolution {len(mult) - 1} times; "
+          f"data.image_size={c.data.image_size} must divide by {down}")
+  resolutions = [c.data.image_size // 2**i for i in range(len(mult))]
+  for r in c.model.attn_resolutions:
+    if r not in resolutions:
+      _fail("model.attn_resolutions", tuple(c.model.attn_resolutions), f"resolutions in this U-Net are {resolutions}")
+  _number(c, "model.dropout", 0.0, 1.0, hi_open=True)
+
+  t = "teacher"
+  for f in ("num_steps", "batch_size", "log_every", "ckpt_every"):
+    _positive_int(c, f"{t}.{f}")
+  if not isinstance(c.teacher.warmup_steps, int) or c.teacher.warmup_steps < 0:
+    _fail("teacher.warmup_steps", c.teacher.warmup_steps, "must be a non-negative integer")
+  _number(c, "teacher.lr", 0.0, 1.0, lo_open=True)
+  _number(c, "teacher.grad_clip", 0.0, lo_open=True)
+  _number(c, "teacher.ema_decay", 0.0, 1.0, hi_open=True)
+  _number(c, "teacher.p_uncond", 0.0, 1.0, hi_open=True)
+  _choice(c, "teacher.weighting", diffusion.WEIGHTINGS)
+
+  _positive_int(c, "sample.num_steps")
+  _positive_int(c, "sample.per_cell")
+  _positive_int(c, "sample.max_grid_classes")
+  if not c.sample.w_values:
+    _fail("sample.w_values", tuple(c.sample.w_values), "must name at least one guidance strength")
+  for w in tuple(c.sample.w_values) + tuple(c.eval.agreement_w):
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+      _fail("sample.w_values" if w in tuple(c.sample.w_values) else "eval.agreement_w", w,
+            "guidance strengths must be finite numbers >= 0")
+  for f in ("agreement_steps", "agreement_per_class", "classifier_steps"):
+    _positive_int(c, f"eval.{f}")

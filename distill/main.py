@@ -1,0 +1,94 @@
+"""Entry point: `python -m distill.main --config=configs/digits.py --workdir=runs/digits`.
+
+Any config field is overridable: `--config.teacher.num_steps=500 --config.model.ch_mult="(1,2)"`.
+Bad flags or config values print one line naming the field, the value and what is allowed, exit with
+code 2, and write nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py or configs/digits.py:quick.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>[_<variant>]).")
+_ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
+                                  "Resume a workdir whose saved config.json differs from this run's config.")
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def _flags_parser(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0])
+  except Exception as e:  # noqa: BLE001 — config files raise anything while loading or overriding
+    fail(f"--config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def default_workdir(config_arg: str) -> str:
+  path, _, variant = config_arg.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("runs", f"{name}_{variant}" if variant else name)
+
+
+def _first_difference(a, b, prefix=""):
+  for k in sorted(set(a) | set(b)):
+    if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+      d = _first_difference(a[k], b[k], f"{prefix}{k}.")
+      if d:
+        return d
+    elif a.get(k) != b.get(k):
+      return f"{prefix}{k}: saved {a.get(k)!r}, now {b.get(k)!r}"
+  return None
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  if _CONFIG.value is None:
+    fail("--config is required, e.g. --config=configs/digits.py")
+  # Imports after flag parsing so `--help` and flag errors stay fast.
+  from distill import configuration, data, pipeline
+
+  config = _CONFIG.value
+  try:
+    configuration.validate(config)
+    train_source = data.make_source(config.data, "train")
+  except (configuration.ConfigError, data.DataError) as e:
+    fail(str(e))
+
+  config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "config")
+  workdir = _WORKDIR.value or default_workdir(config_arg)
+  resolved = json.loads(config.to_json_best_effort())
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(config_path) and not _ALLOW_CHANGE.value:
+    with open(config_path) as f:
+      saved = json.load(f)
+    diff = _first_difference(saved, resolved)
+    if diff:
+      fail(f"{workdir} holds a run with another config ({diff}); use another --workdir or --allow_config_change")
+  os.makedirs(workdir, exist_ok=True)
+  with open(config_path, "w") as f:
+    json.dump(resolved, f, indent=1, sort_keys=True)
+  print(f"workdir: {workdir}")
+  summary = pipeline.run(config, workdir, train_source=train_source)
+  print(f"done: wall-clock per stage (s): {summary.get('wall_clock_seconds')}")
+
+
+def run():
+  app.run(main, flags_parser=_flags_parser)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,223 @@
+"""The one training loop: jit step, optax, EMA, Orbax checkpoints, metrics, progress.
+
+A method hands the trainer a `Stage` — a loss function, initial parameters, an optimizer, a step count
+and a batch function — and gets back the trained parameters. Methods never own a loop.
+
+Determinism: the step's RNG is `fold_in(key, step)` and batches are a pure function of the step, so a
+run resumed from a checkpoint at step k continues exactly as if it had not stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from distill import writers
+
+PyTree = Any
+# loss_fn(params, batch, rng) -> (scalar loss, dict of scalar metrics)
+LossFn = Callable[[PyTree, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (non-finite loss, a checkpoint that does not fit)."""
+
+
+@dataclasses.dataclass
+class Stage:
+  """Everything one stage or round of training needs; built by a method, run by `run_stage`."""
+  name: str                          # directory name under the workdir, e.g. 'teacher', 'pd_08'
+  loss_fn: LossFn
+  init_params: PyTree
+  optimizer: optax.GradientTransformation
+  num_steps: int
+  batch_fn: Callable[[int], dict]    # step -> host batch (numpy); a pure function of the step
+  seed: int = 0
+  ema_decay: float | None = None     # None: no EMA (the returned params are the raw ones)
+  meta: dict = dataclasses.field(default_factory=dict)  # recorded with every checkpoint
+  log_every: int = 100
+  ckpt_every: int = 1000
+  keep_checkpoints: int = 2
+  skip_nonfinite: bool = False       # skip updates whose loss/gradient is not finite instead of stopping
+  images_per_step: int = 0           # for the throughput metric
+  lr_schedule: Callable[[int], float] | None = None  # logged as 'lr'
+
+
+def ema_decay_at(step, decay):
+  """EMA decay with warm-up, min(decay, (1 + step)/(10 + step)): short runs do not keep the init."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def init_state(params, optimizer, with_ema: bool) -> dict:
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "ema_params": jax.tree.map(jnp.copy, params) if with_ema else {},
+      "opt_state": optimizer.init(params),
+      "nonfinite": jnp.zeros((), jnp.int32),
+  }
+
+
+def make_train_step(loss_fn: LossFn, optimizer, ema_decay, skip_nonfinite: bool, seed: int):
+  """One update: (state, batch) -> (state, metrics). Pure; jit it."""
+  base_key = jax.random.PRNGKey(seed)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(base_key, state["step"])
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+           "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32)}
+    if ema_decay is not None:
+      d = ema_decay_at(state["step"], ema_decay)
+      new["ema_params"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema_params"], params)
+    else:
+      new["ema_params"] = state["ema_params"]
+    if skip_nonfinite:
+      # Keep everything but the counters as it was: the update is dropped, not patched.
+      new = {k: (v if k in ("step", "nonfinite") else jax.tree.map(
+          lambda a, b: jnp.where(finite, a, b), v, state[k])) for k, v in new.items()}
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
+    return new, metrics
+
+  return train_step
+
+
+def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: dict, meta: dict):
+  step = int(state["step"])
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             meta=ocp.args.JsonSave(meta)))
+  manager.wait_until_finished()
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, step: int | None = None):
+  """Restores (state, meta) at `step` (default: latest), falling back to older steps if one is unreadable."""
+  steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+  errors = []
+  for s in steps:
+    try:
+      restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                            meta=ocp.args.JsonRestore()))
+      if errors:
+        print(f"[checkpoint] restored step {s} after unreadable later checkpoint(s): {'; '.join(errors)}")
+        for bad in steps[:steps.index(s)]:  # set aside, so the resumed run can write those steps again
+          bad_dir = os.path.join(str(manager.directory), str(bad))
+          os.replace(bad_dir, f"{bad_dir}.unreadable-{int(time.time())}")
+        manager.reload()
+      return restored["state"], restored["meta"]
+    except Exception as e:  # noqa: BLE001 — any unreadable checkpoint: try the previous one
+      errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+  raise TrainingError(f"no readable checkpoint in {manager.directory}: {'; '.join(errors)}")
+
+
+def load_final_params(stage_dir: str) -> tuple[PyTree, dict]:
+  """The parameters a finished stage hands on (EMA if it had EMA) and its meta, read-only."""
+  path = os.path.join(stage_dir, "final")
+  if not os.path.isdir(path):
+    raise TrainingError(f"{stage_dir}: no final parameters (the stage has not finished)")
+  params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")))
+  with open(os.path.join(path, "meta.json")) as f:
+    return params, json.load(f)
+
+
+def _save_final(stage_dir: str, params, meta: dict):
+  path = os.path.join(stage_dir, "final")
+  tmp = path + ".tmp"
+  if os.path.isdir(tmp):
+    import shutil
+    shutil.rmtree(tmp)
+  os.makedirs(tmp)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(os.path.join(tmp, "params")), params)
+  ckptr.wait_until_finished()
+  with open(os.path.join(tmp, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)  # atomic: 'final' exists only complete
+
+
+def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True) -> tuple[PyTree, dict]:
+  """Trains `stage`, resuming from its latest checkpoint; returns (final params, meta).
+
+  A stage whose `final/` exists is skipped (its parameters are loaded). Final params are the EMA
+  params when the stage has EMA. Raises TrainingError on a non-finite loss (without saving).
+  """
+  if os.path.isdir(os.path.join(stage_dir, "final")):
+    print(f"[{stage.name}] already finished; loading {stage_dir}/final")
+    return load_final_params(stage_dir)
+
+  with_ema = stage.ema_decay is not None
+  state = jax.jit(lambda p: init_state(p, stage.optimizer, with_ema))(stage.init_params)
+  manager = _manager(os.path.join(stage_dir, "checkpoints"), stage.keep_checkpoints)
+  meta = dict(stage.meta, stage=stage.name, num_steps=stage.num_steps)
+  if manager.latest_step() is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    state, saved_meta = restore_checkpoint(manager, abstract)
+    if saved_meta.get("stage") != stage.name:
+      raise TrainingError(f"{stage_dir}: checkpoint belongs to stage {saved_meta.get('stage')!r}, not {stage.name!r}")
+    print(f"[{stage.name}] resuming at step {int(state['step'])}/{stage.num_steps}")
+
+  train_step = jax.jit(make_train_step(stage.loss_fn, stage.optimizer, stage.ema_decay,
+                                       stage.skip_nonfinite, stage.seed), donate_argnums=(0,))
+  writer = writers.MetricWriter(os.path.join(stage_dir, "tb"), enabled=is_main_process)
+  progress = writers.ProgressReporter(total_steps=stage.num_steps, prefix=f"[{stage.name}]",
+                                      batch_size=stage.images_per_step or None, every_seconds=None,
+                                      every_steps=stage.log_every)
+  lr_fn = stage.lr_schedule
+  start = int(state["step"])
+  last_t, last_step = time.time(), start
+  checked_nonfinite = int(state["nonfinite"])
+
+  def check_finite(step):
+    nonlocal checked_nonfinite
+    n = int(state["nonfinite"])
+    if n > checked_nonfinite and not stage.skip_nonfinite:
+      raise TrainingError(f"[{stage.name}] non-finite loss or gradient before step {step} "
+                          f"(stage {stage.meta.get('stage_kind', stage.name)}, round {stage.meta.get('round', '-')}); "
+                          "the last good checkpoint is kept. Lower the learning rate or set skip_nonfinite.")
+    checked_nonfinite = n
+
+  for step in range(start, stage.num_steps):
+    batch = stage.batch_fn(step)
+    state, metrics = train_step(state, batch)
+    done = step + 1
+    if done % stage.log_every == 0 or done == stage.num_steps:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      check_finite(done)
+      now = time.time()
+      if stage.images_per_step:
+        metrics["images_per_sec"] = stage.images_per_step * (done - last_step) / max(now - last_t, 1e-9)
+      if lr_fn is not None:
+        metrics["lr"] = float(lr_fn(step))
+      if skipped := int(state["nonfinite"]):
+        metrics["skipped_updates"] = float(skipped)
+      last_t, last_step = now, done
+      writer.write_scalars(done, metrics)
+      progress.update(done, {k: metrics[k] for k in ("loss", "grad_norm", "lr") if k in metrics})
+    if done % stage.ckpt_every == 0 and done != stage.num_steps:
+      check_finite(done)
+      save_checkpoint(manager, state, meta)
+  check_finite(stage.num_steps)
+  if start < stage.num_steps:
+    save_checkpoint(manager, state, meta)
+  writer.close()
+  final = state["ema_params"] if with_ema else state["params"]
+  if is_main_process:
+    _save_final(stage_dir, jax.device_get(final), meta)
+  return final, meta
