@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py or configs/digits.py:quick.",
@@ -27,13 +27,32 @@ def fail(message: str):
   sys.exit(EXIT_BAD_INPUT)
 
 
+def _root_cause(e: BaseException) -> BaseException:
+  while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+    e = e.__cause__ or e.__context__
+  return e
+
+
+def _one_line(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 def _flags_parser(argv):
+  """absl's parser, with every failure turned into one line and exit code 2."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(str(e).splitlines()[0])
+  except (AttributeError, KeyError) as e:
+    # An override naming a field the config does not have: say which flag.
+    missing = str(e).strip("'\"")
+    culprit = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.") and
+                    missing in a.split("=", 1)[0].split(".")), "--config.<field>")
+    fail(f"{culprit}: no such config field ({missing!r}); see the config file for the fields there are")
   except Exception as e:  # noqa: BLE001 — config files raise anything while loading or overriding
-    fail(f"--config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    root = _root_cause(e)
+    if isinstance(root, flags.Error) or root is e:
+      fail(str(e).splitlines()[0] if isinstance(e, flags.Error) and root is e else _one_line(root))
+    fail(f"--config: {_one_line(root)}")
 
 
 def default_workdir(config_arg: str) -> str:
@@ -58,10 +77,16 @@ def main(argv):
     fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
   if _CONFIG.value is None:
     fail("--config is required, e.g. --config=configs/digits.py")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   # Imports after flag parsing so `--help` and flag errors stay fast.
   from distill import configuration, data, pipeline
 
   config = _CONFIG.value
+  try:
+    config.keys()  # a config file that failed to load reports it only on first use
+  except OSError as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    fail(f"--config: cannot load the config file: {lines[-1]}")
   try:
     configuration.validate(config)
     train_source = data.make_source(config.data, "train")

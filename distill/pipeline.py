@@ -76,7 +76,7 @@ def run_teacher(ctx: Context):
       meta={"kind": "cfg_teacher", "sampler": "ddim", "num_sampling_steps": c.sample.num_steps,
             "parameterization": c.model.parameterization})
   stage_dir = ctx.stage_dir("teacher")
-  params, _ = train.run_stage(stage, stage_dir, is_main_process=ctx.is_main_process)
+  params, meta = train.run_stage(stage, stage_dir, is_main_process=ctx.is_main_process)
   sample_fn = functools.partial(guided_ddim, params, model=model, parameterization=c.model.parameterization,
                                 logsnr_fn=ctx.logsnr_fn, null_label=ctx.null_label, clip=c.sample.clip)
   if ctx.is_main_process:
@@ -84,6 +84,7 @@ def run_teacher(ctx: Context):
                       os.path.join(stage_dir, "samples.png"))
     if c.eval.class_agreement and c.data.name in EMBEDDED:
       report = teacher_class_agreement(ctx, functools.partial(sample_fn, num_steps=c.eval.agreement_steps))
+      report["teacher_train_seconds"] = meta.get("train_seconds")
       with open(os.path.join(stage_dir, "eval.json"), "w") as f:
         json.dump(report, f, indent=1)
       print(f"[teacher] class agreement: {report['agreement']} (classifier test accuracy "

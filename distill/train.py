@@ -23,8 +23,9 @@ import orbax.checkpoint as ocp
 from distill import writers
 
 PyTree = Any
-# loss_fn(params, batch, rng) -> (scalar loss, dict of scalar metrics)
-LossFn = Callable[[PyTree, dict, jax.Array], tuple[jax.Array, dict]]
+# loss_fn(params, frozen, batch, rng) -> (scalar loss, dict of scalar metrics). `frozen` holds what the loss
+# reads but never trains (a teacher's parameters): an argument of the jitted step, not a baked-in constant.
+LossFn = Callable[[PyTree, PyTree, dict, jax.Array], tuple[jax.Array, dict]]
 
 
 class TrainingError(RuntimeError):
@@ -42,6 +43,7 @@ class Stage:
   batch_fn: Callable[[int], dict]    # step -> host batch (numpy); a pure function of the step
   seed: int = 0
   ema_decay: float | None = None     # None: no EMA (the returned params are the raw ones)
+  frozen: PyTree = None              # passed to loss_fn unchanged; never saved with the stage
   meta: dict = dataclasses.field(default_factory=dict)  # recorded with every checkpoint
   log_every: int = 100
   ckpt_every: int = 1000
@@ -71,9 +73,9 @@ def make_train_step(loss_fn: LossFn, optimizer, ema_decay, skip_nonfinite: bool,
   """One update: (state, batch) -> (state, metrics). Pure; jit it."""
   base_key = jax.random.PRNGKey(seed)
 
-  def train_step(state, batch):
+  def train_step(state, frozen, batch):
     rng = jax.random.fold_in(base_key, state["step"])
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, batch, rng)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -166,6 +168,7 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True) -> 
   state = jax.jit(lambda p: init_state(p, stage.optimizer, with_ema))(stage.init_params)
   manager = _manager(os.path.join(stage_dir, "checkpoints"), stage.keep_checkpoints)
   meta = dict(stage.meta, stage=stage.name, num_steps=stage.num_steps)
+  saved_meta = {}
   if manager.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state, saved_meta = restore_checkpoint(manager, abstract)
@@ -181,7 +184,9 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True) -> 
                                       every_steps=stage.log_every)
   lr_fn = stage.lr_schedule
   start = int(state["step"])
-  last_t, last_step = time.time(), start
+  session_start = time.time()
+  prior_seconds = float(saved_meta.get("train_seconds", 0.0)) if start else 0.0
+  last_t, last_step = session_start, start
   checked_nonfinite = int(state["nonfinite"])
 
   def check_finite(step):
@@ -195,7 +200,7 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True) -> 
 
   for step in range(start, stage.num_steps):
     batch = stage.batch_fn(step)
-    state, metrics = train_step(state, batch)
+    state, metrics = train_step(state, stage.frozen, batch)
     done = step + 1
     if done % stage.log_every == 0 or done == stage.num_steps:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -212,8 +217,10 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True) -> 
       progress.update(done, {k: metrics[k] for k in ("loss", "grad_norm", "lr") if k in metrics})
     if done % stage.ckpt_every == 0 and done != stage.num_steps:
       check_finite(done)
+      meta["train_seconds"] = prior_seconds + time.time() - session_start
       save_checkpoint(manager, state, meta)
   check_finite(stage.num_steps)
+  meta["train_seconds"] = prior_seconds + time.time() - session_start
   if start < stage.num_steps:
     save_checkpoint(manager, state, meta)
   writer.close()

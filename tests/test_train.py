@@ -13,7 +13,7 @@ from distill import train
 def _stage(num_steps=8, nan_at=None, crash_at=None, skip_nonfinite=False, ema=0.9):
   target = jnp.arange(6.0).reshape(2, 3)
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(params, frozen, batch, rng):
     noise = 0.01 * jax.random.normal(rng, target.shape)  # uses the per-step RNG
     loss = jnp.mean((params["w"] * batch["x"][0] - target - noise) ** 2)
     if nan_at is not None:

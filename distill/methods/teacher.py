@@ -15,9 +15,11 @@ from distill.schedules import LogSNRFn
 
 def teacher_loss(model, parameterization: str, weighting: str, p_uncond: float, logsnr_fn: LogSNRFn,
                  null_label: int) -> train.LossFn:
-  """loss_fn(params, batch, rng) for CFG training. batch: image [B, H, W, C] in [−1, 1], label [B]."""
+  """loss_fn(params, frozen, batch, rng) for CFG training (frozen unused). batch: image [B, H, W, C] in
+  [−1, 1], label [B]."""
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(params, frozen, batch, rng):
+    del frozen
     x, labels = batch["image"], batch["label"]
     k_t, k_eps, k_drop, k_dropout = jax.random.split(rng, 4)
     t = jax.random.uniform(k_t, (x.shape[0],))
