@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import diffusion, schedules
+from distill import schedules
 from distill.methods import guided
 from distill.testing import GaussianMixture
 
