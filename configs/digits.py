@@ -1,6 +1,7 @@
 r"""The embedded default: scikit-learn's 8×8 digits (10 classes), small enough for 2 CPU cores.
 
-Full run (CFG teacher, then its samples and class agreement):
+Full run (CFG teacher; stage one; deterministic and stochastic halving 64 → 1; single-w and two-student
+baselines):
   python -m distill.main --config=configs/digits.py --workdir=runs/digits
 The same path end to end in a few minutes:
   python -m distill.main --config=configs/digits.py:quick --workdir=runs/digits_quick
@@ -18,6 +19,16 @@ def get_config(arg: str | None = None):
   config.data.channels = 1
   config.data.num_classes = 10
 
+  config.pipeline = ("teacher", "stage_one", "distill_deterministic", "distill_stochastic", "single_w",
+                     "two_student")
+  d = config.distill
+  d.w_min, d.w_max = 0.0, 4.0
+  d.stage_one_steps, d.stage_one_lr, d.stage_one_ema = 1000, 1e-3, 0.999
+  d.start_steps, d.end_steps = 64, 1     # rounds: 32, 16, 8, 4, 2, 1 student steps
+  d.round_steps, d.final_round_steps = 500, 500
+  d.lr = 3e-4
+  config.baselines.single_w = (1.0,)
+
   if arg == "quick":
     config.teacher.num_steps = 300
     config.teacher.log_every = 50
@@ -26,6 +37,8 @@ def get_config(arg: str | None = None):
     config.eval.agreement_steps = 32
     config.eval.agreement_per_class = 20
     config.eval.classifier_steps = 500
+    d.stage_one_steps, d.start_steps = 60, 8  # rounds: 4, 2, 1
+    d.round_steps, d.final_round_steps, d.log_every, d.ckpt_every = 20, 20, 10, 10
   elif arg:
     raise ValueError(f"configs/digits.py: unknown variant {arg!r}; allowed: 'quick'")
   return config

@@ -13,7 +13,8 @@ from distill import diffusion
 
 DATA_NAMES = ("digits", "cifar10", "imagenet64", "npz", "mixture")
 SCHEDULES = ("cosine", "linear_beta", "scaled_linear_beta")
-STAGES = ("teacher",)
+STAGES = ("teacher", "stage_one", "distill_deterministic", "distill_stochastic", "single_w", "two_student",
+          "encoder")
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,25 @@ def base_config() -> ml_collections.ConfigDict:
       num_steps=2000, batch_size=128, lr=2e-3, warmup_steps=200, grad_clip=1.0,
       ema_decay=0.999, p_uncond=0.1, weighting="snr_plus_one",  # v-MSE
       log_every=100, ckpt_every=500, skip_nonfinite=False,
+  ))
+
+  # Guided distillation (Meng et al. 2023): stage one, then halving rounds; the baselines reuse them.
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher_dir="",                   # '' = WORKDIR/teacher; or the stage dir of a teacher trained elsewhere
+      w_min=0.0, w_max=4.0,             # guidance range of the w-conditioned students
+      dropout=0.0,                      # students train without dropout (PD)
+      batch_size=128,
+      stage_one_steps=1000, stage_one_lr=1e-3, stage_one_warmup=100, stage_one_ema=0.999,
+      stage_one_weighting="snr",
+      start_steps=64, end_steps=1,      # first round's teacher steps → last student's steps (powers of two)
+      round_steps=500, final_round_steps=1000,  # updates per round; the N = 2 and N = 1 rounds get final_round_steps
+      lr=3e-4, grad_clip=1.0,           # Adam, annealed linearly to 0 within each round; no EMA
+      weighting="truncated_snr",
+      log_every=100, ckpt_every=250,
+      grid_w=(0.0, 0.3, 1.0, 2.0, 4.0), # rows of each round's sample grid (columns = classes)
+  ))
+  c.baselines = ml_collections.ConfigDict(dict(
+      single_w=(1.0,),                  # 'single_w': a stage-one student and rounds per fixed w, no w input
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
@@ -141,6 +161,31 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _number(c, "teacher.ema_decay", 0.0, 1.0, hi_open=True)
   _number(c, "teacher.p_uncond", 0.0, 1.0, hi_open=True)
   _choice(c, "teacher.weighting", diffusion.WEIGHTINGS)
+
+  d = "distill"
+  for f in ("batch_size", "stage_one_steps", "round_steps", "final_round_steps", "log_every", "ckpt_every"):
+    _positive_int(c, f"{d}.{f}")
+  _number(c, "distill.w_min", 0.0)
+  _number(c, "distill.w_max", 0.0)
+  if c.distill.w_min > c.distill.w_max:
+    _fail("distill.w_min", c.distill.w_min, f"must not exceed distill.w_max={c.distill.w_max}")
+  for f in ("stage_one_lr", "lr"):
+    _number(c, f"distill.{f}", 0.0, 1.0, lo_open=True)
+  _number(c, "distill.stage_one_ema", 0.0, 1.0, hi_open=True)
+  _number(c, "distill.dropout", 0.0, 1.0, hi_open=True)
+  _number(c, "distill.grad_clip", 0.0, lo_open=True)
+  _choice(c, "distill.weighting", diffusion.WEIGHTINGS)
+  _choice(c, "distill.stage_one_weighting", diffusion.WEIGHTINGS)
+  for f in ("start_steps", "end_steps"):
+    v = c.distill[f]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
+      _fail(f"distill.{f}", v, "halving needs a power of two (1, 2, 4, …)")
+  if c.distill.start_steps <= c.distill.end_steps:
+    _fail("distill.start_steps", c.distill.start_steps, f"must exceed distill.end_steps={c.distill.end_steps}")
+  for w in tuple(c.distill.grid_w) + tuple(c.baselines.single_w):
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+      _fail("distill.grid_w" if w in tuple(c.distill.grid_w) else "baselines.single_w", w,
+            "guidance strengths must be finite numbers >= 0")
 
   _positive_int(c, "sample.num_steps")
   _positive_int(c, "sample.per_cell")

@@ -18,10 +18,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from distill import data as data_lib
 from distill import models, samplers, schedules, train, writers
 from distill.evaluation import classifier as classifier_lib
+from distill.methods import guided, progressive
 from distill.methods import teacher as teacher_lib
 
 EMBEDDED = ("digits", "npz", "mixture")
@@ -38,6 +40,7 @@ class Context:
     self.image_shape = tuple(self.train_source.image_shape)
     self.null_label = config.data.num_classes
     self.is_main_process = jax.process_index() == 0
+    self.cache = {}  # teacher parameters and x-functions shared by stages
 
   def stage_dir(self, name: str) -> str:
     return os.path.join(self.workdir, name)
@@ -91,7 +94,176 @@ def run_teacher(ctx: Context):
             f"{report['classifier_test_accuracy']:.4f})")
 
 
-STAGES = {"teacher": run_teacher}
+# --- guided distillation: stage one, halving rounds, baselines -----------------------------------------
+
+
+def _merge(fresh, loaded):
+  """`fresh` with every entry that `loaded` also has replaced by loaded's: a student initialised from its
+  teacher keeps only its new parameters (the zero-initialised w-embedding) from its own init."""
+  if isinstance(fresh, dict):
+    return {k: _merge(v, loaded[k]) if k in loaded else v for k, v in fresh.items()}
+  if fresh.shape != loaded.shape:
+    raise train.TrainingError(f"teacher parameter of shape {loaded.shape} does not fit student shape {fresh.shape}")
+  return jnp.asarray(loaded)
+
+
+def teacher_params(ctx: Context):
+  """The CFG teacher's final parameters, read-only (WORKDIR/teacher or distill.teacher_dir)."""
+  if "teacher" not in ctx.cache:
+    stage_dir = ctx.config.distill.teacher_dir or ctx.stage_dir("teacher")
+    params, meta = train.load_final_params(stage_dir)
+    if meta.get("kind") != "cfg_teacher":
+      raise train.TrainingError(f"{stage_dir}: not a CFG teacher (kind={meta.get('kind')!r})")
+    ctx.cache["teacher"] = params
+  return ctx.cache["teacher"]
+
+
+def student_model(ctx: Context, w_conditioned: bool):
+  c = ctx.config
+  model_cfg = c.model.copy_and_resolve_references()
+  model_cfg.dropout = c.distill.dropout
+  return models.unet_from_config(model_cfg, c.data, w_embedding=w_conditioned)
+
+
+def x_fn_of(ctx: Context, model):
+  """One x-function per model (cached, so jitted functions that take it as static reuse compilations)."""
+  key = ("x_fn", model)
+  if key not in ctx.cache:
+    ctx.cache[key] = models.x_function(model, ctx.config.model.parameterization)
+  return ctx.cache[key]
+
+
+def _distill_stage(ctx, name, loss_fn, init, frozen, num_steps, optimizer, schedule, ema, meta):
+  c = ctx.config.distill
+  return train.Stage(name=name, loss_fn=loss_fn, init_params=init, optimizer=optimizer, num_steps=num_steps,
+                     batch_fn=batch_fn(ctx.train_source, c.batch_size, ctx.config.seed), seed=ctx.config.seed,
+                     ema_decay=ema, frozen=frozen, log_every=c.log_every, ckpt_every=c.ckpt_every,
+                     images_per_step=c.batch_size, lr_schedule=schedule, meta=meta)
+
+
+def run_stage_one_into(ctx: Context, name: str, w_min: float, w_max: float, w_conditioned: bool):
+  """Algorithm 1: a student matching the CFG teacher's mix; w-conditioned over [w_min, w_max], or a
+  single-w student without w input when w_min == w_max and not w_conditioned. Returns (params, model)."""
+  c = ctx.config
+  d = c.distill
+  teacher = models.unet_from_config(c.model, c.data)
+  student = student_model(ctx, w_conditioned)
+  t_params = teacher_params(ctx)
+  init = _merge(init_params(student, ctx.image_shape, c.seed, **({"w": jnp.zeros((1,))} if w_conditioned else {})),
+                t_params)
+  loss_fn = guided.stage_one_loss(x_fn_of(ctx, student), x_fn_of(ctx, teacher), logsnr_fn=ctx.logsnr_fn,
+                                  null_label=ctx.null_label, w_min=w_min, w_max=w_max,
+                                  weighting=d.stage_one_weighting)
+  optimizer, schedule = teacher_lib.adam_with_warmup(d.stage_one_lr, d.stage_one_warmup, d.grad_clip)
+  meta = {"kind": "w_student" if w_conditioned else "single_w_student", "sampler": "ddim",
+          "num_sampling_steps": d.start_steps, "w_conditioned": w_conditioned, "w_range": [w_min, w_max],
+          "round": 0, "stage_kind": "stage_one"}
+  stage = _distill_stage(ctx, name, loss_fn, init, {"teacher": t_params}, d.stage_one_steps, optimizer, schedule,
+                         d.stage_one_ema, meta)
+  params, meta = train.run_stage(stage, ctx.stage_dir(name), is_main_process=ctx.is_main_process)
+  _student_grid(ctx, name, student, params, meta)
+  return params, student
+
+
+def run_rounds(ctx: Context, name: str, kind: str, teacher_p, teacher_m, student_m, w_min, w_max,
+               start_steps=None):
+  """Halving rounds start_steps → … → end_steps. Round k's teacher is round k−1's final student (the
+  first round's is `teacher_p`), and each student starts from its teacher's parameters."""
+  c = ctx.config
+  d = c.distill
+  start_steps = start_steps or d.start_steps
+  student_x = x_fn_of(ctx, student_m)
+  losses = {}
+  for k, n in enumerate(progressive.round_plan(start_steps, d.end_steps), start=1):
+    teacher_x = x_fn_of(ctx, teacher_m)
+    key = (kind, teacher_m)
+    if key not in losses:  # one loss per (kind, teacher model): rounds reuse the compiled step
+      kw = dict(logsnr_fn=ctx.logsnr_fn, w_min=w_min, w_max=w_max, weighting=d.weighting)
+      if kind == "two_student":
+        kw["null_label"] = ctx.null_label
+      losses[key] = ROUND_LOSSES[kind](student_x, teacher_x, **kw)
+    num_updates = d.final_round_steps if n <= 2 else d.round_steps
+    optimizer, schedule = _annealed_adam(d.lr, num_updates, d.grad_clip)
+    init = teacher_p if teacher_m == student_m else _merge(
+        init_params(student_m, ctx.image_shape, c.seed, **({"w": jnp.zeros((1,))} if student_m.w_embedding else {})),
+        teacher_p)
+    meta = {"kind": {"two_student": "two_student"}.get(kind, "w_student" if student_m.w_embedding else
+                                                         "single_w_student"),
+            "sampler": {"stochastic": "stochastic", "encoder": "encoder"}.get(kind, "ddim"),
+            "num_sampling_steps": n, "w_conditioned": bool(student_m.w_embedding), "w_range": [w_min, w_max],
+            "round": k, "stage_kind": kind, "teacher_steps": 2 * n,
+            "teacher_fingerprint": train.fingerprint(teacher_p)}
+    round_name = f"{name}/N{n:04d}"
+    stage = _distill_stage(ctx, round_name, losses[key], init, {"teacher": teacher_p, "num_steps": jnp.int32(n)},
+                           num_updates, optimizer, schedule, None, meta)
+    params, meta = train.run_stage(stage, ctx.stage_dir(round_name), is_main_process=ctx.is_main_process)
+    if kind != "encoder":
+      _student_grid(ctx, round_name, student_m, params, meta)
+    teacher_p, teacher_m = params, student_m
+  return teacher_p
+
+
+@functools.lru_cache(maxsize=8)
+def _annealed_adam(lr, num_updates, grad_clip):
+  """Adam with lr annealed linearly to 0 over the round (cached: equal rounds share one compiled step)."""
+  schedule = optax.linear_schedule(lr, 0.0, num_updates)
+  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(schedule)), schedule
+
+
+ROUND_LOSSES = {
+    "deterministic": progressive.deterministic_round_loss,
+    "stochastic": progressive.stochastic_round_loss,
+    "encoder": progressive.encoder_round_loss,
+    "two_student": progressive.two_student_round_loss,
+}
+
+
+def run_stage_one(ctx: Context):
+  d = ctx.config.distill
+  run_stage_one_into(ctx, "stage_one", d.w_min, d.w_max, w_conditioned=True)
+
+
+def _stage_one_result(ctx: Context):
+  params, _ = train.load_final_params(ctx.stage_dir("stage_one"))
+  return params, student_model(ctx, w_conditioned=True)
+
+
+def run_distill_deterministic(ctx: Context):
+  params, model = _stage_one_result(ctx)
+  run_rounds(ctx, "distill_deterministic", "deterministic", params, model, model, ctx.config.distill.w_min,
+             ctx.config.distill.w_max)
+
+
+def run_distill_stochastic(ctx: Context):
+  params, model = _stage_one_result(ctx)
+  run_rounds(ctx, "distill_stochastic", "stochastic", params, model, model, ctx.config.distill.w_min,
+             ctx.config.distill.w_max)
+
+
+def run_encoder(ctx: Context):
+  params, model = _stage_one_result(ctx)
+  run_rounds(ctx, "encoder", "encoder", params, model, model, ctx.config.distill.w_min, ctx.config.distill.w_max)
+
+
+def run_single_w(ctx: Context):
+  """The paper's Single-w baseline: per fixed w, a stage-one student without w input and its rounds."""
+  for w in ctx.config.baselines.single_w:
+    name = f"single_w/w{float(w):g}"
+    params, model = run_stage_one_into(ctx, f"{name}/stage_one", float(w), float(w), w_conditioned=False)
+    run_rounds(ctx, name, "deterministic", params, model, model, float(w), float(w))
+
+
+def run_two_student(ctx: Context):
+  """Algorithm 5 baseline: the CFG teacher's (conditional, unconditional) pair distilled as a pair."""
+  c = ctx.config
+  teacher = models.unet_from_config(c.model, c.data)
+  run_rounds(ctx, "two_student", "two_student", teacher_params(ctx), teacher, student_model(ctx, True),
+             c.distill.w_min, c.distill.w_max)
+
+
+STAGES = {"teacher": run_teacher, "stage_one": run_stage_one, "distill_deterministic": run_distill_deterministic,
+          "distill_stochastic": run_distill_stochastic, "single_w": run_single_w, "two_student": run_two_student,
+          "encoder": run_encoder}
 
 
 def run(config, workdir: str, train_source=None):
@@ -145,6 +317,46 @@ def write_guided_grid(ctx: Context, fn, path: str, seed: int = 1):
   x = sample_in_chunks(fn, z, labels, w)
   writers.save_image_grid(path, x, ncols=len(ws) * per, upscale=max(1, 128 // ctx.image_shape[0]))
   return x
+
+
+@functools.partial(jax.jit, static_argnames=("x_fn", "logsnr_fn", "num_steps", "sampler", "pair", "null_label",
+                                             "clip"))
+def sample_student(params, z, labels, w, rng, *, x_fn, logsnr_fn, num_steps: int, sampler: str, pair: bool,
+                   null_label: int, clip: bool):
+  """Samples of a distilled student: z [B,H,W,C], labels [B], w [B] → x [B,H,W,C].
+
+  sampler: 'ddim' (deterministic) or 'stochastic' (Eq. 4–7); pair: a two-student model (2 evaluations/step).
+  """
+  den = (progressive.two_student_denoiser(x_fn, params, labels, w, null_label) if pair
+         else progressive.student_denoiser(x_fn, params, labels, w))
+  if sampler == "stochastic":
+    return samplers.stochastic_sample(den, z, logsnr_fn, num_steps, rng, clip=clip).x
+  return samplers.ddim_sample(den, z, logsnr_fn, num_steps, clip=clip).x
+
+
+def student_sample_fn(ctx: Context, model, params, meta, num_steps=None, sampler=None):
+  """fn(z, labels, w) sampling the student a checkpoint's meta describes (its own steps and sampler by default)."""
+  rng = jax.random.PRNGKey(ctx.config.seed + 7)
+  return lambda z, labels, w: sample_student(
+      params, z, labels, w, rng, x_fn=x_fn_of(ctx, model), logsnr_fn=ctx.logsnr_fn,
+      num_steps=int(num_steps or meta["num_sampling_steps"]), sampler=sampler or meta["sampler"],
+      pair=meta["kind"] == "two_student", null_label=ctx.null_label, clip=ctx.config.sample.clip)
+
+
+def _student_grid(ctx: Context, name: str, model, params, meta, seed: int = 1):
+  """Sample grid PNG of a student: rows = distill.grid_w, columns = classes (the same noise down a column)."""
+  if not ctx.is_main_process:
+    return
+  c = ctx.config
+  k = min(c.data.num_classes, c.sample.max_grid_classes)
+  ws = np.asarray(c.distill.grid_w, np.float32)
+  noise = jax.random.normal(jax.random.PRNGKey(seed), (1, k) + ctx.image_shape)
+  z = jnp.broadcast_to(noise, (len(ws), k) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
+  labels = jnp.tile(jnp.arange(k), len(ws))
+  w = jnp.repeat(jnp.asarray(ws), k)
+  x = sample_in_chunks(student_sample_fn(ctx, model, params, meta), z, labels, w)
+  writers.save_image_grid(os.path.join(ctx.stage_dir(name), "samples.png"), x, ncols=k,
+                          upscale=max(1, 128 // ctx.image_shape[0]))
 
 
 def get_classifier(ctx: Context):

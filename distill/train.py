@@ -9,6 +9,7 @@ run resumed from a checkpoint at step k continues exactly as if it had not stopp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -97,6 +98,13 @@ def make_train_step(loss_fn: LossFn, optimizer, ema_decay, skip_nonfinite: bool,
   return train_step
 
 
+@functools.lru_cache(maxsize=16)
+def jitted_train_step(loss_fn, optimizer, ema_decay, skip_nonfinite: bool, seed: int):
+  """One jitted step per (loss, optimizer, …): rounds that share them reuse the compiled step, since the
+  round's step count and teacher travel as `frozen` arguments rather than as constants."""
+  return jax.jit(make_train_step(loss_fn, optimizer, ema_decay, skip_nonfinite, seed), donate_argnums=(0,))
+
+
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
@@ -127,6 +135,17 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, ste
     except Exception as e:  # noqa: BLE001 — any unreadable checkpoint: try the previous one
       errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
   raise TrainingError(f"no readable checkpoint in {manager.directory}: {'; '.join(errors)}")
+
+
+def fingerprint(params) -> str:
+  """A short hash of a parameter tree's names, shapes and bytes: recorded in a round's meta so anyone can
+  check which parameters were its teacher."""
+  import hashlib
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(jax.tree_util.keystr(path).encode() + str(a.shape).encode() + a.tobytes())
+  return h.hexdigest()[:16]
 
 
 def load_final_params(stage_dir: str) -> tuple[PyTree, dict]:
@@ -176,8 +195,7 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True) -> 
       raise TrainingError(f"{stage_dir}: checkpoint belongs to stage {saved_meta.get('stage')!r}, not {stage.name!r}")
     print(f"[{stage.name}] resuming at step {int(state['step'])}/{stage.num_steps}")
 
-  train_step = jax.jit(make_train_step(stage.loss_fn, stage.optimizer, stage.ema_decay,
-                                       stage.skip_nonfinite, stage.seed), donate_argnums=(0,))
+  train_step = jitted_train_step(stage.loss_fn, stage.optimizer, stage.ema_decay, stage.skip_nonfinite, stage.seed)
   writer = writers.MetricWriter(os.path.join(stage_dir, "tb"), enabled=is_main_process)
   progress = writers.ProgressReporter(total_steps=stage.num_steps, prefix=f"[{stage.name}]",
                                       batch_size=stage.images_per_step or None, every_seconds=None,

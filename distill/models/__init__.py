@@ -25,4 +25,17 @@ def x_prediction_fn(model: UNet, params, parameterization: str):
   return model_fn
 
 
-__all__ = ["UNet", "param_count", "unet_from_config", "x_prediction_fn"]
+__all__ = ["UNet", "param_count", "unet_from_config", "x_function", "x_prediction_fn"]
+
+
+def x_function(model: UNet, parameterization: str):
+  """The x-function of a U-Net, the convention every distillation loss uses:
+
+  x_fn(params, z [B,H,W,C], logsnr [B], labels [B], w [B], *, train=False, rng=None) -> x̂ [B,H,W,C].
+  w reaches the network only if it has a w-embedding; `rng` feeds dropout when training.
+  """
+  def x_fn(params, z, logsnr, labels, w, *, train: bool = False, rng=None):
+    out = model.apply({"params": params}, z, logsnr, labels, w if model.w_embedding else None, train=train,
+                      rngs={"dropout": rng} if (train and rng is not None) else {})
+    return diffusion.x_from_output(out, z, logsnr, parameterization)
+  return x_fn
