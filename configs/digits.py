@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
   config.data.num_classes = 10
 
   config.pipeline = ("teacher", "stage_one", "distill_deterministic", "distill_stochastic", "single_w",
-                     "two_student")
+                     "two_student", "evaluate")
   d = config.distill
   d.w_min, d.w_max = 0.0, 4.0
   d.stage_one_steps, d.stage_one_lr, d.stage_one_ema = 1000, 1e-3, 0.999
@@ -39,6 +39,7 @@ def get_config(arg: str | None = None):
     config.eval.classifier_steps = 500
     d.stage_one_steps, d.start_steps = 60, 8  # rounds: 4, 2, 1
     d.round_steps, d.final_round_steps, d.log_every, d.ckpt_every = 20, 20, 10, 10
+    config.eval.w_values, config.eval.per_class = (0.0,), 20
   elif arg:
     raise ValueError(f"configs/digits.py: unknown variant {arg!r}; allowed: 'quick'")
   return config

@@ -14,7 +14,7 @@ from distill import diffusion
 DATA_NAMES = ("digits", "cifar10", "imagenet64", "npz", "mixture")
 SCHEDULES = ("cosine", "linear_beta", "scaled_linear_beta")
 STAGES = ("teacher", "stage_one", "distill_deterministic", "distill_stochastic", "single_w", "two_student",
-          "encoder")
+          "encoder", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -81,6 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
       agreement_steps=128,
       agreement_per_class=100,
       classifier_steps=1500,
+      w_values=(0.0, 1.0),              # 'evaluate' stage: guidance strengths scored
+      per_class=100,                    # 'evaluate' stage: samples per class for each row
   ))
   return c
 
@@ -196,5 +198,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
       _fail("sample.w_values" if w in tuple(c.sample.w_values) else "eval.agreement_w", w,
             "guidance strengths must be finite numbers >= 0")
-  for f in ("agreement_steps", "agreement_per_class", "classifier_steps"):
+  for w in c.eval.w_values:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+      _fail("eval.w_values", w, "guidance strengths must be finite numbers >= 0")
+  for f in ("agreement_steps", "agreement_per_class", "classifier_steps", "per_class"):
     _positive_int(c, f"eval.{f}")
