@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
   d.w_min, d.w_max = 0.0, 4.0
   d.stage_one_steps, d.stage_one_lr, d.stage_one_ema = 1000, 1e-3, 0.999
   d.start_steps, d.end_steps = 64, 1     # rounds: 32, 16, 8, 4, 2, 1 student steps
-  d.round_steps, d.final_round_steps = 500, 500
+  d.batch_size, d.round_steps, d.final_round_steps = 64, 500, 500
   d.lr = 3e-4
   config.baselines.single_w = (1.0,)
 

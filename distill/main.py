@@ -19,6 +19,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs
 _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
                                   "Resume a workdir whose saved config.json differs from this run's config.")
 
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"],
+                          "train: run the config's pipeline; sample: sample a finished stage (--checkpoint).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "sample: a stage directory, e.g. runs/digits/distill_deterministic/N0004.")
+_STEPS = flags.DEFINE_integer("steps", None, "sample: sampling steps (default: what the checkpoint was distilled for).")
+_W = flags.DEFINE_list("w", ["0"], "sample: guidance strengths, e.g. --w=0,1,4 (one grid row each).")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["deterministic", "stochastic", "ddim", "ddpm"],
+                             "sample: sampler (default: the checkpoint's own).")
+_LABELS = flags.DEFINE_list("labels", None, "sample: class labels (default: the first 10).")
+_NUM = flags.DEFINE_integer("num", 4, "sample: samples per (w, label).")
+_SEED = flags.DEFINE_integer("seed", 0, "sample: noise seed.")
+_OUT = flags.DEFINE_string("out", None, "sample: output prefix (default: inside the checkpoint directory).")
+_FORCE = flags.DEFINE_bool("force", False, "sample: allow a step count or sampler the checkpoint was not distilled for.")
+
 EXIT_BAD_INPUT = 2
 
 
@@ -72,9 +85,38 @@ def _first_difference(a, b, prefix=""):
   return None
 
 
+def sample_main():
+  from distill import sampling
+  if not _CHECKPOINT.value:
+    fail("--checkpoint is required with --mode=sample, e.g. --checkpoint=runs/digits/distill_deterministic/N0004")
+  try:
+    w_values = [float(v) for v in _W.value]
+  except ValueError:
+    fail(f"--w={','.join(_W.value)}: guidance strengths must be numbers, e.g. --w=0,1,4")
+  try:
+    labels = None if _LABELS.value is None else [int(v) for v in _LABELS.value]
+  except ValueError:
+    fail(f"--labels={','.join(_LABELS.value)}: class labels must be integers")
+  if _STEPS.value is not None and _STEPS.value < 1:
+    fail(f"--steps={_STEPS.value}: must be a positive integer")
+  if _NUM.value < 1:
+    fail(f"--num={_NUM.value}: must be a positive integer")
+  try:
+    result = sampling.sample_checkpoint(_CHECKPOINT.value, steps=_STEPS.value, w_values=w_values,
+                                        sampler=_SAMPLER.value, labels=labels, num=_NUM.value, seed=_SEED.value,
+                                        out=_OUT.value, force=_FORCE.value)
+  except sampling.SamplingError as e:
+    fail(str(e))
+  print(f"wrote {result['png']} and {result['npz']} ({result['steps']} {result['sampler']} steps, "
+        f"{result['nfe_per_sample']} network evaluations per sample)")
+
+
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  if _MODE.value == "sample":
+    logging.set_verbosity(logging.WARNING)
+    return sample_main()
   if _CONFIG.value is None:
     fail("--config is required, e.g. --config=configs/digits.py")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO

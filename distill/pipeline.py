@@ -36,12 +36,18 @@ class Context:
   def __init__(self, config, workdir: str, train_source=None):
     self.config = config
     self.workdir = workdir
-    self.train_source = train_source or data_lib.make_source(config.data, "train")
+    self._train_source = train_source
     self.logsnr_fn = schedules.get_logsnr_fn(config.model.schedule, config.model.logsnr_min, config.model.logsnr_max)
-    self.image_shape = tuple(self.train_source.image_shape)
+    self.image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     self.null_label = config.data.num_classes
     self.is_main_process = jax.process_index() == 0
     self.cache = {}  # teacher parameters and x-functions shared by stages
+
+  @property
+  def train_source(self):
+    if self._train_source is None:  # sampling from a checkpoint needs no data
+      self._train_source = data_lib.make_source(self.config.data, "train")
+    return self._train_source
 
   def stage_dir(self, name: str) -> str:
     return os.path.join(self.workdir, name)

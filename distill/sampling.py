@@ -1,0 +1,98 @@
+"""Sampling from any finished stage of a run: the checkpoint's meta says what the model is, how many
+steps it was distilled for and which sampler it expects, so no other flags are needed."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from distill import models, pipeline, train, writers
+
+
+class SamplingError(ValueError):
+  """Bad sampling request; one line naming the flag, the value and what is allowed."""
+
+
+def find_run(stage_dir: str) -> tuple[str, ml_collections.ConfigDict]:
+  """The workdir holding `stage_dir` (the nearest parent with config.json) and its config."""
+  path = os.path.abspath(stage_dir)
+  while True:
+    if os.path.isfile(os.path.join(path, "config.json")):
+      with open(os.path.join(path, "config.json")) as f:
+        return path, ml_collections.ConfigDict(json.load(f))
+    parent = os.path.dirname(path)
+    if parent == path:
+      raise SamplingError(f"--checkpoint={stage_dir!r}: no config.json in it or any parent; point at a stage "
+                          "directory of a distill run (e.g. runs/digits/distill_deterministic/N0004)")
+    path = parent
+
+
+def _tuplify(config):
+  """JSON turned tuples into lists; the model wants tuples back."""
+  for key in ("ch_mult", "attn_resolutions"):
+    config.model[key] = tuple(config.model[key])
+  return config
+
+
+def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0,), sampler: str | None = None,
+                      labels=None, num: int = 8, seed: int = 0, out: str | None = None,
+                      force: bool = False) -> dict:
+  """Samples `num` images per (w, label) from a finished stage; writes OUT.png (rows = w, columns = samples)
+  and OUT.npz (images uint8 [N, H, W, C], labels, w). Returns the paths and the evaluation count."""
+  if not os.path.isdir(os.path.join(stage_dir, "final")):
+    raise SamplingError(f"--checkpoint={stage_dir!r}: no finished stage there (expected {stage_dir}/final)")
+  workdir, config = find_run(stage_dir)
+  config = _tuplify(config)
+  params, meta = train.load_final_params(stage_dir)
+  ctx = pipeline.Context(config, workdir)
+  k = config.data.num_classes
+  labels = list(range(min(k, 10))) if labels is None else list(labels)
+  for y in labels:
+    if not 0 <= y < k:
+      raise SamplingError(f"--labels={y}: classes are 0..{k - 1}")
+  for w in w_values:
+    if w < 0:
+      raise SamplingError(f"--w={w}: guidance strengths must be >= 0")
+  trained_steps = meta.get("num_sampling_steps")
+  if meta["kind"] == "cfg_teacher":
+    sampler = sampler or "ddim"
+    if sampler not in ("ddim", "ddpm"):
+      raise SamplingError(f"--sampler={sampler!r}: a CFG teacher samples with 'ddim' or 'ddpm'")
+    steps = steps or trained_steps
+    model = models.unet_from_config(config.model, config.data)
+    fn = functools.partial(pipeline.guided_ddim, params, model=model, parameterization=config.model.parameterization,
+                           logsnr_fn=ctx.logsnr_fn, null_label=k, clip=config.sample.clip, num_steps=steps,
+                           sampler=sampler)
+    nfe = 2 * steps
+  else:
+    sampler = {"deterministic": "ddim"}.get(sampler, sampler) or meta["sampler"]
+    steps = steps or trained_steps
+    if sampler not in ("ddim", "stochastic"):
+      raise SamplingError(f"--sampler={sampler!r}: a distilled student samples with 'deterministic' or 'stochastic'")
+    if not force and (steps != trained_steps or sampler != meta["sampler"]):
+      raise SamplingError(f"--steps={steps} --sampler={sampler}: this checkpoint was distilled for {trained_steps} "
+                          f"{meta['sampler']} steps; pass --force to sample it anyway")
+    if force and (steps != trained_steps or sampler != meta["sampler"]):
+      print(f"[sample] note: distilled for {trained_steps} {meta['sampler']} steps, sampling {steps} {sampler} "
+            "steps as forced")
+    model = pipeline.student_model(ctx, meta["w_conditioned"])
+    fn = pipeline.student_sample_fn(ctx, model, params, meta, num_steps=steps, sampler=sampler)
+    nfe = (2 if meta["kind"] == "two_student" else 1) * steps
+  ws = np.asarray(w_values, np.float32)
+  per_row = len(labels) * num
+  y = jnp.tile(jnp.repeat(jnp.asarray(labels, jnp.int32), num), len(ws))
+  w = jnp.repeat(jnp.asarray(ws), per_row)
+  noise = jax.random.normal(jax.random.PRNGKey(seed), (1, per_row) + ctx.image_shape)
+  z = jnp.broadcast_to(noise, (len(ws), per_row) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
+  x = pipeline.sample_in_chunks(fn, z, y, w)
+  out = out or os.path.join(stage_dir, f"sample_{sampler}_{steps}steps_seed{seed}")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  writers.save_image_grid(out + ".png", x, ncols=per_row, upscale=max(1, 128 // ctx.image_shape[0]))
+  images = np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)
+  np.savez(out + ".npz", images=images, labels=np.asarray(y), w=np.asarray(w))
+  return {"png": out + ".png", "npz": out + ".npz", "nfe_per_sample": nfe, "steps": steps, "sampler": sampler}
