@@ -1,7 +1,7 @@
 r"""The embedded default: scikit-learn's 8×8 digits (10 classes), small enough for 2 CPU cores.
 
 Full run (CFG teacher; stage one; deterministic and stochastic halving 64 → 1; single-w and two-student
-baselines):
+baselines; encoder distillation; evaluation):
   python -m distill.main --config=configs/digits.py --workdir=runs/digits
 The same path end to end in a few minutes:
   python -m distill.main --config=configs/digits.py:quick --workdir=runs/digits_quick
@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
   config.data.num_classes = 10
 
   config.pipeline = ("teacher", "stage_one", "distill_deterministic", "distill_stochastic", "single_w",
-                     "two_student", "evaluate")
+                     "two_student", "encoder", "evaluate")
   d = config.distill
   d.w_min, d.w_max = 0.0, 4.0
   d.stage_one_steps, d.stage_one_lr, d.stage_one_ema = 1000, 1e-3, 0.999

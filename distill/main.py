@@ -19,14 +19,20 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs
 _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
                                   "Resume a workdir whose saved config.json differs from this run's config.")
 
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"],
-                          "train: run the config's pipeline; sample: sample a finished stage (--checkpoint).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "style_transfer"],
+                          "train: run the config's pipeline; sample: sample a finished stage (--checkpoint); "
+                          "style_transfer: encode with --encoder at --w_enc, decode with --decoder at --w_dec.")
+_ENCODER = flags.DEFINE_string("encoder", None, "style_transfer: a distilled encoder stage, e.g. runs/digits/encoder/N0004.")
+_DECODER = flags.DEFINE_string("decoder", None, "style_transfer: a distilled student stage to decode with.")
+_W_ENC = flags.DEFINE_float("w_enc", 0.0, "style_transfer: guidance strength of the encoder.")
+_W_DEC = flags.DEFINE_float("w_dec", 0.0, "style_transfer: guidance strength of the decoder.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "sample: a stage directory, e.g. runs/digits/distill_deterministic/N0004.")
 _STEPS = flags.DEFINE_integer("steps", None, "sample: sampling steps (default: what the checkpoint was distilled for).")
 _W = flags.DEFINE_list("w", ["0"], "sample: guidance strengths, e.g. --w=0,1,4 (one grid row each).")
 _SAMPLER = flags.DEFINE_enum("sampler", None, ["deterministic", "stochastic", "ddim", "ddpm"],
                              "sample: sampler (default: the checkpoint's own).")
-_LABELS = flags.DEFINE_list("labels", None, "sample: class labels (default: the first 10).")
+_LABELS = flags.DEFINE_list("labels", None, "sample: class labels (default: the first 10); style_transfer: "
+                            "the decoder's target labels (default: each input's own).")
 _NUM = flags.DEFINE_integer("num", 4, "sample: samples per (w, label).")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: noise seed.")
 _OUT = flags.DEFINE_string("out", None, "sample: output prefix (default: inside the checkpoint directory).")
@@ -63,8 +69,9 @@ def _flags_parser(argv):
     fail(f"{culprit}: no such config field ({missing!r}); see the config file for the fields there are")
   except Exception as e:  # noqa: BLE001 — config files raise anything while loading or overriding
     root = _root_cause(e)
-    if isinstance(root, flags.Error) or root is e:
-      fail(str(e).splitlines()[0] if isinstance(e, flags.Error) and root is e else _one_line(root))
+    if isinstance(e, flags.Error) and str(e).strip():
+      head = str(e).strip().splitlines()[0]  # absl names the flag and the value
+      fail(head if root is e or str(root) in head else f"{head} {_one_line(root)}")
     fail(f"--config: {_one_line(root)}")
 
 
@@ -111,9 +118,30 @@ def sample_main():
         f"{result['nfe_per_sample']} network evaluations per sample)")
 
 
+def style_transfer_main():
+  from distill import sampling
+  if not _ENCODER.value or not _DECODER.value:
+    fail("--encoder and --decoder are required with --mode=style_transfer")
+  if _W_ENC.value < 0 or _W_DEC.value < 0:
+    fail(f"--w_enc={_W_ENC.value} --w_dec={_W_DEC.value}: guidance strengths must be >= 0")
+  try:
+    labels = None if _LABELS.value is None else [int(v) for v in _LABELS.value]
+  except ValueError:
+    fail(f"--labels={','.join(_LABELS.value)}: class labels must be integers")
+  try:
+    result = sampling.style_transfer(_ENCODER.value, _DECODER.value, w_enc=_W_ENC.value, w_dec=_W_DEC.value,
+                                     target_labels=labels, num=_NUM.value, seed=_SEED.value, out=_OUT.value)
+  except sampling.SamplingError as e:
+    fail(str(e))
+  print(f"wrote {result['png']} (top: inputs, bottom: outputs) and {result['npz']}")
+
+
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  if _MODE.value == "style_transfer":
+    logging.set_verbosity(logging.WARNING)
+    return style_transfer_main()
   if _MODE.value == "sample":
     logging.set_verbosity(logging.WARNING)
     return sample_main()

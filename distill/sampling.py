@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from distill import models, pipeline, train, writers
+from distill import data as data_lib
+from distill import models, pipeline, samplers, train, writers
+from distill.methods import progressive
 
 
 class SamplingError(ValueError):
@@ -96,3 +98,52 @@ def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0
   images = np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)
   np.savez(out + ".npz", images=images, labels=np.asarray(y), w=np.asarray(w))
   return {"png": out + ".png", "npz": out + ".npz", "nfe_per_sample": nfe, "steps": steps, "sampler": sampler}
+
+
+@functools.partial(jax.jit, static_argnames=("x_fn", "logsnr_fn", "num_steps"))
+def _encode(params, x, labels, w, *, x_fn, logsnr_fn, num_steps: int):
+  den = progressive.student_denoiser(x_fn, params, labels, w)
+  return samplers.ddim_encode(den, x, logsnr_fn, num_steps).x
+
+
+def style_transfer(encoder_dir: str, decoder_dir: str, *, w_enc: float = 0.0, w_dec: float = 0.0,
+                   target_labels=None, num: int = 8, seed: int = 0, out: str | None = None) -> dict:
+  """Encodes test images of the encoder's run with its distilled encoder (reverse DDIM, at w_enc, their own
+  labels) and decodes the latents with another student (at w_dec, `target_labels` or the same labels):
+  the guided-distillation paper's style transfer (Fig. 3). Writes OUT.png (row 1 inputs, row 2 outputs)
+  and OUT.npz."""
+  for d in (encoder_dir, decoder_dir):
+    if not os.path.isdir(os.path.join(d, "final")):
+      raise SamplingError(f"{d!r}: no finished stage there (expected {d}/final)")
+  enc_workdir, enc_config = find_run(encoder_dir)
+  dec_workdir, dec_config = find_run(decoder_dir)
+  enc_params, enc_meta = train.load_final_params(encoder_dir)
+  dec_params, dec_meta = train.load_final_params(decoder_dir)
+  if enc_meta.get("sampler") != "encoder":
+    raise SamplingError(f"--encoder={encoder_dir!r}: not a distilled encoder (sampler={enc_meta.get('sampler')!r}); "
+                        "use a stage of the 'encoder' pipeline stage")
+  if dec_meta.get("kind") == "cfg_teacher" or dec_meta.get("sampler") == "encoder":
+    raise SamplingError(f"--decoder={decoder_dir!r}: needs a distilled student (a stage_one, distill_* or "
+                        "single_w stage)")
+  enc_ctx = pipeline.Context(_tuplify(enc_config), enc_workdir)
+  dec_ctx = pipeline.Context(_tuplify(dec_config), dec_workdir)
+  if enc_ctx.image_shape != dec_ctx.image_shape:
+    raise SamplingError(f"--decoder: image shape {dec_ctx.image_shape} differs from the encoder's {enc_ctx.image_shape}")
+  source = data_lib.make_source(enc_config.data, "test")
+  idx = np.random.default_rng(seed).choice(len(source), size=num, replace=False)
+  batch = source.get_batch(idx)
+  labels = jnp.asarray(batch["label"], jnp.int32)
+  targets = labels if target_labels is None else jnp.asarray(np.resize(np.asarray(target_labels), num), jnp.int32)
+  enc_model = pipeline.student_model(enc_ctx, enc_meta["w_conditioned"])
+  latents = _encode(enc_params, jnp.asarray(batch["image"]), labels, jnp.full((num,), w_enc, jnp.float32),
+                    x_fn=pipeline.x_fn_of(enc_ctx, enc_model), logsnr_fn=enc_ctx.logsnr_fn,
+                    num_steps=int(enc_meta["num_sampling_steps"]))
+  dec_model = pipeline.student_model(dec_ctx, dec_meta["w_conditioned"])
+  decoded = np.asarray(pipeline.student_sample_fn(dec_ctx, dec_model, dec_params, dec_meta)(
+      latents, targets, jnp.full((num,), w_dec, jnp.float32)))
+  out = out or os.path.join(decoder_dir, f"style_transfer_wenc{w_enc:g}_wdec{w_dec:g}_seed{seed}")
+  grid = np.concatenate([np.asarray(batch["image"]), decoded])
+  writers.save_image_grid(out + ".png", grid, ncols=num, upscale=max(1, 128 // dec_ctx.image_shape[0]))
+  np.savez(out + ".npz", inputs=np.asarray(batch["image"]), outputs=decoded, labels=np.asarray(labels),
+           target_labels=np.asarray(targets), latents=np.asarray(latents))
+  return {"png": out + ".png", "npz": out + ".npz"}

@@ -56,6 +56,13 @@ BAD_VALUES = [
     ("sample.w_values", (), "sample.w_values"),
     ("sample.num_steps", -4, "sample.num_steps"),
     ("eval.agreement_w", (float("nan"),), "eval.agreement_w"),
+    ("distill.start_steps", 48, "distill.start_steps"),
+    ("distill.end_steps", 64, "distill.start_steps"),
+    ("distill.w_min", 5.0, "distill.w_min"),
+    ("distill.lr", 0.0, "distill.lr"),
+    ("distill.weighting", "l1", "distill.weighting"),
+    ("baselines.single_w", (-1.0,), "baselines.single_w"),
+    ("eval.per_class", 0, "eval.per_class"),
 ]
 
 

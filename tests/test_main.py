@@ -18,9 +18,10 @@ def run_main(*args, cwd=ROOT):
 BAD = [
     (["--config=configs/digits.py", "--config.teacher.nope=1"], "--config.teacher.nope: no such config field"),
     (["--config=configs/digits.py", "--config.model.parameterization=foo"], "config.model.parameterization='foo'"),
-    (["--config=configs/digits.py", "--config.teacher.num_steps=abc"], "invalid literal for int()"),
+    (["--config=configs/digits.py", "--config.teacher.num_steps=abc"], "--config.teacher.num_steps=abc"),
     (["--config=configs/nope.py"], "cannot load the config file"),
     (["--config=configs/digits.py:bogus"], "unknown variant 'bogus'"),
+    (["--config=configs/digits.py", "--config.model.ch=1.5"], "--config.model.ch=1.5"),
     (["--config=configs/digits.py", "--bogus_flag=1"], "Unknown command line flag 'bogus_flag'"),
     (["--config=configs/digits.py", "--config.sample.w_values=(0,-1)"], "config.sample.w_values=-1"),
     (["--config=configs/digits.py", "--config.model.ch_mult=(1,2,2,2,2)"], "config.model.ch_mult="),
@@ -28,6 +29,13 @@ BAD = [
      "data.path='/nope.npz'"),
     (["--config=configs/digits.py", "--config.data.channels=3"], "data.channels=3"),
     (["--config=configs/digits.py", "extra_positional"], "unexpected arguments"),
+    (["--config=configs/digits.py", "--config.distill.start_steps=48"], "config.distill.start_steps=48"),
+    (["--config=configs/digits.py", "--config.distill.w_min=5.0"], "config.distill.w_min=5.0"),
+    (["--mode=sample", "--checkpoint=/nope"], "--checkpoint='/nope': no finished stage"),
+    (["--mode=sample"], "--checkpoint is required"),
+    (["--mode=sample", "--checkpoint=/nope", "--w=0,x"], "--w=0,x"),
+    (["--mode=style_transfer", "--encoder=/nope"], "--encoder and --decoder are required"),
+    (["--mode=bogus"], "--mode=bogus"),
 ]
 
 
@@ -53,19 +61,44 @@ def test_refuses_to_resume_a_workdir_with_another_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_pipeline_end_to_end_and_rerun_skips(tmp_path):
+def test_quick_pipeline_end_to_end_chains_rounds_and_rerun_skips(tmp_path):
+  from distill import train
+
   workdir = tmp_path / "wd"
   args = ["--config=configs/digits.py:quick", f"--workdir={workdir}", "--config.teacher.num_steps=40",
-          "--config.teacher.log_every=10", "--config.teacher.ckpt_every=20", "--config.eval.classifier_steps=300"]
+          "--config.teacher.log_every=10", "--config.teacher.ckpt_every=20", "--config.eval.classifier_steps=300",
+          "--config.distill.stage_one_steps=20", "--config.distill.start_steps=4", "--config.eval.per_class=5"]
   proc = run_main(*args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for f in ("config.json", "summary.json", "teacher/samples.png", "teacher/eval.json", "teacher/final/meta.json",
-            "teacher/tb/metrics.jsonl", "classifier/digits.npz"):
+            "teacher/tb/metrics.jsonl", "classifier/digits.npz", "stage_one/samples.png", "results.json",
+            "report.md", "distill_deterministic/N0001/samples.png", "distill_stochastic/N0002/samples.png",
+            "single_w/w1/N0001/samples.png", "two_student/N0001/samples.png"):
     assert (workdir / f).exists(), f
   report = json.loads((workdir / "teacher" / "eval.json").read_text())
   assert set(report["agreement"]) == {"0.0", "1.0"} and report["nfe"] == 64
   scalars = [json.loads(l) for l in (workdir / "teacher" / "tb" / "metrics.jsonl").read_text().splitlines()]
   assert [s["step"] for s in scalars] == [10, 20, 30, 40]
   assert all(np.isfinite(s["loss"]) and s["lr"] > 0 for s in scalars)
+
+  # Round chaining: each round's teacher is exactly the previous round's final student.
+  for chain, first in (("distill_deterministic", "stage_one"), ("distill_stochastic", "stage_one"),
+                       ("two_student", "teacher"), ("single_w/w1", "single_w/w1/stage_one")):
+    previous = str(workdir / first)
+    for n in (2, 1):
+      stage = str(workdir / chain / f"N{n:04d}")
+      _, meta = train.load_final_params(stage)
+      assert meta["num_sampling_steps"] == n and meta["teacher_steps"] == 2 * n
+      assert meta["teacher_fingerprint"] == train.fingerprint(train.load_final_params(previous)[0]), stage
+      previous = stage
+  rows = json.loads((workdir / "results.json").read_text())["rows"]
+  assert {(r["method"], r["steps"]) for r in rows} >= {("teacher", 32), ("distill_deterministic", 1),
+                                                       ("distill_stochastic", 2), ("two_student", 1)}
+  assert all(r["nfe"] == 2 * r["steps"] for r in rows if r["method"] in ("teacher", "two_student"))
+
   again = run_main(*args)
   assert again.returncode == 0 and "already finished" in again.stdout
+  sample = run_main("--mode=sample", f"--checkpoint={workdir}/distill_deterministic/N0002", "--w=0,2", "--num=2")
+  assert sample.returncode == 0 and (workdir / "distill_deterministic/N0002/sample_ddim_2steps_seed0.npz").exists()
+  refused = run_main("--mode=sample", f"--checkpoint={workdir}/distill_deterministic/N0002", "--steps=4")
+  assert refused.returncode == 2 and "distilled for 2" in refused.stderr
