@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
     config.eval.agreement_steps = 32
     config.eval.agreement_per_class = 20
     config.eval.classifier_steps = 500
-    d.stage_one_steps, d.start_steps = 60, 8  # rounds: 4, 2, 1
+    d.stage_one_steps, d.start_steps = 60, 4  # rounds: 2, 1
     d.round_steps, d.final_round_steps, d.log_every, d.ckpt_every = 20, 20, 10, 10
     config.eval.w_values, config.eval.per_class = (0.0,), 20
   elif arg:

@@ -55,7 +55,7 @@ _IMAGENET64_FILES = (
 
 
 class DataError(ValueError):
-    """A data config or file problem, described in one line the user can act on."""
+  """A data config or file problem, described in one line the user can act on."""
 
 
 # ----------------------------------------------------------------------------
@@ -63,31 +63,31 @@ class DataError(ValueError):
 
 
 def uint8_to_unit_range(images: np.ndarray) -> np.ndarray:
-    """images: uint8 [..., C] in 0..255 -> float32 in [-1, 1]."""
-    return images.astype(np.float32) / 127.5 - 1.0
+  """images: uint8 [..., C] in 0..255 -> float32 in [-1, 1]."""
+  return images.astype(np.float32) / 127.5 - 1.0
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """images: float32 [B, H, W, C] -> float32 [B, size, size, C], bilinear.
+  """images: float32 [B, H, W, C] -> float32 [B, size, size, C], bilinear.
 
     Runs on the CPU device: this is input-pipeline work and must not queue
     behind (or allocate on) the accelerator the model is training on.
     Non-square inputs are stretched to square.
     """
-    b, h, w, c = images.shape
-    if (h, w) == (size, size):
-        return images
-    import jax  # Deferred: only resizing sources pay for it.
+  b, h, w, c = images.shape
+  if (h, w) == (size, size):
+    return images
+  import jax  # Deferred: only resizing sources pay for it.
 
-    with jax.default_device(jax.devices("cpu")[0]):
-        out = jax.image.resize(
-            jax.numpy.asarray(images, jax.numpy.float32),
-            (b, size, size, c),
-            method="bilinear",
-            antialias=True,
-        )
-    # Bilinear weights are convex, so only float rounding can leave [-1, 1].
-    return np.clip(np.asarray(out), -1.0, 1.0)
+  with jax.default_device(jax.devices("cpu")[0]):
+    out = jax.image.resize(
+        jax.numpy.asarray(images, jax.numpy.float32),
+        (b, size, size, c),
+        method="bilinear",
+        antialias=True,
+    )
+  # Bilinear weights are convex, so only float rounding can leave [-1, 1].
+  return np.clip(np.asarray(out), -1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------
@@ -95,36 +95,36 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
 
 
 class Source:
-    """Finite random-access source of {'image': [H, W, C] float32, 'label': int32}.
+  """Finite random-access source of {'image': [H, W, C] float32, 'label': int32}.
 
     Subclasses set `image_shape` (H, W, C), `num_classes` and `_length`, and
     implement `get_batch`; single items go through the same path so the two
     can never disagree.
     """
 
-    image_shape: tuple[int, int, int]
-    num_classes: int
-    _length: int
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  _length: int
 
-    def __len__(self) -> int:
-        return self._length
+  def __len__(self) -> int:
+    return self._length
 
-    def get_batch(self, indices: np.ndarray) -> dict:
-        """indices: int [B] in [0, len) -> {'image': float32 [B, H, W, C], 'label': int32 [B]}."""
-        raise NotImplementedError
+  def get_batch(self, indices: np.ndarray) -> dict:
+    """indices: int [B] in [0, len) -> {'image': float32 [B, H, W, C], 'label': int32 [B]}."""
+    raise NotImplementedError
 
-    def __getitem__(self, i: int) -> dict:
-        i = operator.index(i)
-        n = len(self)
-        if not -n <= i < n:
-            # IndexError (not DataError) keeps the sequence protocol working.
-            raise IndexError(f"index {i} out of range for a source of {n} examples")
-        batch = self.get_batch(np.asarray([i % n], np.int64))
-        return {"image": batch["image"][0], "label": batch["label"][0]}
+  def __getitem__(self, i: int) -> dict:
+    i = operator.index(i)
+    n = len(self)
+    if not -n <= i < n:
+      # IndexError (not DataError) keeps the sequence protocol working.
+      raise IndexError(f"index {i} out of range for a source of {n} examples")
+    batch = self.get_batch(np.asarray([i % n], np.int64))
+    return {"image": batch["image"][0], "label": batch["label"][0]}
 
 
 class ArraySource(Source):
-    """In-memory source.
+  """In-memory source.
 
     images: [N, h, w, C], uint8 in 0..255 (scaled on read, so large sets stay
       1 byte/pixel) or float32 already in model range.
@@ -132,59 +132,59 @@ class ArraySource(Source):
     image_size: output H = W; other native sizes are resized per batch.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, image_size: int):
-        self._images = images
-        self._labels = np.asarray(labels, np.int32)
-        self._length = len(images)
-        self._image_size = image_size
-        self.image_shape = (image_size, image_size, images.shape[-1])
-        self.num_classes = num_classes
+  def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, image_size: int):
+    self._images = images
+    self._labels = np.asarray(labels, np.int32)
+    self._length = len(images)
+    self._image_size = image_size
+    self.image_shape = (image_size, image_size, images.shape[-1])
+    self.num_classes = num_classes
 
-    def get_batch(self, indices: np.ndarray) -> dict:
-        indices = np.asarray(indices, np.int64)
-        images = self._images[indices]
-        if images.dtype == np.uint8:
-            images = uint8_to_unit_range(images)
-        return {
-            "image": resize_images(images.astype(np.float32, copy=False), self._image_size),
-            "label": self._labels[indices],
-        }
+  def get_batch(self, indices: np.ndarray) -> dict:
+    indices = np.asarray(indices, np.int64)
+    images = self._images[indices]
+    if images.dtype == np.uint8:
+      images = uint8_to_unit_range(images)
+    return {
+        "image": resize_images(images.astype(np.float32, copy=False), self._image_size),
+        "label": self._labels[indices],
+    }
 
 
 class MixtureSource(ArraySource):
-    """Samples of a Gaussian mixture, one isotropic component per class.
+  """Samples of a Gaussian mixture, one isotropic component per class.
 
     means: float32 [K, H, W, C]; std: the per-component standard deviation.
     With these a test can write the exact denoiser E[x | z_t] in closed form.
     """
 
-    def __init__(self, images, labels, means: np.ndarray, std: float):
-        super().__init__(images, labels, num_classes=len(means), image_size=images.shape[1])
-        self.means = means
-        self.std = std
+  def __init__(self, images, labels, means: np.ndarray, std: float):
+    super().__init__(images, labels, num_classes=len(means), image_size=images.shape[1])
+    self.means = means
+    self.std = std
 
 
 class TfdsSource(Source):
-    """A TFDS random-access data source; records are decoded one at a time.
+  """A TFDS random-access data source; records are decoded one at a time.
 
     records: a sequence of {'image': uint8 [h, w, C], 'label': int} as returned
       by `tfds.data_source`.
     """
 
-    def __init__(self, records, num_classes: int, image_size: int, channels: int):
-        self._records = records
-        self._length = len(records)
-        self._image_size = image_size
-        self.image_shape = (image_size, image_size, channels)
-        self.num_classes = num_classes
+  def __init__(self, records, num_classes: int, image_size: int, channels: int):
+    self._records = records
+    self._length = len(records)
+    self._image_size = image_size
+    self.image_shape = (image_size, image_size, channels)
+    self.num_classes = num_classes
 
-    def get_batch(self, indices: np.ndarray) -> dict:
-        # Item by item rather than `__getitems__`: the latter is broken under
-        # `tfds.testing.mock_data` (4.9.10), and decoding dominates anyway.
-        records = [self._records[int(i)] for i in np.asarray(indices)]
-        images = uint8_to_unit_range(np.stack([r["image"] for r in records]))
-        labels = np.asarray([r["label"] for r in records], np.int32)
-        return {"image": resize_images(images, self._image_size), "label": labels}
+  def get_batch(self, indices: np.ndarray) -> dict:
+    # Item by item rather than `__getitems__`: the latter is broken under
+    # `tfds.testing.mock_data` (4.9.10), and decoding dominates anyway.
+    records = [self._records[int(i)] for i in np.asarray(indices)]
+    images = uint8_to_unit_range(np.stack([r["image"] for r in records]))
+    labels = np.asarray([r["label"] for r in records], np.int32)
+    return {"image": resize_images(images, self._image_size), "label": labels}
 
 
 # ----------------------------------------------------------------------------
@@ -192,207 +192,213 @@ class TfdsSource(Source):
 
 
 def _field(config, name: str, why: str):
-    """Returns config.<name>, or raises a DataError naming it and who needs it."""
-    if name not in config:
-        raise DataError(f"data.{name} is missing; it is required for {why}")
-    return config[name]
+  """Returns config.<name>, or raises a DataError naming it and who needs it."""
+  if name not in config:
+    raise DataError(f"data.{name} is missing; it is required for {why}")
+  return config[name]
 
 
 def _positive_int(config, name: str, why: str) -> int:
-    value = _field(config, name, why)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise DataError(f"data.{name}={value!r} must be a positive integer")
-    return int(value)
+  value = _field(config, name, why)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise DataError(f"data.{name}={value!r} must be a positive integer")
+  return int(value)
 
 
 def _expect(config_value, native, field: str, source: str):
-    if config_value != native:
-        raise DataError(f"data.{field}={config_value} but {source} has {field}={native}; set data.{field}={native}")
+  if config_value != native:
+    raise DataError(f"data.{field}={config_value} but {source} has {field}={native}; set data.{field}={native}")
 
 
 def make_source(config, split: str = "train") -> Source:
-    """Builds the source named by `config.name` (the config's `data` section).
+  """Builds the source named by `config.name` (the config's `data` section).
 
     split: 'train' | 'test' (TFDS ImageNet serves 'validation' as 'test').
     """
-    name = _field(config, "name", "every source")
-    if name not in NAMES:
-        raise DataError(f"data.name={name!r} is not one of {', '.join(map(repr, NAMES))}")
-    if split not in SPLITS:
-        raise DataError(f"split={split!r} is not one of {', '.join(map(repr, SPLITS))}")
-    why = f"name={name!r}"
-    image_size = _positive_int(config, "image_size", why)
-    channels = _positive_int(config, "channels", why)
-    num_classes = _positive_int(config, "num_classes", why)
+  name = _field(config, "name", "every source")
+  if name not in NAMES:
+    raise DataError(f"data.name={name!r} is not one of {', '.join(map(repr, NAMES))}")
+  if split not in SPLITS:
+    raise DataError(f"split={split!r} is not one of {', '.join(map(repr, SPLITS))}")
+  why = f"name={name!r}"
+  image_size = _positive_int(config, "image_size", why)
+  channels = _positive_int(config, "channels", why)
+  num_classes = _positive_int(config, "num_classes", why)
 
-    if name == "digits":
-        _expect(channels, 1, "channels", "digits")
-        _expect(num_classes, 10, "num_classes", "digits")
-        images, labels = load_digits(split, image_size)
-        return ArraySource(images, labels, num_classes, image_size)
-    if name == "mixture":
-        return make_mixture(
-            image_shape=(image_size, image_size, channels),
-            num_classes=num_classes,
-            num_examples=_positive_int(config, "num_examples", why),
-            seed=_field(config, "seed", why),
-            scale=_field(config, "mixture_scale", why),
-            std=_field(config, "mixture_std", why),
-            split=split,
-        )
-    if name == "npz":
-        path = _field(config, "path", why)
-        images, labels = load_npz(path, split, channels, num_classes)
-        return ArraySource(images, labels, num_classes, image_size)
-    tfds_name, test_split, (_, _, native_channels), native_classes = _TFDS[name]
-    _expect(channels, native_channels, "channels", name)
-    _expect(num_classes, native_classes, "num_classes", name)
-    data_dir = config.get("data_dir", "") or ""
-    records = open_tfds(name, "train" if split == "train" else test_split, data_dir)
-    return TfdsSource(records, num_classes, image_size, channels)
+  if name == "digits":
+    _expect(channels, 1, "channels", "digits")
+    _expect(num_classes, 10, "num_classes", "digits")
+    images, labels = load_digits(split, image_size)
+    return ArraySource(images, labels, num_classes, image_size)
+  if name == "mixture":
+    return make_mixture(
+        image_shape=(image_size, image_size, channels),
+        num_classes=num_classes,
+        num_examples=_positive_int(config, "num_examples", why),
+        seed=_field(config, "seed", why),
+        scale=_field(config, "mixture_scale", why),
+        std=_field(config, "mixture_std", why),
+        split=split,
+    )
+  if name == "npz":
+    path = _field(config, "path", why)
+    images, labels = load_npz(path, split, channels, num_classes)
+    return ArraySource(images, labels, num_classes, image_size)
+  tfds_name, test_split, (_, _, native_channels), native_classes = _TFDS[name]
+  _expect(channels, native_channels, "channels", name)
+  _expect(num_classes, native_classes, "num_classes", name)
+  data_dir = config.get("data_dir", "") or ""
+  records = open_tfds(name, "train" if split == "train" else test_split, data_dir)
+  return TfdsSource(records, num_classes, image_size, channels)
 
 
 def load_digits(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """-> images float32 [N, image_size, image_size, 1] in [-1, 1], labels int32 [N].
+  """-> images float32 [N, image_size, image_size, 1] in [-1, 1], labels int32 [N].
 
     N is 1500 for 'train' and 297 for 'test'; the split is fixed forever.
     """
-    from sklearn.datasets import load_digits as sklearn_digits
+  from sklearn.datasets import load_digits as sklearn_digits
 
-    digits = sklearn_digits()
-    order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(digits.target))
-    rows = order[:-DIGITS_TEST_SIZE] if split == "train" else order[-DIGITS_TEST_SIZE:]
-    images = digits.images[rows, :, :, None].astype(np.float32) / 8.0 - 1.0  # 0..16 -> [-1, 1]
-    return resize_images(images, image_size), digits.target[rows].astype(np.int32)
+  digits = sklearn_digits()
+  order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(digits.target))
+  rows = order[:-DIGITS_TEST_SIZE] if split == "train" else order[-DIGITS_TEST_SIZE:]
+  images = digits.images[rows, :, :, None].astype(np.float32) / 8.0 - 1.0  # 0..16 -> [-1, 1]
+  return resize_images(images, image_size), digits.target[rows].astype(np.int32)
 
 
 def _is_real(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and np.isfinite(value)
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def make_mixture(image_shape, num_classes: int, num_examples: int, seed, scale, std, split: str) -> MixtureSource:
-    """Samples x = means[y] + std * noise, y balanced over classes (y_i = i mod K).
+  """Samples x = means[y] + std * noise, y balanced over classes (y_i = i mod K).
 
     Means ~ N(0, scale^2 I) come from rng(seed) and are shared by both splits;
     the samples of each split come from their own stream. Values are not
     clipped to [-1, 1]: the point is a distribution with a known denoiser.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise DataError(f"data.seed={seed!r} must be a non-negative integer")
-    if not _is_real(scale) or scale < 0:
-        raise DataError(f"data.mixture_scale={scale!r} must be a number >= 0 (std of the component means)")
-    if not _is_real(std) or std <= 0:
-        raise DataError(f"data.mixture_std={std!r} must be a number > 0 (std within each component)")
-    means = (scale * np.random.default_rng(seed).standard_normal((num_classes, *image_shape))).astype(np.float32)
-    rng = np.random.default_rng((seed, SPLITS.index(split) + 1))
-    labels = np.arange(num_examples, dtype=np.int32) % num_classes
-    images = means[labels] + np.float32(std) * rng.standard_normal((num_examples, *image_shape), np.float32)
-    return MixtureSource(images, labels, means, float(std))
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise DataError(f"data.seed={seed!r} must be a non-negative integer")
+  if not _is_real(scale) or scale < 0:
+    raise DataError(f"data.mixture_scale={scale!r} must be a number >= 0 (std of the component means)")
+  if not _is_real(std) or std <= 0:
+    raise DataError(f"data.mixture_std={std!r} must be a number > 0 (std within each component)")
+  means = (scale * np.random.default_rng(seed).standard_normal((num_classes, *image_shape))).astype(np.float32)
+  rng = np.random.default_rng((seed, SPLITS.index(split) + 1))
+  labels = np.arange(num_examples, dtype=np.int32) % num_classes
+  images = means[labels] + np.float32(std) * rng.standard_normal((num_examples, *image_shape), np.float32)
+  return MixtureSource(images, labels, means, float(std))
 
 
 def load_npz(path: str, split: str, channels: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reads and validates a user .npz -> images uint8 [N, H, W, C], labels int32 [N].
+  """Reads and validates a user .npz -> images uint8 [N, H, W, C], labels int32 [N].
 
     The file holds `images` uint8 [N, H, W, C] and `labels` int [N]; optional
     `test_images`/`test_labels` are the test split, otherwise the test split is
     the last 10% of a fixed permutation of the file. H and W may differ from
     data.image_size (images are resized on read); C must equal data.channels.
     """
-    if not path:
-        raise DataError("data.path is empty; set data.path to an .npz file with 'images' uint8 [N, H, W, C] and 'labels' int [N]")
-    if not os.path.isfile(path):
-        raise DataError(f"data.path={path!r} does not exist or is not a file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except Exception as e:  # zip, pickle or format errors all mean "not a usable npz".
-        raise DataError(f"data.path={path!r} is not a readable .npz file ({type(e).__name__}: {e})") from e
+  if not path:
+    raise DataError(
+        "data.path is empty; set data.path to an .npz file with 'images' uint8 [N, H, W, C] and 'labels' int [N]")
+  if not os.path.isfile(path):
+    raise DataError(f"data.path={path!r} does not exist or is not a file")
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      arrays = {k: npz[k] for k in npz.files}
+  except Exception as e:  # zip, pickle or format errors all mean "not a usable npz".
+    raise DataError(f"data.path={path!r} is not a readable .npz file ({type(e).__name__}: {e})") from e
 
-    has_test = "test_images" in arrays or "test_labels" in arrays
-    image_key, label_key = ("test_images", "test_labels") if split == "test" and has_test else ("images", "labels")
-    for key in ("images", "labels") + (("test_images", "test_labels") if has_test else ()):
-        if key not in arrays:
-            raise DataError(f"data.path={path!r} has no array {key!r} (found {sorted(arrays)}); expected 'images' uint8 [N, H, W, C] and 'labels' int [N], optionally 'test_images'/'test_labels'")
-    images = _check_npz_images(arrays[image_key], image_key, path, channels)
-    labels = _check_npz_labels(arrays[label_key], label_key, len(images), path, num_classes)
+  has_test = "test_images" in arrays or "test_labels" in arrays
+  image_key, label_key = ("test_images", "test_labels") if split == "test" and has_test else ("images", "labels")
+  for key in ("images", "labels") + (("test_images", "test_labels") if has_test else ()):
+    if key not in arrays:
+      raise DataError(
+          f"data.path={path!r} has no array {key!r} (found {sorted(arrays)}); expected 'images' uint8 [N, H, W, C] and 'labels' int [N], optionally 'test_images'/'test_labels'"
+      )
+  images = _check_npz_images(arrays[image_key], image_key, path, channels)
+  labels = _check_npz_labels(arrays[label_key], label_key, len(images), path, num_classes)
 
-    if not has_test:
-        order = np.random.default_rng(NPZ_SPLIT_SEED).permutation(len(images))
-        num_test = int(len(images) * NPZ_TEST_FRACTION)
-        rows = order[len(images) - num_test:] if split == "test" else order[: len(images) - num_test]
-        images, labels = images[rows], labels[rows]
-    if len(images) == 0:
-        raise DataError(f"data.path={path!r} gives an empty {split!r} split ({len(arrays['images'])} examples in 'images'; the test split is the last {NPZ_TEST_FRACTION:.0%} unless 'test_images' is given)")
-    return images, labels
+  if not has_test:
+    order = np.random.default_rng(NPZ_SPLIT_SEED).permutation(len(images))
+    num_test = int(len(images) * NPZ_TEST_FRACTION)
+    rows = order[len(images) - num_test:] if split == "test" else order[:len(images) - num_test]
+    images, labels = images[rows], labels[rows]
+  if len(images) == 0:
+    raise DataError(
+        f"data.path={path!r} gives an empty {split!r} split ({len(arrays['images'])} examples in 'images'; the test split is the last {NPZ_TEST_FRACTION:.0%} unless 'test_images' is given)"
+    )
+  return images, labels
 
 
 def _check_npz_images(images: np.ndarray, key: str, path: str, channels: int) -> np.ndarray:
-    if images.dtype != np.uint8:
-        raise DataError(f"data.path={path!r}: {key!r} has dtype {images.dtype}; expected uint8 (0..255)")
-    if images.ndim != 4:
-        raise DataError(f"data.path={path!r}: {key!r} has shape {images.shape}; expected 4-D [N, H, W, C]")
-    if images.shape[-1] != channels:
-        raise DataError(f"data.path={path!r}: {key!r} has {images.shape[-1]} channels (shape {images.shape}) but data.channels={channels}")
-    return images
+  if images.dtype != np.uint8:
+    raise DataError(f"data.path={path!r}: {key!r} has dtype {images.dtype}; expected uint8 (0..255)")
+  if images.ndim != 4:
+    raise DataError(f"data.path={path!r}: {key!r} has shape {images.shape}; expected 4-D [N, H, W, C]")
+  if images.shape[-1] != channels:
+    raise DataError(
+        f"data.path={path!r}: {key!r} has {images.shape[-1]} channels (shape {images.shape}) but data.channels={channels}"
+    )
+  return images
 
 
 def _check_npz_labels(labels: np.ndarray, key: str, n: int, path: str, num_classes: int) -> np.ndarray:
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"data.path={path!r}: {key!r} has dtype {labels.dtype}; expected an integer dtype")
-    if labels.shape != (n,):
-        raise DataError(f"data.path={path!r}: {key!r} has shape {labels.shape}; expected ({n},), one label per image")
-    if n and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"data.path={path!r}: {key!r} range [{labels.min()}, {labels.max()}] is outside [0, data.num_classes={num_classes})")
-    return labels.astype(np.int32)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f"data.path={path!r}: {key!r} has dtype {labels.dtype}; expected an integer dtype")
+  if labels.shape != (n,):
+    raise DataError(f"data.path={path!r}: {key!r} has shape {labels.shape}; expected ({n},), one label per image")
+  if n and (labels.min() < 0 or labels.max() >= num_classes):
+    raise DataError(
+        f"data.path={path!r}: {key!r} range [{labels.min()}, {labels.max()}] is outside [0, data.num_classes={num_classes})"
+    )
+  return labels.astype(np.int32)
 
 
 def open_tfds(name: str, tfds_split: str, data_dir: str):
-    """Opens an already prepared TFDS dataset for random access (never downloads).
+  """Opens an already prepared TFDS dataset for random access (never downloads).
 
     name: 'cifar10' | 'imagenet64'; tfds_split: a TFDS split name.
     Raises DataError saying how to prepare the data when it is not there.
     """
-    import tensorflow_datasets as tfds  # Deferred: 0.5 s, only TFDS sources need it.
+  import tensorflow_datasets as tfds  # Deferred: 0.5 s, only TFDS sources need it.
 
-    tfds_name = _TFDS[name][0]
-    try:
-        return tfds.data_source(tfds_name, split=tfds_split, data_dir=data_dir or None, download=False)
-    except Exception as e:  # TFDS reports a missing dataset as a file-format error; diagnose ourselves.
-        raise DataError(_tfds_missing_message(name, data_dir, e)) from e
+  tfds_name = _TFDS[name][0]
+  try:
+    return tfds.data_source(tfds_name, split=tfds_split, data_dir=data_dir or None, download=False)
+  except Exception as e:  # TFDS reports a missing dataset as a file-format error; diagnose ourselves.
+    raise DataError(_tfds_missing_message(name, data_dir, e)) from e
 
 
 def _tfds_missing_message(name: str, data_dir: str, error: Exception) -> str:
-    import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds
 
-    tfds_name = _TFDS[name][0]
-    root = data_dir or tfds.core.constants.get_default_data_dir()
-    where = f"data.data_dir={data_dir!r}" if data_dir else f"the default data_dir {root!r} (data.data_dir='')"
-    build = f"`tfds build {tfds_name} --data_dir={root} --file_format=array_record`"
-    try:
-        builder = tfds.builder(tfds_name, data_dir=data_dir or None)
-        prepared, version_dir, file_format = builder.is_prepared(), builder.data_dir, builder.info.file_format
-    except Exception:  # Unusual: report what we know rather than a second traceback.
-        prepared, version_dir, file_format = False, os.path.join(root, tfds_name), None
-    first_line = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
-    if prepared and getattr(file_format, "value", file_format) != "array_record":
-        return (
-            f"{name}: {tfds_name} at {version_dir} is stored as {getattr(file_format, 'value', file_format)}, "
+  tfds_name = _TFDS[name][0]
+  root = data_dir or tfds.core.constants.get_default_data_dir()
+  where = f"data.data_dir={data_dir!r}" if data_dir else f"the default data_dir {root!r} (data.data_dir='')"
+  build = f"`tfds build {tfds_name} --data_dir={root} --file_format=array_record`"
+  try:
+    builder = tfds.builder(tfds_name, data_dir=data_dir or None)
+    prepared, version_dir, file_format = builder.is_prepared(), builder.data_dir, builder.info.file_format
+  except Exception:  # Unusual: report what we know rather than a second traceback.
+    prepared, version_dir, file_format = False, os.path.join(root, tfds_name), None
+  first_line = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+  if prepared and getattr(file_format, "value", file_format) != "array_record":
+    return (f"{name}: {tfds_name} at {version_dir} is stored as {getattr(file_format, 'value', file_format)}, "
             f"but reading without TensorFlow needs array_record: rebuild it with {build} on a machine with TensorFlow, "
-            f"or point data.data_dir at an array_record copy"
-        )
-    if prepared:
-        return f"{name}: {tfds_name} at {version_dir} is prepared but could not be opened ({first_line}); check the files or rebuild with {build}"
-    if name == "imagenet64":
-        return (
-            f"imagenet64: {tfds_name} is not prepared under {where}. TFDS cannot fetch it (image-net.org needs a login): "
-            f"download {', '.join(_IMAGENET64_FILES)} from https://image-net.org/download-images "
-            f"into {os.path.join(root, 'downloads', 'manual')}/, then on a machine with TensorFlow run {build} "
-            f"(or set data.data_dir to a directory that already holds {tfds_name} in array_record format)"
-        )
+            f"or point data.data_dir at an array_record copy")
+  if prepared:
+    return f"{name}: {tfds_name} at {version_dir} is prepared but could not be opened ({first_line}); check the files or rebuild with {build}"
+  if name == "imagenet64":
     return (
-        f"{name}: {tfds_name} is not prepared under {where}; run once, on a machine with TensorFlow and network access, "
-        f"`pip install tensorflow` then {build} (or set data.data_dir to a directory that already holds {tfds_name} in array_record format)"
-    )
+        f"imagenet64: {tfds_name} is not prepared under {where}. TFDS cannot fetch it (image-net.org needs a login): "
+        f"download {', '.join(_IMAGENET64_FILES)} from https://image-net.org/download-images "
+        f"into {os.path.join(root, 'downloads', 'manual')}/, then on a machine with TensorFlow run {build} "
+        f"(or set data.data_dir to a directory that already holds {tfds_name} in array_record format)")
+  return (
+      f"{name}: {tfds_name} is not prepared under {where}; run once, on a machine with TensorFlow and network access, "
+      f"`pip install tensorflow` then {build} (or set data.data_dir to a directory that already holds {tfds_name} in array_record format)"
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -400,7 +406,7 @@ def _tfds_missing_message(name: str, data_dir: str, error: Exception) -> str:
 
 
 class Batches:
-    """Deterministic batches: batch k depends only on (seed, k), so resuming at step k reproduces an uninterrupted run.
+  """Deterministic batches: batch k depends only on (seed, k), so resuming at step k reproduces an uninterrupted run.
 
     Each epoch visits the source in the order np.random.default_rng((seed, epoch))
     .permutation(len(source)). Batches never have a partial shape:
@@ -415,72 +421,74 @@ class Batches:
     `step` is the whole resume state: iteration yields batch_at(step), step += 1.
     """
 
-    def __init__(
-        self,
-        source: Source,
-        global_batch_size: int,
-        seed: int,
-        process_index: int = 0,
-        process_count: int = 1,
-        start_step: int = 0,
-        drop_remainder: bool = True,
-    ):
-        n = len(source)
-        if global_batch_size <= 0:
-            raise DataError(f"global_batch_size={global_batch_size} must be positive")
-        if process_count <= 0 or not 0 <= process_index < process_count:
-            raise DataError(f"process_index={process_index} must be in [0, process_count={process_count})")
-        if global_batch_size % process_count:
-            raise DataError(f"global_batch_size={global_batch_size} must be divisible by process_count={process_count}")
-        if seed < 0:
-            raise DataError(f"seed={seed} must be non-negative")
-        if start_step < 0:
-            raise DataError(f"start_step={start_step} must be non-negative")
-        if n == 0 or (drop_remainder and n < global_batch_size):
-            raise DataError(f"global_batch_size={global_batch_size} exceeds the {n} examples of the source; lower it or use drop_remainder=False")
-        self.source = source
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // process_count
-        self.seed = seed
-        self.process_index = process_index
-        self.process_count = process_count
-        self.drop_remainder = drop_remainder
-        self.step = start_step
-        self._permutations: dict[int, np.ndarray] = {}
+  def __init__(
+      self,
+      source: Source,
+      global_batch_size: int,
+      seed: int,
+      process_index: int = 0,
+      process_count: int = 1,
+      start_step: int = 0,
+      drop_remainder: bool = True,
+  ):
+    n = len(source)
+    if global_batch_size <= 0:
+      raise DataError(f"global_batch_size={global_batch_size} must be positive")
+    if process_count <= 0 or not 0 <= process_index < process_count:
+      raise DataError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    if global_batch_size % process_count:
+      raise DataError(f"global_batch_size={global_batch_size} must be divisible by process_count={process_count}")
+    if seed < 0:
+      raise DataError(f"seed={seed} must be non-negative")
+    if start_step < 0:
+      raise DataError(f"start_step={start_step} must be non-negative")
+    if n == 0 or (drop_remainder and n < global_batch_size):
+      raise DataError(
+          f"global_batch_size={global_batch_size} exceeds the {n} examples of the source; lower it or use drop_remainder=False"
+      )
+    self.source = source
+    self.global_batch_size = global_batch_size
+    self.local_batch_size = global_batch_size // process_count
+    self.seed = seed
+    self.process_index = process_index
+    self.process_count = process_count
+    self.drop_remainder = drop_remainder
+    self.step = start_step
+    self._permutations: dict[int, np.ndarray] = {}
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            # Two epochs cover a straddling batch; more would only cost memory.
-            if len(self._permutations) >= 2:
-                del self._permutations[min(self._permutations)]
-            self._permutations[epoch] = np.random.default_rng((self.seed, epoch)).permutation(len(self.source))
-        return self._permutations[epoch]
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch not in self._permutations:
+      # Two epochs cover a straddling batch; more would only cost memory.
+      if len(self._permutations) >= 2:
+        del self._permutations[min(self._permutations)]
+      self._permutations[epoch] = np.random.default_rng((self.seed, epoch)).permutation(len(self.source))
+    return self._permutations[epoch]
 
-    def indices_at(self, step: int) -> np.ndarray:
-        """-> int64 [local_batch_size]: source indices of this host's rows of batch `step`."""
-        if step < 0:
-            raise DataError(f"step={step} must be non-negative")
-        n = len(self.source)
-        rows = self.process_index * self.local_batch_size + np.arange(self.local_batch_size, dtype=np.int64)
-        if self.drop_remainder:
-            steps_per_epoch = n // self.global_batch_size
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            return self._permutation(epoch)[step_in_epoch * self.global_batch_size + rows]
-        epochs, positions = np.divmod(step * self.global_batch_size + rows, n)
-        indices = np.empty_like(positions)
-        for epoch in np.unique(epochs):
-            in_epoch = epochs == epoch
-            indices[in_epoch] = self._permutation(int(epoch))[positions[in_epoch]]
-        return indices
+  def indices_at(self, step: int) -> np.ndarray:
+    """-> int64 [local_batch_size]: source indices of this host's rows of batch `step`."""
+    if step < 0:
+      raise DataError(f"step={step} must be non-negative")
+    n = len(self.source)
+    rows = self.process_index * self.local_batch_size + np.arange(self.local_batch_size, dtype=np.int64)
+    if self.drop_remainder:
+      steps_per_epoch = n // self.global_batch_size
+      epoch, step_in_epoch = divmod(step, steps_per_epoch)
+      return self._permutation(epoch)[step_in_epoch * self.global_batch_size + rows]
+    epochs, positions = np.divmod(step * self.global_batch_size + rows, n)
+    indices = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+      in_epoch = epochs == epoch
+      indices[in_epoch] = self._permutation(int(epoch))[positions[in_epoch]]
+    return indices
 
-    def batch_at(self, step: int) -> dict:
-        """-> {'image': float32 [local_batch_size, H, W, C], 'label': int32 [local_batch_size]}."""
-        return self.source.get_batch(self.indices_at(step))
+  def batch_at(self, step: int) -> dict:
+    """-> {'image': float32 [local_batch_size, H, W, C], 'label': int32 [local_batch_size]}."""
+    return self.source.get_batch(self.indices_at(step))
 
-    def __iter__(self):
-        return self
+  def __iter__(self):
+    return self
 
-    def __next__(self) -> dict:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
+  def __next__(self) -> dict:
+    batch = self.batch_at(self.step)
+    self.step += 1
+    return batch

@@ -11,33 +11,41 @@ from distill import data
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
-    fields = dict(
-        name="digits", image_size=8, channels=1, num_classes=10, path="", data_dir="",
-        num_examples=60, seed=3, mixture_scale=1.0, mixture_std=0.1,
-    )
-    fields.update(overrides)
-    return ml_collections.ConfigDict(fields)
+  fields = dict(
+      name="digits",
+      image_size=8,
+      channels=1,
+      num_classes=10,
+      path="",
+      data_dir="",
+      num_examples=60,
+      seed=3,
+      mixture_scale=1.0,
+      mixture_std=0.1,
+  )
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
 
 
 def assert_one_line(error_info, *needles):
-    message = str(error_info.value)
-    assert "\n" not in message
-    for needle in needles:
-        assert needle in message, (needle, message)
+  message = str(error_info.value)
+  assert "\n" not in message
+  for needle in needles:
+    assert needle in message, (needle, message)
 
 
 def check_source(source, image_shape, num_classes):
-    assert source.image_shape == image_shape
-    assert source.num_classes == num_classes
-    item = source[0]
-    assert item["image"].shape == image_shape and item["image"].dtype == np.float32
-    assert item["label"].dtype == np.int32 and item["label"].shape == ()
-    batch = source.get_batch(np.arange(min(len(source), 5)))
-    assert batch["image"].shape == (min(len(source), 5), *image_shape)
-    assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
-    np.testing.assert_array_equal(batch["image"][0], item["image"])
-    assert np.all((batch["label"] >= 0) & (batch["label"] < num_classes))
-    return batch
+  assert source.image_shape == image_shape
+  assert source.num_classes == num_classes
+  item = source[0]
+  assert item["image"].shape == image_shape and item["image"].dtype == np.float32
+  assert item["label"].dtype == np.int32 and item["label"].shape == ()
+  batch = source.get_batch(np.arange(min(len(source), 5)))
+  assert batch["image"].shape == (min(len(source), 5), *image_shape)
+  assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
+  np.testing.assert_array_equal(batch["image"][0], item["image"])
+  assert np.all((batch["label"] >= 0) & (batch["label"] < num_classes))
+  return batch
 
 
 # ----------------------------------------------------------------------------
@@ -45,85 +53,88 @@ def check_source(source, image_shape, num_classes):
 
 
 def test_digits_shapes_and_range():
-    source = data.make_source(data_config())
-    batch = check_source(source, (8, 8, 1), 10)
-    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
-    everything = source.get_batch(np.arange(len(source)))["image"]
-    assert everything.min() == -1 and everything.max() == 1
+  source = data.make_source(data_config())
+  batch = check_source(source, (8, 8, 1), 10)
+  assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+  everything = source.get_batch(np.arange(len(source)))["image"]
+  assert everything.min() == -1 and everything.max() == 1
 
 
 def test_digits_split_sizes_and_disjoint():
-    train = data.make_source(data_config(), "train")
-    test = data.make_source(data_config(), "test")
-    assert (len(train), len(test)) == (1500, 297)
-    train_rows = {x.tobytes() for x in train.get_batch(np.arange(len(train)))["image"]}
-    test_rows = [x.tobytes() for x in test.get_batch(np.arange(len(test)))["image"]]
-    # The 1797 digit images are pairwise distinct, so equal pixels mean a shared example.
-    assert not any(row in train_rows for row in test_rows)
-    again = data.make_source(data_config(), "test")
-    np.testing.assert_array_equal(again.get_batch(np.arange(10))["image"], test.get_batch(np.arange(10))["image"])
+  train = data.make_source(data_config(), "train")
+  test = data.make_source(data_config(), "test")
+  assert (len(train), len(test)) == (1500, 297)
+  train_rows = {x.tobytes() for x in train.get_batch(np.arange(len(train)))["image"]}
+  test_rows = [x.tobytes() for x in test.get_batch(np.arange(len(test)))["image"]]
+  # The 1797 digit images are pairwise distinct, so equal pixels mean a shared example.
+  assert not any(row in train_rows for row in test_rows)
+  again = data.make_source(data_config(), "test")
+  np.testing.assert_array_equal(again.get_batch(np.arange(10))["image"], test.get_batch(np.arange(10))["image"])
 
 
 def test_digits_resized():
-    source = data.make_source(data_config(image_size=16))
-    batch = check_source(source, (16, 16, 1), 10)
-    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+  source = data.make_source(data_config(image_size=16))
+  batch = check_source(source, (16, 16, 1), 10)
+  assert batch["image"].min() >= -1 and batch["image"].max() <= 1
 
 
 def test_source_index_bounds():
-    source = data.make_source(data_config(), "test")
-    np.testing.assert_array_equal(source[-1]["image"], source[len(source) - 1]["image"])
-    with pytest.raises(IndexError):
-        source[len(source)]
+  source = data.make_source(data_config(), "test")
+  np.testing.assert_array_equal(source[-1]["image"], source[len(source) - 1]["image"])
+  with pytest.raises(IndexError):
+    source[len(source)]
 
 
 def test_mixture_statistics_and_determinism():
-    config = data_config(name="mixture", image_size=4, channels=2, num_classes=3, num_examples=3000, mixture_std=0.2)
-    source = data.make_source(config)
-    check_source(source, (4, 4, 2), 3)
-    assert source.means.shape == (3, 4, 4, 2) and source.std == pytest.approx(0.2)
-    batch = source.get_batch(np.arange(len(source)))
-    assert np.bincount(batch["label"]).tolist() == [1000, 1000, 1000]
-    for k in range(3):
-        residual = batch["image"][batch["label"] == k] - source.means[k]
-        assert abs(residual.mean()) < 0.01 and residual.std() == pytest.approx(0.2, rel=0.02)
-    test = data.make_source(config, "test")
-    np.testing.assert_array_equal(test.means, source.means)
-    assert not np.array_equal(test[0]["image"], source[0]["image"])
-    np.testing.assert_array_equal(data.make_source(config)[7]["image"], source[7]["image"])
+  config = data_config(name="mixture", image_size=4, channels=2, num_classes=3, num_examples=3000, mixture_std=0.2)
+  source = data.make_source(config)
+  check_source(source, (4, 4, 2), 3)
+  assert source.means.shape == (3, 4, 4, 2) and source.std == pytest.approx(0.2)
+  batch = source.get_batch(np.arange(len(source)))
+  assert np.bincount(batch["label"]).tolist() == [1000, 1000, 1000]
+  for k in range(3):
+    residual = batch["image"][batch["label"] == k] - source.means[k]
+    assert abs(residual.mean()) < 0.01 and residual.std() == pytest.approx(0.2, rel=0.02)
+  test = data.make_source(config, "test")
+  np.testing.assert_array_equal(test.means, source.means)
+  assert not np.array_equal(test[0]["image"], source[0]["image"])
+  np.testing.assert_array_equal(data.make_source(config)[7]["image"], source[7]["image"])
 
 
 def write_npz(path, **arrays):
-    np.savez(path, **arrays)
-    return str(path)
+  np.savez(path, **arrays)
+  return str(path)
 
 
 def test_npz_round_trip(tmp_path):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (50, 6, 6, 3), dtype=np.uint8)
-    labels = rng.integers(0, 4, 50)
-    path = write_npz(tmp_path / "set.npz", images=images, labels=labels)
-    config = data_config(name="npz", path=path, image_size=6, channels=3, num_classes=4)
-    train, test = data.make_source(config, "train"), data.make_source(config, "test")
-    assert (len(train), len(test)) == (45, 5)
-    check_source(train, (6, 6, 3), 4)
-    # Every file row lands in exactly one split, pixels scaled x / 127.5 - 1.
-    got = np.concatenate([s.get_batch(np.arange(len(s)))["image"] for s in (train, test)])
-    want = images.astype(np.float32) / 127.5 - 1
-    got_rows = sorted(np.round(got, 5).reshape(50, -1).tolist())
-    assert got_rows == sorted(np.round(want, 5).reshape(50, -1).tolist())
-    resized = data.make_source(data_config(name="npz", path=path, image_size=3, channels=3, num_classes=4))
-    check_source(resized, (3, 3, 3), 4)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (50, 6, 6, 3), dtype=np.uint8)
+  labels = rng.integers(0, 4, 50)
+  path = write_npz(tmp_path / "set.npz", images=images, labels=labels)
+  config = data_config(name="npz", path=path, image_size=6, channels=3, num_classes=4)
+  train, test = data.make_source(config, "train"), data.make_source(config, "test")
+  assert (len(train), len(test)) == (45, 5)
+  check_source(train, (6, 6, 3), 4)
+  # Every file row lands in exactly one split, pixels scaled x / 127.5 - 1.
+  got = np.concatenate([s.get_batch(np.arange(len(s)))["image"] for s in (train, test)])
+  want = images.astype(np.float32) / 127.5 - 1
+  got_rows = sorted(np.round(got, 5).reshape(50, -1).tolist())
+  assert got_rows == sorted(np.round(want, 5).reshape(50, -1).tolist())
+  resized = data.make_source(data_config(name="npz", path=path, image_size=3, channels=3, num_classes=4))
+  check_source(resized, (3, 3, 3), 4)
 
 
 def test_npz_explicit_test_arrays(tmp_path):
-    images = np.zeros((8, 4, 4, 1), np.uint8)
-    path = write_npz(tmp_path / "s.npz", images=images, labels=np.zeros(8, int),
-                     test_images=np.full((3, 4, 4, 1), 255, np.uint8), test_labels=np.ones(3, int))
-    config = data_config(name="npz", path=path, image_size=4, channels=1, num_classes=2)
-    assert len(data.make_source(config, "train")) == 8
-    test = data.make_source(config, "test")
-    assert len(test) == 3 and test[0]["image"].min() == 1 and test[0]["label"] == 1
+  images = np.zeros((8, 4, 4, 1), np.uint8)
+  path = write_npz(tmp_path / "s.npz",
+                   images=images,
+                   labels=np.zeros(8, int),
+                   test_images=np.full((3, 4, 4, 1), 255, np.uint8),
+                   test_labels=np.ones(3, int))
+  config = data_config(name="npz", path=path, image_size=4, channels=1, num_classes=2)
+  assert len(data.make_source(config, "train")) == 8
+  test = data.make_source(config, "test")
+  assert len(test) == 3 and test[0]["image"].min() == 1 and test[0]["label"] == 1
 
 
 GOOD = dict(images=np.zeros((20, 4, 4, 1), np.uint8), labels=np.zeros(20, np.int64))
@@ -144,27 +155,27 @@ GOOD = dict(images=np.zeros((20, 4, 4, 1), np.uint8), labels=np.zeros(20, np.int
     ],
 )
 def test_npz_malformed(tmp_path, arrays, needles):
-    path = write_npz(tmp_path / "bad.npz", **arrays)
-    with pytest.raises(data.DataError) as error:
-        data.make_source(data_config(name="npz", path=path, image_size=4))
-    assert_one_line(error, "data.path=", *needles)
+  path = write_npz(tmp_path / "bad.npz", **arrays)
+  with pytest.raises(data.DataError) as error:
+    data.make_source(data_config(name="npz", path=path, image_size=4))
+  assert_one_line(error, "data.path=", *needles)
 
 
 def test_npz_missing_and_unreadable(tmp_path):
-    with pytest.raises(data.DataError) as error:
-        data.make_source(data_config(name="npz", path=""))
-    assert_one_line(error, "data.path is empty")
-    with pytest.raises(data.DataError) as error:
-        data.make_source(data_config(name="npz", path=str(tmp_path / "nope.npz")))
-    assert_one_line(error, "does not exist")
-    (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(data.DataError) as error:
-        data.make_source(data_config(name="npz", path=str(tmp_path / "junk.npz")))
-    assert_one_line(error, "not a readable .npz")
-    path = write_npz(tmp_path / "tiny.npz", images=GOOD["images"][:5], labels=GOOD["labels"][:5])
-    with pytest.raises(data.DataError) as error:
-        data.make_source(data_config(name="npz", path=path, image_size=4), "test")
-    assert_one_line(error, "empty 'test' split")
+  with pytest.raises(data.DataError) as error:
+    data.make_source(data_config(name="npz", path=""))
+  assert_one_line(error, "data.path is empty")
+  with pytest.raises(data.DataError) as error:
+    data.make_source(data_config(name="npz", path=str(tmp_path / "nope.npz")))
+  assert_one_line(error, "does not exist")
+  (tmp_path / "junk.npz").write_bytes(b"not a zip")
+  with pytest.raises(data.DataError) as error:
+    data.make_source(data_config(name="npz", path=str(tmp_path / "junk.npz")))
+  assert_one_line(error, "not a readable .npz")
+  path = write_npz(tmp_path / "tiny.npz", images=GOOD["images"][:5], labels=GOOD["labels"][:5])
+  with pytest.raises(data.DataError) as error:
+    data.make_source(data_config(name="npz", path=path, image_size=4), "test")
+  assert_one_line(error, "empty 'test' split")
 
 
 @pytest.mark.parametrize(
@@ -183,65 +194,69 @@ def test_npz_missing_and_unreadable(tmp_path):
     ],
 )
 def test_config_validation(overrides, needles):
-    with pytest.raises(data.DataError) as error:
-        data.make_source(data_config(**overrides))
-    assert_one_line(error, *needles)
+  with pytest.raises(data.DataError) as error:
+    data.make_source(data_config(**overrides))
+  assert_one_line(error, *needles)
 
 
 def test_missing_field_and_bad_split():
-    config = data_config(name="mixture")
-    del config["mixture_std"]
-    with pytest.raises(data.DataError) as error:
-        data.make_source(config)
-    assert_one_line(error, "data.mixture_std is missing", "name='mixture'")
-    with pytest.raises(data.DataError) as error:
-        data.make_source(data_config(), "validation")
-    assert_one_line(error, "split='validation'", "'test'")
+  config = data_config(name="mixture")
+  del config["mixture_std"]
+  with pytest.raises(data.DataError) as error:
+    data.make_source(config)
+  assert_one_line(error, "data.mixture_std is missing", "name='mixture'")
+  with pytest.raises(data.DataError) as error:
+    data.make_source(data_config(), "validation")
+  assert_one_line(error, "split='validation'", "'test'")
 
 
 def test_cifar10_through_tfds_mock():
-    # USE_CODE works offline with tfds.data_source: it generates records from
-    # the builder's features, no files involved.
-    config = data_config(name="cifar10", image_size=32, channels=3, num_classes=10)
-    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-        train = data.make_source(config, "train")
-        test = data.make_source(config, "test")
-        assert len(train) == len(test) == 12
-        batch = check_source(train, (32, 32, 3), 10)
-        assert batch["image"].min() >= -1 and batch["image"].max() <= 1
-        small = data_config(name="cifar10", image_size=16, channels=3, num_classes=10)
-        check_source(data.make_source(small, "train"), (16, 16, 3), 10)
-        batches = data.Batches(train, global_batch_size=4, seed=0)
-        assert next(batches)["image"].shape == (4, 32, 32, 3)
+  # USE_CODE works offline with tfds.data_source: it generates records from
+  # the builder's features, no files involved.
+  config = data_config(name="cifar10", image_size=32, channels=3, num_classes=10)
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    train = data.make_source(config, "train")
+    test = data.make_source(config, "test")
+    assert len(train) == len(test) == 12
+    batch = check_source(train, (32, 32, 3), 10)
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    small = data_config(name="cifar10", image_size=16, channels=3, num_classes=10)
+    check_source(data.make_source(small, "train"), (16, 16, 3), 10)
+    batches = data.Batches(train, global_batch_size=4, seed=0)
+    assert next(batches)["image"].shape == (4, 32, 32, 3)
 
 
 def test_imagenet64_absent_says_what_to_do(tmp_path):
-    config = data_config(name="imagenet64", image_size=64, channels=3, num_classes=1000, data_dir=str(tmp_path))
-    with pytest.raises(data.DataError) as error:
-        data.make_source(config)
-    assert_one_line(
-        error, "imagenet_resized/64x64", "Imagenet64_train_part1_npz.zip", "Imagenet64_val_npz.zip",
-        f"{tmp_path}/downloads/manual", f"tfds build imagenet_resized/64x64 --data_dir={tmp_path} --file_format=array_record",
-    )
-    assert list(tmp_path.iterdir()) == []  # Nothing was downloaded or created.
+  config = data_config(name="imagenet64", image_size=64, channels=3, num_classes=1000, data_dir=str(tmp_path))
+  with pytest.raises(data.DataError) as error:
+    data.make_source(config)
+  assert_one_line(
+      error,
+      "imagenet_resized/64x64",
+      "Imagenet64_train_part1_npz.zip",
+      "Imagenet64_val_npz.zip",
+      f"{tmp_path}/downloads/manual",
+      f"tfds build imagenet_resized/64x64 --data_dir={tmp_path} --file_format=array_record",
+  )
+  assert list(tmp_path.iterdir()) == []  # Nothing was downloaded or created.
 
 
 def test_cifar10_absent_says_what_to_do(tmp_path):
-    config = data_config(name="cifar10", image_size=32, channels=3, num_classes=10, data_dir=str(tmp_path))
-    with pytest.raises(data.DataError) as error:
-        data.make_source(config, "test")
-    assert_one_line(error, f"tfds build cifar10 --data_dir={tmp_path} --file_format=array_record", "TensorFlow")
+  config = data_config(name="cifar10", image_size=32, channels=3, num_classes=10, data_dir=str(tmp_path))
+  with pytest.raises(data.DataError) as error:
+    data.make_source(config, "test")
+  assert_one_line(error, f"tfds build cifar10 --data_dir={tmp_path} --file_format=array_record", "TensorFlow")
 
 
 def test_tfds_prepared_as_tfrecord_says_rebuild(tmp_path):
-    # A data_dir prepared the default TFDS way (tfrecord) cannot be read without TensorFlow.
-    builder = tfds.builder("cifar10", data_dir=str(tmp_path))
-    os.makedirs(builder.data_dir)
-    builder.info.write_to_directory(builder.data_dir)
-    config = data_config(name="cifar10", image_size=32, channels=3, num_classes=10, data_dir=str(tmp_path))
-    with pytest.raises(data.DataError) as error:
-        data.make_source(config)
-    assert_one_line(error, "stored as tfrecord", "--file_format=array_record")
+  # A data_dir prepared the default TFDS way (tfrecord) cannot be read without TensorFlow.
+  builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+  os.makedirs(builder.data_dir)
+  builder.info.write_to_directory(builder.data_dir)
+  config = data_config(name="cifar10", image_size=32, channels=3, num_classes=10, data_dir=str(tmp_path))
+  with pytest.raises(data.DataError) as error:
+    data.make_source(config)
+  assert_one_line(error, "stored as tfrecord", "--file_format=array_record")
 
 
 # ----------------------------------------------------------------------------
@@ -250,57 +265,59 @@ def test_tfds_prepared_as_tfrecord_says_rebuild(tmp_path):
 
 @pytest.fixture(scope="module")
 def digits():
-    return data.make_source(data_config(), "test")  # 297 examples: epochs do not divide batches.
+  return data.make_source(data_config(), "test")  # 297 examples: epochs do not divide batches.
 
 
 def test_batches_deterministic_and_random_access(digits):
-    a = data.Batches(digits, global_batch_size=32, seed=5)
-    b = data.Batches(digits, global_batch_size=32, seed=5)
-    streamed = [next(a) for _ in range(12)]  # Crosses the epoch boundary at step 9.
-    assert a.step == 12
-    for k, batch in enumerate(streamed):
-        assert batch["image"].shape == (32, 8, 8, 1)
-        np.testing.assert_array_equal(batch["image"], b.batch_at(k)["image"])
-        np.testing.assert_array_equal(batch["label"], b.batch_at(k)["label"])
-    other_seed = data.Batches(digits, global_batch_size=32, seed=6)
-    assert not np.array_equal(other_seed.batch_at(0)["label"], streamed[0]["label"])
+  a = data.Batches(digits, global_batch_size=32, seed=5)
+  b = data.Batches(digits, global_batch_size=32, seed=5)
+  streamed = [next(a) for _ in range(12)]  # Crosses the epoch boundary at step 9.
+  assert a.step == 12
+  for k, batch in enumerate(streamed):
+    assert batch["image"].shape == (32, 8, 8, 1)
+    np.testing.assert_array_equal(batch["image"], b.batch_at(k)["image"])
+    np.testing.assert_array_equal(batch["label"], b.batch_at(k)["label"])
+  other_seed = data.Batches(digits, global_batch_size=32, seed=6)
+  assert not np.array_equal(other_seed.batch_at(0)["label"], streamed[0]["label"])
 
 
 @pytest.mark.parametrize("drop_remainder", [True, False])
 def test_resume_equals_uninterrupted(digits, drop_remainder):
-    whole = data.Batches(digits, 40, seed=1, drop_remainder=drop_remainder)
-    uninterrupted = [next(whole)["label"] for _ in range(20)]
-    resumed = data.Batches(digits, 40, seed=1, start_step=13, drop_remainder=drop_remainder)
-    for k in range(13, 20):
-        np.testing.assert_array_equal(next(resumed)["label"], uninterrupted[k])
+  whole = data.Batches(digits, 40, seed=1, drop_remainder=drop_remainder)
+  uninterrupted = [next(whole)["label"] for _ in range(20)]
+  resumed = data.Batches(digits, 40, seed=1, start_step=13, drop_remainder=drop_remainder)
+  for k in range(13, 20):
+    np.testing.assert_array_equal(next(resumed)["label"], uninterrupted[k])
 
 
 @pytest.mark.parametrize("drop_remainder", [True, False])
 def test_hosts_concatenate_to_global_batch(digits, drop_remainder):
-    single = data.Batches(digits, 48, seed=2, drop_remainder=drop_remainder)
-    hosts = [data.Batches(digits, 48, seed=2, process_index=p, process_count=3, drop_remainder=drop_remainder)
-             for p in range(3)]
-    for step in (0, 5, 6, 17):
-        parts = [host.batch_at(step) for host in hosts]
-        assert all(part["image"].shape == (16, 8, 8, 1) for part in parts)
-        for key in ("image", "label"):
-            np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), single.batch_at(step)[key])
+  single = data.Batches(digits, 48, seed=2, drop_remainder=drop_remainder)
+  hosts = [
+      data.Batches(digits, 48, seed=2, process_index=p, process_count=3, drop_remainder=drop_remainder)
+      for p in range(3)
+  ]
+  for step in (0, 5, 6, 17):
+    parts = [host.batch_at(step) for host in hosts]
+    assert all(part["image"].shape == (16, 8, 8, 1) for part in parts)
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), single.batch_at(step)[key])
 
 
 def test_epochs_cover_every_example_once(digits):
-    n = len(digits)  # 297 = 27 * 11.
-    exact = data.Batches(digits, 27, seed=4)
-    for epoch in range(2):
-        seen = np.concatenate([exact.indices_at(epoch * 11 + k) for k in range(11)])
-        assert sorted(seen) == list(range(n))
-    dropped = data.Batches(digits, 40, seed=4)  # 7 steps/epoch, 17 examples skipped per epoch.
-    seen = np.concatenate([dropped.indices_at(k) for k in range(7)])
-    assert len(set(seen)) == len(seen) == 280
-    assert not np.array_equal(np.sort(seen), np.sort(np.concatenate([dropped.indices_at(k) for k in range(7, 14)])))
-    stream = data.Batches(digits, 40, seed=4, drop_remainder=False)
-    seen = np.concatenate([stream.indices_at(k) for k in range(0, 3 * n // 40 + 1)])[: 3 * n]
-    for epoch in range(3):
-        assert sorted(seen[epoch * n:(epoch + 1) * n]) == list(range(n))
+  n = len(digits)  # 297 = 27 * 11.
+  exact = data.Batches(digits, 27, seed=4)
+  for epoch in range(2):
+    seen = np.concatenate([exact.indices_at(epoch * 11 + k) for k in range(11)])
+    assert sorted(seen) == list(range(n))
+  dropped = data.Batches(digits, 40, seed=4)  # 7 steps/epoch, 17 examples skipped per epoch.
+  seen = np.concatenate([dropped.indices_at(k) for k in range(7)])
+  assert len(set(seen)) == len(seen) == 280
+  assert not np.array_equal(np.sort(seen), np.sort(np.concatenate([dropped.indices_at(k) for k in range(7, 14)])))
+  stream = data.Batches(digits, 40, seed=4, drop_remainder=False)
+  seen = np.concatenate([stream.indices_at(k) for k in range(0, 3 * n // 40 + 1)])[:3 * n]
+  for epoch in range(3):
+    assert sorted(seen[epoch * n:(epoch + 1) * n]) == list(range(n))
 
 
 @pytest.mark.parametrize(
@@ -314,11 +331,11 @@ def test_epochs_cover_every_example_once(digits):
     ],
 )
 def test_batches_validation(digits, kwargs, needle):
-    with pytest.raises(data.DataError) as error:
-        data.Batches(digits, seed=0, **kwargs)
-    assert_one_line(error, needle)
+  with pytest.raises(data.DataError) as error:
+    data.Batches(digits, seed=0, **kwargs)
+  assert_one_line(error, needle)
 
 
 def test_batch_larger_than_source_without_drop(digits):
-    batches = data.Batches(digits, 400, seed=0, drop_remainder=False)
-    assert np.bincount(batches.indices_at(0), minlength=297).min() >= 1
+  batches = data.Batches(digits, 400, seed=0, drop_remainder=False)
+  assert np.bincount(batches.indices_at(0), minlength=297).min() >= 1

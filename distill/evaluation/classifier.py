@@ -33,7 +33,7 @@ _META_KEY = "__meta__"
 
 
 class SmallClassifier(nn.Module):
-    """3x3 conv layers (GroupNorm, GELU), avg-pooled down to <= 4x4 after the first layer,
+  """3x3 conv layers (GroupNorm, GELU), avg-pooled down to <= 4x4 after the first layer,
     global mean pool, then a dense penultimate layer and the logits.
 
     Attributes:
@@ -44,99 +44,94 @@ class SmallClassifier(nn.Module):
       dropout_rate: dropout on the penultimate activations while training.
     """
 
-    num_classes: int
-    features: int = 64
-    widths: tuple[int, ...] = (16, 32, 64)
-    dropout_rate: float = 0.1
+  num_classes: int
+  features: int = 64
+  widths: tuple[int, ...] = (16, 32, 64)
+  dropout_rate: float = 0.1
 
-    @nn.compact
-    def __call__(self, x, *, train: bool = False, return_features: bool = False):
-        """x: [B, H, W, C] in [-1, 1] -> logits [B, num_classes] (or features [B, features]).
+  @nn.compact
+  def __call__(self, x, *, train: bool = False, return_features: bool = False):
+    """x: [B, H, W, C] in [-1, 1] -> logits [B, num_classes] (or features [B, features]).
 
         Dropout needs an rng named 'dropout' when `train` is True.
         """
-        h = x
-        for i, width in enumerate(self.widths):
-            h = nn.Conv(width, (3, 3), padding="SAME", name=f"conv_{i}")(h)
-            # GroupNorm, not BatchNorm: no mutable statistics, and features of a batch of
-            # generated images do not depend on which other images share the batch.
-            h = nn.GroupNorm(num_groups=8)(h)
-            h = nn.gelu(h)
-            if h.shape[1] > 4 and i > 0:
-                h = nn.avg_pool(h, (2, 2), strides=(2, 2))
-        h = jnp.mean(h, axis=(1, 2))
-        h = nn.gelu(nn.Dense(self.features, name=_FEATURE_LAYER)(h))
-        if return_features:
-            return h
-        h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-        return nn.Dense(self.num_classes, name=_LOGIT_LAYER)(h)
+    h = x
+    for i, width in enumerate(self.widths):
+      h = nn.Conv(width, (3, 3), padding="SAME", name=f"conv_{i}")(h)
+      # GroupNorm, not BatchNorm: no mutable statistics, and features of a batch of
+      # generated images do not depend on which other images share the batch.
+      h = nn.GroupNorm(num_groups=8)(h)
+      h = nn.gelu(h)
+      if h.shape[1] > 4 and i > 0:
+        h = nn.avg_pool(h, (2, 2), strides=(2, 2))
+    h = jnp.mean(h, axis=(1, 2))
+    h = nn.gelu(nn.Dense(self.features, name=_FEATURE_LAYER)(h))
+    if return_features:
+      return h
+    h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+    return nn.Dense(self.num_classes, name=_LOGIT_LAYER)(h)
 
 
 def _model_from_params(params: Params, num_classes: int) -> SmallClassifier:
-    """The module matching `params` (widths and features are read from the kernel shapes)."""
-    widths = []
-    while f"conv_{len(widths)}" in params:
-        widths.append(int(params[f"conv_{len(widths)}"]["kernel"].shape[-1]))
-    feature_kernel = params[_FEATURE_LAYER]["kernel"]
-    logit_kernel = params[_LOGIT_LAYER]["kernel"]
-    if logit_kernel.shape[-1] != num_classes:
-        raise ValueError(
-            f"params have {logit_kernel.shape[-1]} classes, num_classes={num_classes}")
-    return SmallClassifier(num_classes=num_classes, features=int(feature_kernel.shape[-1]),
-                           widths=tuple(widths))
+  """The module matching `params` (widths and features are read from the kernel shapes)."""
+  widths = []
+  while f"conv_{len(widths)}" in params:
+    widths.append(int(params[f"conv_{len(widths)}"]["kernel"].shape[-1]))
+  feature_kernel = params[_FEATURE_LAYER]["kernel"]
+  logit_kernel = params[_LOGIT_LAYER]["kernel"]
+  if logit_kernel.shape[-1] != num_classes:
+    raise ValueError(f"params have {logit_kernel.shape[-1]} classes, num_classes={num_classes}")
+  return SmallClassifier(num_classes=num_classes, features=int(feature_kernel.shape[-1]), widths=tuple(widths))
 
 
 def random_shift(rng: jax.Array, images: jax.Array, max_shift: int = 1) -> jax.Array:
-    """Shifts each image by an independent integer offset in [-max_shift, max_shift]^2.
+  """Shifts each image by an independent integer offset in [-max_shift, max_shift]^2.
 
     images: [B, H, W, C] in [-1, 1]; vacated pixels are filled with -1 (background).
     """
-    if max_shift == 0:
-        return images
-    b, h, w, _ = images.shape
-    padded = jnp.pad(
-        images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)),
-        constant_values=-1.0)
-    offsets = jax.random.randint(rng, (b, 2), 0, 2 * max_shift + 1)
+  if max_shift == 0:
+    return images
+  b, h, w, _ = images.shape
+  padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), constant_values=-1.0)
+  offsets = jax.random.randint(rng, (b, 2), 0, 2 * max_shift + 1)
 
-    def crop(image, offset):
-        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
+  def crop(image, offset):
+    return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
 
-    return jax.vmap(crop)(padded, offsets)
+  return jax.vmap(crop)(padded, offsets)
 
 
 def _adamw_direction(weight_decay: float) -> optax.GradientTransformation:
-    # AdamW without its learning-rate scaling: the rate is an argument of the step, so one
-    # compiled step serves every schedule and every call of `train_classifier`.
-    return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))
+  # AdamW without its learning-rate scaling: the rate is an argument of the step, so one
+  # compiled step serves every schedule and every call of `train_classifier`.
+  return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))
 
 
 @functools.partial(jax.jit, static_argnames=("augment", "weight_decay"))
-def _train_step(params, opt_state, images, labels, rng, learning_rate, *, augment: bool,
-                weight_decay: float):
-    """One AdamW step on label-smoothed cross-entropy. images: [B, H, W, C], labels: [B]."""
-    num_classes = params[_LOGIT_LAYER]["kernel"].shape[-1]
-    model = _model_from_params(params, num_classes)
-    shift_rng, dropout_rng = jax.random.split(rng)
-    if augment:
-        images = random_shift(shift_rng, images)
+def _train_step(params, opt_state, images, labels, rng, learning_rate, *, augment: bool, weight_decay: float):
+  """One AdamW step on label-smoothed cross-entropy. images: [B, H, W, C], labels: [B]."""
+  num_classes = params[_LOGIT_LAYER]["kernel"].shape[-1]
+  model = _model_from_params(params, num_classes)
+  shift_rng, dropout_rng = jax.random.split(rng)
+  if augment:
+    images = random_shift(shift_rng, images)
 
-    def loss_fn(params):
-        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), 0.05)
-        return optax.softmax_cross_entropy(logits, targets).mean()
+  def loss_fn(params):
+    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), 0.05)
+    return optax.softmax_cross_entropy(logits, targets).mean()
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    direction, opt_state = _adamw_direction(weight_decay).update(grads, opt_state, params)
-    params = jax.tree.map(lambda p, d: p - learning_rate * d, params, direction)
-    return params, opt_state, loss
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  direction, opt_state = _adamw_direction(weight_decay).update(grads, opt_state, params)
+  params = jax.tree.map(lambda p, d: p - learning_rate * d, params, direction)
+  return params, opt_state, loss
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _init_params(rng, image_shape: tuple[int, ...], num_classes: int, features: int):
-    # A module-level jit, so repeated `train_classifier` calls reuse the compiled init.
-    model = SmallClassifier(num_classes=num_classes, features=features)
-    return model.init(rng, jnp.zeros((1,) + tuple(image_shape)))["params"]
+  # A module-level jit, so repeated `train_classifier` calls reuse the compiled init.
+  model = SmallClassifier(num_classes=num_classes, features=features)
+  return model.init(rng, jnp.zeros((1,) + tuple(image_shape)))["params"]
 
 
 def train_classifier(
@@ -154,7 +149,7 @@ def train_classifier(
     learning_rate: float = 3e-3,
     weight_decay: float = 1e-4,
 ) -> tuple[dict, float]:
-    """Trains a `SmallClassifier`; returns (params, accuracy on the test set).
+  """Trains a `SmallClassifier`; returns (params, accuracy on the test set).
 
     images: [N, H, W, C] float in [-1, 1]; labels: [N] int in [0, num_classes).
     AdamW with warmup + cosine decay and label smoothing; `augment` applies random
@@ -163,112 +158,119 @@ def train_classifier(
     generator, augmentation and dropout from jax.random). On digits the defaults
     (600 steps of 128, ~50 epochs) reach ~99% in ~10 s on 2 CPU cores.
     """
-    train_images = np.asarray(train_images, np.float32)
-    train_labels = np.asarray(train_labels, np.int32)
-    if train_images.ndim != 4:
-        raise ValueError(f"train_images must be [N, H, W, C], got {train_images.shape}")
-    n = len(train_images)
-    batch_size = min(batch_size, n)
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
-    params = _init_params(init_rng, train_images.shape[1:], num_classes, features)
-    opt_state = _adamw_direction(weight_decay).init(params)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, warmup_steps=min(100, steps // 10), decay_steps=steps)
-    learning_rates = np.asarray(jax.vmap(schedule)(jnp.arange(steps)), np.float32)
+  train_images = np.asarray(train_images, np.float32)
+  train_labels = np.asarray(train_labels, np.int32)
+  if train_images.ndim != 4:
+    raise ValueError(f"train_images must be [N, H, W, C], got {train_images.shape}")
+  n = len(train_images)
+  batch_size = min(batch_size, n)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+  params = _init_params(init_rng, train_images.shape[1:], num_classes, features)
+  opt_state = _adamw_direction(weight_decay).init(params)
+  schedule = optax.warmup_cosine_decay_schedule(0.0,
+                                                learning_rate,
+                                                warmup_steps=min(100, steps // 10),
+                                                decay_steps=steps)
+  learning_rates = np.asarray(jax.vmap(schedule)(jnp.arange(steps)), np.float32)
 
-    batch_rng = np.random.default_rng(seed)
-    order = batch_rng.permutation(n)
-    position = 0
-    for step in range(steps):
-        # Epoch-wise shuffling: every image is seen once per pass.
-        if position + batch_size > n:
-            order = batch_rng.permutation(n)
-            position = 0
-        index = order[position:position + batch_size]
-        position += batch_size
-        params, opt_state, _ = _train_step(
-            params, opt_state, train_images[index], train_labels[index],
-            jax.random.fold_in(train_rng, step), learning_rates[step],
-            augment=augment, weight_decay=weight_decay)
+  batch_rng = np.random.default_rng(seed)
+  order = batch_rng.permutation(n)
+  position = 0
+  for step in range(steps):
+    # Epoch-wise shuffling: every image is seen once per pass.
+    if position + batch_size > n:
+      order = batch_rng.permutation(n)
+      position = 0
+    index = order[position:position + batch_size]
+    position += batch_size
+    params, opt_state, _ = _train_step(params,
+                                       opt_state,
+                                       train_images[index],
+                                       train_labels[index],
+                                       jax.random.fold_in(train_rng, step),
+                                       learning_rates[step],
+                                       augment=augment,
+                                       weight_decay=weight_decay)
 
-    params = jax.device_get(params)
-    accuracy = class_agreement(params, test_images, test_labels, num_classes)
-    return params, accuracy
+  params = jax.device_get(params)
+  accuracy = class_agreement(params, test_images, test_labels, num_classes)
+  return params, accuracy
 
 
 @jax.jit
 def _apply_logits(params, images):
-    # num_classes and features are read from the parameter shapes, so one jit serves all.
-    model = _model_from_params(params, params[_LOGIT_LAYER]["kernel"].shape[-1])
-    return model.apply({"params": params}, images)
+  # num_classes and features are read from the parameter shapes, so one jit serves all.
+  model = _model_from_params(params, params[_LOGIT_LAYER]["kernel"].shape[-1])
+  return model.apply({"params": params}, images)
 
 
 @jax.jit
 def _apply_features(params, images):
-    model = _model_from_params(params, params[_LOGIT_LAYER]["kernel"].shape[-1])
-    return model.apply({"params": params}, images, return_features=True)
+  model = _model_from_params(params, params[_LOGIT_LAYER]["kernel"].shape[-1])
+  return model.apply({"params": params}, images, return_features=True)
 
 
 def _batched(apply_fn, params, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Applies `apply_fn` in batches; the last batch is padded so shapes (and compiles) repeat."""
-    images = np.asarray(images, np.float32)
-    if images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"images must be a non-empty [N, H, W, C], got {images.shape}")
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        valid = len(batch)
-        if valid < batch_size and len(images) > batch_size:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, 0)])
-        outputs.append(np.asarray(apply_fn(params, batch))[:valid])
-    return np.concatenate(outputs)
+  """Applies `apply_fn` in batches; the last batch is padded so shapes (and compiles) repeat."""
+  images = np.asarray(images, np.float32)
+  if images.ndim != 4 or len(images) == 0:
+    raise ValueError(f"images must be a non-empty [N, H, W, C], got {images.shape}")
+  outputs = []
+  for start in range(0, len(images), batch_size):
+    batch = images[start:start + batch_size]
+    valid = len(batch)
+    if valid < batch_size and len(images) > batch_size:
+      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, 0)])
+    outputs.append(np.asarray(apply_fn(params, batch))[:valid])
+  return np.concatenate(outputs)
 
 
-def predict(params: Params, images: np.ndarray, num_classes: int,
-            batch_size: int = 1024) -> np.ndarray:
-    """images: [N, H, W, C] in [-1, 1] -> predicted labels [N] int32."""
-    _model_from_params(params, num_classes)  # validates num_classes
-    logits = _batched(_apply_logits, params, images, batch_size)
-    return np.argmax(logits, axis=-1).astype(np.int32)
+def predict(params: Params, images: np.ndarray, num_classes: int, batch_size: int = 1024) -> np.ndarray:
+  """images: [N, H, W, C] in [-1, 1] -> predicted labels [N] int32."""
+  _model_from_params(params, num_classes)  # validates num_classes
+  logits = _batched(_apply_logits, params, images, batch_size)
+  return np.argmax(logits, axis=-1).astype(np.int32)
 
 
-def class_agreement(params: Params, images: np.ndarray, labels: np.ndarray,
-                    num_classes: int, batch_size: int = 1024) -> float:
-    """Fraction of `images` classified as their (conditioning) `labels` [N]."""
-    labels = np.asarray(labels)
-    predictions = predict(params, images, num_classes, batch_size)
-    return float(np.mean(predictions == labels))
+def class_agreement(params: Params,
+                    images: np.ndarray,
+                    labels: np.ndarray,
+                    num_classes: int,
+                    batch_size: int = 1024) -> float:
+  """Fraction of `images` classified as their (conditioning) `labels` [N]."""
+  labels = np.asarray(labels)
+  predictions = predict(params, images, num_classes, batch_size)
+  return float(np.mean(predictions == labels))
 
 
-def features(params: Params, images: np.ndarray, num_classes: int,
-             batch_size: int = 1024) -> np.ndarray:
-    """Penultimate activations: images [N, H, W, C] in [-1, 1] -> [N, F] float32 (F = features)."""
-    _model_from_params(params, num_classes)
-    return _batched(_apply_features, params, images, batch_size).astype(np.float32)
+def features(params: Params, images: np.ndarray, num_classes: int, batch_size: int = 1024) -> np.ndarray:
+  """Penultimate activations: images [N, H, W, C] in [-1, 1] -> [N, F] float32 (F = features)."""
+  _model_from_params(params, num_classes)
+  return _batched(_apply_features, params, images, batch_size).astype(np.float32)
 
 
 def save_classifier(path: str, params: Params, meta: Mapping[str, Any]) -> None:
-    """Writes params as a flat `.npz` ('a/b/kernel' keys) with `meta` as a JSON string inside.
+  """Writes params as a flat `.npz` ('a/b/kernel' keys) with `meta` as a JSON string inside.
 
     meta: JSON-serialisable (e.g. num_classes, image_shape, accuracy, data set name).
     """
-    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
-    arrays = {key: np.asarray(value) for key, value in flat.items()}
-    if _META_KEY in arrays:
-        raise ValueError(f"parameter name {_META_KEY!r} is reserved")
-    arrays[_META_KEY] = np.array(json.dumps(dict(meta), sort_keys=True))
-    directory = os.path.dirname(os.fspath(path))
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    # Write to a file object so np.savez does not append '.npz' to a path without it.
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+  flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+  arrays = {key: np.asarray(value) for key, value in flat.items()}
+  if _META_KEY in arrays:
+    raise ValueError(f"parameter name {_META_KEY!r} is reserved")
+  arrays[_META_KEY] = np.array(json.dumps(dict(meta), sort_keys=True))
+  directory = os.path.dirname(os.fspath(path))
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  # Write to a file object so np.savez does not append '.npz' to a path without it.
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
 
 
 def load_classifier(path: str) -> tuple[dict, dict]:
-    """Reads what `save_classifier` wrote: (params nested dict of np arrays, meta dict)."""
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(str(data[_META_KEY]))
-        flat = {key: np.asarray(data[key]) for key in data.files if key != _META_KEY}
-    params = traverse_util.unflatten_dict(flat, sep="/")
-    return params, meta
+  """Reads what `save_classifier` wrote: (params nested dict of np arrays, meta dict)."""
+  with np.load(path, allow_pickle=False) as data:
+    meta = json.loads(str(data[_META_KEY]))
+    flat = {key: np.asarray(data[key]) for key in data.files if key != _META_KEY}
+  params = traverse_util.unflatten_dict(flat, sep="/")
+  return params, meta
