@@ -295,6 +295,15 @@ def run_evaluate(ctx: Context):
   if c.data.name not in EMBEDDED:
     print("[evaluate] Inception metrics for this data set arrive with the evaluation issue; skipping")
     return
+  students = _finished_students(ctx)
+  results_path = os.path.join(ctx.workdir, "results.json")
+  evaluated = {"checkpoints": ["teacher"] + [name for name, _ in students], "w_values": list(e.w_values),
+               "per_class": e.per_class, "seed": c.seed}
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      if json.load(f).get("evaluated") == evaluated:
+        print(f"[evaluate] {results_path} already covers these checkpoints; delete it to evaluate again")
+        return
   clf, clf_meta = get_classifier(ctx)
   k = c.data.num_classes
   real = ctx.train_source.get_batch(np.arange(len(ctx.train_source)))
@@ -315,7 +324,6 @@ def run_evaluate(ctx: Context):
           f"classifier-FID {row['classifier_fid']:8.3f}  agreement {row['class_agreement']:.3f} "
           f"({time.time() - start:.0f}s)")
 
-  students = _finished_students(ctx)
   metas = {name: train.load_final_params(d) for name, d in students}
   teacher = models.unet_from_config(c.model, c.data)
   t_params = teacher_params(ctx)
@@ -335,10 +343,10 @@ def run_evaluate(ctx: Context):
       evals = 2 if meta["kind"] == "two_student" else 1
       score(name.rsplit("/", 1)[0] if "/N" in name else name, meta["sampler"], w, meta["num_sampling_steps"],
             evals * meta["num_sampling_steps"], student_sample_fn(ctx, model, params, meta), name)
-  report = {"rows": rows, "classifier_test_accuracy": clf_meta["test_accuracy"],
+  report = {"rows": rows, "evaluated": evaluated, "classifier_test_accuracy": clf_meta["test_accuracy"],
             "metric_note": "classifier-FID: Fréchet distance of the data set's own classifier features "
                            "(not Inception-FID) against the training split"}
-  with open(os.path.join(ctx.workdir, "results.json"), "w") as f:
+  with open(results_path, "w") as f:
     json.dump(report, f, indent=1)
   with open(os.path.join(ctx.workdir, "report.md"), "w") as f:
     f.write(markdown_report(rows, clf_meta["test_accuracy"]))

@@ -10,9 +10,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(*args, cwd=ROOT):
+def run_main(*args, cwd=ROOT, timeout=1800):
   return subprocess.run([sys.executable, "-m", "distill.main", *args], cwd=cwd, capture_output=True, text=True,
-                        timeout=600)
+                        timeout=timeout)
 
 
 BAD = [
