@@ -18,11 +18,10 @@ def unet_from_config(model_cfg, data_cfg, *, w_embedding: bool = False, step_emb
 
 
 def x_prediction_fn(model: UNet, params, parameterization: str):
-  """model_fn(z [B,H,W,C], logsnr [B], labels [B], w [B] | None) -> x̂ [B,H,W,C], in eval mode."""
-  def model_fn(z, logsnr, labels, w=None):
-    out = model.apply({"params": params}, z, logsnr, labels, w, train=False)
-    return diffusion.x_from_output(out, z, logsnr, parameterization)
-  return model_fn
+  """`x_function` with its parameters bound, in the samplers' ModelFn form:
+  model_fn(z [B,H,W,C], logsnr [B], labels [B], w [B] | None) -> x̂ [B,H,W,C], in eval mode."""
+  x_fn = x_function(model, parameterization)
+  return lambda z, logsnr, labels, w=None: x_fn(params, z, logsnr, labels, w)
 
 
 __all__ = ["UNet", "param_count", "unet_from_config", "x_function", "x_prediction_fn"]
