@@ -24,6 +24,7 @@ setup(
         "pillow>=10,<14",
         "tensorboard>=2.18,<3",
         "absl-py>=2.1,<3",
+        "matplotlib>=3.8,<4",
     ],
     extras_require={"test": ["pytest>=8,<10", "scipy>=1.13,<2"]},
 )

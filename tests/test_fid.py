@@ -39,3 +39,59 @@ def test_feature_fid_is_small_for_same_distribution_and_grows_with_shift():
   assert same < 0.02 and shifted == pytest.approx(4 * 0.25 + same, abs=0.03)
   with pytest.raises(ValueError, match="features"):
     fid.gaussian_stats(np.zeros((1, 3)))
+
+
+def scipy_trace_sqrt(s1, s2):
+  """tr((Σ1 Σ2)^½) by scipy's general (Schur) sqrtm, which knows nothing of symmetry."""
+  return float(np.trace(np.real(linalg.sqrtm(s1 @ s2))))
+
+
+@pytest.mark.parametrize("n,dim", [(10, 32), (5, 16), (40, 24)])
+def test_sample_covariances_match_scipy_including_rank_deficient(n, dim):
+  # n < dim: both sample covariances are exactly singular (rank n − 1), no ridge added.
+  rng = np.random.default_rng(n * dim)
+  a = rng.standard_normal((n, dim))
+  b = 0.7 * rng.standard_normal((n + 3, dim)) @ rng.standard_normal((dim, dim)) / np.sqrt(dim) + 0.3
+  mu1, s1 = fid.gaussian_stats(a)
+  mu2, s2 = fid.gaussian_stats(b)
+  expected = scipy_frechet(mu1, s1, mu2, s2)
+  got = fid.frechet_distance(mu1, s1, mu2, s2)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  assert fid.feature_fid(a, b) == pytest.approx(got, rel=1e-12)
+  # The tolerance is far tighter than a factor-2 or sign slip in the cross term would move it.
+  cross = scipy_trace_sqrt(s1, s2)
+  assert cross > 1e3 * 1e-6 * abs(expected)
+  for wrong in (expected + cross, expected - 2 * cross, expected + 4 * cross):
+    assert abs(got - wrong) > 1e3 * 1e-6 * abs(expected)
+
+
+@pytest.mark.parametrize("rank", [12, 4, 1])
+def test_psd_sqrt_squares_back_and_matches_scipy(rank):
+  rng = np.random.default_rng(rank)
+  a = rng.standard_normal((12, rank))
+  s = a @ a.T  # PSD, singular when rank < 12
+  root = fid._psd_sqrt(s)
+  np.testing.assert_allclose(root, root.T, atol=1e-12)
+  assert np.linalg.eigvalsh(root).min() > -1e-7
+  np.testing.assert_allclose(root @ root, s, atol=1e-9 * np.abs(s).max())
+  if rank == 12:  # the principal root is unique only where s is invertible
+    np.testing.assert_allclose(root, np.real(linalg.sqrtm(s)), rtol=1e-8, atol=1e-9)
+
+
+def test_identical_rank_deficient_sets_have_zero_distance_and_symmetry():
+  rng = np.random.default_rng(7)
+  a = 3.0 * rng.standard_normal((9, 40))  # covariance of rank 8 in 40 dimensions
+  b = rng.standard_normal((30, 40)) + 1.0
+  assert fid.feature_fid(a, a) == pytest.approx(0.0, abs=1e-6 * np.trace(np.cov(a, rowvar=False)))
+  assert fid.feature_fid(a, b) == pytest.approx(fid.feature_fid(b, a), rel=1e-7)
+  assert fid.feature_fid(a, b) > 0
+
+
+def test_scaled_covariance_closed_form():
+  # Σ2 = c² Σ1 with equal means: d = tr(Σ1)·(1 − c)², for any Σ1, singular or not.
+  rng = np.random.default_rng(3)
+  a = rng.standard_normal((10, 3))
+  s1 = a @ a.T  # rank 3 in 10 dimensions
+  for c in (0.5, 2.0, 3.0):
+    mu = rng.standard_normal(10)
+    assert fid.frechet_distance(mu, s1, mu, c * c * s1) == pytest.approx(np.trace(s1) * (1 - c) ** 2, rel=1e-7)

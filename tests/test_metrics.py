@@ -1,0 +1,140 @@
+"""Inception score and improved precision/recall against slow loops and closed forms."""
+import math
+
+import numpy as np
+import pytest
+
+from distill.evaluation import metrics
+
+
+def slow_inception_score(probs, splits):
+  """The textbook IS: a Python loop over contiguous splits and over the samples of each."""
+  n = len(probs)
+  scores = []
+  for s in range(splits):
+    part = probs[s * n // splits:(s + 1) * n // splits]
+    marginal = np.mean(part, axis=0)
+    kls = []
+    for p in part:
+      kls.append(sum(p[y] * (math.log(p[y]) - math.log(marginal[y])) for y in range(len(p)) if p[y] > 0))
+    scores.append(math.exp(sum(kls) / len(kls)))
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+def softmax(logits):
+  e = np.exp(logits - logits.max(1, keepdims=True))
+  return e / e.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("n,classes,splits", [(103, 7, 10), (50, 10, 1), (64, 3, 4)])
+def test_inception_score_matches_slow_loop(n, classes, splits):
+  rng = np.random.default_rng(n + classes)
+  logits = 3.0 * rng.standard_normal((n, classes))
+  expected = slow_inception_score(softmax(logits), splits)
+  np.testing.assert_allclose(metrics.inception_score(logits, splits), expected, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(metrics.inception_score(softmax(logits), splits), expected, rtol=1e-10, atol=1e-12)
+  assert expected[0] > 1.2  # far from the trivial value, so a wrong KL direction or log base would show
+
+
+def test_inception_score_from_extreme_logits_is_stable():
+  rng = np.random.default_rng(0)
+  logits = 40.0 * rng.standard_normal((60, 5))
+  expected = slow_inception_score(softmax(logits), 3)
+  np.testing.assert_allclose(metrics.inception_score(logits + 1e4, 3), expected, rtol=1e-9)
+  # float32 logits are read in float64.
+  np.testing.assert_allclose(metrics.inception_score(logits.astype(np.float32), 3),
+                             slow_inception_score(softmax(logits.astype(np.float32).astype(np.float64)), 3),
+                             rtol=1e-9)
+
+
+def test_inception_score_closed_forms():
+  classes, per_class = 8, 5
+  uniform = np.full((40, classes), 1.0 / classes)
+  assert metrics.inception_score(uniform, 4) == pytest.approx((1.0, 0.0), abs=1e-12)
+  assert metrics.inception_score(np.zeros((40, classes)), 4) == pytest.approx((1.0, 0.0), abs=1e-12)
+  # Confident predictions spread evenly over the classes (every split sees each class once): IS = C.
+  labels = np.tile(np.arange(classes), per_class)
+  one_hot = np.eye(classes)[labels]
+  assert metrics.inception_score(one_hot, per_class) == pytest.approx((classes, 0.0), abs=1e-12)
+  assert metrics.inception_score(one_hot, 1) == pytest.approx((classes, 0.0), abs=1e-12)
+  assert metrics.inception_score(60.0 * one_hot, per_class, from_logits=True)[0] == pytest.approx(classes, rel=1e-9)
+  # All samples the same confident class: no diversity, IS = 1.
+  assert metrics.inception_score(np.eye(classes)[np.zeros(40, int)], 4)[0] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_inception_score_rejects_bad_input():
+  with pytest.raises(ValueError, match="splits"):
+    metrics.inception_score(np.zeros((5, 3)), splits=6)
+  with pytest.raises(ValueError, match="predictions"):
+    metrics.inception_score(np.zeros(5))
+
+
+def slow_radii(x, k):
+  radii = []
+  for i in range(len(x)):
+    others = sorted(np.linalg.norm(x[i] - x[j]) for j in range(len(x)) if j != i)
+    radii.append(others[k - 1])
+  return np.array(radii)
+
+
+def slow_precision_recall(real, fake, k):
+  """The definition, one pair at a time: O(N·M) norms."""
+  real_radii, fake_radii = slow_radii(real, k), slow_radii(fake, k)
+  precision = np.mean([any(np.linalg.norm(f - r) <= rr for r, rr in zip(real, real_radii)) for f in fake])
+  recall = np.mean([any(np.linalg.norm(r - f) <= fr for f, fr in zip(fake, fake_radii)) for r in real])
+  return float(precision), float(recall)
+
+
+@pytest.fixture(scope="module")
+def overlapping_sets():
+  rng = np.random.default_rng(1)
+  real = rng.standard_normal((60, 4))
+  fake = 0.5 * rng.standard_normal((45, 4)) + np.array([1.0, 0.0, 0.0, 0.0])  # narrower and shifted
+  return real, fake
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_matches_slow_loop(overlapping_sets, k):
+  real, fake = overlapping_sets
+  np.testing.assert_allclose(np.sqrt(metrics.knn_sq_radii(real, k)), slow_radii(real, k), rtol=1e-9)
+  precision, recall = metrics.precision_recall(real, fake, k=k)
+  assert (precision, recall) == slow_precision_recall(real, fake, k)
+  if k == 3:  # a narrow fake set: high precision, low recall, neither trivial
+    assert 0.5 < precision < 1 and 0 < recall < precision
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 45, 1000])
+def test_precision_recall_does_not_depend_on_block_size(overlapping_sets, batch_size):
+  real, fake = overlapping_sets
+  assert metrics.precision_recall(real, fake, batch_size=batch_size) == metrics.precision_recall(real, fake)
+  # Matrix products of other shapes may round differently in the last bit; nothing more.
+  np.testing.assert_allclose(metrics.knn_sq_radii(fake, 3, batch_size=batch_size), metrics.knn_sq_radii(fake, 3),
+                             rtol=1e-12)
+
+
+def test_precision_recall_closed_cases():
+  rng = np.random.default_rng(2)
+  x = 10.0 * rng.standard_normal((50, 8))
+  assert metrics.precision_recall(x, x.copy()) == (1.0, 1.0)
+  assert metrics.precision_recall(x, x[::-1] + 1e-9) == (1.0, 1.0)
+  assert metrics.precision_recall(x, x + 1e4) == (0.0, 0.0)
+  # A fake set that is one real point repeated: inside the real manifold, but covering one real point.
+  collapsed = np.repeat(x[:1], 10, axis=0)
+  precision, recall = metrics.precision_recall(x, collapsed)
+  assert precision == 1.0 and recall == pytest.approx(1 / 50)
+
+
+def test_points_on_a_ball_boundary_count_as_inside():
+  # Points on a line, distances exact in floating point; k = 1.
+  real = np.arange(10.0)[:, None]  # every real radius is 1
+  fake = np.array([[0.5], [1.5], [10.0], [12.0]])  # radii 1, 1, 2, 2
+  # 10 lies on the ball of real 9; real 8 on the ball of fake 10.
+  assert metrics.precision_recall(real, fake, k=1) == (3 / 4, 5 / 10)
+  assert slow_precision_recall(real, fake, 1) == (3 / 4, 5 / 10)
+
+
+def test_precision_recall_rejects_bad_input():
+  with pytest.raises(ValueError, match="widths"):
+    metrics.precision_recall(np.zeros((10, 3)), np.zeros((10, 4)))
+  with pytest.raises(ValueError, match="k must"):
+    metrics.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)), k=3)
