@@ -25,6 +25,7 @@ setup(
         "tensorboard>=2.18,<3",
         "absl-py>=2.1,<3",
         "matplotlib>=3.8,<4",
+        "ml_dtypes>=0.5",
     ],
     extras_require={"test": ["pytest>=8,<10", "scipy>=1.13,<2"]},
 )
