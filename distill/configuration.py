@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
       w_values=(0.0, 0.3, 1.0, 2.0, 4.0),
       per_cell=4,                       # samples per (class, w) in the grid
       max_grid_classes=10,              # grid rows (first classes) for many-class data
+      batch_size=250,                   # rows per sampler call (the last call padded): one compiled shape
       clip=True,
   ))
 
@@ -192,6 +193,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive_int(c, "sample.num_steps")
   _positive_int(c, "sample.per_cell")
   _positive_int(c, "sample.max_grid_classes")
+  _positive_int(c, "sample.batch_size")
   if not c.sample.w_values:
     _fail("sample.w_values", tuple(c.sample.w_values), "must name at least one guidance strength")
   for w in tuple(c.sample.w_values) + tuple(c.eval.agreement_w):

@@ -91,7 +91,7 @@ def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0
   w = jnp.repeat(jnp.asarray(ws), per_row)
   noise = jax.random.normal(jax.random.PRNGKey(seed), (1, per_row) + ctx.image_shape)
   z = jnp.broadcast_to(noise, (len(ws), per_row) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
-  x = pipeline.sample_in_chunks(fn, z, y, w)
+  x = pipeline.sample_in_chunks(fn, z, y, w, config.sample.get("batch_size", 250))
   out = out or os.path.join(stage_dir, f"sample_{sampler}_{steps}steps_seed{seed}")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   writers.save_image_grid(out + ".png", x, ncols=per_row, upscale=max(1, 128 // ctx.image_shape[0]))

@@ -61,11 +61,14 @@ def ema_decay_at(step, decay):
 
 
 def init_state(params, optimizer, with_ema: bool) -> dict:
+  """A fresh train state in new buffers (the train step donates it, so it must not alias `params`).
+  Built eagerly: a jitted init would be one more compilation per stage."""
+  params = jax.tree.map(jnp.array, params)  # copies
   return {
       "step": jnp.zeros((), jnp.int32),
       "params": params,
-      "ema_params": jax.tree.map(jnp.copy, params) if with_ema else {},
-      "opt_state": optimizer.init(params),
+      "ema_params": jax.tree.map(jnp.array, params) if with_ema else {},
+      "opt_state": jax.tree.map(jnp.array, optimizer.init(params)),
       "nonfinite": jnp.zeros((), jnp.int32),
   }
 
@@ -184,7 +187,7 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True) -> 
     return load_final_params(stage_dir)
 
   with_ema = stage.ema_decay is not None
-  state = jax.jit(lambda p: init_state(p, stage.optimizer, with_ema))(stage.init_params)
+  state = init_state(stage.init_params, stage.optimizer, with_ema)
   manager = _manager(os.path.join(stage_dir, "checkpoints"), stage.keep_checkpoints)
   meta = dict(stage.meta, stage=stage.name, num_steps=stage.num_steps)
   saved_meta = {}
