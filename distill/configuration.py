@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
       stage_one_steps=1000, stage_one_lr=1e-3, stage_one_warmup=100, stage_one_ema=0.999,
       stage_one_weighting="snr",
       start_steps=64, end_steps=1,      # first round's teacher steps → last student's steps (powers of two)
+      encoder_start_steps=0,            # first teacher steps of the encoder chain (0 = start_steps)
       round_steps=500, final_round_steps=1000,  # updates per round; the N = 2 and N = 1 rounds get final_round_steps
       lr=3e-4, grad_clip=1.0,           # Adam, annealed linearly to 0 within each round; no EMA
       weighting="truncated_snr",
@@ -65,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.baselines = ml_collections.ConfigDict(dict(
       single_w=(1.0,),                  # 'single_w': a stage-one student and rounds per fixed w, no w input
+      start_steps=0,                    # first teacher steps of the single-w and two-student chains (0 = distill's)
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
@@ -185,6 +187,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _fail(f"distill.{f}", v, "halving needs a power of two (1, 2, 4, …)")
   if c.distill.start_steps <= c.distill.end_steps:
     _fail("distill.start_steps", c.distill.start_steps, f"must exceed distill.end_steps={c.distill.end_steps}")
+  for field in ("distill.encoder_start_steps", "baselines.start_steps"):
+    v = _get(c, field)
+    if v != 0 and (isinstance(v, bool) or not isinstance(v, int) or v <= c.distill.end_steps or v & (v - 1)):
+      _fail(field, v, f"0 (= distill.start_steps) or a power of two above distill.end_steps={c.distill.end_steps}")
   for w in tuple(c.distill.grid_w) + tuple(c.baselines.single_w):
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
       _fail("distill.grid_w" if w in tuple(c.distill.grid_w) else "baselines.single_w", w,

@@ -58,9 +58,12 @@ def batch_fn(source, batch_size: int, seed: int):
   return batches.batch_at
 
 
-def init_params(model, image_shape, seed: int, **kwargs):
+@functools.lru_cache(maxsize=8)
+def init_params(model, image_shape: tuple, seed: int):
+  """Fresh parameters of `model` (a w-input when it has a w-embedding); cached, as stages share inits."""
   b = 1
   z = jnp.zeros((b,) + tuple(image_shape))
+  kwargs = {"w": jnp.zeros((b,))} if model.w_embedding else {}
   key = jax.random.PRNGKey(seed)
   init = jax.jit(lambda key: model.init(key, z, jnp.zeros((b,)), jnp.zeros((b,), jnp.int32), train=False, **kwargs))
   # Init runs once: XLA's lowest backend optimisation compiles it ~4x faster on CPU (5 s, not 20 s, for digits).
@@ -158,7 +161,7 @@ def run_stage_one_into(ctx: Context, name: str, w_min: float, w_max: float, w_co
   teacher = models.unet_from_config(c.model, c.data)
   student = student_model(ctx, w_conditioned)
   t_params = teacher_params(ctx)
-  init = _merge(init_params(student, ctx.image_shape, c.seed, **({"w": jnp.zeros((1,))} if w_conditioned else {})),
+  init = _merge(init_params(student, ctx.image_shape, c.seed),
                 t_params)
   loss_fn = guided.stage_one_loss(x_fn_of(ctx, student), x_fn_of(ctx, teacher), logsnr_fn=ctx.logsnr_fn,
                                   null_label=ctx.null_label, w_min=w_min, w_max=w_max,
@@ -181,34 +184,34 @@ def run_rounds(ctx: Context, name: str, kind: str, teacher_p, teacher_m, student
   c = ctx.config
   d = c.distill
   start_steps = start_steps or d.start_steps
+  teacher_fingerprint = train.fingerprint(teacher_p)
+  if teacher_m != student_m:
+    # The first teacher lifted into the student's architecture: its extra layers (the w-embedding) are
+    # zero-initialised, so it computes exactly what it computed before, and every round shares one loss.
+    teacher_p = _merge(init_params(student_m, ctx.image_shape, c.seed), teacher_p)
+  kw = dict(logsnr_fn=ctx.logsnr_fn, w_min=w_min, w_max=w_max, weighting=d.weighting)
+  if kind == "two_student":
+    kw["null_label"] = ctx.null_label
   student_x = x_fn_of(ctx, student_m)
-  losses = {}
+  loss_fn = ROUND_LOSSES[kind](student_x, student_x, **kw)  # rounds reuse one compiled step
   for k, n in enumerate(progressive.round_plan(start_steps, d.end_steps), start=1):
-    teacher_x = x_fn_of(ctx, teacher_m)
-    key = (kind, teacher_m)
-    if key not in losses:  # one loss per (kind, teacher model): rounds reuse the compiled step
-      kw = dict(logsnr_fn=ctx.logsnr_fn, w_min=w_min, w_max=w_max, weighting=d.weighting)
-      if kind == "two_student":
-        kw["null_label"] = ctx.null_label
-      losses[key] = ROUND_LOSSES[kind](student_x, teacher_x, **kw)
     num_updates = d.final_round_steps if n <= 2 else d.round_steps
     optimizer, schedule = _annealed_adam(d.lr, num_updates, d.grad_clip)
-    init = teacher_p if teacher_m == student_m else _merge(
-        init_params(student_m, ctx.image_shape, c.seed, **({"w": jnp.zeros((1,))} if student_m.w_embedding else {})),
-        teacher_p)
     meta = {"kind": {"two_student": "two_student"}.get(kind, "w_student" if student_m.w_embedding else
                                                          "single_w_student"),
             "sampler": {"stochastic": "stochastic", "encoder": "encoder"}.get(kind, "ddim"),
             "num_sampling_steps": n, "w_conditioned": bool(student_m.w_embedding), "w_range": [w_min, w_max],
             "round": k, "stage_kind": kind, "teacher_steps": 2 * n,
-            "teacher_fingerprint": train.fingerprint(teacher_p)}
+            "teacher_fingerprint": teacher_fingerprint}
     round_name = f"{name}/N{n:04d}"
-    stage = _distill_stage(ctx, round_name, losses[key], init, {"teacher": teacher_p, "num_steps": jnp.int32(n)},
+    # Each student starts from its teacher's parameters.
+    stage = _distill_stage(ctx, round_name, loss_fn, teacher_p, {"teacher": teacher_p, "num_steps": jnp.int32(n)},
                            num_updates, optimizer, schedule, None, meta)
     params, meta = train.run_stage(stage, ctx.stage_dir(round_name), is_main_process=ctx.is_main_process)
     if kind != "encoder":
       _student_grid(ctx, round_name, student_m, params, meta)
-    teacher_p, teacher_m = params, student_m
+    teacher_p = params
+    teacher_fingerprint = train.fingerprint(teacher_p)
   return teacher_p
 
 
@@ -250,8 +253,10 @@ def run_distill_stochastic(ctx: Context):
 
 
 def run_encoder(ctx: Context):
+  d = ctx.config.distill
   params, model = _stage_one_result(ctx)
-  run_rounds(ctx, "encoder", "encoder", params, model, model, ctx.config.distill.w_min, ctx.config.distill.w_max)
+  run_rounds(ctx, "encoder", "encoder", params, model, model, d.w_min, d.w_max,
+             start_steps=d.encoder_start_steps or None)
 
 
 def run_single_w(ctx: Context):
@@ -259,7 +264,8 @@ def run_single_w(ctx: Context):
   for w in ctx.config.baselines.single_w:
     name = f"single_w/w{float(w):g}"
     params, model = run_stage_one_into(ctx, f"{name}/stage_one", float(w), float(w), w_conditioned=False)
-    run_rounds(ctx, name, "deterministic", params, model, model, float(w), float(w))
+    run_rounds(ctx, name, "deterministic", params, model, model, float(w), float(w),
+               start_steps=ctx.config.baselines.start_steps or None)
 
 
 def run_two_student(ctx: Context):
@@ -267,7 +273,7 @@ def run_two_student(ctx: Context):
   c = ctx.config
   teacher = models.unet_from_config(c.model, c.data)
   run_rounds(ctx, "two_student", "two_student", teacher_params(ctx), teacher, student_model(ctx, True),
-             c.distill.w_min, c.distill.w_max)
+             c.distill.w_min, c.distill.w_max, start_steps=c.baselines.start_steps or None)
 
 
 # --- evaluation: classifier-FID and class agreement of every model the run trained -----------------------

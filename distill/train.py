@@ -242,8 +242,7 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True) -> 
       save_checkpoint(manager, state, meta)
   check_finite(stage.num_steps)
   meta["train_seconds"] = prior_seconds + time.time() - session_start
-  if start < stage.num_steps:
-    save_checkpoint(manager, state, meta)
+  # No last checkpoint: `final/` (written atomically below) is what a finished stage is resumed as.
   writer.close()
   final = state["ema_params"] if with_ema else state["params"]
   if is_main_process:

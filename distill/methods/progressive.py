@@ -42,11 +42,15 @@ def _two_teacher_steps(teacher_x: XFn, teacher_params, z_t, ts, labels, w, logsn
 
   Returns (z_t'', x̂(z_t), x̂(z_t'), λ_t, λ_t''), the states [B, H, W, C] and log-SNRs [B]."""
   logsnr_t, logsnr_1, logsnr_2 = (logsnr_fn(s) for s in ts)
-  x_hat_t = teacher_x(teacher_params, z_t, logsnr_t, labels, w)
-  z_1 = diffusion.ddim_step(z_t, x_hat_t, logsnr_t, logsnr_1)
-  x_hat_1 = teacher_x(teacher_params, z_1, logsnr_1, labels, w)
-  z_2 = diffusion.ddim_step(z_1, x_hat_1, logsnr_1, logsnr_2)
-  return z_2, x_hat_t, x_hat_1, logsnr_t, logsnr_2
+
+  def step(z, logsnrs):
+    lam_from, lam_to = logsnrs
+    x_hat = teacher_x(teacher_params, z, lam_from, labels, w)
+    return diffusion.ddim_step(z, x_hat, lam_from, lam_to), x_hat
+
+  # A scan, not two inlined calls: the train step then holds one copy of the teacher network (compiles faster).
+  z_2, x_hats = jax.lax.scan(step, z_t, (jnp.stack([logsnr_t, logsnr_1]), jnp.stack([logsnr_1, logsnr_2])))
+  return z_2, x_hats[0], x_hats[1], logsnr_t, logsnr_2
 
 
 def deterministic_target(teacher_x: XFn, teacher_params, z_t, i, num_steps, labels, w, logsnr_fn: LogSNRFn):
