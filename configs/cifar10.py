@@ -45,6 +45,10 @@ def get_config(arg: str | None = None):
   d.round_steps, d.final_round_steps, d.lr, d.weighting = 50_000, 100_000, 1e-4, "truncated_snr"
   d.log_every, d.ckpt_every = 1000, 5000
   config.eval.w_values = (0.0, 0.3, 1.0, 2.0, 4.0)
+  # The paper's protocol: FID on 50,000 samples (here 5,000 per class) against the training split's
+  # statistics, Inception Score over 10 splits, the FID Inception (pytorch-fid's weight file, converted).
+  config.eval.metric, config.eval.per_class, config.eval.max_reference, config.eval.is_splits = (
+      "inception", 5000, 50000, 10)
 
   if arg == "quick":
     m.ch, m.num_res_blocks, m.emb_ch = 32, 1, 0

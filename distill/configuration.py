@@ -86,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
       classifier_steps=1500,
       w_values=(0.0, 1.0),              # 'evaluate' stage: guidance strengths scored
       per_class=100,                    # 'evaluate' stage: samples per class for each row
+      metric="auto",                    # 'inception' | 'classifier' | 'auto' (classifier for embedded data)
+      inception_path="~/.cache/distill/inception_fid_2015-12-05.npz",  # convert_inception's output
+      max_reference=50000,              # reference images from the training split (FID statistics, P/R)
+      is_splits=10, pr_k=3,
   ))
   return c
 
@@ -126,6 +130,8 @@ def _get(c, field):
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError (one line) on the first invalid field."""
+  if isinstance(c.seed, bool) or not isinstance(c.seed, int) or c.seed < 0:
+    _fail("seed", c.seed, "must be an integer >= 0")
   for stage in c.pipeline:
     if stage not in STAGES:
       _fail("pipeline", tuple(c.pipeline), f"stages allowed: {', '.join(STAGES)}")
@@ -209,5 +215,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for w in c.eval.w_values:
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
       _fail("eval.w_values", w, "guidance strengths must be finite numbers >= 0")
-  for f in ("agreement_steps", "agreement_per_class", "classifier_steps", "per_class"):
+  for f in ("agreement_steps", "agreement_per_class", "classifier_steps", "per_class", "max_reference", "is_splits",
+            "pr_k"):
     _positive_int(c, f"eval.{f}")
+  _choice(c, "eval.metric", ("auto", "classifier", "inception"))

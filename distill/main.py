@@ -19,7 +19,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs
 _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
                                   "Resume a workdir whose saved config.json differs from this run's config.")
 
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "style_transfer"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "style_transfer", "evaluate"],
                           "train: run the config's pipeline; sample: sample a finished stage (--checkpoint); "
                           "style_transfer: encode with --encoder at --w_enc, decode with --decoder at --w_dec.")
 _ENCODER = flags.DEFINE_string("encoder", None, "style_transfer: a distilled encoder stage, e.g. runs/digits/encoder/N0004.")
@@ -36,6 +36,8 @@ _LABELS = flags.DEFINE_list("labels", None, "sample: class labels (default: the 
 _NUM = flags.DEFINE_integer("num", 4, "sample: samples per (w, label).")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: noise seed.")
 _OUT = flags.DEFINE_string("out", None, "sample: output prefix (default: inside the checkpoint directory).")
+_SAMPLES = flags.DEFINE_string("samples", None, "evaluate: an .npz of samples ('images' uint8 or [-1, 1] floats) "
+                                "to score against --config's data set, instead of --checkpoint.")
 _FORCE = flags.DEFINE_bool("force", False, "sample: allow a step count or sampler the checkpoint was not distilled for.")
 
 EXIT_BAD_INPUT = 2
@@ -62,6 +64,9 @@ def _flags_parser(argv):
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
+    if "get_config" in str(e):
+      path = next((a.split("=", 1)[1].split(":")[0] for a in argv if a.startswith("--config=")), "the config file")
+      fail(f"--config={path}: the file defines no get_config(); a config file returns its ConfigDict from get_config")
     # An override naming a field the config does not have: say which flag.
     missing = str(e).strip("'\"")
     culprit = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.") and
@@ -118,6 +123,37 @@ def sample_main():
         f"{result['nfe_per_sample']} network evaluations per sample)")
 
 
+def evaluate_main():
+  """--mode=evaluate: score one checkpoint (--checkpoint, its run's config) or one samples file (--samples,
+  with --config naming the data set); writes a JSON of rows and prints them."""
+  if bool(_CHECKPOINT.value) == bool(_SAMPLES.value):
+    fail("--mode=evaluate needs exactly one of --checkpoint=STAGE_DIR or --samples=FILE.npz (with --config)")
+  from distill import configuration, evaluate, sampling
+  try:
+    if _CHECKPOINT.value:
+      try:
+        w_values = [float(v) for v in _W.value]
+      except ValueError:
+        fail(f"--w={','.join(_W.value)}: guidance strengths must be numbers, e.g. --w=0,1,4")
+      if any(w < 0 for w in w_values):
+        fail(f"--w={','.join(_W.value)}: guidance strengths must be >= 0")
+      result = evaluate.evaluate_checkpoint(_CHECKPOINT.value, w_values=w_values, steps=_STEPS.value,
+                                            sampler=_SAMPLER.value, force=_FORCE.value, seed=_SEED.value,
+                                            out=_OUT.value)
+    else:
+      if _CONFIG.value is None:
+        fail("--samples needs --config naming the data set the samples are compared with")
+      configuration.validate(_CONFIG.value)
+      config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "config")
+      result = evaluate.evaluate_samples(_CONFIG.value, _WORKDIR.value or default_workdir(config_arg),
+                                         _SAMPLES.value, out=_OUT.value)
+  except (sampling.SamplingError, evaluate.EvaluationError, configuration.ConfigError) as e:
+    fail(str(e))
+  for row in result["rows"]:
+    print(json.dumps(row))
+  print(f"wrote {result['path']}")
+
+
 def style_transfer_main():
   from distill import sampling
   if not _ENCODER.value or not _DECODER.value:
@@ -145,21 +181,68 @@ def _enable_compilation_cache():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def _check_inception_weights(config):
+  """Before anything is written: a pipeline that ends in Inception metrics needs their weight file."""
+  from distill.evaluation import inception, protocol
+  if "evaluate" in tuple(config.pipeline) and protocol.resolve_metric(config) == "inception":
+    path = os.path.expanduser(config.eval.inception_path)
+    if not os.path.isfile(path):
+      try:
+        inception.load_inception(path)
+      except inception.InceptionWeightsMissing as e:
+        fail(f"eval.inception_path: {e}")
+
+
+def _check_teacher_dir(config):
+  """distill.teacher_dir, when the pipeline uses a teacher trained elsewhere: a finished CFG teacher of the
+  same data set and architecture, checked before anything is written."""
+  teacher_dir = config.distill.teacher_dir
+  if not teacher_dir or tuple(config.pipeline) == ("teacher",):
+    return
+  field = f"config.distill.teacher_dir={teacher_dir!r}"
+  meta_path = os.path.join(teacher_dir, "final", "meta.json")
+  if not os.path.isfile(meta_path):
+    fail(f"{field}: no finished stage there (expected {meta_path})")
+  try:
+    with open(meta_path) as f:
+      kind = json.load(f).get("kind")
+  except (OSError, ValueError) as e:
+    fail(f"{field}: unreadable {meta_path} ({type(e).__name__})")
+  if kind != "cfg_teacher":
+    fail(f"{field}: not a CFG teacher (its meta says kind={kind!r}); point at a run's teacher/ directory")
+  run_config = os.path.join(os.path.dirname(os.path.abspath(teacher_dir.rstrip("/"))), "config.json")
+  if os.path.isfile(run_config):
+    with open(run_config) as f:
+      saved = json.load(f)
+    for section, keys in (("data", ("name", "image_size", "channels", "num_classes")),
+                          ("model", ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "parameterization",
+                                     "emb_ch", "head_dim"))):
+      for key in keys:
+        theirs, ours = saved.get(section, {}).get(key), config[section][key]
+        if theirs is not None and (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != (
+            list(ours) if isinstance(ours, (list, tuple)) else ours):
+          fail(f"{field}: that teacher has {section}.{key}={theirs!r}, this run {section}.{key}={ours!r}")
+
+
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
   _enable_compilation_cache()
+  sys.stdout.reconfigure(line_buffering=True)  # progress lines reach `tail -f` of a redirected log as they happen
   if _MODE.value == "style_transfer":
     logging.set_verbosity(logging.WARNING)
     return style_transfer_main()
   if _MODE.value == "sample":
     logging.set_verbosity(logging.WARNING)
     return sample_main()
+  if _MODE.value == "evaluate":
+    logging.set_verbosity(logging.WARNING)
+    return evaluate_main()
   if _CONFIG.value is None:
     fail("--config is required, e.g. --config=configs/digits.py")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   # Imports after flag parsing so `--help` and flag errors stay fast.
-  from distill import configuration, data, pipeline
+  from distill import configuration, data
 
   config = _CONFIG.value
   try:
@@ -172,9 +255,19 @@ def main(argv):
     train_source = data.make_source(config.data, "train")
   except (configuration.ConfigError, data.DataError) as e:
     fail(str(e))
+  for field in ("teacher.batch_size", "distill.batch_size"):
+    section, name = field.split(".")
+    if config[section][name] > len(train_source):
+      fail(f"config.{field}={config[section][name]}: larger than the {len(train_source)} training examples of "
+           f"data.name={config.data.name!r}")
+  _check_inception_weights(config)
+  _check_teacher_dir(config)
 
   config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "config")
   workdir = _WORKDIR.value or default_workdir(config_arg)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    fail(f"--workdir={workdir}: exists and is not a directory")
+  from distill import pipeline
   resolved = json.loads(config.to_json_best_effort())
   config_path = os.path.join(workdir, "config.json")
   if os.path.exists(config_path) and not _ALLOW_CHANGE.value:

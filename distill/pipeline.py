@@ -23,11 +23,11 @@ import optax
 from distill import data as data_lib
 from distill import models, samplers, schedules, train, writers
 from distill.evaluation import classifier as classifier_lib
-from distill.evaluation import fid
+from distill.evaluation import protocol
 from distill.methods import guided, progressive
 from distill.methods import teacher as teacher_lib
 
-EMBEDDED = ("digits", "npz", "mixture")
+EMBEDDED = protocol.EMBEDDED
 
 
 class Context:
@@ -54,6 +54,11 @@ class Context:
 
 
 def batch_fn(source, batch_size: int, seed: int):
+  """step -> this process's rows of global batch `step` (numpy [batch_size // process_count, ...]);
+  train.run_stage splits them over the devices, so batch_size must divide over all of them."""
+  if batch_size % jax.device_count():
+    raise data_lib.DataError(f"batch size {batch_size} does not split over the {jax.device_count()} devices; "
+                             f"use a multiple of {jax.device_count()}")
   batches = data_lib.Batches(source, batch_size, seed, jax.process_index(), jax.process_count())
   return batches.batch_at
 
@@ -276,103 +281,9 @@ def run_two_student(ctx: Context):
              c.distill.w_min, c.distill.w_max, start_steps=c.baselines.start_steps or None)
 
 
-# --- evaluation: classifier-FID and class agreement of every model the run trained -----------------------
-
-
-def _finished_students(ctx: Context):
-  """(name, stage_dir) of every finished student stage in the workdir, in pipeline order."""
-  out = []
-  for top in ("stage_one", "distill_deterministic", "distill_stochastic", "single_w", "two_student"):
-    root = ctx.stage_dir(top)
-    if not os.path.isdir(root):
-      continue
-    for dirpath, dirnames, _ in sorted(os.walk(root)):
-      dirnames.sort()
-      if os.path.isfile(os.path.join(dirpath, "final", "meta.json")):
-        out.append((os.path.relpath(dirpath, ctx.workdir), dirpath))
-  return out
-
-
 def run_evaluate(ctx: Context):
-  """results.json + report.md: classifier-FID (features of the data set's own classifier; not Inception-FID)
-  and class agreement for the CFG teacher (DDIM at the reference and at the students' step counts, DDPM at
-  the reference) and every finished student, at each w of eval.w_values; the same noise and labels for all."""
-  c = ctx.config
-  e = c.eval
-  if c.data.name not in EMBEDDED:
-    print("[evaluate] Inception metrics for this data set arrive with the evaluation issue; skipping")
-    return
-  students = _finished_students(ctx)
-  results_path = os.path.join(ctx.workdir, "results.json")
-  evaluated = {"checkpoints": ["teacher"] + [name for name, _ in students], "w_values": list(e.w_values),
-               "per_class": e.per_class, "seed": c.seed}
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      if json.load(f).get("evaluated") == evaluated:
-        print(f"[evaluate] {results_path} already covers these checkpoints; delete it to evaluate again")
-        return
-  clf, clf_meta = get_classifier(ctx)
-  k = c.data.num_classes
-  real = ctx.train_source.get_batch(np.arange(len(ctx.train_source)))
-  real_feats = classifier_lib.features(clf, real["image"], k)
-  labels = jnp.repeat(jnp.arange(k), e.per_class)
-  z = jax.random.normal(jax.random.PRNGKey(c.seed + 2000), (len(labels),) + ctx.image_shape)
-  rows = []
-
-  def score(method, sampler, w, steps, nfe, fn, checkpoint):
-    start = time.time()
-    x = sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
-    row = {"method": method, "sampler": sampler, "w": float(w), "steps": int(steps), "nfe": int(nfe),
-           "classifier_fid": fid.feature_fid(classifier_lib.features(clf, x, k), real_feats),
-           "class_agreement": classifier_lib.class_agreement(clf, x, np.asarray(labels), k),
-           "num_samples": int(len(labels)), "metric": "classifier", "seed": c.seed, "checkpoint": checkpoint}
-    rows.append(row)
-    print(f"[evaluate] {method:<32} {sampler:<10} w={w:<4g} steps={steps:<4} nfe={nfe:<4} "
-          f"classifier-FID {row['classifier_fid']:8.3f}  agreement {row['class_agreement']:.3f} "
-          f"({time.time() - start:.0f}s)")
-
-  metas = {name: train.load_final_params(d) for name, d in students}
-  teacher = models.unet_from_config(c.model, c.data)
-  t_params = teacher_params(ctx)
-  teacher_fn = functools.partial(guided_ddim, t_params, model=teacher, parameterization=c.model.parameterization,
-                                 logsnr_fn=ctx.logsnr_fn, null_label=ctx.null_label, clip=c.sample.clip)
-  student_steps = sorted({m["num_sampling_steps"] for _, m in metas.values()})
-  for w in e.w_values:
-    for steps in sorted(set(student_steps) | {c.sample.num_steps}):
-      score("teacher", "ddim", w, steps, 2 * steps, functools.partial(teacher_fn, num_steps=steps), "teacher")
-    score("teacher", "ddpm", w, c.sample.num_steps, 2 * c.sample.num_steps,
-          functools.partial(teacher_fn, num_steps=c.sample.num_steps, sampler="ddpm"), "teacher")
-    for name, (params, meta) in metas.items():
-      lo, hi = meta["w_range"]
-      if not lo <= w <= hi:
-        continue  # a single-w student is scored at its own w only
-      model = student_model(ctx, meta["w_conditioned"])
-      evals = 2 if meta["kind"] == "two_student" else 1
-      score(name.rsplit("/", 1)[0] if "/N" in name else name, meta["sampler"], w, meta["num_sampling_steps"],
-            evals * meta["num_sampling_steps"], student_sample_fn(ctx, model, params, meta), name)
-  report = {"rows": rows, "evaluated": evaluated, "classifier_test_accuracy": clf_meta["test_accuracy"],
-            "metric_note": "classifier-FID: Fréchet distance of the data set's own classifier features "
-                           "(not Inception-FID) against the training split"}
-  with open(results_path, "w") as f:
-    json.dump(report, f, indent=1)
-  with open(os.path.join(ctx.workdir, "report.md"), "w") as f:
-    f.write(markdown_report(rows, clf_meta["test_accuracy"]))
-
-
-def markdown_report(rows, classifier_accuracy: float) -> str:
-  """One table per w: method, sampler, steps, NFE, classifier-FID, class agreement."""
-  lines = ["# Evaluation", "",
-           f"classifier-FID = Fréchet distance of the data set's own classifier features (test accuracy "
-           f"{classifier_accuracy:.4f}) between samples and the training split; not Inception-FID.", ""]
-  for w in sorted({r["w"] for r in rows}):
-    lines += [f"## w = {w:g}", "", "| method | sampler | steps | NFE | classifier-FID | class agreement |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for r in sorted((r for r in rows if r["w"] == w), key=lambda r: (r["method"] != "teacher", r["method"],
-                                                                    r["sampler"], -r["steps"])):
-      lines.append(f"| {r['method']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['classifier_fid']:.3f} | "
-                   f"{r['class_agreement']:.3f} |")
-    lines.append("")
-  return "\n".join(lines)
+  from distill import evaluate  # it builds on this module's sampling helpers
+  evaluate.run_stage(ctx)
 
 
 STAGES = {"teacher": run_teacher, "stage_one": run_stage_one, "distill_deterministic": run_distill_deterministic,

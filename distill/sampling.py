@@ -41,25 +41,26 @@ def _tuplify(config):
   return config
 
 
-def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0,), sampler: str | None = None,
-                      labels=None, num: int = 8, seed: int = 0, out: str | None = None,
-                      force: bool = False) -> dict:
-  """Samples `num` images per (w, label) from a finished stage; writes OUT.png (rows = w, columns = samples)
-  and OUT.npz (images uint8 [N, H, W, C], labels, w). Returns the paths and the evaluation count."""
+def load_stage(stage_dir: str, flag: str):
+  """(params, meta) of a finished stage, or SamplingError naming the flag and what is wrong with it."""
+  try:
+    return train.load_final_params(stage_dir)
+  except Exception as e:  # noqa: BLE001 — Orbax, JSON and OS errors alike mean an unreadable checkpoint
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise SamplingError(f"{flag}={stage_dir!r}: unreadable checkpoint ({type(e).__name__}: {first})") from e
+
+
+def checkpoint_sampler(stage_dir: str, *, steps: int | None = None, sampler: str | None = None,
+                       force: bool = False):
+  """fn(z, labels, w) → x sampling a finished stage as its meta describes (or at `steps` / `sampler` with
+  `force`). Returns (context, fn, steps, sampler, network evaluations per sample)."""
   if not os.path.isdir(os.path.join(stage_dir, "final")):
     raise SamplingError(f"--checkpoint={stage_dir!r}: no finished stage there (expected {stage_dir}/final)")
   workdir, config = find_run(stage_dir)
   config = _tuplify(config)
-  params, meta = train.load_final_params(stage_dir)
+  params, meta = load_stage(stage_dir, "--checkpoint")
   ctx = pipeline.Context(config, workdir)
   k = config.data.num_classes
-  labels = list(range(min(k, 10))) if labels is None else list(labels)
-  for y in labels:
-    if not 0 <= y < k:
-      raise SamplingError(f"--labels={y}: classes are 0..{k - 1}")
-  for w in w_values:
-    if w < 0:
-      raise SamplingError(f"--w={w}: guidance strengths must be >= 0")
   trained_steps = meta.get("num_sampling_steps")
   if meta["kind"] == "cfg_teacher":
     sampler = sampler or "ddim"
@@ -85,13 +86,30 @@ def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0
     model = pipeline.student_model(ctx, meta["w_conditioned"])
     fn = pipeline.student_sample_fn(ctx, model, params, meta, num_steps=steps, sampler=sampler)
     nfe = (2 if meta["kind"] == "two_student" else 1) * steps
+  return ctx, fn, steps, sampler, nfe
+
+
+def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0,), sampler: str | None = None,
+                      labels=None, num: int = 8, seed: int = 0, out: str | None = None,
+                      force: bool = False) -> dict:
+  """Samples `num` images per (w, label) from a finished stage; writes OUT.png (rows = w, columns = samples)
+  and OUT.npz (images uint8 [N, H, W, C], labels, w). Returns the paths and the evaluation count."""
+  ctx, fn, steps, sampler, nfe = checkpoint_sampler(stage_dir, steps=steps, sampler=sampler, force=force)
+  k = ctx.config.data.num_classes
+  labels = list(range(min(k, 10))) if labels is None else list(labels)
+  for y in labels:
+    if not 0 <= y < k:
+      raise SamplingError(f"--labels={y}: classes are 0..{k - 1}")
+  for w in w_values:
+    if w < 0:
+      raise SamplingError(f"--w={w}: guidance strengths must be >= 0")
   ws = np.asarray(w_values, np.float32)
   per_row = len(labels) * num
   y = jnp.tile(jnp.repeat(jnp.asarray(labels, jnp.int32), num), len(ws))
   w = jnp.repeat(jnp.asarray(ws), per_row)
   noise = jax.random.normal(jax.random.PRNGKey(seed), (1, per_row) + ctx.image_shape)
   z = jnp.broadcast_to(noise, (len(ws), per_row) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
-  x = pipeline.sample_in_chunks(fn, z, y, w, config.sample.get("batch_size", 250))
+  x = pipeline.sample_in_chunks(fn, z, y, w, ctx.config.sample.get("batch_size", 250))
   out = out or os.path.join(stage_dir, f"sample_{sampler}_{steps}steps_seed{seed}")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   writers.save_image_grid(out + ".png", x, ncols=per_row, upscale=max(1, 128 // ctx.image_shape[0]))
@@ -117,8 +135,8 @@ def style_transfer(encoder_dir: str, decoder_dir: str, *, w_enc: float = 0.0, w_
       raise SamplingError(f"{d!r}: no finished stage there (expected {d}/final)")
   enc_workdir, enc_config = find_run(encoder_dir)
   dec_workdir, dec_config = find_run(decoder_dir)
-  enc_params, enc_meta = train.load_final_params(encoder_dir)
-  dec_params, dec_meta = train.load_final_params(decoder_dir)
+  enc_params, enc_meta = load_stage(encoder_dir, "--encoder")
+  dec_params, dec_meta = load_stage(decoder_dir, "--decoder")
   if enc_meta.get("sampler") != "encoder":
     raise SamplingError(f"--encoder={encoder_dir!r}: not a distilled encoder (sampler={enc_meta.get('sampler')!r}); "
                         "use a stage of the 'encoder' pipeline stage")

@@ -5,6 +5,12 @@ and a batch function — and gets back the trained parameters. Methods never own
 
 Determinism: the step's RNG is `fold_in(key, step)` and batches are a pure function of the step, so a
 run resumed from a checkpoint at step k continues exactly as if it had not stopped.
+
+Devices: the stage trains on a `parallel.make_mesh(stage.fsdp)` mesh over every device. The state is placed
+once with its shardings (replicated, or FSDP-sharded with fsdp > 1), each host batch becomes one global array
+split over the batch axes, and the jitted step's out_shardings pin the state's layout, so the state
+never moves between steps. On one device this is today's single-device step; on more, the same
+computation up to the order of float reductions (random draws do not depend on the layout).
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from distill import writers
+from distill import parallel, writers
 
 PyTree = Any
 # loss_fn(params, frozen, batch, rng) -> (scalar loss, dict of scalar metrics). `frozen` holds what the loss
@@ -52,6 +58,8 @@ class Stage:
   skip_nonfinite: bool = False       # skip updates whose loss/gradient is not finite instead of stopping
   images_per_step: int = 0           # for the throughput metric
   lr_schedule: Callable[[int], float] | None = None  # logged as 'lr'
+  fsdp: int = 1                      # size of the mesh's 'fsdp' axis (parallel.py); 1: data parallel only
+  fsdp_min_size: int = parallel.DEFAULT_FSDP_MIN_SIZE  # with fsdp > 1, leaves this large are sharded
 
 
 def ema_decay_at(step, decay):
@@ -101,11 +109,23 @@ def make_train_step(loss_fn: LossFn, optimizer, ema_decay, skip_nonfinite: bool,
   return train_step
 
 
+def jitted_train_step(loss_fn, optimizer, ema_decay, skip_nonfinite: bool, seed: int, state_shardings):
+  """One jitted step per (loss, optimizer, …, state layout): rounds that share them reuse the compiled step,
+  since the round's step count and teacher travel as `frozen` arguments rather than as constants.
+
+  state_shardings: a tree of NamedShardings matching the state; the step returns the state with exactly
+  these (so it never moves between steps) and its metrics replicated."""
+  # A tree of shardings is not hashable; its structure and leaves are.
+  layout = (jax.tree.structure(state_shardings), tuple(jax.tree.leaves(state_shardings)))
+  return _jitted_train_step(loss_fn, optimizer, ema_decay, skip_nonfinite, seed, layout)
+
+
 @functools.lru_cache(maxsize=16)
-def jitted_train_step(loss_fn, optimizer, ema_decay, skip_nonfinite: bool, seed: int):
-  """One jitted step per (loss, optimizer, …): rounds that share them reuse the compiled step, since the
-  round's step count and teacher travel as `frozen` arguments rather than as constants."""
-  return jax.jit(make_train_step(loss_fn, optimizer, ema_decay, skip_nonfinite, seed), donate_argnums=(0,))
+def _jitted_train_step(loss_fn, optimizer, ema_decay, skip_nonfinite, seed, layout):
+  treedef, leaves = layout
+  out_shardings = (jax.tree.unflatten(treedef, leaves), parallel.replicated(leaves[0].mesh))
+  return jax.jit(make_train_step(loss_fn, optimizer, ema_decay, skip_nonfinite, seed), out_shardings=out_shardings,
+                 donate_argnums=(0,))
 
 
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
@@ -130,9 +150,11 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, ste
                                                             meta=ocp.args.JsonRestore()))
       if errors:
         print(f"[checkpoint] restored step {s} after unreadable later checkpoint(s): {'; '.join(errors)}")
-        for bad in steps[:steps.index(s)]:  # set aside, so the resumed run can write those steps again
-          bad_dir = os.path.join(str(manager.directory), str(bad))
-          os.replace(bad_dir, f"{bad_dir}.unreadable-{int(time.time())}")
+        if jax.process_index() == 0:
+          for bad in steps[:steps.index(s)]:  # set aside, so the resumed run can write those steps again
+            bad_dir = os.path.join(str(manager.directory), str(bad))
+            os.replace(bad_dir, f"{bad_dir}.unreadable-{int(time.time())}")
+        parallel.sync_processes("checkpoint: unreadable steps set aside")
         manager.reload()
       return restored["state"], restored["meta"]
     except Exception as e:  # noqa: BLE001 — any unreadable checkpoint: try the previous one
@@ -156,49 +178,77 @@ def load_final_params(stage_dir: str) -> tuple[PyTree, dict]:
   path = os.path.join(stage_dir, "final")
   if not os.path.isdir(path):
     raise TrainingError(f"{stage_dir}: no final parameters (the stage has not finished)")
+  meta_path = os.path.join(path, "meta.json")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise TrainingError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from e
   params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")))
-  with open(os.path.join(path, "meta.json")) as f:
-    return params, json.load(f)
+  return params, meta
 
 
-def _save_final(stage_dir: str, params, meta: dict):
+def _save_final(stage_dir: str, params, meta: dict, is_main_process: bool = True):
+  """Writes `final/` (params: numpy, so any device layout can load them). With several processes every one
+  calls it, as Orbax's save is collective; the main process alone prepares, writes meta and renames."""
   path = os.path.join(stage_dir, "final")
   tmp = path + ".tmp"
-  if os.path.isdir(tmp):
-    import shutil
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
+  if is_main_process:
+    if os.path.isdir(tmp):
+      import shutil
+      shutil.rmtree(tmp)
+    os.makedirs(tmp)
+  parallel.sync_processes("final: tmp ready")
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.abspath(os.path.join(tmp, "params")), params)
   ckptr.wait_until_finished()
-  with open(os.path.join(tmp, "meta.json"), "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)  # atomic: 'final' exists only complete
+  if is_main_process:
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+      json.dump(meta, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # atomic: 'final' exists only complete
+  parallel.sync_processes("final: written")
 
 
-def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True) -> tuple[PyTree, dict]:
+def place_state(state: dict, mesh, fsdp_min_size: int) -> tuple[dict, PyTree]:
+  """(state as global arrays on `mesh`, its shardings): the parallel.param_shardings rule over the whole
+  state, so params, Adam's moments and the EMA share a layout and scalars are replicated."""
+  shardings = parallel.param_shardings(mesh, state, fsdp_min_size)
+  return parallel.place(state, shardings), shardings
+
+
+def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
+              devices=None) -> tuple[PyTree, dict]:
   """Trains `stage`, resuming from its latest checkpoint; returns (final params, meta).
 
   A stage whose `final/` exists is skipped (its parameters are loaded). Final params are the EMA
-  params when the stage has EMA. Raises TrainingError on a non-finite loss (without saving).
+  params when the stage has EMA; they keep their training layout. Raises TrainingError on a non-finite
+  loss (without saving). devices: the mesh's devices (default: all; stage.fsdp sets its 'fsdp' axis).
   """
   if os.path.isdir(os.path.join(stage_dir, "final")):
     print(f"[{stage.name}] already finished; loading {stage_dir}/final")
     return load_final_params(stage_dir)
 
   with_ema = stage.ema_decay is not None
-  state = init_state(stage.init_params, stage.optimizer, with_ema)
+  mesh = parallel.make_mesh(stage.fsdp, devices)
+  parallel.check_partitionable_rng(mesh)
+  # Parameters placed before the optimizer state is built from them, so its moments are born sharded.
+  init_params = parallel.place(stage.init_params, parallel.param_shardings(mesh, stage.init_params,
+                                                                           stage.fsdp_min_size))
+  state, state_shardings = place_state(init_state(init_params, stage.optimizer, with_ema), mesh,
+                                       stage.fsdp_min_size)
+  frozen = parallel.place(stage.frozen, parallel.replicated_shardings(mesh, stage.frozen))
   manager = _manager(os.path.join(stage_dir, "checkpoints"), stage.keep_checkpoints)
   meta = dict(stage.meta, stage=stage.name, num_steps=stage.num_steps)
   saved_meta = {}
   if manager.latest_step() is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)  # carries the target shardings
     state, saved_meta = restore_checkpoint(manager, abstract)
     if saved_meta.get("stage") != stage.name:
       raise TrainingError(f"{stage_dir}: checkpoint belongs to stage {saved_meta.get('stage')!r}, not {stage.name!r}")
     print(f"[{stage.name}] resuming at step {int(state['step'])}/{stage.num_steps}")
 
-  train_step = jitted_train_step(stage.loss_fn, stage.optimizer, stage.ema_decay, stage.skip_nonfinite, stage.seed)
+  train_step = jitted_train_step(stage.loss_fn, stage.optimizer, stage.ema_decay, stage.skip_nonfinite, stage.seed,
+                                 state_shardings)
   writer = writers.MetricWriter(os.path.join(stage_dir, "tb"), enabled=is_main_process)
   progress = writers.ProgressReporter(total_steps=stage.num_steps, prefix=f"[{stage.name}]",
                                       batch_size=stage.images_per_step or None, every_seconds=None,
@@ -220,8 +270,8 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True) -> 
     checked_nonfinite = n
 
   for step in range(start, stage.num_steps):
-    batch = stage.batch_fn(step)
-    state, metrics = train_step(state, stage.frozen, batch)
+    batch = parallel.global_batch(stage.batch_fn(step), mesh)
+    state, metrics = train_step(state, frozen, batch)
     done = step + 1
     if done % stage.log_every == 0 or done == stage.num_steps:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -245,6 +295,6 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True) -> 
   # No last checkpoint: `final/` (written atomically below) is what a finished stage is resumed as.
   writer.close()
   final = state["ema_params"] if with_ema else state["params"]
-  if is_main_process:
-    _save_final(stage_dir, jax.device_get(final), meta)
+  if is_main_process or jax.process_count() > 1:  # with several processes, every one takes part in the save
+    _save_final(stage_dir, parallel.to_host(final), meta, is_main_process)
   return final, meta

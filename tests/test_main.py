@@ -36,6 +36,11 @@ BAD = [
     (["--mode=sample", "--checkpoint=/nope", "--w=0,x"], "--w=0,x"),
     (["--mode=style_transfer", "--encoder=/nope"], "--encoder and --decoder are required"),
     (["--mode=bogus"], "--mode=bogus"),
+    (["--config=configs/digits.py", "--config.eval.metric=inception", "--config.eval.inception_path=/nope/w.npz"],
+     "eval.inception_path: Inception weights not found at /nope/w.npz"),
+    (["--config=configs/digits.py", "--config.eval.metric=fid"], "config.eval.metric='fid'"),
+    (["--mode=evaluate"], "needs exactly one of --checkpoint"),
+    (["--mode=evaluate", "--config=configs/digits.py", "--samples=/nope.npz"], "--samples='/nope.npz': no such file"),
 ]
 
 
@@ -92,9 +97,19 @@ def test_quick_pipeline_end_to_end_chains_rounds_and_rerun_skips(tmp_path):
       assert meta["teacher_fingerprint"] == train.fingerprint(train.load_final_params(previous)[0]), stage
       previous = stage
   rows = json.loads((workdir / "results.json").read_text())["rows"]
-  assert {(r["method"], r["steps"]) for r in rows} >= {("teacher", 16), ("distill_deterministic", 1),
-                                                       ("distill_stochastic", 2), ("two_student", 1)}
-  assert all(r["nfe"] == 2 * r["steps"] for r in rows if r["method"] in ("teacher", "two_student"))
+  # (single-w students are scored at their own w only; this run evaluates w = 0)
+  assert {(r["method"], r["sampler"], r["steps"]) for r in rows} >= {
+      ("teacher DDIM", "ddim", 16), ("teacher DDPM", "ddpm", 16), ("guided PD", "deterministic", 1),
+      ("guided PD", "stochastic", 2), ("two-student", "deterministic", 1), ("stage one", "deterministic", 4)}
+  assert all(r["nfe"] == 2 * r["steps"] for r in rows if r["method"].startswith("teacher") or
+             r["method"] == "two-student")
+  assert all(r["metric"] == "classifier" and np.isfinite([r["fid"], r["is"], r["precision"], r["recall"]]).all()
+             for r in rows)
+  pd = {r["steps"]: r for r in rows if r["method"] == "guided PD" and r["sampler"] == "deterministic"}
+  assert pd[1]["student_updates"] > pd[2]["student_updates"] > 0  # cost accumulates along the chain
+  for f in ("report.md", "fid_vs_steps.png", "fid_vs_is.png", "eval_grids/guided_PD_deterministic_w0_1.png"):
+    assert (workdir / f).exists(), f
+  assert "classifier-FID" in (workdir / "report.md").read_text()
 
   again = run_main(*args)
   assert again.returncode == 0 and "already finished" in again.stdout

@@ -1,0 +1,257 @@
+"""The evaluate stage (every model a run trained, side by side) and the standalone evaluation of one
+checkpoint or one file of samples.
+
+    WORKDIR/results.json        one row per (method, sampler, w, steps): nfe, fid, is, precision, recall, ...
+    WORKDIR/report.md           the paper's Table 2 layout, speed-up and cost summaries (`evaluation/report.py`)
+    WORKDIR/fid_vs_steps.png    FID against steps per w (paper Fig. 2); fid_vs_is.png: the trade-off over w (Fig. 9)
+    WORKDIR/eval_grids/         the first samples of every row, rows = classes
+    WORKDIR/eval_reference/     cached reference statistics of the training split
+
+Every row uses the same noise and labels (`eval.per_class` per class, seed `seed + 2000`), so rows differ
+only by the model and sampler. The protocol (features, quantisation, splits) is in `evaluation/protocol.py`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill import models, pipeline, train, writers
+from distill.evaluation import classifier as classifier_lib
+from distill.evaluation import inception, protocol, report
+
+CHAINS = ("stage_one", "distill_deterministic", "distill_stochastic", "single_w", "two_student")
+
+
+class EvaluationError(ValueError):
+  """Bad evaluation input (a missing weight file, an unreadable samples file): one line, exit code 2."""
+
+
+def feature_net(ctx: pipeline.Context) -> protocol.FeatureNet:
+  c = ctx.config
+  if protocol.resolve_metric(c) == "inception":
+    try:
+      return protocol.inception_net(inception.load_inception(os.path.expanduser(c.eval.inception_path)))
+    except (inception.InceptionWeightsMissing, ValueError) as e:
+      raise EvaluationError(f"eval.inception_path: {e}") from e
+  params, meta = pipeline.get_classifier(ctx)
+  return protocol.classifier_net(params, c.data.num_classes, meta["test_accuracy"])
+
+
+def reference(ctx: pipeline.Context, net: protocol.FeatureNet) -> protocol.Reference:
+  c = ctx.config
+  source = ctx.train_source
+  n = min(len(source), c.eval.max_reference)
+  path = os.path.join(ctx.workdir, "eval_reference", f"{c.data.name}_{c.data.image_size}_{net.metric}_{n}.npz")
+  chunk = 1000
+  return protocol.reference_stats(
+      net, lambda: (source.get_batch(np.arange(i, min(i + chunk, n)))["image"] for i in range(0, n, chunk)), path)
+
+
+def finished_students(workdir: str):
+  """(name, stage_dir) of every finished student stage in the workdir, in pipeline order."""
+  out = []
+  for top in CHAINS:
+    root = os.path.join(workdir, top)
+    if not os.path.isdir(root):
+      continue
+    for dirpath, dirnames, _ in sorted(os.walk(root)):
+      dirnames.sort()
+      if os.path.isfile(os.path.join(dirpath, "final", "meta.json")):
+        out.append((os.path.relpath(dirpath, workdir), dirpath))
+  return out
+
+
+def method_of(name: str, meta: dict) -> tuple[str, str]:
+  """(method, sampler) of a student stage for the report: both halving chains are 'guided PD' (D / S)."""
+  sampler = "stochastic" if meta["sampler"] == "stochastic" else "deterministic"
+  top = name.split("/")[0]
+  if top == "single_w":
+    return f"single-w (w={meta['w_range'][0]:g})", sampler
+  return {"stage_one": "stage one", "two_student": "two-student"}.get(top, "guided PD"), sampler
+
+
+def teacher_evals_per_update(stage_kind: str, batch_size: int) -> int:
+  """Teacher network evaluations (per example, times the batch) one update of a stage costs: stage one's
+  CFG target and every round's two teacher steps cost 2; the two-student pair's two steps cost 4."""
+  return batch_size * (4 if stage_kind == "two_student" else 2)
+
+
+def chain_costs(metas: dict[str, dict], batch_size: int) -> dict[str, dict]:
+  """Distillation cost of each student including every stage before it in its chain (stage one for the
+  halving chains; the single-w stage one for single-w rounds), excluding the teacher's own training."""
+  own = {name: {"student_updates": int(m.get("num_steps", 0)), "train_seconds": float(m.get("train_seconds", 0.0)),
+                "teacher_evals": int(m.get("num_steps", 0)) * teacher_evals_per_update(m.get("stage_kind", ""),
+                                                                                       batch_size)}
+         for name, m in metas.items()}
+  costs = {}
+  for name, m in metas.items():
+    chain = os.path.dirname(name)
+    members = [name]
+    if chain:
+      members = [o for o, om in metas.items() if os.path.dirname(o) == chain
+                 and om["num_sampling_steps"] >= m["num_sampling_steps"]]
+      base = {"distill_deterministic": "stage_one", "distill_stochastic": "stage_one"}.get(chain, f"{chain}/stage_one")
+      if base in own and base not in members:
+        members.append(base)
+    costs[name] = {k: sum(own[o][k] for o in members) for k in ("student_updates", "train_seconds", "teacher_evals")}
+  return costs
+
+
+def _save_row_grid(path: str, x: np.ndarray, labels: np.ndarray, per_class: int, num_classes: int, image_size: int):
+  cols = min(per_class, 10)
+  rows = [x[np.flatnonzero(labels == k)[:cols]] for k in range(min(num_classes, 10))]
+  writers.save_image_grid(path, np.concatenate(rows), ncols=cols, upscale=max(1, 64 // image_size))
+
+
+def run_stage(ctx: pipeline.Context):
+  """The pipeline's 'evaluate' stage: the CFG teacher (DDIM at the reference step count and at every student
+  step count, DDPM at the reference) and every finished student, at each w of eval.w_values."""
+  c = ctx.config
+  e = c.eval
+  students = finished_students(ctx.workdir)
+  results_path = os.path.join(ctx.workdir, "results.json")
+  evaluated = {"checkpoints": ["teacher"] + [name for name, _ in students], "w_values": list(e.w_values),
+               "per_class": e.per_class, "seed": c.seed, "metric": protocol.resolve_metric(c)}
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      if json.load(f).get("evaluated") == evaluated:
+        print(f"[evaluate] {results_path} already covers these checkpoints; delete it to evaluate again")
+        return
+  net = feature_net(ctx)
+  ref = reference(ctx, net)
+  k = c.data.num_classes
+  labels = jnp.repeat(jnp.arange(k), e.per_class)
+  z = jax.random.normal(jax.random.PRNGKey(c.seed + 2000), (len(labels),) + ctx.image_shape)
+  agreement_clf = pipeline.get_classifier(ctx)[0] if c.data.name in protocol.EMBEDDED else None
+
+  metas = {name: train.load_final_params(d) for name, d in students}
+  costs = chain_costs({name: m for name, (_, m) in metas.items()}, c.distill.batch_size)
+  teacher = models.unet_from_config(c.model, c.data)
+  teacher_fn = functools.partial(pipeline.guided_ddim, pipeline.teacher_params(ctx), model=teacher,
+                                 parameterization=c.model.parameterization, logsnr_fn=ctx.logsnr_fn,
+                                 null_label=ctx.null_label, clip=c.sample.clip)
+  student_steps = sorted({m["num_sampling_steps"] for _, m in metas.values()})
+  jobs = []  # (method, sampler, w, steps, nfe, sample fn, checkpoint, cost)
+  for w in e.w_values:
+    for steps in sorted(set(student_steps) | {c.sample.num_steps}):
+      jobs.append(("teacher DDIM", "ddim", w, steps, 2 * steps, functools.partial(teacher_fn, num_steps=steps),
+                   "teacher", {}))
+    jobs.append(("teacher DDPM", "ddpm", w, c.sample.num_steps, 2 * c.sample.num_steps,
+                 functools.partial(teacher_fn, num_steps=c.sample.num_steps, sampler="ddpm"), "teacher", {}))
+    for name, (params, meta) in metas.items():
+      lo, hi = meta["w_range"]
+      if not lo <= w <= hi:
+        continue  # a single-w student is scored at its own w only
+      method, sampler = method_of(name, meta)
+      evals = 2 if meta["kind"] == "two_student" else 1
+      fn = pipeline.student_sample_fn(ctx, pipeline.student_model(ctx, meta["w_conditioned"]), params, meta)
+      jobs.append((method, sampler, w, meta["num_sampling_steps"], evals * meta["num_sampling_steps"], fn, name,
+                   costs[name]))
+
+  grid_dir = os.path.join(ctx.workdir, "eval_grids")
+  os.makedirs(grid_dir, exist_ok=True)
+  rows, start = [], time.time()
+  for done, (method, sampler, w, steps, nfe, fn, checkpoint, cost) in enumerate(jobs, start=1):
+    t0 = time.time()
+    x = pipeline.sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
+    row = {"method": method, "sampler": sampler, "w": float(w), "steps": int(steps), "nfe": int(nfe),
+           **protocol.score(net, ref, x, is_splits=e.is_splits, pr_k=e.pr_k), "seed": c.seed,
+           "checkpoint": checkpoint, **cost}
+    if agreement_clf is not None:
+      row["class_agreement"] = classifier_lib.class_agreement(agreement_clf, x, np.asarray(labels), k)
+    rows.append(row)
+    tag = f"{method.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}_{sampler}_w{w:g}_{steps}"
+    _save_row_grid(os.path.join(grid_dir, tag + ".png"), x, np.asarray(labels), e.per_class, k, ctx.image_shape[0])
+    elapsed = time.time() - start
+    eta = elapsed / done * (len(jobs) - done)
+    print(f"[evaluate] {done}/{len(jobs)} {method:<18} {sampler:<13} w={w:<4g} steps={steps:<4} nfe={nfe:<4} "
+          f"{report.metric_label(net.metric)} {row['fid']:8.3f}  {report.metric_label(net.metric, 'IS')} "
+          f"{row['is']:6.2f}  P/R {row['precision']:.3f}/{row['recall']:.3f} ({time.time() - t0:.0f}s, "
+          f"ETA {writers.format_duration(eta)})")
+  write_outputs(ctx.workdir, rows, net, ref, evaluated)
+
+
+def write_outputs(workdir: str, rows, net: protocol.FeatureNet, ref: protocol.Reference, evaluated=None):
+  """results.json, report.md and the two plots."""
+  notes = [f"Features: {net.description}; reference: {ref.num_images:,} training images.",
+           "Every row samples the same noise and labels; nfe counts network evaluations per sample."]
+  result = {"rows": rows, "evaluated": evaluated, "metric": net.metric, "reference_images": ref.num_images,
+            "protocol": protocol.__doc__.split("\n\n")[-1].strip()}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(report.markdown_report(rows, title="Evaluation", notes=notes))
+  report.plot_fid_vs_steps(rows, os.path.join(workdir, "fid_vs_steps.png"))
+  report.plot_fid_is_tradeoff(rows, os.path.join(workdir, "fid_vs_is.png"))
+
+
+def _standalone_outputs(ctx, rows, net, ref, out: str) -> dict:
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  result = {"rows": rows, "metric": net.metric, "reference_images": ref.num_images, "features": net.description}
+  with open(out, "w") as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+def evaluate_checkpoint(stage_dir: str, *, w_values=(0.0,), steps=None, sampler=None, force=False, seed: int = 0,
+                        out: str | None = None) -> dict:
+  """Scores one finished stage (any run's): `eval.per_class` samples per class at each w, against its run's
+  reference statistics. Writes OUT (default STAGE_DIR/eval_<sampler>_<steps>steps_seed<seed>.json)."""
+  from distill import sampling
+  ctx, fn, steps, sampler, nfe = sampling.checkpoint_sampler(stage_dir, steps=steps, sampler=sampler, force=force)
+  c = ctx.config
+  net = feature_net(ctx)
+  ref = reference(ctx, net)
+  labels = jnp.repeat(jnp.arange(c.data.num_classes), c.eval.per_class)
+  z = jax.random.normal(jax.random.PRNGKey(seed + 2000), (len(labels),) + ctx.image_shape)
+  rows = []
+  for w in w_values:
+    x = pipeline.sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
+    rows.append({"checkpoint": os.path.abspath(stage_dir), "sampler": sampler, "w": float(w), "steps": int(steps),
+                 "nfe": int(nfe), "seed": seed, **protocol.score(net, ref, x, is_splits=c.eval.is_splits,
+                                                                    pr_k=c.eval.pr_k)})
+  out = out or os.path.join(stage_dir, f"eval_{sampler}_{steps}steps_seed{seed}.json")
+  return dict(_standalone_outputs(ctx, rows, net, ref, out), path=out)
+
+
+def load_samples(path: str, image_shape) -> np.ndarray:
+  """images [N, H, W, C] from an .npz ('images': uint8 in [0, 255], or float in [−1, 1]) → float [−1, 1]."""
+  if not os.path.isfile(path):
+    raise EvaluationError(f"--samples={path!r}: no such file")
+  try:
+    with np.load(path, allow_pickle=False) as d:
+      if "images" not in d.files:
+        raise EvaluationError(f"--samples={path!r}: no 'images' array (has {sorted(d.files)})")
+      images = np.asarray(d["images"])
+  except (OSError, ValueError) as e:
+    if isinstance(e, EvaluationError):
+      raise
+    raise EvaluationError(f"--samples={path!r}: not a readable .npz ({e})") from e
+  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape) or len(images) < 2:
+    raise EvaluationError(f"--samples={path!r}: images have shape {images.shape}; the config's data set needs "
+                          f"[N >= 2, {', '.join(map(str, image_shape))}]")
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 127.5 - 1.0
+  images = images.astype(np.float32)
+  if images.min() < -1.0 - 1e-3 or images.max() > 1.0 + 1e-3:
+    raise EvaluationError(f"--samples={path!r}: float images must lie in [-1, 1] (found [{images.min():.3g}, "
+                          f"{images.max():.3g}]); or store uint8")
+  return images
+
+
+def evaluate_samples(config, workdir: str, samples_path: str, out: str | None = None) -> dict:
+  """Scores a file of samples made anywhere against the config's data set (reference cached in WORKDIR)."""
+  ctx = pipeline.Context(config, workdir)
+  images = load_samples(samples_path, ctx.image_shape)
+  net = feature_net(ctx)
+  ref = reference(ctx, net)
+  row = {"samples": os.path.abspath(samples_path),
+         **protocol.score(net, ref, images, is_splits=config.eval.is_splits, pr_k=config.eval.pr_k)}
+  out = out or os.path.splitext(samples_path)[0] + "_eval.json"
+  return dict(_standalone_outputs(ctx, [row], net, ref, out), path=out)

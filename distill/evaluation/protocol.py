@@ -1,0 +1,121 @@
+"""The evaluation protocol: which network gives features, the reference statistics of the training split,
+and the metrics of one set of samples.
+
+Two feature networks, never mixed in one report:
+
+* ``inception``: the FID InceptionV3 (pytorch-fid's port of the 2015-12-05 TF graph, `inception.py`);
+  pool3 features [2048] for FID and precision/recall, the 1008-way softmax for IS.
+* ``classifier``: for data sets without an Inception protocol (digits, small `.npz`), the data set's own
+  small classifier (`classifier.py`): penultimate features for "classifier-FID" and classifier-precision/
+  recall, its softmax for "classifier-IS".
+
+Protocol, both networks: samples in [−1, 1] are first quantised to 8-bit levels, round((x + 1)·127.5), and
+mapped back to [−1, 1] — as if saved to PNG, which is how the reference images reach the network. The
+reference is the training split (all of it, or its first `max_reference` images in the data set's order).
+FID: Fréchet distance of Gaussian fits (`fid.py`); IS: `splits` contiguous splits (`metrics.py`);
+precision/recall: Kynkäänniemi et al. with k = 3 against up to `max_reference` reference features.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill.evaluation import classifier as classifier_lib
+from distill.evaluation import fid, inception, metrics
+
+METRICS = ("classifier", "inception")
+EMBEDDED = ("digits", "npz", "mixture")  # data sets without an Inception protocol
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureNet:
+  """outputs: images [N, H, W, C] in [−1, 1] → (features [N, F], logits [N, K]), numpy."""
+  metric: str
+  outputs: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+  description: str
+
+
+def quantize(images) -> np.ndarray:
+  """[−1, 1] floats → the nearest of the 256 levels an 8-bit image can hold, still in [−1, 1]."""
+  levels = np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255)
+  return levels / 127.5 - 1.0
+
+
+def classifier_net(params, num_classes: int, test_accuracy: float | None = None) -> FeatureNet:
+  def outputs(images):
+    images = quantize(images)
+    return (classifier_lib.features(params, images, num_classes),
+            classifier_lib._batched(classifier_lib._apply_logits, params, images, 1024))
+  acc = "" if test_accuracy is None else f", test accuracy {test_accuracy:.4f}"
+  return FeatureNet("classifier", outputs, f"the data set's own classifier{acc}")
+
+
+_inception_apply = jax.jit(inception.inception_outputs)
+
+
+def inception_net(params, batch_size: int = 100) -> FeatureNet:
+  params = jax.device_put(params)  # once, not per batch
+
+  def outputs(images):
+    images = quantize(images)
+    feats, logits = [], []
+    for i in range(0, len(images), batch_size):
+      batch = images[i:i + batch_size]
+      valid = len(batch)
+      if valid < batch_size:  # one shape: one compilation
+        batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, 0)])
+      f, l = _inception_apply(params, jnp.asarray(batch))
+      feats.append(np.asarray(f)[:valid])
+      logits.append(np.asarray(l)[:valid])
+    return np.concatenate(feats), np.concatenate(logits)
+
+  return FeatureNet("inception", outputs, f"FID InceptionV3 ({inception.WEIGHTS_FILE})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  mu: np.ndarray        # [F]
+  sigma: np.ndarray     # [F, F]
+  features: np.ndarray  # [M, F]: for precision/recall
+  num_images: int
+
+
+def reference_stats(net: FeatureNet, batches: Callable[[], Iterable[np.ndarray]], cache_path: str) -> Reference:
+  """Statistics of the reference images (computed once, cached at `cache_path` as .npz).
+
+  batches: () → iterable of [b, H, W, C] in [−1, 1], called only when the cache is absent."""
+  if os.path.exists(cache_path):
+    with np.load(cache_path) as d:
+      if str(d["metric"]) == net.metric:
+        return Reference(d["mu"], d["sigma"], d["features"], int(d["num_images"]))
+  feats = np.concatenate([net.outputs(b)[0] for b in batches()])
+  mu, sigma = fid.gaussian_stats(feats)
+  os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+  tmp = cache_path + ".tmp.npz"
+  np.savez(tmp, mu=mu, sigma=sigma, features=feats.astype(np.float32), num_images=len(feats), metric=net.metric)
+  os.replace(tmp, cache_path)
+  return Reference(mu, sigma, feats, len(feats))
+
+
+def resolve_metric(config) -> str:
+  """eval.metric, with 'auto' = classifier features for embedded data sets, Inception's otherwise."""
+  metric = config.eval.get("metric", "auto")
+  if metric != "auto":
+    return metric
+  return "classifier" if config.data.name in EMBEDDED else "inception"
+
+
+def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k: int = 3) -> dict:
+  """FID, IS (mean and std over splits), precision and recall of `images` [N, H, W, C] in [−1, 1]."""
+  feats, logits = net.outputs(images)
+  mu, sigma = fid.gaussian_stats(feats)
+  is_mean, is_std = metrics.inception_score(logits, splits=min(is_splits, len(images)), from_logits=True)
+  precision, recall = metrics.precision_recall(ref.features, feats, k=pr_k)
+  return {"fid": fid.frechet_distance(mu, sigma, ref.mu, ref.sigma), "is": float(is_mean), "is_std": float(is_std),
+          "precision": float(precision), "recall": float(recall), "num_samples": int(len(images)),
+          "metric": net.metric}

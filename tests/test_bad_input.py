@@ -1,0 +1,277 @@
+"""Bad input (issue 5): malformed configs, flags, data files and checkpoints.
+
+Every case must print exactly one line on stderr ("error: …", naming the field/flag/file, the value and
+what is allowed), exit with code 2, and write nothing: the tree under the case's tmp_path (which holds
+the workdir, the data files and the checkpoints the case points at) is byte-identical before and after.
+One subprocess per case, so the cases cannot influence each other; each costs the entry point's imports
+(~1.5 s). A case that exposes a bug may be marked with `xfail=` (the observed behaviour as the reason).
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = "--config=configs/digits.py"
+SAMPLE = "--mode=sample"
+STYLE = "--mode=style_transfer"
+STUDENT = "{run}/distill_deterministic/N0004"
+ENCODER = "{run}/encoder/N0004"
+TEACHER = "{run}/teacher"
+ONLY_STAGE_ONE = "--config.pipeline=('stage_one',)"
+
+
+def run_main(*args, timeout=300):
+  env = dict(os.environ, DISTILL_JAX_CACHE="", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "distill.main", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+# --- fixtures: a fake finished run (real Orbax checkpoints of a tiny tree) and data files ----------------
+
+
+def _config_json(name: str) -> dict:
+  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return json.loads(module.get_config().to_json_best_effort())
+
+
+def _stage(train, stage_dir, params, **meta):
+  train._save_final(str(stage_dir), params, dict(meta, stage=os.path.basename(str(stage_dir)), num_steps=10,
+                                                 train_seconds=1.0))
+
+
+@pytest.fixture(scope="module")
+def fake_runs(tmp_path_factory):
+  """runs/digits: a digits run with a teacher, a 4-step deterministic student and a 4-step encoder;
+  runs/cifar10: a cifar10 run with a teacher (3-channel first conv). Copied into each case's tmp_path."""
+  from distill import train
+
+  root = tmp_path_factory.mktemp("fake_runs")
+  tiny = {"w": np.zeros(3, np.float32)}
+  student = dict(kind="w_student", num_sampling_steps=4, w_conditioned=True, w_range=[0.0, 4.0], round=4,
+                 teacher_steps=8, teacher_fingerprint="0" * 16)
+  run = root / "digits"
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps(_config_json("digits"), indent=1, sort_keys=True))
+  _stage(train, run / "teacher", tiny, kind="cfg_teacher", sampler="ddim", num_sampling_steps=128,
+         parameterization="v")
+  _stage(train, run / "distill_deterministic" / "N0004", tiny, sampler="ddim", stage_kind="deterministic",
+         **student)
+  _stage(train, run / "encoder" / "N0004", tiny, sampler="encoder", stage_kind="encoder", **student)
+  other = root / "cifar10"
+  other.mkdir()
+  (other / "config.json").write_text(json.dumps(_config_json("cifar10"), indent=1, sort_keys=True))
+  # Named like the U-Net's first conv, with CIFAR's 3 input channels: does not fit a digits model.
+  _stage(train, other / "teacher", {"conv_in": {"kernel": np.zeros((3, 3, 3, 4), np.float32),
+                                                "bias": np.zeros(4, np.float32)}},
+         kind="cfg_teacher", sampler="ddim", num_sampling_steps=256, parameterization="v")
+  return root
+
+
+def _npz(path, images=None, labels=None, drop=(), **extra):
+  rng = np.random.default_rng(0)
+  arrays = {"images": rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8) if images is None else images,
+            "labels": np.arange(40) % 10 if labels is None else labels, **extra}
+  np.savez(path, **{k: v for k, v in arrays.items() if k not in drop})
+
+
+NPZ_FILES = {
+    "npz_missing_labels": dict(drop=("labels",)),
+    "npz_images_float": dict(images=np.zeros((40, 8, 8, 1), np.float32)),
+    "npz_images_3d": dict(images=np.zeros((40, 8, 8), np.uint8)),
+    "npz_rgb": dict(images=np.zeros((40, 8, 8, 3), np.uint8)),
+    "npz_label_10": dict(labels=np.arange(40) % 11),
+    "npz_labels_float": dict(labels=(np.arange(40) % 10).astype(np.float32)),
+}
+
+
+def _setup(name, tmp_path, fake_runs) -> dict:
+  """Builds what a case needs under tmp_path; returns the names its args may use ({run}, {npz}, …)."""
+  paths = {}
+  if name in ("run", "other"):
+    shutil.copytree(fake_runs / "digits", tmp_path / "run")
+    paths["run"] = str(tmp_path / "run")
+    if name == "other":
+      shutil.copytree(fake_runs / "cifar10", tmp_path / "other")
+      paths["other"] = str(tmp_path / "other")
+  elif name in NPZ_FILES:
+    _npz(tmp_path / "data.npz", **NPZ_FILES[name])
+    paths["npz"] = str(tmp_path / "data.npz")
+  elif name == "npz_garbage":
+    (tmp_path / "data.npz").write_bytes(b"this is not a zip file\n" * 10)
+    paths["npz"] = str(tmp_path / "data.npz")
+  elif name == "ckpt_no_final":
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage" / "checkpoints").mkdir()
+  elif name == "ckpt_corrupt_meta":
+    shutil.copytree(fake_runs / "digits", tmp_path / "run")
+    (tmp_path / "run" / "distill_deterministic" / "N0004" / "final" / "meta.json").write_text('{"kind": "w_stu')
+    paths["run"] = str(tmp_path / "run")
+  elif name == "ckpt_no_params":
+    shutil.copytree(fake_runs / "digits", tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "distill_deterministic" / "N0004" / "final" / "params")
+    paths["run"] = str(tmp_path / "run")
+  elif name == "ckpt_no_config":
+    shutil.copytree(fake_runs / "digits" / "distill_deterministic" / "N0004", tmp_path / "N0004")
+  elif name == "config_syntax_error":
+    (tmp_path / "broken.py").write_text("def get_config(:\n  pass\n")
+  elif name == "config_no_get_config":
+    (tmp_path / "empty.py").write_text("X = 1\n")
+  elif name == "wd_other_config":
+    (tmp_path / "wd").mkdir()
+    (tmp_path / "wd" / "config.json").write_text(json.dumps({"seed": 123}))
+  elif name == "wd_is_file":
+    (tmp_path / "afile").write_text("not a directory\n")
+  else:
+    raise KeyError(name)
+  return paths
+
+
+def _tree(root) -> dict:
+  """relative path -> sha256 of the content ('dir' for directories) of everything under root."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for d in dirnames:
+      out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
+    for f in filenames:
+      p = os.path.join(dirpath, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+# --- the table ---------------------------------------------------------------------------------------------
+
+
+def case(id_, args, *needles, setup=None, xfail=None):
+  """args and needles may use {tmp}, {wd} and what `setup` provides; every needle must be in the one line."""
+  marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail else []
+  return pytest.param(args, needles, setup, id=id_, marks=marks)
+
+
+CASES = [
+    # Config values: wrong types and out-of-range values (caught by configuration.validate or the flag parser).
+    case("w_min_gt_w_max", [DIGITS, "--config.distill.w_min=3.0", "--config.distill.w_max=2.0"],
+         "config.distill.w_min=3.0", "distill.w_max=2.0"),
+    case("teacher_lr_negative", [DIGITS, "--config.teacher.lr=-0.001"], "config.teacher.lr=-0.001", "(0.0, 1.0]"),
+    case("teacher_lr_not_number", [DIGITS, "--config.teacher.lr=abc"], "--config.teacher.lr=abc"),
+    case("teacher_batch_0", [DIGITS, "--config.teacher.batch_size=0"], "config.teacher.batch_size=0",
+         "positive integer"),
+    case("image_size_float", [DIGITS, "--config.data.image_size=8.5"], "--config.data.image_size=8.5"),
+    case("skip_nonfinite_not_bool", [DIGITS, "--config.teacher.skip_nonfinite=maybe"],
+         "--config.teacher.skip_nonfinite=maybe"),
+    case("start_steps_48", [DIGITS, "--config.distill.start_steps=48"], "config.distill.start_steps=48",
+         "power of two"),
+    case("end_ge_start", [DIGITS, "--config.distill.end_steps=64"], "config.distill.start_steps=64",
+         "distill.end_steps=64"),
+    case("encoder_start_6", [DIGITS, "--config.distill.encoder_start_steps=6"],
+         "config.distill.encoder_start_steps=6", "power of two"),
+    case("baselines_start_12", [DIGITS, "--config.baselines.start_steps=12"], "config.baselines.start_steps=12",
+         "power of two"),
+    case("parameterization_unknown", [DIGITS, "--config.model.parameterization=noise"],
+         "config.model.parameterization='noise'", "'eps'"),
+    case("schedule_unknown", [DIGITS, "--config.model.schedule=sigmoid"], "config.model.schedule='sigmoid'",
+         "'cosine'"),
+    case("teacher_weighting_unknown", [DIGITS, "--config.teacher.weighting=huber"],
+         "config.teacher.weighting='huber'", "'snr'"),
+    case("pipeline_stage_unknown", [DIGITS, "--config.pipeline=('teacher','finetune')"], "config.pipeline=",
+         "'finetune'", "stage_one"),
+    case("data_name_unknown", [DIGITS, "--config.data.name=mnist"], "config.data.name='mnist'", "'digits'"),
+    case("logsnr_min_ge_max", [DIGITS, "--config.model.logsnr_min=25.0"], "config.model.logsnr_min=25.0",
+         "model.logsnr_max=20.0"),
+    case("eval_w_negative", [DIGITS, "--config.eval.w_values=(0.0,-1.0)"], "config.eval.w_values=-1.0", ">= 0"),
+    case("sample_w_empty", [DIGITS, "--config.sample.w_values=()"], "config.sample.w_values=()", "at least one"),
+    case("sample_batch_0", [DIGITS, "--config.sample.batch_size=0"], "config.sample.batch_size=0",
+         "positive integer"),
+    case("seed_negative", [DIGITS, "--config.seed=-1"], "config.seed=-1"),
+    case("batch_exceeds_data", [DIGITS, "--config.teacher.batch_size=4096"], "teacher.batch_size", "4096"),
+    # Config files, variants, overrides and flags.
+    case("variant_unknown", ["--config=configs/digits.py:nope"], "unknown variant 'nope'", "'quick'"),
+    case("config_file_missing", ["--config=configs/nope.py"], "configs/nope.py", "cannot load the config file"),
+    case("config_syntax_error", ["--config={tmp}/broken.py"], "--config", "broken.py", "SyntaxError",
+         setup="config_syntax_error"),
+    case("config_no_get_config", ["--config={tmp}/empty.py"], "--config", "empty.py", "get_config",
+         setup="config_no_get_config"),
+    case("config_flag_missing", [], "--config is required"),
+    case("override_without_config", ["--config.seed=1"], "config.seed"),
+    case("override_unknown_field", [DIGITS, "--config.distill.nope=1"], "--config.distill.nope",
+         "no such config field"),
+    case("override_unknown_section", [DIGITS, "--config.optimizer.lr=1"], "--config.optimizer.lr",
+         "no such config field"),
+    # Data files (data.name=npz).
+    case("npz_path_missing", [DIGITS, "--config.data.name=npz", "--config.data.path={tmp}/missing.npz"],
+         "data.path='{tmp}/missing.npz'", "does not exist"),
+    case("npz_path_empty", [DIGITS, "--config.data.name=npz"], "data.path is empty"),
+    case("npz_garbage", [DIGITS, "--config.data.name=npz", "--config.data.path={npz}"], "data.path='{npz}'",
+         "not a readable .npz", setup="npz_garbage"),
+] + [
+    case(name, [DIGITS, "--config.data.name=npz", "--config.data.path={npz}"], "data.path='{npz}'", needle,
+         setup=name)
+    for name, needle in (("npz_missing_labels", "no array 'labels'"), ("npz_images_float", "dtype float32"),
+                         ("npz_images_3d", "4-D"), ("npz_rgb", "3 channels"), ("npz_label_10", "[0, 10]"),
+                         ("npz_labels_float", "integer dtype"))
+] + [
+    # Teachers from elsewhere (distill.teacher_dir).
+    case("teacher_dir_missing", [DIGITS, ONLY_STAGE_ONE, "--config.distill.teacher_dir={tmp}/no_teacher"],
+         "distill.teacher_dir", "{tmp}/no_teacher"),
+    case("teacher_dir_not_teacher", [DIGITS, ONLY_STAGE_ONE, "--config.distill.teacher_dir=" + STUDENT],
+         "distill.teacher_dir", "distill_deterministic/N0004", setup="run"),
+    case("teacher_dir_other_data", [DIGITS, ONLY_STAGE_ONE, "--config.distill.teacher_dir={other}/teacher"],
+         "distill.teacher_dir", "{other}/teacher", setup="other"),
+    # Workdirs.
+    case("workdir_other_config", ["--config=configs/digits.py:quick"], "{wd}", "another config",
+         "--allow_config_change", setup="wd_other_config"),
+    case("workdir_is_file", [DIGITS, "--workdir={tmp}/afile"], "{tmp}/afile", setup="wd_is_file"),
+    # Sampling a checkpoint.
+    case("checkpoint_missing", [SAMPLE, "--checkpoint={tmp}/nope"], "--checkpoint='{tmp}/nope'",
+         "no finished stage"),
+    case("checkpoint_no_final", [SAMPLE, "--checkpoint={tmp}/stage"], "--checkpoint='{tmp}/stage'", "final",
+         setup="ckpt_no_final"),
+    case("checkpoint_no_config", [SAMPLE, "--checkpoint={tmp}/N0004"], "--checkpoint='{tmp}/N0004'",
+         "no config.json", setup="ckpt_no_config"),
+    case("checkpoint_meta_corrupt", [SAMPLE, "--checkpoint=" + STUDENT], "meta.json", setup="ckpt_corrupt_meta"),
+    case("checkpoint_params_missing", [SAMPLE, "--checkpoint=" + STUDENT], "params", setup="ckpt_no_params"),
+    case("steps_not_distilled", [SAMPLE, "--checkpoint=" + STUDENT, "--steps=8"], "--steps=8", "distilled for 4",
+         "--force", setup="run"),
+    case("steps_not_int", [SAMPLE, "--checkpoint=" + STUDENT, "--steps=four"], "--steps", "four", setup="run"),
+    case("sampler_unknown", [SAMPLE, "--checkpoint=" + STUDENT, "--sampler=euler"], "--sampler", "euler",
+         "deterministic", setup="run"),
+    case("sampler_ddpm_student", [SAMPLE, "--checkpoint=" + STUDENT, "--sampler=ddpm"], "--sampler='ddpm'",
+         "'stochastic'", setup="run"),
+    case("w_negative", [SAMPLE, "--checkpoint=" + STUDENT, "--w=0,-1"], "--w=-1", ">= 0", setup="run"),
+    case("labels_out_of_range", [SAMPLE, "--checkpoint=" + STUDENT, "--labels=3,10"], "--labels=10", "0..9",
+         setup="run"),
+    case("num_0", [SAMPLE, "--checkpoint=" + STUDENT, "--num=0"], "--num=0", "positive integer", setup="run"),
+    # Style transfer.
+    case("style_encoder_not_encoder", [STYLE, "--encoder=" + STUDENT, "--decoder=" + STUDENT], "--encoder=",
+         "not a distilled encoder", setup="run"),
+    case("style_decoder_teacher", [STYLE, "--encoder=" + ENCODER, "--decoder=" + TEACHER], "--decoder=",
+         "distilled student", setup="run"),
+]
+
+
+@pytest.mark.parametrize("args,needles,setup", CASES)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, fake_runs, args, needles, setup):
+  names = {"tmp": str(tmp_path), "wd": str(tmp_path / "wd")}
+  if setup:
+    names.update(_setup(setup, tmp_path, fake_runs))
+  argv = [a.format(**names) for a in args]
+  if not any(a.startswith("--workdir=") for a in argv):
+    argv.append(f"--workdir={names['wd']}")
+  before = _tree(tmp_path)
+  proc = run_main(*argv)
+  report = f"exit {proc.returncode}; stderr:\n{proc.stderr[-3000:]}"
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2, report
+  assert len(lines) == 1 and lines[0].startswith("error: "), report
+  for needle in needles:
+    assert needle.format(**names) in lines[0], f"{needle.format(**names)!r} not in {lines[0]!r}"
+  assert _tree(tmp_path) == before, f"written under {tmp_path}: {sorted(set(_tree(tmp_path)) ^ set(before))}"
