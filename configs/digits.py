@@ -7,7 +7,7 @@ The same path end to end in a few minutes:
   python -m distill.main --config=configs/digits.py:quick --workdir=runs/digits_quick
 
 Teacher: U-Net ch 24, mult (1, 2), 2 res blocks, attention at 4×4, v-prediction — 650,689 parameters
-(`distill.models.param_count`); Adam 2e-3 with 200 warm-up steps, batch 128, 2,000 steps.
+(`distill.models.param_count`); Adam 2e-3 with 200 warm-up steps, batch 128, 1,500 steps.
 """
 from distill.configuration import base_config
 
@@ -23,15 +23,17 @@ def get_config(arg: str | None = None):
                      "two_student", "encoder", "evaluate")
   d = config.distill
   d.w_min, d.w_max = 0.0, 4.0
-  d.stage_one_steps, d.stage_one_lr, d.stage_one_ema = 500, 1e-3, 0.999
+  d.stage_one_steps, d.stage_one_lr, d.stage_one_ema = 400, 1e-3, 0.999
   d.start_steps, d.end_steps = 64, 1     # rounds: 32, 16, 8, 4, 2, 1 student steps
-  # Updates per round: 150, and 300 for the 2- and 1-step rounds (the paper's pattern: 50k, and 100k for those).
-  d.batch_size, d.round_steps, d.final_round_steps = 64, 150, 300
+  # Updates per round: 120, and 250 for the 2- and 1-step rounds (the paper's pattern: 50k, and 100k for those).
+  d.batch_size, d.round_steps, d.final_round_steps = 64, 120, 250
   d.lr = 3e-4
   d.encoder_start_steps = 8              # encoder rounds: 4, 2, 1
   config.baselines.single_w = (1.0,)
   config.baselines.start_steps = 8       # single-w and two-student rounds: 4, 2, 1
+  config.teacher.num_steps = 1500
   config.eval.agreement_per_class = config.eval.per_class = 50
+  config.eval.agreement_steps = 64
 
   if arg == "quick":  # the same path with one res block per level and few updates: a smoke run, not a result
     config.model.num_res_blocks = 1
