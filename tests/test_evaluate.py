@@ -42,7 +42,8 @@ def test_score_matches_direct_computations(tmp_path):
   rf, _ = net.outputs(real)  # (the real networks quantise inside `outputs`; this fake does not)
   ff, fl = net.outputs(fake)
   assert got["fid"] == pytest.approx(fid.feature_fid(ff, rf), rel=1e-9)
-  assert got["is"] == pytest.approx(metrics.inception_score(fl, splits=5, from_logits=True)[0], rel=1e-9)
+  order = np.random.default_rng(0).permutation(len(fl))
+  assert got["is"] == pytest.approx(metrics.inception_score(fl[order], splits=5, from_logits=True)[0], rel=1e-9)
   assert (got["precision"], got["recall"]) == pytest.approx(metrics.precision_recall(rf, ff, k=3))
   assert got["num_samples"] == 200 and got["metric"] == "classifier"
   # A shifted sample set is farther away.
@@ -129,3 +130,12 @@ def test_evaluate_mode_scores_real_digits_far_better_than_noise(tmp_path):
   assert real["fid"] < 0.05 * noise["fid"] and real["is"] > 3 * noise["is"]
   assert real["recall"] > 0.8 and noise["recall"] < 0.2 and real["precision"] > noise["precision"] + 0.2
   assert os.path.exists(tmp_path / "wd" / "classifier" / "digits.npz")  # trained once, then reused
+
+
+def test_inception_score_does_not_depend_on_the_sample_order():
+  """Samples arrive class by class; IS over contiguous splits of them would score ≈ 1."""
+  net = protocol.FeatureNet("classifier", lambda x: (x.reshape(len(x), -1)[:, :2], 20.0 * x.reshape(len(x), -1)),
+                            "one-hot")
+  onehot = np.repeat(np.eye(10), 30, axis=0).reshape(300, 10, 1, 1)  # class-sorted, confident, balanced
+  ref = protocol.Reference(np.zeros(2), np.eye(2), np.zeros((5, 2)), 5)
+  assert protocol.score(net, ref, onehot, is_splits=10)["is"] > 8.0

@@ -12,7 +12,8 @@ Two feature networks, never mixed in one report:
 Protocol, both networks: samples in [−1, 1] are first quantised to 8-bit levels, round((x + 1)·127.5), and
 mapped back to [−1, 1] — as if saved to PNG, which is how the reference images reach the network. The
 reference is the training split (all of it, or its first `max_reference` images in the data set's order).
-FID: Fréchet distance of Gaussian fits (`fid.py`); IS: `splits` contiguous splits (`metrics.py`);
+FID: Fréchet distance of Gaussian fits (`fid.py`); IS: `splits` contiguous splits of a fixed random
+permutation of the samples (`metrics.py`);
 precision/recall: Kynkäänniemi et al. with k = 3 against up to `max_reference` reference features.
 """
 from __future__ import annotations
@@ -114,7 +115,10 @@ def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k:
   """FID, IS (mean and std over splits), precision and recall of `images` [N, H, W, C] in [−1, 1]."""
   feats, logits = net.outputs(images)
   mu, sigma = fid.gaussian_stats(feats)
-  is_mean, is_std = metrics.inception_score(logits, splits=min(is_splits, len(images)), from_logits=True)
+  # IS splits are contiguous chunks; samples come class by class, so split a fixed random permutation (a
+  # split holding one class would score ≈ 1 however good the samples are).
+  order = np.random.default_rng(0).permutation(len(logits))
+  is_mean, is_std = metrics.inception_score(logits[order], splits=min(is_splits, len(images)), from_logits=True)
   precision, recall = metrics.precision_recall(ref.features, feats, k=pr_k)
   return {"fid": fid.frechet_distance(mu, sigma, ref.mu, ref.sigma), "is": float(is_mean), "is_std": float(is_std),
           "precision": float(precision), "recall": float(recall), "num_samples": int(len(images)),
