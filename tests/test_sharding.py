@@ -79,7 +79,11 @@ def _losses():
   }
 
 
-OPTIMIZER = optax.adam(1e-2)
+# Adam's first update is lr·g/(|g| + eps) ≈ lr·sign(g): with eps = 1e-8 a gradient entry that cancels to ~1e-6
+# over the batch turns float reduction-order noise (which any change of device count brings) into an O(lr)
+# difference (seen: one entry in 4096, 5e-5 relative). A larger eps keeps the update a smooth function of
+# the gradient, so what is compared is the gradient the sharded step computes.
+OPTIMIZER = optax.adam(1e-2, eps=1e-4)
 
 
 def stage(kind, fsdp=1, num_steps=3, crash_at=None, rows=slice(None)):
@@ -93,9 +97,9 @@ def stage(kind, fsdp=1, num_steps=3, crash_at=None, rows=slice(None)):
                      frozen=frozen, log_every=1, ckpt_every=2, fsdp=fsdp, fsdp_min_size=FSDP_MIN_SIZE)
 
 
-def rel(a, b):
-  """max over leaves of ‖a − b‖∞ / ‖b‖∞."""
-  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))) / np.max(np.abs(y)))
+def rel(a, b, reduce=max):
+  """max (or `reduce`) over leaves of ‖a − b‖∞ / ‖b‖∞."""
+  return reduce(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))) / np.max(np.abs(y)))
              for x, y in zip(jax.tree.leaves(parallel.to_host(a)), jax.tree.leaves(parallel.to_host(b))))
 
 
@@ -105,7 +109,8 @@ def _worker(out_dir):
   report = {"partitionable": bool(jax.config.jax_threefry_partitionable)}
   for kind in ("stage_one", "round"):
     one, _ = train.run_stage(stage(kind), os.path.join(out_dir, kind, "one"), devices=jax.devices()[:1])
-    entry = {"moved": rel(one, stage(kind).init_params), "devices_one": len(jax.tree.leaves(one)[0].sharding.device_set)}
+    entry = {"moved": rel(stage(kind).init_params, one, min),
+             "devices_one": len(jax.tree.leaves(one)[0].sharding.device_set)}
     for name, fsdp in (("data8", 1), ("data4_fsdp2", 2)):
       got, _ = train.run_stage(stage(kind, fsdp), os.path.join(out_dir, kind, name))
       entry[name] = rel(got, one)
@@ -156,7 +161,9 @@ def _process_worker(out_dir, process_id, port):
 
 
 def _env(devices):
-  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  # XLA's lowest CPU backend optimisation compiles ~2x faster; the test compares layouts, not speed.
+  flags = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices} "
+           "--xla_backend_optimization_level=0")
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
 
 
@@ -173,8 +180,13 @@ def report(tmp_path_factory):
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out), str(i), str(port)], cwd=ROOT,
-                            env=_env(DEVICES // 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
+                            env=_env(DEVICES // 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:  # one that failed leaves the other waiting for it
+      p.kill()
   for p, (stdout, stderr) in zip(procs, outs):
     assert p.returncode == 0, stderr[-4000:]
   result["two_processes"] = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outs]
@@ -186,7 +198,7 @@ def report(tmp_path_factory):
 def test_eight_devices_train_what_one_device_trains(report, kind, layout):
   r = report[kind]
   assert r["devices_one"] == 1 and r[f"devices_{layout}"] == DEVICES
-  assert r["moved"] > 1e-3, r  # three updates moved the parameters: the comparison is not vacuous
+  assert r["moved"] > 1e-2, r  # three updates moved every parameter: the comparison is not vacuous
   assert r[layout] <= TOL, r
 
 
