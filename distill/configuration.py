@@ -69,6 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
       start_steps=0,                    # first teacher steps of the single-w and two-student chains (0 = distill's)
   ))
 
+  c.mesh = ml_collections.ConfigDict(dict(
+      fsdp=1,                           # devices on the mesh's 'fsdp' axis; the rest form the data axis
+      fsdp_min_size=2**18,              # with fsdp > 1: parameters (and their Adam/EMA state) this large are sharded
+  ))
+
   c.sample = ml_collections.ConfigDict(dict(
       num_steps=128,                    # teacher DDIM steps (CFG: 2 evaluations each)
       w_values=(0.0, 0.3, 1.0, 2.0, 4.0),
@@ -206,6 +211,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive_int(c, "sample.per_cell")
   _positive_int(c, "sample.max_grid_classes")
   _positive_int(c, "sample.batch_size")
+  _positive_int(c, "mesh.fsdp")
+  if isinstance(c.mesh.fsdp_min_size, bool) or not isinstance(c.mesh.fsdp_min_size, int) or c.mesh.fsdp_min_size < 0:
+    _fail("mesh.fsdp_min_size", c.mesh.fsdp_min_size, "must be an integer >= 0")
   if not c.sample.w_values:
     _fail("sample.w_values", tuple(c.sample.w_values), "must name at least one guidance strength")
   for w in tuple(c.sample.w_values) + tuple(c.eval.agreement_w):

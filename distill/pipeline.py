@@ -92,6 +92,7 @@ def run_teacher(ctx: Context):
       batch_fn=batch_fn(ctx.train_source, tc.batch_size, c.seed),
       seed=c.seed, ema_decay=tc.ema_decay, log_every=tc.log_every, ckpt_every=tc.ckpt_every,
       skip_nonfinite=tc.skip_nonfinite, images_per_step=tc.batch_size, lr_schedule=schedule,
+      fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size,
       meta={"kind": "cfg_teacher", "sampler": "ddim", "num_sampling_steps": c.sample.num_steps,
             "parameterization": c.model.parameterization})
   stage_dir = ctx.stage_dir("teacher")
@@ -155,7 +156,8 @@ def _distill_stage(ctx, name, loss_fn, init, frozen, num_steps, optimizer, sched
   return train.Stage(name=name, loss_fn=loss_fn, init_params=init, optimizer=optimizer, num_steps=num_steps,
                      batch_fn=batch_fn(ctx.train_source, c.batch_size, ctx.config.seed), seed=ctx.config.seed,
                      ema_decay=ema, frozen=frozen, log_every=c.log_every, ckpt_every=c.ckpt_every,
-                     images_per_step=c.batch_size, lr_schedule=schedule, meta=meta)
+                     images_per_step=c.batch_size, lr_schedule=schedule, meta=meta,
+                     fsdp=ctx.config.mesh.fsdp, fsdp_min_size=ctx.config.mesh.fsdp_min_size)
 
 
 def run_stage_one_into(ctx: Context, name: str, w_min: float, w_max: float, w_conditioned: bool):
