@@ -149,6 +149,21 @@ def check_catalogue(experiments=None) -> list[str]:
   return problems
 
 
+
+def check_passthrough(values, main_flags, fail):
+  """What a launcher passes on to distill.main: no control characters in any value (a newline could end a
+  script line), and only distill.main --flags after `--`, none that the launcher itself owns."""
+  for value in [*values, *main_flags]:
+    if value and any(ord(c) < 32 or ord(c) == 127 for c in value):
+      fail(f"{value!r}: control characters (such as newlines) are not allowed in values")
+  for flag in main_flags:
+    if not flag.startswith("--"):
+      fail(f"{flag!r} after --: distill.main takes only --flags, e.g. --config.teacher.lr=1e-4")
+    if flag == "--dry-run":
+      fail("--dry-run after --: it would go to distill.main; put it before --")
+    if flag.split("=", 1)[0] in ("--config", "--workdir"):
+      fail(f"{flag!r} after --: use this script's --config/--workdir or --experiment/--root instead")
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -60,16 +60,8 @@ def job_flags(args) -> list[str]:
     if not os.path.isfile(os.path.join(REPO, path)):
       fail(f"--config={args.config}: {path} is not a file in this repository")
     flags = [f"--config={args.config}", f"--workdir={args.workdir}"]
-  for value in [args.config, args.workdir, args.experiment, args.root, *args.env, *args.main_flags]:
-    if value and any(ord(c) < 32 or ord(c) == 127 for c in value):
-      fail(f"{value!r}: control characters (such as newlines) are not allowed in values")
-  for flag in args.main_flags:
-    if not flag.startswith("--"):
-      fail(f"{flag!r} after --: distill.main takes only --flags, e.g. --config.teacher.lr=1e-4")
-    if flag == "--dry-run":
-      fail("--dry-run after --: it would go to distill.main; put it before --")
-    if flag.split("=", 1)[0] in ("--config", "--workdir"):
-      fail(f"{flag!r} after --: use this script's --config/--workdir or --experiment/--root instead")
+  experiments.check_passthrough([args.config, args.workdir, args.experiment, args.root, *args.env],
+                                 args.main_flags, fail)
   return flags + args.main_flags
 
 
