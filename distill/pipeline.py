@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from distill import data as data_lib
-from distill import models, samplers, schedules, train, writers
+from distill import models, parallel, samplers, schedules, train, writers
 from distill.evaluation import classifier as classifier_lib
 from distill.evaluation import protocol
 from distill.methods import guided, progressive
@@ -331,11 +331,19 @@ def guided_ddim(params, z, labels, w, *, model, parameterization: str, logsnr_fn
 
 def sample_in_chunks(fn, z, labels, w, chunk: int):
   """fn over rows in chunks of exactly `chunk` rows (the last one padded), so every call of a jitted
-  sampler has one shape and compiles once. z [B, ...], labels [B], w [B] → [B, ...] numpy."""
+  sampler has one shape and compiles once. With several devices each chunk (rounded up to a multiple of
+  the device count) is split over them (`parallel.batch_sharding`). z [B, ...], labels [B], w [B] → [B, ...]
+  numpy."""
+  sharding = None
+  if jax.device_count() > 1 and jax.process_count() == 1:
+    chunk = -(-chunk // jax.device_count()) * jax.device_count()
+    sharding = parallel.batch_sharding(parallel.make_mesh())
   outs = []
   for i in range(0, len(z), chunk):
     pad = max(0, i + chunk - len(z))
     part = [jnp.concatenate([a[i:i + chunk], jnp.repeat(a[-1:], pad, axis=0)]) for a in (z, labels, w)]
+    if sharding is not None:
+      part = [jax.device_put(a, sharding) for a in part]
     outs.append(np.asarray(fn(*part))[:chunk - pad])
   return np.concatenate(outs)
 

@@ -142,6 +142,25 @@ def _worker(out_dir):
   draw = lambda k: jax.random.normal(k, (BATCH,) + SHAPE)
   sharded = jax.jit(draw, out_shardings=parallel.batch_sharding(parallel.make_mesh(2)))(key)
   report["rng_sharded_equal"] = bool(np.array_equal(sharded, jax.jit(draw)(key)))
+
+  # Evaluation sampling splits each chunk over the devices and returns what one device returns.
+  from distill import pipeline, samplers
+  from distill.testing import GaussianMixture
+  gmm = GaussianMixture.random(0, num_classes=3, shape=(2, 2, 1))
+  seen = []
+
+  jitted = jax.jit(lambda z, labels, w: samplers.ddim_sample(
+      samplers.guided_denoiser(gmm.model_fn, labels, w, gmm.num_classes), z, schedules.cosine_logsnr, 8).x)
+
+  def sample(z, labels, w):
+    seen.append(len(z.sharding.device_set))
+    return jitted(z, labels, w)
+
+  z = jax.random.normal(jax.random.PRNGKey(3), (37, 2, 2, 1))
+  labels, w = jnp.arange(37) % 3, jnp.linspace(0.0, 4.0, 37)
+  got = pipeline.sample_in_chunks(sample, z, labels, w, 12)  # chunks of 16 rows: 2 per device
+  one = np.concatenate([np.asarray(jitted(z[i:i + 1], labels[i:i + 1], w[i:i + 1])) for i in range(37)])
+  report["sampling"] = {"devices": seen[0], "rel": rel(got, one)}
   return report
 
 
@@ -223,6 +242,10 @@ def test_two_processes_train_what_one_device_trains(report):
   for r in report["two_processes"]:  # each process sees the same global parameters
     assert r["sharded"] and r["rel"] <= TOL and r["final_rel"] <= TOL, r
     assert r["checkpoint_steps"] == [2], r
+
+
+def test_evaluation_sampling_is_split_over_the_devices(report):
+  assert report["sampling"]["devices"] == DEVICES and report["sampling"]["rel"] <= TOL, report["sampling"]
 
 
 def test_random_draws_do_not_depend_on_the_layout(report):
