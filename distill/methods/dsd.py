@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 from distill import diffusion, train
+from distill.methods import teacher as teacher_lib
 from distill.methods.guided import XFn, cond_uncond, weighted_regression
 from distill.schedules import LogSNRFn
 
@@ -223,14 +224,8 @@ def training_loss(v_fn, *, logsnr_fn: LogSNRFn, distill_steps: int, alpha: float
 
   def loss_fn(params, frozen, batch, rng):
     del frozen
-    x, labels = batch["image"], batch["label"]
-    k_t, k_eps, k_drop, k_dropout = jax.random.split(rng, 4)
-    t = jax.random.uniform(k_t, (x.shape[0],))
-    logsnr = logsnr_fn(t)
-    eps = jax.random.normal(k_eps, x.shape, x.dtype)
-    z = diffusion.q_sample(x, eps, logsnr)
-    if p_uncond > 0:
-      labels = jnp.where(jax.random.uniform(k_drop, labels.shape) < p_uncond, null_label, labels)
+    x = batch["image"]
+    t, logsnr, eps, z, labels, k_dropout = teacher_lib.noised_batch(batch, rng, logsnr_fn, p_uncond, null_label)
     v_hat = v_fn(params, z, logsnr, labels, train=True, rng=k_dropout)
     v_mse = jnp.mean((v_hat - diffusion.v_from_x_eps(x, eps, logsnr)) ** 2)
 
