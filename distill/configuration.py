@@ -14,7 +14,7 @@ from distill import diffusion
 DATA_NAMES = ("digits", "cifar10", "imagenet64", "npz", "mixture")
 SCHEDULES = ("cosine", "linear_beta", "scaled_linear_beta")
 STAGES = ("teacher", "stage_one", "distill_deterministic", "distill_stochastic", "single_w", "two_student",
-          "encoder", "evaluate")
+          "encoder", "sfd", "sfd_v", "sfd_one_nfe", "dsd", "tsd", "training_dsd", "evaluate")
 
 
 class ConfigError(ValueError):

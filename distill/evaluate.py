@@ -15,18 +15,19 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill import models, pipeline, train, writers
+from distill import configuration, models, pipeline, train, writers
 from distill.evaluation import classifier as classifier_lib
 from distill.evaluation import inception, protocol, report
 
-CHAINS = ("stage_one", "distill_deterministic", "distill_stochastic", "single_w", "two_student")
-
+# Stages whose directories hold students to score (the encoder chain maps images to noise: not sampled).
+STUDENT_STAGES = tuple(s for s in configuration.STAGES if s not in ("teacher", "encoder", "evaluate"))
 
 class EvaluationError(ValueError):
   """Bad evaluation input (a missing weight file, an unreadable samples file): one line, exit code 2."""
@@ -54,9 +55,9 @@ def reference(ctx: pipeline.Context, net: protocol.FeatureNet) -> protocol.Refer
 
 
 def finished_students(workdir: str):
-  """(name, stage_dir) of every finished student stage in the workdir, in pipeline order."""
+  """(name, stage_dir) of every finished student stage in the workdir, in pipeline-stage order."""
   out = []
-  for top in CHAINS:
+  for top in STUDENT_STAGES:
     root = os.path.join(workdir, top)
     if not os.path.isdir(root):
       continue
@@ -68,7 +69,10 @@ def finished_students(workdir: str):
 
 
 def method_of(name: str, meta: dict) -> tuple[str, str]:
-  """(method, sampler) of a student stage for the report: both halving chains are 'guided PD' (D / S)."""
+  """(method, sampler) of a student stage for the report: meta's own 'method' and 'report_sampler' when it
+  names them; otherwise guided distillation's names (both halving chains are 'guided PD', D / S)."""
+  if "method" in meta:
+    return meta["method"], meta.get("report_sampler", "deterministic")
   sampler = "stochastic" if meta["sampler"] == "stochastic" else "deterministic"
   top = name.split("/")[0]
   if top == "single_w":
@@ -76,31 +80,57 @@ def method_of(name: str, meta: dict) -> tuple[str, str]:
   return {"stage_one": "stage one", "two_student": "two-student"}.get(top, "guided PD"), sampler
 
 
-def teacher_evals_per_update(stage_kind: str, batch_size: int) -> int:
-  """Teacher network evaluations (per example, times the batch) one update of a stage costs: stage one's
-  CFG target and every round's two teacher steps cost 2; the two-student pair's two steps cost 4."""
-  return batch_size * (4 if stage_kind == "two_student" else 2)
+def evals_per_update(meta: dict) -> tuple[float, float]:
+  """(teacher, student) network evaluations per example of one update. A meta that states them is taken at its
+  word; guided distillation's stages: stage one's CFG target and a round's two teacher steps cost 2 teacher
+  evaluations, the two-student pair's two steps 4; the student evaluates once (the pair twice)."""
+  if "teacher_evals_per_update" in meta:
+    return float(meta["teacher_evals_per_update"]), float(meta.get("student_evals_per_update", 1))
+  pair = meta.get("stage_kind") == "two_student"
+  return (4.0 if pair else 2.0), (2.0 if pair else 1.0)
 
 
 def chain_costs(metas: dict[str, dict], batch_size: int) -> dict[str, dict]:
-  """Distillation cost of each student including every stage before it in its chain (stage one for the
-  halving chains; the single-w stage one for single-w rounds), excluding the teacher's own training."""
-  own = {name: {"student_updates": int(m.get("num_steps", 0)), "train_seconds": float(m.get("train_seconds", 0.0)),
-                "teacher_evals": int(m.get("num_steps", 0)) * teacher_evals_per_update(m.get("stage_kind", ""),
-                                                                                       batch_size)}
-         for name, m in metas.items()}
-  costs = {}
+  """Distillation cost of each student including every stage it was built on, excluding the teacher's own
+  training: the stages a meta lists in 'cost_parents' (and theirs); without that list, guided distillation's
+  chains (earlier rounds of the same chain with more steps, and its stage one).
+  Returns {name: {student_updates, teacher_evals, student_evals, train_seconds}} (evaluations are per-example
+  network evaluations summed over the batch)."""
+  own = {}
   for name, m in metas.items():
+    updates = int(m.get("num_steps", 0))
+    examples = updates * int(m.get("batch_size", batch_size))
+    teacher, student = evals_per_update(m)
+    own[name] = {"student_updates": updates, "train_seconds": float(m.get("train_seconds", 0.0)),
+                 "teacher_evals": int(round(examples * teacher)), "student_evals": int(round(examples * student))}
+
+  def members(name: str, seen: frozenset = frozenset()) -> set[str]:
+    if name in seen:
+      raise ValueError(f"cost_parents of {name!r} form a cycle")
+    m = metas[name]
+    if "cost_parents" in m:
+      out = {name}
+      for parent in m["cost_parents"]:
+        if parent in metas:
+          out |= members(parent, seen | {name})
+      return out
     chain = os.path.dirname(name)
-    members = [name]
-    if chain:
-      members = [o for o, om in metas.items() if os.path.dirname(o) == chain
-                 and om["num_sampling_steps"] >= m["num_sampling_steps"]]
-      base = {"distill_deterministic": "stage_one", "distill_stochastic": "stage_one"}.get(chain, f"{chain}/stage_one")
-      if base in own and base not in members:
-        members.append(base)
-    costs[name] = {k: sum(own[o][k] for o in members) for k in ("student_updates", "train_seconds", "teacher_evals")}
-  return costs
+    if not chain:
+      return {name}
+    out = {o for o, om in metas.items() if os.path.dirname(o) == chain
+           and om["num_sampling_steps"] >= m["num_sampling_steps"]}
+    base = {"distill_deterministic": "stage_one", "distill_stochastic": "stage_one"}.get(chain, f"{chain}/stage_one")
+    if base in own:
+      out.add(base)
+    return out
+
+  keys = ("student_updates", "teacher_evals", "student_evals", "train_seconds")
+  return {name: {k: sum(own[o][k] for o in members(name)) for k in keys} for name in metas}
+
+
+def eval_steps(meta: dict) -> list[int]:
+  """The step counts a student is scored at: meta's 'eval_steps' (one model, several counts) or its own."""
+  return [int(n) for n in meta.get("eval_steps", [meta["num_sampling_steps"]])]
 
 
 def _save_row_grid(path: str, x: np.ndarray, labels: np.ndarray, per_class: int, num_classes: int, image_size: int):
@@ -136,7 +166,7 @@ def run_stage(ctx: pipeline.Context):
   teacher_fn = functools.partial(pipeline.guided_ddim, pipeline.teacher_params(ctx), model=teacher,
                                  parameterization=c.model.parameterization, logsnr_fn=ctx.logsnr_fn,
                                  null_label=ctx.null_label, clip=c.sample.clip)
-  student_steps = sorted({m["num_sampling_steps"] for _, m in metas.values()})
+  student_steps = sorted({n for _, m in metas.values() for n in eval_steps(m)})
   jobs = []  # (method, sampler, w, steps, nfe, sample fn, checkpoint, cost)
   for w in e.w_values:
     for steps in sorted(set(student_steps) | {c.sample.num_steps}):
@@ -149,10 +179,9 @@ def run_stage(ctx: pipeline.Context):
       if not lo <= w <= hi:
         continue  # a single-w student is scored at its own w only
       method, sampler = method_of(name, meta)
-      evals = 2 if meta["kind"] == "two_student" else 1
-      fn = pipeline.student_sample_fn(ctx, pipeline.student_model(ctx, meta["w_conditioned"]), params, meta)
-      jobs.append((method, sampler, w, meta["num_sampling_steps"], evals * meta["num_sampling_steps"], fn, name,
-                   costs[name]))
+      for steps in eval_steps(meta):
+        fn, nfe = pipeline.student_sampler(ctx, params, meta, steps)
+        jobs.append((method, sampler, w, steps, nfe, fn, name, costs[name]))
 
   grid_dir = os.path.join(ctx.workdir, "eval_grids")
   os.makedirs(grid_dir, exist_ok=True)
@@ -166,7 +195,7 @@ def run_stage(ctx: pipeline.Context):
     if agreement_clf is not None:
       row["class_agreement"] = classifier_lib.class_agreement(agreement_clf, x, np.asarray(labels), k)
     rows.append(row)
-    tag = f"{method.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}_{sampler}_w{w:g}_{steps}"
+    tag = re.sub(r"[^A-Za-z0-9.+-]+", "_", method).strip("_") + f"_{sampler}_w{w:g}_{steps}"
     _save_row_grid(os.path.join(grid_dir, tag + ".png"), x, np.asarray(labels), e.per_class, k, ctx.image_shape[0])
     elapsed = time.time() - start
     eta = elapsed / done * (len(jobs) - done)

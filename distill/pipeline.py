@@ -11,6 +11,7 @@ command after an interruption continues where it stopped.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import time
@@ -288,9 +289,21 @@ def run_evaluate(ctx: Context):
   evaluate.run_stage(ctx)
 
 
+def _lazy(module: str, name: str):
+  """A registry entry that imports its method's module when first called (the method modules build on this one)."""
+  return lambda *args, **kwargs: getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
+# Stage name (config.pipeline) -> fn(ctx). Each stage writes under WORKDIR/<name>/; every directory below it
+# holding a finished `train.run_stage` (final/) is a student the evaluate stage scores, as its meta describes.
 STAGES = {"teacher": run_teacher, "stage_one": run_stage_one, "distill_deterministic": run_distill_deterministic,
           "distill_stochastic": run_distill_stochastic, "single_w": run_single_w, "two_student": run_two_student,
-          "encoder": run_encoder, "evaluate": run_evaluate}
+          "encoder": run_encoder,
+          "sfd": _lazy("distill.stages.sfd", "run_sfd"), "sfd_v": _lazy("distill.stages.sfd", "run_sfd_v"),
+          "sfd_one_nfe": _lazy("distill.stages.sfd", "run_second_stage"),
+          "dsd": _lazy("distill.stages.dsd", "run_dsd"), "tsd": _lazy("distill.stages.dsd", "run_tsd"),
+          "training_dsd": _lazy("distill.stages.dsd", "run_training_dsd"),
+          "evaluate": run_evaluate}
 
 
 def run(config, workdir: str, train_source=None):
@@ -378,13 +391,56 @@ def sample_student(params, z, labels, w, rng, *, x_fn, logsnr_fn, num_steps, sam
   return samplers.ddim_sample(den, z, logsnr_fn, num_steps, clip=clip).x
 
 
-def student_sample_fn(ctx: Context, model, params, meta, num_steps=None, sampler=None):
-  """fn(z, labels, w) sampling the student a checkpoint's meta describes (its own steps and sampler by default)."""
+def _guided_student_sampler(ctx: Context, params, meta, num_steps: int, sampler: str | None = None):
+  """The built-in samplers of guided-PD students ('ddim', 'stochastic'): one evaluation per step (two for a
+  two-student pair)."""
   rng = jax.random.PRNGKey(ctx.config.seed + 7)
-  return lambda z, labels, w: sample_student(
-      params, z, labels, w, rng, x_fn=x_fn_of(ctx, model), logsnr_fn=ctx.logsnr_fn,
-      num_steps=int(num_steps or meta["num_sampling_steps"]), sampler=sampler or meta["sampler"],
-      pair=meta["kind"] == "two_student", null_label=ctx.null_label, clip=ctx.config.sample.clip)
+  pair = meta["kind"] == "two_student"
+  x_fn = x_fn_of(ctx, student_model(ctx, meta["w_conditioned"]))
+  fn = lambda z, labels, w: sample_student(
+      params, z, labels, w, rng, x_fn=x_fn, logsnr_fn=ctx.logsnr_fn, num_steps=int(num_steps),
+      sampler=sampler or meta["sampler"], pair=pair, null_label=ctx.null_label, clip=ctx.config.sample.clip)
+  return fn, (2 if pair else 1) * int(num_steps)
+
+
+def _cfg_sampler(ctx: Context, params, meta, num_steps: int):
+  """'cfg_ddim': a model of the CFG teacher's architecture (no w input) guided at sampling, 2 evaluations per step."""
+  c = ctx.config
+  model = models.unet_from_config(c.model, c.data)
+  fn = functools.partial(guided_ddim, params, model=model, parameterization=c.model.parameterization,
+                         logsnr_fn=ctx.logsnr_fn, null_label=ctx.null_label, clip=c.sample.clip,
+                         num_steps=int(num_steps))
+  return fn, 2 * int(num_steps)
+
+
+# meta['sampler'] of a student checkpoint -> fn(ctx, params, meta, num_steps) -> (sample_fn(z, labels, w) -> x,
+# network evaluations per sample). z: [B, H, W, C] VP noise N(0, I) (every method maps the same noise),
+# labels [B] int32, w [B] float32; x in [-1, 1]. 'encoder' checkpoints are not sampled.
+STUDENT_SAMPLERS = {
+    "ddim": functools.partial(_guided_student_sampler, sampler="ddim"),
+    "stochastic": functools.partial(_guided_student_sampler, sampler="stochastic"),
+    "cfg_ddim": _cfg_sampler,
+    "sfd": _lazy("distill.stages.sfd", "sample_fn"),
+}
+
+
+def student_sampler(ctx: Context, params, meta, num_steps=None, sampler=None):
+  """(fn(z, labels, w) -> x, evaluations per sample) for the student a checkpoint's meta describes, at its own
+  step count and sampler unless given (a guided-PD student can be sampled 'ddim' or 'stochastic')."""
+  num_steps = int(num_steps or meta["num_sampling_steps"])
+  sampler = sampler or meta["sampler"]
+  if sampler not in STUDENT_SAMPLERS:
+    raise ValueError(f"sampler {sampler!r} of this checkpoint is not one of {sorted(STUDENT_SAMPLERS)}")
+  if sampler != meta["sampler"] and meta["sampler"] not in ("ddim", "stochastic"):
+    raise ValueError(f"a {meta['sampler']!r} checkpoint samples with {meta['sampler']!r} only, not {sampler!r}")
+  return STUDENT_SAMPLERS[sampler](ctx, params, meta, num_steps)
+
+
+def student_sample_fn(ctx: Context, model, params, meta, num_steps=None, sampler=None):
+  """fn(z, labels, w) sampling the student a checkpoint's meta describes (its own steps and sampler by default).
+  `model` is rebuilt from the meta; the argument stays for callers that already hold it."""
+  del model
+  return student_sampler(ctx, params, meta, num_steps, sampler)[0]
 
 
 def _student_grid(ctx: Context, name: str, model, params, meta, seed: int = 1):

@@ -73,19 +73,23 @@ def checkpoint_sampler(stage_dir: str, *, steps: int | None = None, sampler: str
                            sampler=sampler)
     nfe = 2 * steps
   else:
-    sampler = {"deterministic": "ddim"}.get(sampler, sampler) or meta["sampler"]
+    own = meta["sampler"]
+    sampler = {"deterministic": "ddim"}.get(sampler, sampler) or own
     steps = steps or trained_steps
-    if sampler not in ("ddim", "stochastic"):
-      raise SamplingError(f"--sampler={sampler!r}: a distilled student samples with 'deterministic' or 'stochastic'")
-    if not force and (steps != trained_steps or sampler != meta["sampler"]):
-      raise SamplingError(f"--steps={steps} --sampler={sampler}: this checkpoint was distilled for {trained_steps} "
-                          f"{meta['sampler']} steps; pass --force to sample it anyway")
-    if force and (steps != trained_steps or sampler != meta["sampler"]):
-      print(f"[sample] note: distilled for {trained_steps} {meta['sampler']} steps, sampling {steps} {sampler} "
+    if own == "encoder":
+      raise SamplingError(f"--checkpoint={stage_dir!r}: a distilled encoder maps images to noise; sample a student "
+                          "(use it with --mode=style_transfer)")
+    allowed = ("ddim", "stochastic") if own in ("ddim", "stochastic") else (own,)
+    if sampler not in allowed:
+      raise SamplingError(f"--sampler={sampler!r}: this checkpoint samples with {' or '.join(map(repr, allowed))}")
+    own_steps = [int(n) for n in meta.get("eval_steps", [trained_steps])]
+    if not force and (steps not in own_steps or sampler != own):
+      raise SamplingError(f"--steps={steps} --sampler={sampler}: this checkpoint was distilled for "
+                          f"{'/'.join(map(str, own_steps))} {own} steps; pass --force to sample it anyway")
+    if force and (steps not in own_steps or sampler != own):
+      print(f"[sample] note: distilled for {'/'.join(map(str, own_steps))} {own} steps, sampling {steps} {sampler} "
             "steps as forced")
-    model = pipeline.student_model(ctx, meta["w_conditioned"])
-    fn = pipeline.student_sample_fn(ctx, model, params, meta, num_steps=steps, sampler=sampler)
-    nfe = (2 if meta["kind"] == "two_student" else 1) * steps
+    fn, nfe = pipeline.student_sampler(ctx, params, meta, num_steps=steps, sampler=sampler)
   return ctx, fn, steps, sampler, nfe
 
 

@@ -89,11 +89,46 @@ def test_chain_costs_accumulate_along_each_chain():
            "single_w/w1/stage_one": m("stage_one", 64, 60, 6.0),
            "single_w/w1/N0004": m("deterministic", 4, 70, 7.0)}
   c = evaluate.chain_costs(metas, batch_size=8)
-  assert c["stage_one"] == {"student_updates": 100, "train_seconds": 10.0, "teacher_evals": 100 * 16}
+  assert c["stage_one"] == {"student_updates": 100, "train_seconds": 10.0, "teacher_evals": 100 * 16,
+                            "student_evals": 100 * 8}
   assert c["distill_deterministic/N0016"] == {"student_updates": 150, "train_seconds": 13.0,
-                                              "teacher_evals": 150 * 16}
-  assert c["two_student/N0002"] == {"student_updates": 90, "train_seconds": 9.0, "teacher_evals": 90 * 32}
+                                              "teacher_evals": 150 * 16, "student_evals": 150 * 8}
+  assert c["two_student/N0002"] == {"student_updates": 90, "train_seconds": 9.0, "teacher_evals": 90 * 32,
+                                    "student_evals": 90 * 16}
   assert c["single_w/w1/N0004"]["student_updates"] == 130
+
+
+def test_chain_costs_follow_stated_evaluations_and_cost_parents():
+  """A method that states its evaluations per update and its parents is costed by them, not by the guided
+  chains' directory rule (independent students under one stage directory are not summed)."""
+  def m(n, updates, seconds, teacher, student, parents, batch=4):
+    return {"num_sampling_steps": n, "num_steps": updates, "train_seconds": seconds, "batch_size": batch,
+            "teacher_evals_per_update": teacher, "student_evals_per_update": student, "cost_parents": parents}
+
+  metas = {"sfd/N0004": m(4, 30, 3.0, 12.0 / 3, 2.0, []),
+           "sfd/N0003": m(3, 20, 2.0, 9.0 / 2, 1.5, []),
+           "sfd_one_nfe": m(1, 10, 1.0, 0.0, 1.0, ["sfd/N0004"], batch=2),
+           "dsd/DSDI": m(2, 40, 4.0, 0.0, 2.5, [])}
+  c = evaluate.chain_costs(metas, batch_size=999)  # every meta states its own batch size
+  assert c["sfd/N0003"] == {"student_updates": 20, "train_seconds": 2.0, "teacher_evals": 20 * 4 * 9 // 2,
+                            "student_evals": 20 * 4 * 3 // 2}
+  assert c["sfd_one_nfe"] == {"student_updates": 40, "train_seconds": 4.0, "teacher_evals": 30 * 4 * 4,
+                              "student_evals": 10 * 2 + 30 * 4 * 2}
+  assert c["dsd/DSDI"]["teacher_evals"] == 0 and c["dsd/DSDI"]["student_evals"] == 400
+  metas["sfd/N0004"]["cost_parents"] = ["sfd_one_nfe"]
+  with pytest.raises(ValueError, match="cycle"):
+    evaluate.chain_costs(metas, batch_size=1)
+
+
+def test_method_and_steps_come_from_meta_when_stated():
+  meta = {"sampler": "sfd", "w_range": [0.0, 4.0], "num_sampling_steps": 4, "method": "SFD-v",
+          "report_sampler": "deterministic", "eval_steps": [2, 3, 4, 5]}
+  assert evaluate.method_of("sfd_v", meta) == ("SFD-v", "deterministic")
+  assert evaluate.eval_steps(meta) == [2, 3, 4, 5]
+  assert evaluate.eval_steps({"num_sampling_steps": 8}) == [8]
+  assert evaluate.STUDENT_STAGES[:2] == ("stage_one", "distill_deterministic")
+  assert "sfd" in evaluate.STUDENT_STAGES and "dsd" in evaluate.STUDENT_STAGES
+  assert "encoder" not in evaluate.STUDENT_STAGES and "teacher" not in evaluate.STUDENT_STAGES
 
 
 def test_load_samples_reads_uint8_and_float_and_rejects_bad_files(tmp_path):
@@ -139,3 +174,37 @@ def test_inception_score_does_not_depend_on_the_sample_order():
   onehot = np.repeat(np.eye(10), 30, axis=0).reshape(300, 10, 1, 1)  # class-sorted, confident, balanced
   ref = protocol.Reference(np.zeros(2), np.eye(2), np.zeros((5, 2)), 5)
   assert protocol.score(net, ref, onehot, is_splits=10)["is"] > 8.0
+
+
+def _tiny_ctx(tmp_path):
+  from distill import configuration, pipeline
+  config = configuration.base_config()
+  config.model.ch, config.model.ch_mult, config.model.num_res_blocks = 8, (1,), 1
+  config.model.attn_resolutions, config.model.num_groups = (), 4
+  return pipeline.Context(config, str(tmp_path))
+
+
+def test_student_sampler_registry_dispatches_on_the_checkpoint_sampler(tmp_path):
+  """'cfg_ddim' is the CFG teacher's guided DDIM (2 evaluations per step); a guided-PD student's 'ddim' costs
+  one per step and may switch to 'stochastic'; other checkpoints sample with their own sampler only."""
+  import jax
+  import jax.numpy as jnp
+  from distill import models, pipeline
+  ctx = _tiny_ctx(tmp_path)
+  c = ctx.config
+  teacher = models.unet_from_config(c.model, c.data)
+  params = pipeline.init_params(teacher, ctx.image_shape, 0)
+  z = jax.random.normal(jax.random.PRNGKey(0), (3,) + ctx.image_shape)
+  labels, w = jnp.array([0, 1, 2]), jnp.array([0.0, 1.0, 2.0])
+  fn, nfe = pipeline.student_sampler(ctx, params, {"sampler": "cfg_ddim", "num_sampling_steps": 3})
+  direct = pipeline.guided_ddim(params, z, labels, w, model=teacher, parameterization=c.model.parameterization,
+                                logsnr_fn=ctx.logsnr_fn, num_steps=3, null_label=ctx.null_label, clip=True)
+  assert nfe == 6
+  np.testing.assert_array_equal(np.asarray(fn(z, labels, w)), np.asarray(direct))
+  student_meta = {"sampler": "ddim", "num_sampling_steps": 4, "kind": "w_student", "w_conditioned": True}
+  assert pipeline.student_sampler(ctx, None, student_meta)[1] == 4
+  assert pipeline.student_sampler(ctx, None, dict(student_meta, kind="two_student"), num_steps=2)[1] == 4
+  with pytest.raises(ValueError, match="not one of"):
+    pipeline.student_sampler(ctx, params, {"sampler": "heun", "num_sampling_steps": 3})
+  with pytest.raises(ValueError, match="samples with 'cfg_ddim' only"):
+    pipeline.student_sampler(ctx, params, {"sampler": "cfg_ddim", "num_sampling_steps": 3}, sampler="stochastic")

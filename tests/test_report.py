@@ -108,11 +108,12 @@ def test_inception_labels_and_optional_tables():
 
 def test_cost_table(rows):
   rows[3].update(student_updates=1000, teacher_evals=256_000, train_seconds=90.0)
-  rows[5].update(student_updates=4000, teacher_evals=1_024_000, train_seconds=2 * 3600.0)
+  rows[5].update(student_updates=4000, teacher_evals=1_024_000, student_evals=512_000, train_seconds=2 * 3600.0)
   text = report.markdown_report(rows, title="t")
-  assert "| method | student updates | teacher evaluations | wall-clock | best classifier-FID |" in text
-  assert "| guided PD | 4,000 | 1,024,000 | 2.0 h | 5.00 (w = 0, 8 steps, S) |" in text
-  assert "| single-w | — | — | — | 30.00 (w = 1, 4 steps, D) |" in text
+  assert ("| method | student updates | teacher evaluations | student evaluations | wall-clock | "
+          "best classifier-FID |") in text
+  assert "| guided PD | 4,000 | 1,024,000 | 512,000 | 2.0 h | 5.00 (w = 0, 8 steps, S) |" in text
+  assert "| single-w | — | — | — | — | 30.00 (w = 1, 4 steps, D) |" in text
 
 
 def test_mixing_metrics_and_malformed_rows_raise(rows):

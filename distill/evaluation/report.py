@@ -6,7 +6,8 @@ A row is one evaluated cell, a dict with keys
   w: float, steps: int, nfe: int (network evaluations; a guided step costs 2),
   fid: float, is: float | None, precision: float | None, recall: float | None,
   num_samples: int, metric: "inception" | "classifier", seed: int, checkpoint: str,
-and optional cost fields train_seconds, teacher_evals, student_updates.
+and optional cost fields student_updates, teacher_evals, student_evals (network evaluations during
+training, per example, summed over batches), train_seconds.
 
 All rows of a report share one metric: an Inception FID and a classifier-FID are different
 numbers, so mixing them raises. matplotlib is imported inside the plot functions only.
@@ -28,7 +29,7 @@ _REQUIRED = ("method", "sampler", "w", "steps", "nfe", "fid", "num_samples", "me
 # (row key, header name, number format, direction) in table order.
 _TABLES = (("fid", "FID", ".2f", "lower is better"), ("is", "IS", ".2f", "higher is better"),
            ("precision", "precision", ".3f", "higher is better"), ("recall", "recall", ".3f", "higher is better"))
-_COST_KEYS = ("student_updates", "teacher_evals", "train_seconds")
+_COST_KEYS = ("student_updates", "teacher_evals", "student_evals", "train_seconds")
 
 
 def metric_label(metric: str, quantity: str = "FID") -> str:
@@ -202,7 +203,8 @@ def cost_table(rows: Iterable[Row]) -> list[str]:
     else:
       line.append(MISSING)
     body.append(line)
-  header = ["method", "student updates", "teacher evaluations", "wall-clock", f"best {metric_label(metric)}"]
+  header = ["method", "student updates", "teacher evaluations", "student evaluations", "wall-clock",
+            f"best {metric_label(metric)}"]
   return _markdown_table(header, body)
 
 
