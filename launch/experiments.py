@@ -149,7 +149,6 @@ def check_catalogue(experiments=None) -> list[str]:
   return problems
 
 
-
 def check_passthrough(values, main_flags, fail):
   """What a launcher passes on to distill.main: no control characters in any value (a newline could end a
   script line), and only distill.main --flags after `--`, none that the launcher itself owns."""
@@ -163,6 +162,34 @@ def check_passthrough(values, main_flags, fail):
       fail("--dry-run after --: it would go to distill.main; put it before --")
     if flag.split("=", 1)[0] in ("--config", "--workdir"):
       fail(f"{flag!r} after --: use this script's --config/--workdir or --experiment/--root instead")
+
+
+def job_flags(args, fail, location: str = "DIR", check_location=None) -> list[str]:
+  """distill.main's flags from a launcher's arguments: --config with --workdir, or --experiment with --root; then
+  the flags after `--`. `location` names what --workdir/--root must be in messages ('gs://BUCKET/DIR');
+  check_location(flag, value) rejects a location the launcher cannot use (it calls `fail`)."""
+  check = check_location or (lambda flag, value: None)
+  if bool(args.config) == bool(args.experiment):
+    fail("give either --config (with --workdir) or --experiment (with --root)")
+  if args.experiment:
+    if args.workdir or not args.root:
+      fail(f"--experiment takes --root={location} (not --workdir); the run writes to ROOT/EXPERIMENT")
+    check("--root", args.root)
+    try:
+      flags = main_flags(args.experiment, args.root)
+    except UnknownExperiment:
+      fail(f"--experiment={args.experiment}: unknown; python launch/experiments.py list names them")
+  else:
+    if args.root or not args.workdir:
+      fail(f"--config takes --workdir={location} (not --root)")
+    check("--workdir", args.workdir)
+    path = args.config.partition(":")[0]
+    if not os.path.isfile(os.path.join(REPO, path)):
+      fail(f"--config={args.config}: {path} is not a file in this repository")
+    flags = [f"--config={args.config}", f"--workdir={args.workdir}"]
+  check_passthrough([args.config, args.workdir, args.experiment, args.root, *args.env], args.main_flags, fail)
+  return flags + args.main_flags
+
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],

@@ -44,25 +44,7 @@ def fail(message: str):
 
 def job_flags(args) -> list[str]:
   """distill.main's flags: from --config and --workdir, or --experiment and --root; then those after --."""
-  if bool(args.config) == bool(args.experiment):
-    fail("give either --config (with --workdir) or --experiment (with --root)")
-  if args.experiment:
-    if args.workdir or not args.root:
-      fail("--experiment takes --root=DIR (not --workdir); the run writes to ROOT/EXPERIMENT")
-    try:
-      flags = experiments.main_flags(args.experiment, args.root)
-    except experiments.UnknownExperiment:
-      fail(f"--experiment={args.experiment}: unknown; python launch/experiments.py list names them")
-  else:
-    if args.root or not args.workdir:
-      fail("--config takes --workdir=DIR (not --root)")
-    path = args.config.partition(":")[0]
-    if not os.path.isfile(os.path.join(REPO, path)):
-      fail(f"--config={args.config}: {path} is not a file in this repository")
-    flags = [f"--config={args.config}", f"--workdir={args.workdir}"]
-  experiments.check_passthrough([args.config, args.workdir, args.experiment, args.root, *args.env],
-                                 args.main_flags, fail)
-  return flags + args.main_flags
+  return experiments.job_flags(args, fail)
 
 
 def batch_script(args) -> str:

@@ -272,27 +272,7 @@ COMMANDS = {
 
 def job_flags(args) -> list[str]:
   """The flags of distill.main: from --config and --workdir, or --experiment and --root; then those after --."""
-  if bool(args.config) == bool(args.experiment):
-    fail("give either --config (with --workdir) or --experiment (with --root)")
-  if args.experiment:
-    if args.workdir or not args.root:
-      fail("--experiment takes --root=gs://BUCKET/DIR (not --workdir); the run writes to ROOT/EXPERIMENT")
-    _check_bucket("--root", args.root)
-    try:
-      flags = experiments.main_flags(args.experiment, args.root)
-    except experiments.UnknownExperiment:
-      fail(f"--experiment={args.experiment}: unknown; python launch/experiments.py list names them")
-  else:
-    if args.root or not args.workdir:
-      fail("--config takes --workdir=gs://BUCKET/DIR (not --root)")
-    _check_bucket("--workdir", args.workdir)
-    path = args.config.partition(":")[0]
-    if not os.path.isfile(os.path.join(REPO, path)):
-      fail(f"--config={args.config}: {path} is not a file in this repository")
-    flags = [f"--config={args.config}", f"--workdir={args.workdir}"]
-  experiments.check_passthrough([args.config, args.workdir, args.experiment, args.root, *args.env],
-                                 args.main_flags, fail)
-  return flags + args.main_flags
+  return experiments.job_flags(args, fail, "gs://BUCKET/DIR", _check_bucket)
 
 
 def _check_bucket(flag: str, value: str):
