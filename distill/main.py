@@ -1,13 +1,27 @@
 """Entry point: `python -m distill.main --config=configs/digits.py --workdir=runs/digits`.
 
 Any config field is overridable: `--config.teacher.num_steps=500 --config.model.ch_mult="(1,2)"`.
-Bad flags or config values print one line naming the field, the value and what is allowed, exit with
-code 2, and write nothing.
+
+Exit codes:
+  0  done, or stopped on request (SIGTERM, SIGINT, a preemption notice): the running stage finished its step
+     and saved a checkpoint; one line says where, and the same command resumes there.
+  1  a run that cannot go on (a non-finite loss, a checkpoint that cannot be written, e.g. on a full disk):
+     one line `error: …` naming the stage and step; the last good checkpoint is kept.
+  2  bad input (flags, config values, data files, checkpoints): one line naming the field, the value and
+     what is allowed; nothing is written.
+
+Several processes (`--mode=train` only): `jax.distributed.initialize` runs before JAX is used, from
+--coordinator_address/--num_processes/--process_id, or, with no such flags, from the environment (Cloud
+TPU, SLURM, Open MPI; JAX_COORDINATOR_ADDRESS). --distributed=auto does so when the environment says the
+job has several processes (see `_multi_process_environment`); on a TPU pod slice whose environment does not
+say so, pass --distributed=on. Process 0 alone prints progress and writes files other than checkpoints.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -39,7 +53,17 @@ _OUT = flags.DEFINE_string("out", None, "sample: output prefix (default: inside 
 _SAMPLES = flags.DEFINE_string("samples", None, "evaluate: an .npz of samples ('images' uint8 or [-1, 1] floats) "
                                 "to score against --config's data set, instead of --checkpoint.")
 _FORCE = flags.DEFINE_bool("force", False, "sample: allow a step count or sampler the checkpoint was not distilled for.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "train: call jax.distributed.initialize. auto: when the coordinator flags are given "
+                                 "or the environment says there are several processes (JAX_COORDINATOR_ADDRESS, "
+                                 "SLURM, Open MPI, TPU_WORKER_HOSTNAMES); on: always (JAX detects Cloud TPU, SLURM "
+                                 "and Open MPI); off: one process.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "train, several processes: HOST:PORT of process 0's "
+                                   "coordinator (with --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "train, several processes: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "train, several processes: this one's id, 0..num_processes-1.")
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
@@ -181,6 +205,86 @@ def _enable_compilation_cache():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def _multi_process_environment() -> str | None:
+  """The environment variable that says this process is one of several (for --distributed=auto), or None.
+
+  SLURM: the step's task count when srun set it (a batch script itself runs once, whatever SLURM_NTASKS says)."""
+  env = os.environ
+
+  def count(var):
+    try:
+      return int(env.get(var, "1"))
+    except ValueError:
+      return 1
+
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']}"
+  slurm = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+  for var in (slurm, "OMPI_COMM_WORLD_SIZE", "MEGASCALE_NUM_SLICES"):
+    if count(var) > 1:
+      return f"{var}={env[var]}"
+  hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  if len(hosts) > 1:
+    return f"TPU_WORKER_HOSTNAMES lists {len(hosts)} hosts"
+  return None
+
+
+def _init_distributed():
+  """jax.distributed.initialize as --distributed and the coordinator flags say, before JAX is used.
+  Bad flag values: one line, exit 2; an initialisation that fails: one line, exit 1."""
+  explicit = {"--coordinator_address": _COORDINATOR.value, "--num_processes": _NUM_PROCESSES.value,
+              "--process_id": _PROCESS_ID.value}
+  given = [f"{k}={v}" for k, v in explicit.items() if v is not None]
+  if _MODE.value != "train":
+    if given or _DISTRIBUTED.value == "on":
+      fail(f"--mode={_MODE.value} runs as one process; {' '.join(given) or '--distributed=on'} is for --mode=train")
+    return
+  if _DISTRIBUTED.value == "off":
+    if given:
+      fail(f"--distributed=off contradicts {' '.join(given)}; drop one")
+    return
+  if given and len(given) < 3:
+    missing = [k for k, v in explicit.items() if v is None]
+    fail(f"{' '.join(given)}: also needs {' and '.join(missing)} (or none of them, to read the environment)")
+  if given:
+    address, n, pid = _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}", address) or not (
+        0 < int(address.rsplit(":", 1)[1]) < 65536):
+      fail(f"--coordinator_address={address!r}: must be HOST:PORT with a port in 1..65535, e.g. 10.0.0.1:8476")
+    if n < 1:
+      fail(f"--num_processes={n}: must be a positive integer")
+    if not 0 <= pid < n:
+      fail(f"--process_id={pid}: must lie in 0..{n - 1} (--num_processes={n})")
+    source = "flags"
+  else:
+    source = _multi_process_environment()
+    if source is None and _DISTRIBUTED.value == "auto":
+      return
+    source = source or "--distributed=on"
+  import jax
+  try:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except (ValueError, TypeError) as e:  # JAX found no cluster to read the missing values from
+    found = "" if source == "--distributed=on" else f" ({source})"
+    fail(f"--distributed={_DISTRIBUTED.value}{found}: jax.distributed.initialize found no cluster to read the "
+         f"processes from ({_one_line(e)}); pass --coordinator_address, --num_processes and --process_id, or "
+         "--distributed=off")
+  except Exception as e:  # noqa: BLE001 — a coordinator that cannot be reached, a timeout
+    print(f"error: jax.distributed.initialize ({source}) failed: {_one_line(e)}", file=sys.stderr)
+    sys.exit(EXIT_FAILED)
+  if jax.process_index() == 0:
+    print(f"distributed: {jax.process_count()} processes, {jax.device_count()} devices "
+          f"({jax.local_device_count()} here; from {source})")
+
+
+def _write_json_atomically(path: str, value):
+  """A killed run leaves the old file or the new one, never half of one (a rerun reads it)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
 def _check_inception_weights(config):
   """Before anything is written: a pipeline that ends in Inception metrics needs their weight file."""
   from distill.evaluation import inception, protocol
@@ -227,6 +331,7 @@ def _check_teacher_dir(config):
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  _init_distributed()  # before JAX is used: it fixes which devices JAX sees
   _enable_compilation_cache()
   sys.stdout.reconfigure(line_buffering=True)  # progress lines reach `tail -f` of a redirected log as they happen
   if _MODE.value == "style_transfer":
@@ -267,21 +372,38 @@ def main(argv):
   workdir = _WORKDIR.value or default_workdir(config_arg)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     fail(f"--workdir={workdir}: exists and is not a directory")
-  from distill import pipeline
+  import jax
+  from distill import parallel, pipeline, train
+  main_process = jax.process_index() == 0
   resolved = json.loads(config.to_json_best_effort())
   config_path = os.path.join(workdir, "config.json")
   if os.path.exists(config_path) and not _ALLOW_CHANGE.value:
-    with open(config_path) as f:
-      saved = json.load(f)
+    try:
+      with open(config_path) as f:
+        saved = json.load(f)
+    except ValueError as e:
+      fail(f"{config_path}: unreadable ({_one_line(e)}); delete it to run this config in {workdir}")
     diff = _first_difference(saved, resolved)
     if diff:
       fail(f"{workdir} holds a run with another config ({diff}); use another --workdir or --allow_config_change")
-  os.makedirs(workdir, exist_ok=True)
-  with open(config_path, "w") as f:
-    json.dump(resolved, f, indent=1, sort_keys=True)
-  print(f"workdir: {workdir}")
-  summary = pipeline.run(config, workdir, train_source=train_source)
-  print(f"done: wall-clock per stage (s): {summary.get('wall_clock_seconds')}")
+  if main_process:
+    os.makedirs(workdir, exist_ok=True)
+    _write_json_atomically(config_path, resolved)
+    print(f"workdir: {workdir}")
+  parallel.sync_processes("main: workdir ready")
+  train.install_stop_handlers()
+  try:
+    summary = pipeline.run(config, workdir, train_source=train_source)
+  except train.Stopped as e:
+    if main_process:
+      print(f"stopped: {e.message}. To resume, run the same command again: "
+            f"{shlex.join(['python', '-m', 'distill.main', *sys.argv[1:]])}")
+    sys.exit(0)
+  except train.TrainingError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_FAILED)
+  if main_process:
+    print(f"done: wall-clock per stage (s): {summary.get('wall_clock_seconds')}")
 
 
 def run():

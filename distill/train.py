@@ -11,13 +11,29 @@ once with its shardings (replicated, or FSDP-sharded with fsdp > 1), each host b
 split over the batch axes, and the jitted step's out_shardings pin the state's layout, so the state
 never moves between steps. On one device this is today's single-device step; on more, the same
 computation up to the order of float reductions (random draws do not depend on the layout).
+
+Stopping and faults (what a preempted or full machine does to a run):
+  - SIGTERM / SIGINT (`install_stop_handlers`): the handler only records the request. The running stage
+    finishes the step it is in, saves a checkpoint at that step and raises `Stopped`; `distill.main` prints
+    where it stopped and exits 0, and the same command resumes there. With jax.distributed, JAX's
+    preemption service owns SIGTERM: a notice on any process makes every process agree on one step
+    (`multihost_utils.reached_preemption_sync_point`, a local flag read per step, no collective).
+  - SIGKILL at any moment: checkpoints and `final/` are committed by an atomic rename, so the next run
+    resumes from the last complete one, and the result is bit-identical to an uninterrupted run.
+  - A checkpoint that cannot be written (full disk, …): `CheckpointWriteError` naming stage, step and
+    error; the previous checkpoint is untouched (Orbax writes into a temporary directory first).
+  - An unreadable latest checkpoint: the previous one is restored, with a message (`restore_checkpoint`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import json
+import logging
 import os
+import signal
 import time
 from typing import Any, Callable
 
@@ -37,6 +53,124 @@ LossFn = Callable[[PyTree, PyTree, dict, jax.Array], tuple[jax.Array, dict]]
 
 class TrainingError(RuntimeError):
   """A run that cannot go on (non-finite loss, a checkpoint that does not fit)."""
+
+
+class CheckpointWriteError(TrainingError):
+  """A checkpoint or `final/` that could not be written (e.g. a full disk); the previous one is intact."""
+
+
+class Stopped(Exception):
+  """A stage stopped early on request (SIGTERM, SIGINT, a preemption notice) after saving its checkpoint.
+
+  Not an error: rerunning the same command resumes at `step`. `message` is the one line to print."""
+
+  def __init__(self, message: str, stage: str, step: int, num_steps: int, checkpoint: str | None):
+    super().__init__(message)
+    self.message, self.stage, self.step, self.num_steps, self.checkpoint = message, stage, step, num_steps, checkpoint
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+  """'Type: first line of the message' (cut at `limit`): an error from deep in Orbax, in a line."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"
+
+
+def _write_error(e: BaseException) -> str:
+  """A failed checkpoint write in a line; a full disk said first, as Orbax buries it deep in a long message."""
+  text = str(e)
+  if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in text or (
+      "os_error_code='28'" in text):
+    return f"the disk is full ({_one_line(e, 200)})"
+  return _one_line(e)
+
+
+@contextlib.contextmanager
+def _orbax_errors_held():
+  """Orbax's writer threads log a failed write with its traceback (a hundred lines for a full disk) before the
+  save raises it. Held here: dropped when the save raises (the trainer reports the error in one line), passed
+  on when it does not."""
+  absl_logger = logging.getLogger("absl")
+  held = []
+
+  class Hold(logging.Filter):
+    def filter(self, record):
+      if record.levelno >= logging.ERROR:
+        held.append(record)
+        return False
+      return True
+
+  hold = Hold()
+  absl_logger.addFilter(hold)
+  try:
+    yield
+  except BaseException:
+    absl_logger.removeFilter(hold)
+    raise
+  absl_logger.removeFilter(hold)
+  for record in held:
+    absl_logger.handle(record)
+
+
+# --- stopping on request ---------------------------------------------------------------------------------
+
+# The signal a handler recorded (None: none). The handler does nothing else: run_stage reads it after each
+# step, where stopping is safe.
+_STOP = {"signal": None}
+# Stop checks made by this process. Every process makes the same sequence of checks (stages and steps run in
+# the same order everywhere), so the count is a step id the processes share across stages, as JAX's
+# preemption sync point needs (a stage's own step restarts at 0 and could miss the agreed id).
+_STOP_CHECKS = [0]
+
+
+def _record_stop(signum, frame):  # noqa: ARG001 — the signal handler's signature
+  if signum == signal.SIGINT and _STOP["signal"] is not None:
+    raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+  _STOP["signal"] = signum
+
+
+def install_stop_handlers() -> list[int]:
+  """SIGTERM and SIGINT stop the running stage after its current step, with a checkpoint (see `Stopped`).
+  Call from the main thread. Returns the signals taken.
+
+  With jax.distributed initialised, JAX's preemption service has SIGTERM (a Python handler would take it
+  away and the processes could not agree on a step), and SIGINT keeps its KeyboardInterrupt: a Ctrl-C on one
+  process of several cannot be agreed on either. Several processes without jax.distributed (a TPU pod slice
+  run with --distributed=off) have no way to agree, so both signals keep their defaults there (a SIGTERM
+  kills; the next run resumes from the last periodic checkpoint)."""
+  if jax.distributed.is_initialized() or jax.process_count() > 1:
+    return []
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, _record_stop)
+  return [signal.SIGTERM, signal.SIGINT]
+
+
+def stop_requested() -> bool:
+  """Whether this process was asked to stop (for loops outside run_stage that can end early; one process's
+  answer, not an agreement across processes)."""
+  return _STOP["signal"] is not None
+
+
+def clear_stop_request():
+  """Forgets a recorded request (tests, or a caller that has acted on it)."""
+  _STOP["signal"] = None
+
+
+def agreed_stop() -> str | None:
+  """Whether to stop here, the same answer on every process: the reason (e.g. 'SIGTERM'), or None.
+
+  Every process must call it at the same points (run_stage calls it once per step and once at its start).
+  One process: the recorded signal. Several: JAX's preemption sync point, which turns a SIGTERM on any
+  process into one agreed call on all of them (sub-microsecond per call; the agreement runs in the
+  background only once a notice arrives)."""
+  _STOP_CHECKS[0] += 1
+  if jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service:
+    from jax.experimental import multihost_utils
+    if multihost_utils.reached_preemption_sync_point(_STOP_CHECKS[0]):
+      return "preemption notice (SIGTERM)"
+  if jax.process_count() > 1:
+    return None  # a signal recorded by one process alone cannot be agreed on
+  sig = _STOP["signal"]
+  return None if sig is None else signal.Signals(sig).name
 
 
 @dataclasses.dataclass
@@ -128,15 +262,24 @@ def _jitted_train_step(loss_fn, optimizer, ema_decay, skip_nonfinite, seed, layo
                  donate_argnums=(0,))
 
 
+class _CheckpointManager(ocp.CheckpointManager):
+  """Orbax's manager, minus its own look at JAX's preemption sync point: it would pass the stage's step as
+  the sync id, and the sync manager keeps the last id it was given, so the process-wide ids of
+  `agreed_stop` could then never meet the agreed one. The trainer decides when to save."""
+
+  def reached_preemption(self, step: int) -> bool:  # noqa: ARG002
+    return False
+
+
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
+  return _CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: dict, meta: dict):
   step = int(state["step"])
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             meta=ocp.args.JsonSave(meta)))
+                                             meta=ocp.args.JsonSave(meta)), force=True)
   manager.wait_until_finished()
 
 
@@ -149,8 +292,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, ste
       restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                             meta=ocp.args.JsonRestore()))
       if errors:
-        print(f"[checkpoint] restored step {s} after unreadable later checkpoint(s): {'; '.join(errors)}")
         if jax.process_index() == 0:
+          print(f"[checkpoint] restored step {s} after unreadable later checkpoint(s): {'; '.join(errors)}")
           for bad in steps[:steps.index(s)]:  # set aside, so the resumed run can write those steps again
             bad_dir = os.path.join(str(manager.directory), str(bad))
             os.replace(bad_dir, f"{bad_dir}.unreadable-{int(time.time())}")
@@ -158,7 +301,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, ste
         manager.reload()
       return restored["state"], restored["meta"]
     except Exception as e:  # noqa: BLE001 — any unreadable checkpoint: try the previous one
-      errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      errors.append(f"step {s}: {_one_line(e, 200)}")
   raise TrainingError(f"no readable checkpoint in {manager.directory}: {'; '.join(errors)}")
 
 
@@ -221,11 +364,17 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
   """Trains `stage`, resuming from its latest checkpoint; returns (final params, meta).
 
   A stage whose `final/` exists is skipped (its parameters are loaded). Final params are the EMA
-  params when the stage has EMA; they keep their training layout. Raises TrainingError on a non-finite
-  loss (without saving). devices: the mesh's devices (default: all; stage.fsdp sets its 'fsdp' axis).
+  params when the stage has EMA. With one process they keep their training layout; with several they are
+  numpy on every process (as a skipped stage's are), so that one process alone can sample with them.
+  devices: the mesh's devices (default: all; stage.fsdp sets its 'fsdp' axis).
+
+  Raises TrainingError on a non-finite loss (without saving), CheckpointWriteError when a checkpoint or
+  final/ cannot be written, and Stopped when asked to stop (`agreed_stop`): then the step in flight
+  finishes and is checkpointed first. Only the main process prints.
   """
+  say = print if is_main_process else (lambda *args, **kwargs: None)
   if os.path.isdir(os.path.join(stage_dir, "final")):
-    print(f"[{stage.name}] already finished; loading {stage_dir}/final")
+    say(f"[{stage.name}] already finished; loading {stage_dir}/final")
     return load_final_params(stage_dir)
 
   with_ema = stage.ema_decay is not None
@@ -237,7 +386,8 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
   state, state_shardings = place_state(init_state(init_params, stage.optimizer, with_ema), mesh,
                                        stage.fsdp_min_size)
   frozen = parallel.place(stage.frozen, parallel.replicated_shardings(mesh, stage.frozen))
-  manager = _manager(os.path.join(stage_dir, "checkpoints"), stage.keep_checkpoints)
+  ckpt_dir = os.path.join(stage_dir, "checkpoints")
+  manager = _manager(ckpt_dir, stage.keep_checkpoints)
   meta = dict(stage.meta, stage=stage.name, num_steps=stage.num_steps)
   saved_meta = {}
   if manager.latest_step() is not None:
@@ -245,16 +395,30 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
     state, saved_meta = restore_checkpoint(manager, abstract)
     if saved_meta.get("stage") != stage.name:
       raise TrainingError(f"{stage_dir}: checkpoint belongs to stage {saved_meta.get('stage')!r}, not {stage.name!r}")
-    print(f"[{stage.name}] resuming at step {int(state['step'])}/{stage.num_steps}")
+    say(f"[{stage.name}] resuming at step {int(state['step'])}/{stage.num_steps}")
+  start = int(state["step"])
+  where = f"stage {stage.meta.get('stage_kind', stage.name)}, round {stage.meta.get('round', '-')}"
+
+  def stopped(reason, step, saved):
+    if step >= stage.num_steps:
+      return Stopped(f"[{stage.name}] stopped by {reason} after finishing the stage ({stage_dir}/final written)",
+                     stage.name, step, stage.num_steps, None)
+    checkpoint = os.path.join(ckpt_dir, str(step)) if saved or manager.latest_step() == step else None
+    kept = f"checkpoint {checkpoint} saved" if saved else (
+        f"resumes from checkpoint {checkpoint}" if checkpoint else "no checkpoint yet: the stage restarts at step 0")
+    return Stopped(f"[{stage.name}] stopped by {reason} at step {step}/{stage.num_steps}; {kept}",
+                   stage.name, step, stage.num_steps, checkpoint)
+
+  if reason := agreed_stop():  # asked before this stage started: stop before compiling anything
+    raise stopped(reason, start, saved=False)
 
   train_step = jitted_train_step(stage.loss_fn, stage.optimizer, stage.ema_decay, stage.skip_nonfinite, stage.seed,
                                  state_shardings)
   writer = writers.MetricWriter(os.path.join(stage_dir, "tb"), enabled=is_main_process)
   progress = writers.ProgressReporter(total_steps=stage.num_steps, prefix=f"[{stage.name}]",
                                       batch_size=stage.images_per_step or None, every_seconds=None,
-                                      every_steps=stage.log_every)
+                                      every_steps=stage.log_every, print_fn=say)
   lr_fn = stage.lr_schedule
-  start = int(state["step"])
   session_start = time.time()
   prior_seconds = float(saved_meta.get("train_seconds", 0.0)) if start else 0.0
   last_t, last_step = session_start, start
@@ -264,37 +428,67 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
     nonlocal checked_nonfinite
     n = int(state["nonfinite"])
     if n > checked_nonfinite and not stage.skip_nonfinite:
-      raise TrainingError(f"[{stage.name}] non-finite loss or gradient before step {step} "
-                          f"(stage {stage.meta.get('stage_kind', stage.name)}, round {stage.meta.get('round', '-')}); "
+      raise TrainingError(f"[{stage.name}] non-finite loss or gradient before step {step} ({where}); "
                           "the last good checkpoint is kept. Lower the learning rate or set skip_nonfinite.")
     checked_nonfinite = n
 
-  for step in range(start, stage.num_steps):
-    batch = parallel.global_batch(stage.batch_fn(step), mesh)
-    state, metrics = train_step(state, frozen, batch)
-    done = step + 1
-    if done % stage.log_every == 0 or done == stage.num_steps:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      check_finite(done)
-      now = time.time()
-      if stage.images_per_step:
-        metrics["images_per_sec"] = stage.images_per_step * (done - last_step) / max(now - last_t, 1e-9)
-      if lr_fn is not None:
-        metrics["lr"] = float(lr_fn(step))
-      if skipped := int(state["nonfinite"]):
-        metrics["skipped_updates"] = float(skipped)
-      last_t, last_step = now, done
-      writer.write_scalars(done, metrics)
-      progress.update(done, {k: metrics[k] for k in ("loss", "grad_norm", "lr") if k in metrics})
-    if done % stage.ckpt_every == 0 and done != stage.num_steps:
-      check_finite(done)
-      meta["train_seconds"] = prior_seconds + time.time() - session_start
-      save_checkpoint(manager, state, meta)
+  def save(step):
+    previous = manager.latest_step()
+    meta["train_seconds"] = prior_seconds + time.time() - session_start
+    try:
+      with _orbax_errors_held():
+        save_checkpoint(manager, state, meta)
+    except Exception as e:  # noqa: BLE001 — a full disk reads ValueError('RESOURCE_EXHAUSTED …') from Orbax
+      kept = f"the checkpoint of step {previous} is intact" if previous is not None else "there is no earlier checkpoint"
+      raise CheckpointWriteError(f"[{stage.name}] could not save the checkpoint of step {step}/{stage.num_steps} "
+                                 f"({where}) in {ckpt_dir}: {_write_error(e)}; {kept}; free space (or fix the cause) "
+                                 "and run the same command again to resume") from e
+
+  reason = None
+  try:
+    for step in range(start, stage.num_steps):
+      batch = parallel.global_batch(stage.batch_fn(step), mesh)
+      state, metrics = train_step(state, frozen, batch)
+      done = step + 1
+      if done % stage.log_every == 0 or done == stage.num_steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(done)
+        now = time.time()
+        if stage.images_per_step:
+          metrics["images_per_sec"] = stage.images_per_step * (done - last_step) / max(now - last_t, 1e-9)
+        if lr_fn is not None:
+          metrics["lr"] = float(lr_fn(step))
+        if skipped := int(state["nonfinite"]):
+          metrics["skipped_updates"] = float(skipped)
+        last_t, last_step = now, done
+        writer.write_scalars(done, metrics)
+        progress.update(done, {k: metrics[k] for k in ("loss", "grad_norm", "lr") if k in metrics})
+      reason = agreed_stop()
+      if done != stage.num_steps and (done % stage.ckpt_every == 0 or reason):
+        check_finite(done)
+        save(done)
+      if reason and done != stage.num_steps:
+        raise stopped(reason, done, saved=True)
+  finally:
+    writer.close()
   check_finite(stage.num_steps)
   meta["train_seconds"] = prior_seconds + time.time() - session_start
   # No last checkpoint: `final/` (written atomically below) is what a finished stage is resumed as.
-  writer.close()
   final = state["ema_params"] if with_ema else state["params"]
   if is_main_process or jax.process_count() > 1:  # with several processes, every one takes part in the save
-    _save_final(stage_dir, parallel.to_host(final), meta, is_main_process)
+    host = parallel.to_host(final)
+    try:
+      with _orbax_errors_held():
+        _save_final(stage_dir, host, meta, is_main_process)
+    except Exception as e:  # noqa: BLE001 — as for checkpoints
+      previous = manager.latest_step()
+      kept = (f"the checkpoint of step {previous} is intact" if previous is not None else
+              "there is no checkpoint: the stage would restart")
+      raise CheckpointWriteError(f"[{stage.name}] could not write {stage_dir}/final after step {stage.num_steps} "
+                                 f"({where}): {_write_error(e)}; {kept}; free space (or fix the cause) and run the "
+                                 "same command again to resume") from e
+    if jax.process_count() > 1:
+      final = host
+  if reason:
+    raise stopped(reason, stage.num_steps, saved=False)
   return final, meta

@@ -170,9 +170,18 @@ def _process_worker(out_dir, process_id, port):
   assert jax.device_count() == DEVICES and jax.local_device_count() == DEVICES // 2
   rows = slice(process_id * BATCH // 2, (process_id + 1) * BATCH // 2)
   stage_dir = os.path.join(out_dir, "two_processes")
-  params, _ = train.run_stage(stage("stage_one", 2, rows=rows), stage_dir, is_main_process=process_id == 0)
+  st = stage("stage_one", 2, rows=rows)
+  params, _ = train.run_stage(st, stage_dir, is_main_process=process_id == 0)
   one, _ = train.load_final_params(os.path.join(out_dir, "stage_one", "one"))
-  report = {"rel": rel(params, one), "sharded": any(not a.is_fully_addressable for a in jax.tree.leaves(params))}
+  # The stage hands back host numpy (so process 0 can sample alone); its checkpoints restore as global arrays
+  # spread over both processes' devices.
+  mesh = parallel.make_mesh(st.fsdp)
+  init = parallel.place(st.init_params, parallel.param_shardings(mesh, st.init_params, st.fsdp_min_size))
+  state, _ = train.place_state(train.init_state(init, st.optimizer, st.ema_decay is not None), mesh, st.fsdp_min_size)
+  restored, _ = train.restore_checkpoint(train._manager(os.path.join(stage_dir, "checkpoints"), 2),
+                                         jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  report = {"rel": rel(params, one), "numpy": all(isinstance(a, np.ndarray) for a in jax.tree.leaves(params)),
+            "sharded": any(not a.is_fully_addressable and not a.is_fully_replicated for a in jax.tree.leaves(restored))}
   parallel.sync_processes("test: final written")
   report["final_rel"] = rel(train.load_final_params(stage_dir)[0], one)
   report["checkpoint_steps"] = sorted(int(d) for d in os.listdir(os.path.join(stage_dir, "checkpoints")) if d.isdigit())
@@ -240,7 +249,7 @@ def test_sharded_run_resumes_bit_identically(report):
 
 def test_two_processes_train_what_one_device_trains(report):
   for r in report["two_processes"]:  # each process sees the same global parameters
-    assert r["sharded"] and r["rel"] <= TOL and r["final_rel"] <= TOL, r
+    assert r["numpy"] and r["sharded"] and r["rel"] <= TOL and r["final_rel"] <= TOL, r
     assert r["checkpoint_steps"] == [2], r
 
 
