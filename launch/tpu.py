@@ -180,7 +180,12 @@ def install(args):
 
 
 def run(args):
-  execute(ssh(args, run_command(job_flags(args), args.env)), args.dry_run)
+  flags = job_flags(args)
+  if not any(f.split("=", 1)[0] == "--distributed" for f in flags):
+    # Every worker of a slice joins one jax.distributed job (JAX finds the slice's hosts itself, one host
+    # included); it also lets the workers agree on the step at which a preemption's SIGTERM stops them.
+    flags.append("--distributed=on")
+  execute(ssh(args, run_command(flags, args.env)), args.dry_run)
   if not args.dry_run:
     note(f"started on every worker; follow it with: python launch/tpu.py tail --name={args.name} --zone={args.zone}")
 

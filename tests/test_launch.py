@@ -91,10 +91,12 @@ def check_sequence(got, expected):
 
 
 def run_tokens(argv):
-  """distill.main's argument list inside the remote run command."""
+  """distill.main's argument list inside the remote run command, less the --distributed=on the script adds."""
   tokens = shlex.split(remote(argv))
   start = tokens.index("distill.main") + 1
-  return tokens[start:tokens.index(">>", start)]
+  flags = tokens[start:tokens.index(">>", start)]
+  assert flags[-1] == "--distributed=on"  # every worker joins one jax.distributed job
+  return flags[:-1]
 
 
 # --- tpu.py: the commands -----------------------------------------------------------------------------
@@ -249,7 +251,7 @@ def test_the_remote_run_command_runs_nothing_but_distill_main(tools, tmp_path):
     time.sleep(0.05)
   recorded = (home / "argv").read_text().split("\0")[:-1]
   assert recorded == [f"$(touch {home}/pwned5)", "-m", "distill.main", "--config=configs/digits.py",
-                      f"--workdir=gs://bkt/$(touch {home}/pwned4)", *overrides]
+                      f"--workdir=gs://bkt/$(touch {home}/pwned4)", *overrides, "--distributed=on"]
   assert not list(home.glob("pwned*"))
   assert (home / "distill.pid").read_text().strip().isdigit()
 
@@ -365,3 +367,9 @@ def test_slurm_bad_input(tools, args, message):
   proc = launch(tools, "slurm.py", "--dry-run", "--config=configs/digits.py", "--workdir=/s/r", *args)
   assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
   assert message in proc.stderr
+
+
+def test_run_keeps_a_distributed_flag_given_after_the_separator(tools):
+  [run] = commands(tools, "run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/d", "--", "--distributed=off")
+  tokens = shlex.split(remote(run))
+  assert tokens.count("--distributed=off") == 1 and "--distributed=on" not in tokens
