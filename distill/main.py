@@ -370,6 +370,9 @@ def main(argv):
 
   config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "config")
   workdir = _WORKDIR.value or default_workdir(config_arg)
+  if "://" in workdir:  # os.makedirs would make a local directory named 'gs:' and write there
+    fail(f"--workdir={workdir}: object-store URLs are not supported yet (the run's own files go through the local "
+         "file system); pass a local path or the bucket's mount point (e.g. gcsfuse)")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     fail(f"--workdir={workdir}: exists and is not a directory")
   import jax
