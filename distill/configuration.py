@@ -68,6 +68,46 @@ def base_config() -> ml_collections.ConfigDict:
       single_w=(1.0,),                  # 'single_w': a stage-one student and rounds per fixed w, no w input
       start_steps=0,                    # first teacher steps of the single-w and two-student chains (0 = distill's)
   ))
+  # SFD / SFD-v / one-NFE second stage (Zhou et al. 2024; distill/stages/sfd.py). Step counts are NFE (student
+  # network evaluations per sample, as the paper's tables count them); with AFS an NFE-n student takes n + 1 steps.
+  c.sfd = ml_collections.ConfigDict(dict(
+      nfe=(2, 3, 4, 5),                 # 'sfd': one student per entry
+      v_nfe=(2, 3, 4, 5),               # 'sfd_v': the list L of Alg. 6, one step-conditioned student
+      solver="dpmpp_3m", k=4,           # teacher solver and its sub-steps per student step (K)
+      metric="l1",                      # 'l1' | 'l2' | 'pseudo_huber'
+      afs=True, sigma_min=0.006, sigma_max=80.0, rho=7.0,
+      loss_form="global",               # 'global': an update per student step (Alg. 4); 'trajectory': per trajectory
+      batch_size=128, lr=5e-5,          # Adam, lr ÷ 10 halfway; no EMA
+      trajectories=200_000,             # teacher trajectories (examples) per SFD student; per entry of v_nfe for SFD-v
+      cfg_student=True,                 # distil the conditional teacher (w = 0), CFG on the student (2 NFE/step)
+      fixed_w=(),                       # and/or distil the teacher's CFG mix at each w here (1 NFE/step, that w only)
+      label_dropout=0.1,                # cfg students: null-label rows, so CFG's unconditional branch is distilled
+      one_nfe_from="sfd_v",             # 'sfd_one_nfe' starts from, and learns from, this stage's model
+      one_nfe_k=3,                      # its teacher's Euler steps per student step: the source model at NFE 2K − 1
+      one_nfe_lr=5e-4, one_nfe_trajectories=2_000_000,
+      log_every=100, ckpt_every=250,
+  ))
+  # Direct self-distillation (seed paper 004; distill/stages/dsd.py): 'dsd' (Alg. 2), 'tsd' (its frozen-teacher
+  # control), 'training_dsd' (Eq. 1). Defaults: Table 3's conditional (ImageNet-256) row and §5.
+  c.dsd = ml_collections.ConfigDict(dict(
+      kinds=("DSDN", "DSDI", "DSDGL", "DSDGEXP"),  # one student per schedule, in dsd/<KIND> and tsd/<KIND>
+      init="teacher",                   # start model: 'teacher' (the CFG teacher) | 'stage_one' (w-conditioned)
+      start_steps=64, end_steps=2,      # N of the first and last depths (even; DSDN stays at start_steps)
+      updates=5000,                     # P: parameter updates per schedule (as §5 counts them; see stages/dsd.py)
+      w_min=1.0, w_max=3.0,             # w ~ U[w_min, w_max] per trajectory (§5)
+      batch_size=64,                    # trajectories per update (the paper states none; ours)
+      lr=1e-7, lr_final_fraction=0.1,   # cosine annealing over P to lr·lr_final_fraction (Table 3, §5)
+      warmup_steps=0,                   # Appendix I mentions a warm-up without its length
+      adam_b1=0.99, adam_b2=0.999, grad_clip=1.0, ema_decay=0.9995,
+      weighting="truncated_snr",        # Alg. 2: max(e^λ, 1)
+      eval_steps=(2, 4, 8),             # step counts each student is scored at (Table 2)
+      log_every=100, ckpt_every=500,
+      # training DSD: the teacher stage's recipe (model, data, optimiser, EMA) with L = α·L_v + β·L_distill
+      training_steps=0,                 # 0: teacher.num_steps (the plain teacher is the same run at β = 0)
+      alpha=0.85, beta=0.15,            # §5.2
+      training_distill_steps=8,         # N of L_distill's steps t → t − 1/N → t − 2/N (the paper gives none; ours)
+      training_weighting="truncated_snr",
+  ))
 
   c.mesh = ml_collections.ConfigDict(dict(
       fsdp=1,                           # devices on the mesh's 'fsdp' axis; the rest form the data axis
@@ -131,6 +171,48 @@ def _get(c, field):
       raise ConfigError(f"config.{field} is missing")
     node = node[part]
   return node
+
+
+def _validate_sfd(c) -> None:
+  """The c.sfd section (SFD / SFD-v / one-NFE second stage)."""
+  from distill import solvers  # imported here, not at the top: methods.sfd pulls in the trainer (Orbax)
+  from distill.methods import sfd
+
+  for f in ("nfe", "v_nfe"):
+    v = tuple(_get(c, f"sfd.{f}"))
+    if not v or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in v) or len(set(v)) != len(v):
+      _fail(f"sfd.{f}", v, "must be a non-empty tuple of distinct positive integers (NFE per sample)")
+  _choice(c, "sfd.solver", tuple(solvers.SOLVERS))
+  _choice(c, "sfd.metric", sfd.DISTANCES)
+  _choice(c, "sfd.loss_form", ("global", "trajectory"))
+  _choice(c, "sfd.one_nfe_from", ("sfd", "sfd_v"))
+  for f in ("afs", "cfg_student"):
+    if not isinstance(_get(c, f"sfd.{f}"), bool):
+      _fail(f"sfd.{f}", _get(c, f"sfd.{f}"), "must be True or False")
+  for f in ("k", "batch_size", "trajectories", "one_nfe_trajectories", "log_every", "ckpt_every"):
+    _positive_int(c, f"sfd.{f}")
+  v = c.sfd.one_nfe_k
+  if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+    _fail("sfd.one_nfe_k", v, "must be an integer >= 2 (the teacher takes K steps per student step)")
+  _number(c, "sfd.sigma_min", 0.0, lo_open=True)
+  _number(c, "sfd.sigma_max", 0.0, lo_open=True)
+  if c.sfd.sigma_min >= c.sfd.sigma_max:
+    _fail("sfd.sigma_min", c.sfd.sigma_min, f"must be below sfd.sigma_max={c.sfd.sigma_max}")
+  _number(c, "sfd.rho", 0.0, lo_open=True)
+  for f in ("lr", "one_nfe_lr"):
+    _number(c, f"sfd.{f}", 0.0, 1.0, lo_open=True)
+  _number(c, "sfd.label_dropout", 0.0, 1.0, hi_open=True)
+  for w in c.sfd.fixed_w:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+      _fail("sfd.fixed_w", w, "guidance strengths must be finite numbers >= 0")
+  if not c.sfd.cfg_student and not tuple(c.sfd.fixed_w):
+    _fail("sfd.cfg_student", False, "with sfd.fixed_w=() no SFD variant is left; set one of them")
+  if "sfd_one_nfe" in c.pipeline:
+    teacher_nfe = (2 * c.sfd.one_nfe_k - 1) if c.sfd.afs else c.sfd.one_nfe_k
+    source = "sfd.nfe" if c.sfd.one_nfe_from == "sfd" else "sfd.v_nfe"
+    if teacher_nfe not in tuple(_get(c, source)):
+      _fail("sfd.one_nfe_k", c.sfd.one_nfe_k, f"its teacher is the sfd.one_nfe_from model at NFE {teacher_nfe}, "
+            f"which {source}={tuple(_get(c, source))} does not train")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -206,6 +288,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
       _fail("distill.grid_w" if w in tuple(c.distill.grid_w) else "baselines.single_w", w,
             "guidance strengths must be finite numbers >= 0")
+  _validate_sfd(c)
 
   _positive_int(c, "sample.num_steps")
   _positive_int(c, "sample.per_cell")
@@ -227,3 +310,61 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "pr_k"):
     _positive_int(c, f"eval.{f}")
   _choice(c, "eval.metric", ("auto", "classifier", "inception"))
+  _validate_dsd(c)
+
+
+def _validate_dsd(c) -> None:
+  from distill.methods import dsd  # the schedules' own rules (jax is already loaded by diffusion)
+  kinds = c.dsd.kinds
+  if (not isinstance(kinds, (tuple, list)) or not kinds or len(set(kinds)) != len(kinds)
+      or any(k not in dsd.SCHEDULE_KINDS for k in kinds)):
+    _fail("dsd.kinds", kinds, f"a non-empty tuple of distinct schedules from {', '.join(dsd.SCHEDULE_KINDS)}")
+  _choice(c, "dsd.init", ("teacher", "stage_one"))
+  for f in ("start_steps", "end_steps"):
+    v = c.dsd[f]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 2 or v % 2:
+      _fail(f"dsd.{f}", v, "must be an even integer >= 2 (a trajectory position spans two DDIM steps)")
+  start, end = c.dsd.start_steps, c.dsd.end_steps
+  if start < end:
+    _fail("dsd.end_steps", end, f"must not exceed dsd.start_steps={start}")
+  ratio = start // end
+  if "DSDI" in kinds and (start % end or ratio & (ratio - 1)):
+    _fail("dsd.start_steps", start, f"DSDI halves N: dsd.start_steps / dsd.end_steps={end} must be a power of two")
+  for f in ("updates", "batch_size", "log_every", "ckpt_every", "training_distill_steps"):
+    _positive_int(c, f"dsd.{f}")
+  if c.dsd.training_distill_steps < 3:
+    _fail("dsd.training_distill_steps", c.dsd.training_distill_steps, "must be >= 3 (rows need t >= 2/N)")
+  for kind in kinds:
+    steps = start if kind == "DSDN" else end
+    plan = dsd.depth_schedule(kind, start, 2 * c.dsd.updates, steps)
+    if any(u == 0 for _, u in plan):
+      _fail("dsd.updates", c.dsd.updates, f"too few for {kind} over N = {start} -> {steps}: depth "
+            f"N={next(n for n, u in plan if u == 0)} gets no trajectory; raise it or narrow the depths")
+  _number(c, "dsd.w_min", 0.0)
+  _number(c, "dsd.w_max", 0.0)
+  if c.dsd.w_min > c.dsd.w_max:
+    _fail("dsd.w_min", c.dsd.w_min, f"must not exceed dsd.w_max={c.dsd.w_max}")
+  _number(c, "dsd.lr", 0.0, 1.0, lo_open=True)
+  _number(c, "dsd.lr_final_fraction", 0.0, 1.0)
+  for f in ("warmup_steps", "training_steps"):
+    v = c.dsd[f]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+      _fail(f"dsd.{f}", v, "must be an integer >= 0")
+  if c.dsd.warmup_steps >= c.dsd.updates:
+    _fail("dsd.warmup_steps", c.dsd.warmup_steps, f"must be below dsd.updates={c.dsd.updates}")
+  for f in ("adam_b1", "adam_b2", "ema_decay"):
+    _number(c, f"dsd.{f}", 0.0, 1.0, hi_open=True)
+  _number(c, "dsd.grad_clip", 0.0, lo_open=True)
+  _choice(c, "dsd.weighting", diffusion.WEIGHTINGS)
+  _choice(c, "dsd.training_weighting", diffusion.WEIGHTINGS)
+  steps = c.dsd.eval_steps
+  if (not isinstance(steps, (tuple, list)) or not steps
+      or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in steps)):
+    _fail("dsd.eval_steps", steps, "must be a non-empty tuple of positive integers")
+  _number(c, "dsd.alpha", 0.0)
+  _number(c, "dsd.beta", 0.0)
+  if c.dsd.alpha == 0 and c.dsd.beta == 0:
+    _fail("dsd.beta", c.dsd.beta, "dsd.alpha and dsd.beta are both 0: the loss would be 0")
+  if "training_dsd" in c.pipeline and c.model.parameterization != "v":
+    _fail("model.parameterization", c.model.parameterization, "the 'training_dsd' stage trains v-prediction "
+          "(Eq. 1); allowed: 'v'")

@@ -1,0 +1,618 @@
+"""SFD, SFD-v and the one-NFE second stage (Zhou et al. 2024, Alg. 4–8) as pipeline stages.
+
+The pure pieces (grids, teacher trajectories, AFS, the global and trajectory losses, the SFD-v plan) live in
+`distill.methods.sfd`; this module turns them into `train.Stage`s on the run's CFG teacher.
+
+    WORKDIR/sfd/<variant>/N{nfe:04d}     one SFD student per entry of sfd.nfe           (stage 'sfd')
+    WORKDIR/sfd_v/<variant>              one step-conditioned student for all of sfd.v_nfe  (stage 'sfd_v')
+    WORKDIR/sfd_one_nfe/<variant>        the one-NFE student of Alg. 7                   (stage 'sfd_one_nfe')
+
+Step counts are NFE, as the paper's tables count them: network evaluations per sample of the student (a
+CFG-guided student makes two per step). With AFS (the default) an NFE-n student runs n + 1 Euler intervals on
+the EDM grid, the first one analytic (`sfd.analytical_first_step`): the SFD code's "num_steps = n + 2
+timestamps". Directory names, `num_sampling_steps`, `eval_steps` and the report's steps column are NFE.
+
+Guidance variants (`<variant>`), both data-free (a batch is noise and labels, no data set):
+  cfg   SFD §3.4: distil at guidance scale 1 — our w = 0, the conditional teacher — and guide the student at
+        sampling with classifier-free guidance, 2 evaluations per step at every w. A fraction
+        sfd.label_dropout of the rows carries the null label, so the unconditional branch that CFG needs at
+        sampling follows the teacher's unconditional trajectory too (our choice; the paper does not say).
+        Method names 'SFD (CFG)', 'SFD-v (CFG)', 'SFD one-NFE (CFG)'.
+  w{w}  the teacher's classifier-free mix at a fixed w (2 teacher evaluations per call) distilled into a
+        student without a w input, sampled at that w only (w_range [w, w]), 1 evaluation per step. One per
+        entry of sfd.fixed_w. Method names 'SFD (w=1)', ….
+
+Training form (sfd.loss_form):
+  global      the paper's Alg. 4/5/6: one optimizer step per student step. A trajectory of grid N takes N − 1
+              consecutive updates under AFS, each the loss of `sfd.global_loss` at step k = 1 … N − 1 from the
+              student's own detached rollout (k − 1 extra forward evaluations), in `padded_global_loss`'s form
+              (N traced: one compilation serves every N). The teacher trajectory of the trajectory's noise is
+              computed ONCE, by the batch function, and served to all its updates.
+  trajectory  `sfd.trajectory_loss`: the N − 1 step losses of a trajectory averaged into one update (gradients
+              all at the same parameters). On the 2-core CPU its scanned backward pass measured 9 s (N = 3)
+              and 24 s (N = 6) per update for the digits U-Net, against 0.16–0.6 s per global update: the
+              digits config uses 'global'.
+
+The batch function (`TrajectoryBatches`) is a pure function of the trainer step: the plan of (trajectory,
+N, k) per update is fixed by the seed, a trajectory's noise and labels come from a generator seeded by
+(seed, stage, trajectory), and the teacher states are a jitted, deterministic function of them. A one-entry
+cache keyed by the trajectory id means the teacher runs once per trajectory; after a resume it reruns for the
+trajectory in progress and serves the same numbers, so resumption stays bit-identical.
+
+Cost fields of every student's meta (the evaluate stage sums them into the report's cost table):
+teacher_evals_per_update = teacher evaluations of all the plan's trajectories / updates (a CFG teacher call
+counts 2), student_evals_per_update = mean forward evaluations per update (rollout included).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import zlib
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from distill import diffusion, models, parallel, pipeline, samplers, solvers, train, writers
+from distill.methods import sfd
+
+LOSS_FORMS = ("global", "trajectory")
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+
+
+def student_model(ctx: pipeline.Context, step_condition: bool):
+  """The student U-Net: the teacher's architecture (no w input), with the SFD-v step-count embedding if asked.
+  Dropout is distill.dropout (0: students fine-tune without dropout, as in guided PD)."""
+  c = ctx.config
+  model_cfg = c.model.copy_and_resolve_references()
+  model_cfg.dropout = c.distill.dropout
+  return models.unet_from_config(model_cfg, c.data, step_embedding=step_condition)
+
+
+def x_function(model, parameterization: str):
+  """The x-function of a U-Net that may take a step count (`models.x_function` plus steps):
+  x_fn(params, z [B,H,W,C], logsnr [B], labels [B], w [B] | None, *, train=False, rng=None, steps=[B] | None)."""
+  def x_fn(params, z, logsnr, labels, w, *, train: bool = False, rng=None, steps=None):
+    out = model.apply({"params": params}, z, logsnr, labels, w if model.w_embedding else None,
+                      steps if model.step_embedding else None, train=train,
+                      rngs={"dropout": rng} if (train and rng is not None) else {})
+    return diffusion.x_from_output(out, z, logsnr, parameterization)
+  return x_fn
+
+
+@functools.lru_cache(maxsize=32)
+def _x_function(model, parameterization: str):
+  return x_function(model, parameterization)
+
+
+def x_fn_of(ctx: pipeline.Context, model):
+  """One x-function per (model, parameterization) in the process, shared by runs and stages: jitted functions
+  take it as a static argument, so equal models reuse their compilations."""
+  return _x_function(model, ctx.config.model.parameterization)
+
+
+@functools.lru_cache(maxsize=8)
+def init_step_params(model, image_shape: tuple, seed: int):
+  """Fresh parameters of a step-conditioned U-Net (`pipeline.init_params` does not pass a step count)."""
+  b = 1
+  key = jax.random.PRNGKey(seed)
+  init = jax.jit(lambda key: model.init(key, jnp.zeros((b,) + tuple(image_shape)), jnp.zeros((b,)),
+                                        jnp.zeros((b,), jnp.int32), None, jnp.ones((b,), jnp.int32), train=False))
+  return init.lower(key).compile({"xla_backend_optimization_level": 0})(key)["params"]
+
+
+def student_init(ctx: pipeline.Context, model, params):
+  """`params` (a teacher's, or an SFD student's) as the initialisation of `model`: a step-conditioned student
+  keeps only its zero-initialised step embedding from its own init, so it starts equal to `params`' model."""
+  if not model.step_embedding:
+    return params
+  return pipeline._merge(init_step_params(model, ctx.image_shape, ctx.config.seed), params)
+
+
+# --- variants, grids, plans ------------------------------------------------------------------------------------
+
+
+class Variant(NamedTuple):
+  """A guidance variant: 'cfg' (teacher_w None, CFG at sampling) or a fixed teacher w."""
+  tag: str                  # directory name: 'cfg' or 'w1', 'w2.5'
+  teacher_w: float | None   # None: the conditional teacher (w = 0); else the CFG mix at this w
+
+  @property
+  def guided_sampling(self) -> bool:
+    return self.teacher_w is None
+
+  def method(self, base: str) -> str:
+    return f"{base} (CFG)" if self.teacher_w is None else f"{base} (w={self.teacher_w:g})"
+
+
+def variants(config) -> list[Variant]:
+  s = config.sfd
+  out = [Variant("cfg", None)] if s.cfg_student else []
+  return out + [Variant(f"w{float(w):g}", float(w)) for w in s.fixed_w]
+
+
+def grid_steps(nfe: int, afs: bool) -> int:
+  """Euler intervals of an NFE-n student: n + 1 with AFS (its first step costs no evaluation), else n."""
+  return int(nfe) + (1 if afs else 0)
+
+
+def student_sigmas(config, n: int) -> np.ndarray:
+  s = config.sfd
+  return sfd.student_grid(n, s.sigma_min, s.sigma_max, s.rho)
+
+
+def make_plan(form: str, num_trajectories: int, step_counts, afs: bool, seed: int) -> dict:
+  """Which trajectory, grid N and student step k every update serves. {'trajectory', 'num_steps',
+  'step_index'}: [U] int32, U the number of updates. 'global': `sfd.trajectory_plan` cut after
+  num_trajectories trajectories (N − 1 updates each under AFS). 'trajectory': one update per trajectory, N
+  drawn from step_counts as trajectory_plan draws it (the same N sequence for the same seed)."""
+  counts = [int(n) for n in step_counts]
+  if form == "global":
+    plan = sfd.trajectory_plan(num_trajectories * max(counts), counts, afs=afs, seed=seed)
+    used = int(np.sum(plan["trajectory"] < num_trajectories))  # trajectory_plan is sequential: a prefix
+    return {key: v[:used] for key, v in plan.items()}
+  if form != "trajectory":
+    raise ValueError(f"sfd: unknown loss form {form!r}; allowed: {LOSS_FORMS}")
+  first = 1 if afs else 0
+  if min(counts) <= first:
+    raise ValueError(f"make_plan: step_counts={step_counts} must be >= {first + 1} (afs={afs})")
+  rng = np.random.default_rng(seed)
+  num = [counts[rng.integers(len(counts))] for _ in range(num_trajectories)]
+  return {"trajectory": np.arange(num_trajectories, dtype=np.int32), "num_steps": np.asarray(num, np.int32),
+          "step_index": np.zeros(num_trajectories, np.int32)}
+
+
+def solver_evals(solver: solvers.Solver, sigmas, afs: bool = False) -> int:
+  """Network evaluations of one `solvers.integrate` run over the grid (before a CFG factor of 2)."""
+  s = solvers.check_grid(sigmas)
+  return sum(solvers.step_evals(solver, float(s[i + 1]), afs and i == 0) for i in range(len(s) - 1))
+
+
+def plan_costs(plan: dict, form: str, afs: bool, teacher_evals_of_n) -> dict:
+  """Per-example evaluation counts per update of a plan: teacher_evals_per_update (every trajectory the plan
+  starts, computed once, spread over the plan's updates) and student_evals_per_update (forward passes: the
+  global form's rollout to step k plus the trained step; the trajectory form's N − 1 steps under AFS)."""
+  updates = len(plan["step_index"])
+  starts = np.flatnonzero(np.diff(plan["trajectory"], prepend=-1))
+  teacher = sum(teacher_evals_of_n(int(n)) for n in plan["num_steps"][starts])
+  first = 1 if afs else 0
+  if form == "global":
+    student = np.mean(plan["step_index"] - first + 1)
+  else:
+    student = np.mean(plan["num_steps"] - first)
+  return {"teacher_evals_per_update": float(teacher) / updates, "student_evals_per_update": float(student)}
+
+
+# --- teacher trajectories, served by the batch function ------------------------------------------------------
+
+
+class TeacherSpec(NamedTuple):
+  """What a teacher trajectory is (hashable: the static argument of one jitted function for every stage)."""
+  x_fn: object                 # the teacher's x-function (models.x_function or `x_function` above)
+  solver: str                  # solvers.SOLVERS name
+  k: int                       # teacher sub-steps per student step
+  teacher_w: float | None      # None: conditional (w = 0); else CFG mix at this w (2 evaluations per call)
+  null_label: int
+  sigma_min: float
+  sigma_max: float
+  rho: float
+  afs: bool = False            # the teacher's own first step analytic (a distilled SFD teacher, Alg. 7)
+  step_count: bool = False     # the teacher takes the step count of its grid (an SFD-v teacher)
+
+
+def teacher_sigmas(spec: TeacherSpec, n: int) -> np.ndarray:
+  """The teacher's grid for a student grid of n intervals: the ρ-grid of n·K intervals (`sfd.refine_grid`)."""
+  return sfd.refine_grid(sfd.student_grid(n, spec.sigma_min, spec.sigma_max, spec.rho), spec.k, spec.rho)
+
+
+def teacher_evals(spec: TeacherSpec, n: int) -> int:
+  """Teacher network evaluations per example of one trajectory of a grid-n student (CFG counts 2)."""
+  per_call = 1 if spec.teacher_w is None else 2
+  return per_call * solver_evals(solvers.get_solver(spec.solver), teacher_sigmas(spec, n), spec.afs)
+
+
+def _teacher_denoiser(spec: TeacherSpec, params, labels, n: int) -> samplers.Denoiser:
+  steps = spec.k * n if spec.step_count else None
+
+  def model_fn(z, logsnr, y, w):
+    del w
+    extra = {"steps": jnp.full(y.shape, steps, jnp.int32)} if steps is not None else {}
+    return spec.x_fn(params, z, logsnr, y, None, **extra)
+
+  if spec.teacher_w is None:
+    return samplers.conditional_denoiser(model_fn, labels)
+  return samplers.guided_denoiser(model_fn, labels, jnp.full(labels.shape, spec.teacher_w, jnp.float32),
+                                  spec.null_label)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "n"))
+def teacher_states(params, noise, labels, *, spec: TeacherSpec, n: int):
+  """The teacher's states at the student grid points: [B, n+1, ...] (batch-major, so the batch axis splits over
+  devices), noise: [B, ...] N(0, I) (x_init = σ_max·noise), labels: [B]. One solver run over the refined grid,
+  read every K-th point (`sfd.teacher_trajectory`; with spec.afs the run's first step is analytic)."""
+  sigmas = teacher_sigmas(spec, n)
+  den = _teacher_denoiser(spec, params, labels, n)
+  traj, _ = solvers.solve_trajectory(solvers.get_solver(spec.solver), den, float(sigmas[0]) * noise, sigmas,
+                                     afs=spec.afs)
+  return jnp.moveaxis(traj[::spec.k], 0, 1)
+
+
+def trajectory_inputs(seed: int, stream: int, trajectory: int, batch_size: int, image_shape, num_classes: int,
+                      label_dropout: float):
+  """Noise [B, ...] float32 N(0, I) and labels [B] int32 (the null class num_classes with prob. label_dropout)
+  of one trajectory: a pure function of (seed, stream, trajectory)."""
+  rng = np.random.default_rng([seed, stream, trajectory])
+  noise = rng.standard_normal((batch_size,) + tuple(image_shape), dtype=np.float32)
+  labels = rng.integers(0, num_classes, batch_size).astype(np.int32)
+  drop = rng.random(batch_size) < label_dropout
+  return noise, np.where(drop, num_classes, labels).astype(np.int32)
+
+
+class TrajectoryBatches:
+  """step -> this process's rows of update `step`: {'noise' [b, ...], 'label' [b], 'step_index' int32,
+  'num_steps' int32 (the trajectory's grid N), 'teacher' [b, N+1, ...], or [b, pad_to+1, ...] padded} (numpy).
+  A pure function of the step; the teacher runs once per trajectory (a one-entry cache keyed by the plan's
+  trajectory id; `teacher_runs` counts its runs)."""
+
+  def __init__(self, plan: dict, teacher_fn, *, seed: int, stream: int, batch_size: int, image_shape,
+               num_classes: int, label_dropout: float, pad_to: int | None = None):
+    if batch_size % jax.device_count():
+      raise ValueError(f"sfd: batch size {batch_size} does not split over the {jax.device_count()} devices; "
+                       f"use a multiple of {jax.device_count()}")
+    self.plan, self.teacher_fn = plan, teacher_fn
+    self.seed, self.stream, self.batch_size = seed, stream, batch_size
+    self.image_shape, self.num_classes, self.label_dropout = tuple(image_shape), num_classes, label_dropout
+    self.pad_to = pad_to
+    per = batch_size // jax.process_count()
+    self.rows = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+    self._key, self._value = None, None
+    self.teacher_runs = 0
+
+  def trajectory(self, j: int, n: int):
+    if self._key != (j, n):
+      noise, labels = trajectory_inputs(self.seed, self.stream, j, self.batch_size, self.image_shape,
+                                        self.num_classes, self.label_dropout)
+      noise, labels = noise[self.rows], labels[self.rows]
+      teacher = np.asarray(self.teacher_fn(n, noise, labels))
+      if self.pad_to is not None:  # repeat the last state: never read, it only fixes the shape
+        teacher = np.concatenate([teacher] + [teacher[:, -1:]] * (self.pad_to - n), axis=1)
+      self._value = (noise, labels, teacher)
+      self._key = (j, n)
+      self.teacher_runs += 1
+    return self._value
+
+  def __call__(self, step: int) -> dict:
+    noise, labels, teacher = self.trajectory(int(self.plan["trajectory"][step]), int(self.plan["num_steps"][step]))
+    return {"noise": noise, "label": labels, "step_index": np.int32(self.plan["step_index"][step]),
+            "num_steps": np.int32(self.plan["num_steps"][step]), "teacher": teacher}
+
+
+def local_teacher_fn(spec: TeacherSpec, params):
+  """(n, noise, labels) -> teacher states [b, n+1, ...] on this process's devices (rows split over them)."""
+  devices = jax.local_devices()
+  mesh = parallel.make_mesh(1, devices)
+  placed = (parallel.place(params, parallel.replicated_shardings(mesh, params)) if len(devices) > 1
+            else jax.device_put(params))
+  sharding = parallel.batch_sharding(mesh) if len(devices) > 1 else None
+
+  def fn(n, noise, labels):
+    if sharding is not None:
+      noise, labels = jax.device_put(noise, sharding), jax.device_put(labels, sharding)
+    return teacher_states(placed, noise, labels, spec=spec, n=int(n))
+  return fn
+
+
+# --- losses and optimizer -----------------------------------------------------------------------------------
+
+
+def grid_table(max_steps: int, sigma_min: float, sigma_max: float, rho: float) -> np.ndarray:
+  """[max_steps+1, max_steps+1] float32: row n (1 ≤ n ≤ max_steps) is `sfd.student_grid(n)` padded with ones."""
+  table = np.ones((max_steps + 1, max_steps + 1), np.float32)
+  for n in range(1, max_steps + 1):
+    table[n, :n + 1] = sfd.student_grid(n, sigma_min, sigma_max, rho)
+  return table
+
+
+def padded_global_loss(student_x, *, max_steps: int, metric: str = "l1", afs: bool = True,
+                       step_condition: bool = False, sigma_min: float = sfd.SIGMA_MIN,
+                       sigma_max: float = sfd.SIGMA_MAX, rho: float = sfd.RHO) -> train.LossFn:
+  """`sfd.global_loss` (Alg. 4/5/6, the loss of ONE student step k of a trajectory) for trajectories of any grid
+  N ≤ max_steps in one compiled step: N is a traced batch entry and the grid a row of `grid_table`, where
+  sfd.global_loss makes N a shape (one compilation per N, ~40 s each for the digits U-Net on 2 cores).
+  The same loss and gradient (tests/test_sfd_stages.py checks both against sfd.global_loss).
+
+  batch: noise [B, ...] (x_init = σ_max·noise), label [B], step_index and num_steps int32 scalars, teacher
+  [B, max_steps+1, ...] the teacher's states at the trajectory's grid points 0..N (batch-major, padded).
+  The student's state x_k is its own rollout with the current parameters (eval mode, no gradient): AFS, then
+  Euler to step k. Loss: mean_B d(Euler_ψ(x_k → σ_{k+1}), x̃_{k+1}).
+  """
+  sfd.distance(jnp.zeros((1, 1)), jnp.zeros((1, 1)), metric)  # an unknown metric fails here, not in a step
+  table = grid_table(max_steps, sigma_min, sigma_max, rho)
+  first = 1 if afs else 0
+
+  def loss_fn(params, frozen, batch, rng):
+    del frozen
+    labels = batch["label"]
+    n = jnp.asarray(batch["num_steps"], jnp.int32)
+    sig = jnp.asarray(table)[n]
+    step = jnp.clip(jnp.asarray(batch["step_index"], jnp.int32), first, n - 1)
+    x_init = sig[0] * batch["noise"]
+    frozen_params = jax.lax.stop_gradient(params)
+
+    def rollout(i, x):
+      x_hat = sfd._student_x_hat(student_x, frozen_params, x, sig[i], labels, None, n, step_condition)
+      return sfd.student_step(x_hat, x, sig[i], sig[i + 1])
+
+    x = sfd.analytical_first_step(x_init, sig[0], sig[1]) if afs else x_init
+    x = jax.lax.fori_loop(first, step, rollout, x)
+    x_hat = sfd._student_x_hat(student_x, params, x, sig[step], labels, None, n, step_condition, train=True,
+                               rng=rng)
+    target = jnp.take(batch["teacher"], step + 1, axis=1)
+    d, _ = sfd.step_loss(x_hat, x, sig[step], sig[step + 1], target, metric)
+    return jnp.mean(d), {"distance": jnp.mean(d), "student_step": step.astype(jnp.float32)}
+
+  return loss_fn
+
+
+def _batch_major(loss_fn):
+  """sfd.trajectory_loss reads batch['teacher'] as [N+1, B, ...]; batches carry it batch-major [B, N+1, ...]."""
+  def wrapped(params, frozen, batch, rng):
+    return loss_fn(params, frozen, dict(batch, teacher=jnp.moveaxis(batch["teacher"], 1, 0)), rng)
+  return wrapped
+
+
+def max_grid_steps(config) -> int:
+  """The largest student grid of the run's SFD stages (the padded loss's table size)."""
+  s = config.sfd
+  return max(grid_steps(n, s.afs) for n in tuple(s.nfe) + tuple(s.v_nfe) + (1,))
+
+
+def loss_of(ctx: pipeline.Context, student_x, form: str, step_condition: bool):
+  """The loss of a student: one function per (student, form, settings) in the process, so every student of one
+  architecture shares a compiled step ('global': every N too; 'trajectory': `sfd.trajectory_loss`, one
+  compilation per N). The student has no w input, so the guidance variant does not enter the loss (its teacher
+  states come in the batch)."""
+  s = ctx.config.sfd
+  return _loss(student_x, form, step_condition, max_grid_steps(ctx.config), s.metric, bool(s.afs),
+               float(s.sigma_min), float(s.sigma_max), float(s.rho))
+
+
+@functools.lru_cache(maxsize=32)
+def _loss(student_x, form, step_condition, max_steps, metric, afs, sigma_min, sigma_max, rho):
+  grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+  if form == "global":
+    return padded_global_loss(student_x, max_steps=max_steps, metric=metric, afs=afs, step_condition=step_condition,
+                              **grid)
+  return _batch_major(sfd.trajectory_loss(student_x, None, metric=metric, afs=afs, step_condition=step_condition,
+                                          **grid))
+
+
+class TenfoldDropState(NamedTuple):
+  count: jax.Array  # int32 updates so far
+  drop_at: jax.Array  # int32 update from which the learning rate is divided by 10
+
+
+def _tenfold_drop_update(updates, state: TenfoldDropState, params=None):
+  del params
+  factor = jnp.where(state.count < state.drop_at, 1.0, 0.1)
+  return (jax.tree.map(lambda u: factor * u, updates),
+          TenfoldDropState(optax.safe_increment(state.count), state.drop_at))
+
+
+def tenfold_drop(drop_at: int) -> optax.GradientTransformation:
+  """× 1 before update `drop_at`, × 0.1 from it on. The step lives in the state, not in the update function,
+  so students of different lengths compile to one program (the persistent compilation cache then serves the
+  next student's step; a schedule constant would make each a new one)."""
+  return optax.GradientTransformation(
+      lambda params: TenfoldDropState(jnp.zeros((), jnp.int32), jnp.asarray(drop_at, jnp.int32)),
+      _tenfold_drop_update)
+
+
+@functools.lru_cache(maxsize=16)
+def adam_tenfold_drop(lr: float, num_updates: int):
+  """Adam (β 0.9, 0.999) at lr, divided by 10 halfway through num_updates (Table 6: the learning rate "divided
+  by 10 halfway through training"); no clipping, no EMA. Returns (optimizer, schedule for logging); cached, so
+  a rerun of the same student reuses its compiled step."""
+  drop_at = max(1, num_updates // 2)
+  optimizer = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999), tenfold_drop(drop_at), optax.scale(-lr))
+  return optimizer, lambda step: lr * (1.0 if step < drop_at else 0.1)
+
+
+# --- one student ------------------------------------------------------------------------------------------
+
+
+def train_student(ctx: pipeline.Context, name: str, *, model, init, spec: TeacherSpec, teacher_params,
+                  step_counts, num_trajectories: int, form: str, lr: float, meta: dict):
+  """Trains one SFD-family student at WORKDIR/name; returns (params, meta). step_counts: the grid Ns trajectories
+  draw from (one for SFD, the list for SFD-v); spec: its teacher; meta: the method's fields (costs added here).
+  Null-label rows (sfd.label_dropout) only for CFG-sampled students (meta['guided_sampling'])."""
+  c = ctx.config
+  s = c.sfd
+  plan = make_plan(form, num_trajectories, step_counts, s.afs, c.seed)
+  num_updates = len(plan["step_index"])
+  costs = plan_costs(plan, form, s.afs, lambda n: teacher_evals(spec, n))
+  batches = TrajectoryBatches(plan, local_teacher_fn(spec, teacher_params), seed=c.seed,
+                              stream=zlib.crc32(name.encode()), batch_size=s.batch_size,
+                              image_shape=ctx.image_shape, num_classes=c.data.num_classes,
+                              label_dropout=s.label_dropout if meta["guided_sampling"] else 0.0,
+                              pad_to=max_grid_steps(c) if form == "global" else None)
+  optimizer, schedule = adam_tenfold_drop(float(lr), num_updates)
+  meta = dict(meta, kind="sfd_student", sampler="sfd", report_sampler="deterministic", w_conditioned=False,
+              batch_size=s.batch_size, loss_form=form, trajectories=num_trajectories * s.batch_size,
+              teacher_solver=spec.solver, teacher_substeps=spec.k, metric=s.metric, afs=bool(s.afs),
+              sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho, lr=float(lr), **costs)
+  student_x = x_fn_of(ctx, model)
+  stage = train.Stage(name=name, loss_fn=loss_of(ctx, student_x, form, model.step_embedding),
+                      init_params=init, optimizer=optimizer, num_steps=num_updates, batch_fn=batches, seed=c.seed,
+                      ema_decay=None, frozen={}, log_every=s.log_every, ckpt_every=s.ckpt_every,
+                      images_per_step=s.batch_size, lr_schedule=schedule, meta=meta,
+                      fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
+  params, meta = train.run_stage(stage, ctx.stage_dir(name), is_main_process=ctx.is_main_process)
+  write_grid(ctx, name, params, meta)
+  return params, meta
+
+
+def _teacher_spec(ctx: pipeline.Context, teacher_w) -> TeacherSpec:
+  c = ctx.config
+  s = c.sfd
+  teacher = models.unet_from_config(c.model, c.data)
+  return TeacherSpec(x_fn_of(ctx, teacher), s.solver, int(s.k), teacher_w, ctx.null_label,
+                     float(s.sigma_min), float(s.sigma_max), float(s.rho))
+
+
+def _w_range(ctx: pipeline.Context, variant: Variant) -> list[float]:
+  c = ctx.config
+  if variant.teacher_w is not None:
+    return [variant.teacher_w, variant.teacher_w]
+  return [0.0, float(max([c.distill.w_max, *c.eval.w_values, *c.sample.w_values]))]
+
+
+def _common_meta(ctx, variant: Variant, method: str, stage_kind: str) -> dict:
+  return {"method": variant.method(method), "stage_kind": stage_kind, "guidance": variant.tag,
+          "teacher_w": variant.teacher_w, "guided_sampling": variant.guided_sampling,
+          "w_range": _w_range(ctx, variant), "cost_parents": []}
+
+
+def _trajectory_batches(ctx, trajectories: int) -> int:
+  """Trajectory batches for a count of example trajectories (the paper's 'generated trajectories')."""
+  return max(1, -(-int(trajectories) // ctx.config.sfd.batch_size))
+
+
+# --- stages -------------------------------------------------------------------------------------------------
+
+
+def run_sfd(ctx: pipeline.Context):
+  """SFD (Alg. 4 global form with AFS, Alg. 5): per variant, one student per NFE of sfd.nfe, each initialised
+  from the CFG teacher and trained on sfd.trajectories teacher trajectories. WORKDIR/sfd/<variant>/N{nfe:04d}."""
+  c = ctx.config
+  s = c.sfd
+  t_params = pipeline.teacher_params(ctx)
+  model = student_model(ctx, step_condition=False)
+  for variant in variants(c):
+    spec = _teacher_spec(ctx, variant.teacher_w)
+    for nfe in s.nfe:
+      n = grid_steps(nfe, s.afs)
+      meta = dict(_common_meta(ctx, variant, "SFD", "sfd"), num_sampling_steps=int(nfe), eval_steps=[int(nfe)],
+                  grid_steps=n, step_condition=False)
+      train_student(ctx, f"sfd/{variant.tag}/N{int(nfe):04d}", model=model, init=t_params, spec=spec,
+                    teacher_params=t_params, step_counts=[n],
+                    num_trajectories=_trajectory_batches(ctx, s.trajectories), form=s.loss_form, lr=s.lr, meta=meta)
+
+
+def run_sfd_v(ctx: pipeline.Context):
+  """SFD-v (Alg. 6): per variant, one step-conditioned student, N drawn per trajectory from the grids of
+  sfd.v_nfe, sfd.trajectories per entry on average (Table 6 †). WORKDIR/sfd_v/<variant>."""
+  c = ctx.config
+  s = c.sfd
+  t_params = pipeline.teacher_params(ctx)
+  model = student_model(ctx, step_condition=True)
+  init = student_init(ctx, model, t_params)
+  nfes = [int(n) for n in s.v_nfe]
+  for variant in variants(c):
+    spec = _teacher_spec(ctx, variant.teacher_w)
+    meta = dict(_common_meta(ctx, variant, "SFD-v", "sfd_v"), num_sampling_steps=max(nfes), eval_steps=sorted(nfes),
+                grid_steps=grid_steps(max(nfes), s.afs), step_condition=True)
+    train_student(ctx, f"sfd_v/{variant.tag}", model=model, init=init, spec=spec, teacher_params=t_params,
+                  step_counts=[grid_steps(n, s.afs) for n in nfes],
+                  num_trajectories=_trajectory_batches(ctx, s.trajectories * len(nfes)), form=s.loss_form, lr=s.lr,
+                  meta=meta)
+
+
+def one_nfe_source(config, variant: Variant) -> tuple[str, int]:
+  """(stage dir relative to WORKDIR, teacher NFE) of the model Alg. 7 starts from: the sfd.one_nfe_from model
+  run at NFE 2K − 1 (grid 2K under AFS; K without), whose grid's every K-th point is the one-NFE student's."""
+  s = config.sfd
+  nfe = grid_steps(1, s.afs) * s.one_nfe_k - (1 if s.afs else 0)
+  name = f"sfd/{variant.tag}/N{nfe:04d}" if s.one_nfe_from == "sfd" else f"sfd_v/{variant.tag}"
+  return name, nfe
+
+
+def run_second_stage(ctx: pipeline.Context):
+  """Alg. 7, second-stage one-NFE distillation: per variant, a student initialised from a trained SFD (or
+  SFD-v) model that is also its teacher — that model's own Euler sampler (AFS as trained) over the grid of
+  sfd.one_nfe_k steps per student step, the SFD code's `is_second_stage`. The student takes one Euler step
+  (after AFS); lr sfd.one_nfe_lr (10× SFD's, App. D), sfd.one_nfe_trajectories. WORKDIR/sfd_one_nfe/<variant>."""
+  c = ctx.config
+  s = c.sfd
+  for variant in variants(c):
+    source, teacher_nfe = one_nfe_source(c, variant)
+    src_params, src_meta = train.load_final_params(ctx.stage_dir(source))
+    step_condition = bool(src_meta.get("step_condition", False))
+    if src_meta.get("kind") != "sfd_student" or (step_condition and teacher_nfe not in src_meta["eval_steps"]) or (
+        not step_condition and src_meta["num_sampling_steps"] != teacher_nfe):
+      raise train.TrainingError(f"{ctx.stage_dir(source)}: not an SFD model trained for NFE {teacher_nfe} "
+                                f"(sfd.one_nfe_k={s.one_nfe_k}); kind={src_meta.get('kind')!r}")
+    model = student_model(ctx, step_condition)
+    spec = TeacherSpec(x_fn_of(ctx, model), "euler", int(s.one_nfe_k), None, ctx.null_label, float(s.sigma_min),
+                       float(s.sigma_max), float(s.rho), afs=bool(s.afs), step_count=step_condition)
+    n = grid_steps(1, s.afs)
+    meta = dict(_common_meta(ctx, variant, "SFD one-NFE", "sfd_one_nfe"), num_sampling_steps=1, eval_steps=[1],
+                grid_steps=n, step_condition=step_condition, cost_parents=[source], teacher_nfe=teacher_nfe)
+    train_student(ctx, f"sfd_one_nfe/{variant.tag}", model=model, init=src_params, spec=spec,
+                  teacher_params=src_params, step_counts=[n],
+                  num_trajectories=_trajectory_batches(ctx, s.one_nfe_trajectories), form=s.loss_form,
+                  lr=s.one_nfe_lr, meta=meta)
+
+
+# --- sampling (Alg. 8) ----------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("x_fn", "afs", "guided", "step_condition", "null_label"))
+def euler_sample(params, z, labels, w, *, num_steps, sigma_table, x_fn, afs: bool, guided: bool,
+                 step_condition: bool, null_label: int):
+  """Alg. 8: x [B,H,W,C] in [−1, 1] from VP noise z [B,H,W,C] (x_init = σ_max·z), labels [B], w [B] (used only
+  when guided: CFG on the student, 2 evaluations per step). num_steps: the grid's N (traced: one compilation
+  serves every N), its σs row N of sigma_table (`grid_table`); AFS takes the first step. The final state at
+  σ_min is clipped; the steps are not (training rolled out unclipped). Equals `sfd.sample` on that grid."""
+  n = jnp.asarray(num_steps, jnp.int32)
+  sig = jnp.asarray(sigma_table)[n]
+
+  def model_fn(zz, logsnr, y, w_):
+    del w_
+    extra = {"steps": jnp.full(y.shape, n, jnp.int32)} if step_condition else {}
+    return x_fn(params, zz, logsnr, y, None, **extra)
+
+  den = solvers.ve_denoiser(samplers.guided_denoiser(model_fn, labels, w, null_label) if guided
+                            else samplers.conditional_denoiser(model_fn, labels))
+  x = sig[0] * z
+  if afs:
+    x = sfd.analytical_first_step(x, sig[0], sig[1])
+  x = jax.lax.fori_loop(1 if afs else 0, n, lambda i, x: sfd.student_step(den(x, sig[i]), x, sig[i], sig[i + 1]), x)
+  return jnp.clip(x, -1.0, 1.0)
+
+
+def sample_fn(ctx: pipeline.Context, params, meta: dict, num_steps: int):
+  """STUDENT_SAMPLERS['sfd']: (fn(z, labels, w) -> x, network evaluations per sample) for an SFD-family student
+  at num_steps NFE (its grid: num_steps + 1 intervals under AFS). A CFG-sampled student costs 2 per step."""
+  nfe = int(num_steps)
+  afs = bool(meta["afs"])
+  n = grid_steps(nfe, afs)
+  size = max(n, max_grid_steps(ctx.config)) if "sfd" in ctx.config else n
+  table = grid_table(size, meta["sigma_min"], meta["sigma_max"], meta["rho"])
+  model = student_model(ctx, bool(meta["step_condition"]))
+  guided = bool(meta["guided_sampling"])
+  fn = functools.partial(euler_sample, params, num_steps=n, sigma_table=table, x_fn=x_fn_of(ctx, model), afs=afs,
+                         guided=guided, step_condition=bool(meta["step_condition"]), null_label=ctx.null_label)
+  return fn, (2 if guided else 1) * nfe
+
+
+def write_grid(ctx: pipeline.Context, name: str, params, meta: dict, seed: int = 1):
+  """WORKDIR/name/samples.png at the student's default NFE: rows = its w values (distill.grid_w for a
+  CFG-sampled student, its own w otherwise), columns = classes, the same noise down a column."""
+  if not ctx.is_main_process or os.path.exists(os.path.join(ctx.stage_dir(name), "samples.png")):
+    return
+  c = ctx.config
+  k = min(c.data.num_classes, c.sample.max_grid_classes)
+  ws = np.asarray(c.distill.grid_w if meta["guided_sampling"] else [meta["teacher_w"]], np.float32)
+  noise = jax.random.normal(jax.random.PRNGKey(seed), (1, k) + ctx.image_shape)
+  z = jnp.broadcast_to(noise, (len(ws), k) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
+  labels = jnp.tile(jnp.arange(k), len(ws))
+  w = jnp.repeat(jnp.asarray(ws), k)
+  fn, _ = sample_fn(ctx, params, meta, meta["num_sampling_steps"])
+  x = pipeline.sample_in_chunks(fn, z, labels, w, c.sample.batch_size)
+  writers.save_image_grid(os.path.join(ctx.stage_dir(name), "samples.png"), x, ncols=k,
+                          upscale=max(1, 128 // ctx.image_shape[0]))

@@ -1,0 +1,396 @@
+"""SFD stages (distill/stages/sfd.py): the trajectory batches, the padded global loss against sfd.global_loss,
+the cost fields, the Alg. 8 sampler, a tiny end-to-end run of the three stages with resume, and the configs."""
+import functools
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from distill import configuration, models, pipeline, samplers, solvers, train
+from distill.methods import sfd
+from distill.stages import sfd as stages
+from distill.testing import GaussianMixture
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = (2, 2, 1)
+GMM = GaussianMixture.random(0, num_classes=3, shape=SHAPE, mean_scale=1.0, std=0.3)
+B = 8
+TEACHER_PARAMS = {"scale": jnp.ones(()), "shift": jnp.zeros(SHAPE), "step_gain": jnp.zeros(())}
+STUDENT_PARAMS = {"scale": jnp.asarray(1.1), "shift": jnp.full(SHAPE, 0.03), "step_gain": jnp.asarray(0.02)}
+
+
+def x_fn(params, z, logsnr, labels, w, *, train=False, rng=None, steps=None):
+  """A toy x-function: an affine map of the exact mixture denoiser, plus step_gain·N when given a step count N
+  (so a wrong N changes the output); TEACHER_PARAMS make it the mixture's own x̂."""
+  del w, train, rng
+  out = params["scale"] * GMM.denoise(z, logsnr, labels) + params["shift"]
+  if steps is not None:
+    out = out + params["step_gain"] * steps.astype(jnp.float32).reshape((-1,) + (1,) * len(SHAPE))
+  return out
+
+
+def spec(teacher_w=None, **kw):
+  return stages.TeacherSpec(x_fn, kw.pop("solver", "dpmpp_3m"), kw.pop("k", 4), teacher_w, 3, sfd.SIGMA_MIN,
+                            sfd.SIGMA_MAX, sfd.RHO, **kw)
+
+
+def inputs(trajectory=0, label_dropout=0.0):
+  noise, labels = stages.trajectory_inputs(0, 7, trajectory, B, SHAPE, 3, label_dropout)
+  return jnp.asarray(noise), jnp.asarray(labels)
+
+
+def direct_teacher(noise, labels, n, teacher_w=None):
+  """sfd.teacher_trajectory with the exact mixture teacher: ([n+1, B, ...], nfe), the reference for the batches."""
+  model_fn = lambda z, l, y, w: x_fn(TEACHER_PARAMS, z, l, y, w)
+  den = (samplers.conditional_denoiser(model_fn, labels) if teacher_w is None
+         else samplers.guided_denoiser(model_fn, labels, teacher_w, 3))
+  return sfd.teacher_trajectory(solvers.DPMPP_3M, den, sfd.SIGMA_MAX * noise, sfd.student_grid(n), 4)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "teacher_w"))
+def direct_states(noise, labels, n, teacher_w=None):
+  return direct_teacher(noise, labels, n, teacher_w)[0]
+
+
+# --- the padded global loss is sfd.global_loss -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("afs", [True, False])
+def test_padded_global_loss_equals_sfd_global_loss_for_every_n_and_step(afs):
+  max_steps = 5
+  padded = stages.padded_global_loss(x_fn, max_steps=max_steps, metric="l1", afs=afs, step_condition=True)
+  value_and_grad = lambda fn: jax.jit(jax.value_and_grad(lambda p, b: fn(p, {}, b, jax.random.PRNGKey(0))[0]))
+  mine = value_and_grad(padded)  # one compilation for every N and k
+  noise, labels = inputs()
+  for n in (2, 5):
+    states = direct_states(noise, labels, n)
+    ref = value_and_grad(sfd.global_loss(x_fn, x_fn, afs=afs, step_condition=True))
+    batch_major = jnp.moveaxis(states, 0, 1)
+    padded_states = jnp.concatenate([batch_major] + [batch_major[:, -1:]] * (max_steps - n), axis=1)
+    for k in range(1 if afs else 0, n):
+      want, want_grad = ref(STUDENT_PARAMS, {"noise": noise, "label": labels, "step_index": jnp.int32(k),
+                                             "teacher": states})
+      batch = {"noise": noise, "label": labels, "step_index": jnp.int32(k), "num_steps": jnp.int32(n),
+               "teacher": padded_states}
+      got, got_grad = mine(STUDENT_PARAMS, batch)
+      np.testing.assert_allclose(got, want, rtol=1e-5)
+      for key in STUDENT_PARAMS:
+        np.testing.assert_allclose(got_grad[key], want_grad[key], rtol=1e-4, atol=1e-7)
+    # A wrong N (another grid, another step count for the student) is another loss: the check can fail.
+    wrong, _ = mine(STUDENT_PARAMS, dict(batch, num_steps=jnp.int32(n - 1 if n > 2 else 3)))
+    assert abs(float(wrong) - float(got)) > 1e-4
+
+
+# --- batches, plans and costs ---------------------------------------------------------------------------------
+
+
+def test_batches_serve_one_trajectory_to_its_updates_and_run_the_teacher_once():
+  plan = stages.make_plan("global", 3, [3], afs=True, seed=0)
+  assert plan["trajectory"].tolist() == [0, 0, 1, 1, 2, 2] and plan["step_index"].tolist() == [1, 2, 1, 2, 1, 2]
+  batches = stages.TrajectoryBatches(plan, stages.local_teacher_fn(spec(), TEACHER_PARAMS), seed=0, stream=7,
+                                     batch_size=B, image_shape=SHAPE, num_classes=3, label_dropout=0.0)
+  got = [batches(step) for step in range(6)]
+  assert batches.teacher_runs == 3
+  for a, b in ((0, 1), (2, 3), (4, 5)):
+    np.testing.assert_array_equal(got[a]["noise"], got[b]["noise"])
+    np.testing.assert_array_equal(got[a]["label"], got[b]["label"])
+    assert got[a]["teacher"] is got[b]["teacher"]  # served from the cache, not recomputed
+  assert not np.array_equal(got[0]["noise"], got[2]["noise"])
+  assert [int(g["step_index"]) for g in got] == [1, 2, 1, 2, 1, 2] and all(int(g["num_steps"]) == 3 for g in got)
+  # The cached teacher equals a direct computation of the trajectory's teacher states.
+  for step in (0, 2):
+    states = direct_states(jnp.asarray(got[step]["noise"]), jnp.asarray(got[step]["label"]), 3)
+    np.testing.assert_allclose(got[step]["teacher"], np.moveaxis(np.asarray(states), 0, 1), rtol=1e-5, atol=1e-6)
+  # A pure function of the step: asking again (as a resumed run does) gives the same numbers.
+  again = batches(1)
+  assert batches.teacher_runs == 4
+  for key in got[1]:
+    np.testing.assert_array_equal(again[key], got[1][key])
+  # Padded to a larger grid for the one-compilation loss; the fixed-w teacher mixes CFG at its w.
+  padded = stages.TrajectoryBatches(plan, stages.local_teacher_fn(spec(teacher_w=1.5), TEACHER_PARAMS), seed=0,
+                                    stream=7, batch_size=B, image_shape=SHAPE, num_classes=3, label_dropout=0.0,
+                                    pad_to=6)(0)
+  assert padded["teacher"].shape == (B, 7) + SHAPE
+  guided = direct_states(jnp.asarray(padded["noise"]), jnp.asarray(padded["label"]), 3, teacher_w=1.5)
+  np.testing.assert_allclose(padded["teacher"][:, :4], np.moveaxis(np.asarray(guided), 0, 1), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(padded["teacher"][:, 3], got[0]["teacher"][:, 3], atol=1e-3)
+
+
+def test_label_dropout_draws_the_null_class():
+  _, none = inputs(label_dropout=0.0)
+  labels = stages.trajectory_inputs(0, 7, 0, 4000, SHAPE, 3, 0.25)[1]
+  assert none.max() < 3 and abs(np.mean(labels == 3) - 0.25) < 0.03 and set(np.unique(labels)) == {0, 1, 2, 3}
+
+
+def test_global_plan_is_a_prefix_of_trajectory_plan_and_counts_trajectories():
+  plan = stages.make_plan("global", 10, [3, 4, 5, 6], afs=True, seed=2)
+  assert len(np.unique(plan["trajectory"])) == 10
+  full = sfd.trajectory_plan(len(plan["step_index"]), [3, 4, 5, 6], afs=True, seed=2)
+  assert all(np.array_equal(plan[k], full[k]) for k in plan)
+  starts = np.flatnonzero(np.diff(plan["trajectory"], prepend=-1))
+  assert len(plan["step_index"]) == int(np.sum(plan["num_steps"][starts] - 1))  # N − 1 updates per trajectory
+  whole = stages.make_plan("trajectory", 10, [3, 4, 5, 6], afs=True, seed=2)
+  np.testing.assert_array_equal(whole["num_steps"], plan["num_steps"][starts])  # the same N sequence
+
+
+def test_cost_fields_count_teacher_evaluations_per_update():
+  # The teacher's evaluation count is the one its solver run reports (sfd.teacher_trajectory's nfe).
+  noise, labels = inputs()
+  for n in (3, 6):
+    nfe = []
+    jax.eval_shape(lambda x, y: nfe.append(direct_teacher(x, y, n)[1]), noise, labels)  # counted while tracing
+    nfe = nfe[0]
+    assert stages.teacher_evals(spec(), n) == nfe == 4 * n
+    assert stages.teacher_evals(spec(teacher_w=1.0), n) == 2 * 4 * n  # a CFG teacher call counts 2
+  for nfe in (2, 5):  # SFD at NFE n: grid n + 1, n updates per trajectory, the k-th with k student evaluations
+    n = nfe + 1
+    for w, per_call in ((None, 1), (1.0, 2)):
+      plan = stages.make_plan("global", 4, [n], afs=True, seed=0)
+      costs = stages.plan_costs(plan, "global", True, lambda m, w=w: stages.teacher_evals(spec(teacher_w=w), m))
+      assert costs["teacher_evals_per_update"] == pytest.approx(per_call * 4 * n / nfe)
+      assert costs["student_evals_per_update"] == pytest.approx((nfe + 1) / 2)
+    whole = stages.plan_costs(stages.make_plan("trajectory", 4, [n], afs=True, seed=0), "trajectory", True,
+                              lambda m: stages.teacher_evals(spec(), m))
+    assert whole == {"teacher_evals_per_update": 4 * n, "student_evals_per_update": nfe}
+  # SFD-v: every trajectory's N·K over all updates, by brute force.
+  plan = stages.make_plan("global", 7, [3, 4, 5, 6], afs=True, seed=1)
+  total = sum(4 * int(plan["num_steps"][np.flatnonzero(plan["trajectory"] == j)[0]]) for j in range(7))
+  costs = stages.plan_costs(plan, "global", True, lambda m: stages.teacher_evals(spec(), m))
+  assert costs["teacher_evals_per_update"] == pytest.approx(total / len(plan["step_index"]))
+  # Alg. 7's teacher: the SFD model's Euler sampler over 2K steps, the first analytic: 2K − 1 evaluations.
+  assert stages.teacher_evals(spec(solver="euler", k=3, afs=True), 2) == 5
+
+
+def test_second_stage_teacher_is_the_sfd_models_own_sampler_on_the_refined_grid():
+  noise, labels = inputs()
+  teacher = spec(solver="euler", k=3, afs=True, step_count=True)
+  states = stages.teacher_states(STUDENT_PARAMS, noise, labels, spec=teacher, n=2)
+  assert states.shape == (B, 3) + SHAPE
+  # The SFD-v model sampled at NFE 5 (grid 6, AFS, step condition 6) ends where the teacher's trajectory ends,
+  # and its grid's 3rd point is the one-NFE student's middle point.
+  model_fn = lambda z, l, y, w: x_fn(STUDENT_PARAMS, z, l, y, w, steps=jnp.full(y.shape, 6, jnp.int32))
+  fine = sfd.student_grid(6)
+  np.testing.assert_array_equal(fine[::3], sfd.student_grid(2))
+  out = sfd.sample(samplers.conditional_denoiser(model_fn, labels), sfd.SIGMA_MAX * noise, fine, afs=True)
+  assert out.nfe == 5
+  np.testing.assert_allclose(states[:, -1], out.x, rtol=1e-5, atol=1e-5)
+  half = sfd.sample(samplers.conditional_denoiser(model_fn, labels), sfd.SIGMA_MAX * noise, fine[:4], afs=True)
+  np.testing.assert_allclose(states[:, 1], half.x, rtol=1e-5, atol=1e-5)
+
+
+def test_tenfold_drop_is_adam_with_the_lr_divided_by_10_halfway_and_one_program_for_every_length():
+  params = {"a": jnp.asarray([1.0, -2.0]), "b": jnp.asarray(0.5)}
+  grads = [jax.tree.map(lambda p, i=i: jnp.cos(p * (i + 1)), params) for i in range(6)]
+
+  def run(opt):
+    state, p, out = opt.init(params), params, []
+    for g in grads:
+      u, state = opt.update(g, state, p)
+      p = optax.apply_updates(p, u)
+      out.append(p)
+    return out
+
+  mine, schedule = stages.adam_tenfold_drop(1e-2, 6)
+  ref = optax.adam(optax.piecewise_constant_schedule(1e-2, {3: 0.1}), b1=0.9, b2=0.999)
+  for x, y in zip(run(mine), run(ref)):
+    for key in params:
+      np.testing.assert_allclose(x[key], y[key], rtol=1e-6)
+  assert [schedule(i) for i in (0, 2, 3, 5)] == [1e-2, 1e-2, 1e-3, 1e-3]
+  # The drop step is state, not a constant of the program: students of any length share one compilation.
+  hlo = lambda opt: jax.jit(opt.update).lower(grads[0], opt.init(params), params).as_text()
+  assert hlo(stages.adam_tenfold_drop(1e-2, 6)[0]) == hlo(stages.adam_tenfold_drop(1e-2, 100)[0])
+  baked = lambda n: optax.adam(optax.piecewise_constant_schedule(1e-2, {n // 2: 0.1}))
+  assert hlo(baked(6)) != hlo(baked(100))
+
+
+# --- a tiny run of the three stages ---------------------------------------------------------------------------
+
+
+def tiny_config(**sfd_overrides):
+  c = configuration.base_config()
+  c.data.name, c.data.image_size, c.data.channels, c.data.num_classes = "mixture", 4, 1, 3
+  m = c.model
+  m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.head_dim, m.num_groups = 8, (1,), 1, (), 8, 4
+  s = c.sfd
+  s.nfe, s.v_nfe, s.one_nfe_k, s.batch_size = (2,), (2, 3), 2, 8
+  s.trajectories, s.one_nfe_trajectories, s.lr, s.one_nfe_lr = 8 * 12, 8 * 4, 2e-3, 1e-3
+  s.log_every, s.ckpt_every = 4, 2
+  c.distill.grid_w = (0.0, 1.0)
+  c.sample.batch_size = 32
+  c.pipeline = ("sfd", "sfd_v", "sfd_one_nfe")
+  for key, value in sfd_overrides.items():
+    s[key] = value
+  configuration.validate(c)
+  return c
+
+
+def fake_teacher(c, workdir):
+  """A CFG-teacher checkpoint of the tiny U-Net: its init with every parameter perturbed (the zero-initialised
+  output layer included, so it predicts something)."""
+  model = models.unet_from_config(c.model, c.data)
+  rng = np.random.default_rng(1)  # numpy: a jitted draw would compile once per parameter shape
+  params = jax.tree.map(lambda l: np.asarray(l) + 0.1 * rng.standard_normal(l.shape).astype(np.float32),
+                        pipeline.init_params(model, (4, 4, 1), 0))
+  train._save_final(os.path.join(workdir, "teacher"), params,
+                    {"kind": "cfg_teacher", "sampler": "ddim", "num_sampling_steps": 8, "parameterization": "v"})
+  return params
+
+
+def _meta(workdir, name):
+  with open(os.path.join(workdir, name, "final", "meta.json")) as f:
+    return json.load(f)
+
+
+def test_tiny_sfd_stage_trains_resumes_bit_identically_and_samples(tmp_path, monkeypatch):
+  c = tiny_config()
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  t_params = fake_teacher(c, a)
+  fake_teacher(c, b)
+  ctx = pipeline.Context(c, a)
+  stages.run_sfd(ctx)
+
+  assert os.path.isfile(os.path.join(a, "sfd/cfg/N0002/samples.png"))
+  m = _meta(a, "sfd/cfg/N0002")
+  assert (m["method"], m["sampler"], m["kind"], m["report_sampler"]) == ("SFD (CFG)", "sfd", "sfd_student",
+                                                                         "deterministic")
+  assert m["num_steps"] == 12 * 2 and m["eval_steps"] == [2] and m["grid_steps"] == 3 and m["cost_parents"] == []
+  assert m["w_range"] == [0.0, 4.0] and m["guided_sampling"] and not m["w_conditioned"]
+  assert m["teacher_evals_per_update"] == pytest.approx(3 * 4 / 2) and m["student_evals_per_update"] == 1.5
+
+  # The trained NFE-2 student lands nearer the teacher's DPM-Solver++ trajectory end than where it started
+  # (the teacher itself sampled at NFE 2), on noise it was not trained on.
+  params, meta = train.load_final_params(os.path.join(a, "sfd/cfg/N0002"))
+  noise, labels = stages.trajectory_inputs(5, 99, 0, 64, (4, 4, 1), 3, 0.0)
+  target = np.asarray(stages.teacher_states(t_params, noise, labels, spec=stages._teacher_spec(ctx, None), n=3))
+  fn, nfe = stages.sample_fn(ctx, params, meta, 2)
+  fn0, _ = stages.sample_fn(ctx, t_params, meta, 2)
+  w0 = jnp.zeros((64,), jnp.float32)
+  err = lambda f: float(np.mean(np.abs(np.clip(target[:, -1], -1, 1) - np.asarray(f(noise, labels, w0)))))
+  assert nfe == 4  # CFG on the student: 2 evaluations per step
+  assert err(fn) < 0.8 * err(fn0), (err(fn), err(fn0))
+
+  # Resume: killed after the checkpoint at update 4, the rerun ends bit-identical to the uninterrupted run.
+  original = stages.TrajectoryBatches.__call__
+
+  def crash_at_5(self, step):
+    if step == 5:
+      raise KeyboardInterrupt("simulated kill")
+    return original(self, step)
+
+  monkeypatch.setattr(stages.TrajectoryBatches, "__call__", crash_at_5)
+  with pytest.raises(KeyboardInterrupt):
+    stages.run_sfd(pipeline.Context(c, b))
+  assert not os.path.exists(os.path.join(b, "sfd/cfg/N0002/final"))
+  assert os.path.isdir(os.path.join(b, "sfd/cfg/N0002/checkpoints/4"))
+  monkeypatch.setattr(stages.TrajectoryBatches, "__call__", original)
+  stages.run_sfd(pipeline.Context(c, b))
+  resumed, _ = train.load_final_params(os.path.join(b, "sfd/cfg/N0002"))
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_tiny_sfd_v_and_second_stage_with_both_guidance_variants(tmp_path):
+  c = tiny_config(fixed_w=(1.0,))
+  wd = str(tmp_path)
+  fake_teacher(c, wd)
+  ctx = pipeline.Context(c, wd)
+  stages.run_sfd_v(ctx)
+  stages.run_second_stage(ctx)
+  for tag, method_tag, w_range in (("cfg", "CFG", [0.0, 4.0]), ("w1", "w=1", [1.0, 1.0])):
+    v = _meta(wd, f"sfd_v/{tag}")
+    assert v["method"] == f"SFD-v ({method_tag})" and v["eval_steps"] == [2, 3] and v["step_condition"]
+    assert v["w_range"] == w_range and v["guided_sampling"] == (tag == "cfg")
+    one = _meta(wd, f"sfd_one_nfe/{tag}")
+    assert (one["method"], one["eval_steps"], one["cost_parents"]) == (f"SFD one-NFE ({method_tag})", [1],
+                                                                      [f"sfd_v/{tag}"])
+    assert one["teacher_evals_per_update"] == 3 and one["student_evals_per_update"] == 1 and one["num_steps"] == 4
+    assert os.path.isfile(os.path.join(wd, f"sfd_one_nfe/{tag}", "samples.png"))
+  # The fixed-w teacher is a CFG call (2 evaluations), the conditional one is not.
+  assert _meta(wd, "sfd_v/w1")["teacher_evals_per_update"] == pytest.approx(
+      2 * _meta(wd, "sfd_v/cfg")["teacher_evals_per_update"])
+  # Scored at one NFE, guided students cost 2 evaluations, fixed-w ones 1.
+  for tag, evals in (("cfg", 2), ("w1", 1)):
+    params, meta = train.load_final_params(os.path.join(wd, f"sfd_one_nfe/{tag}"))
+    assert stages.sample_fn(ctx, params, meta, 1)[1] == evals
+
+
+def test_sampler_is_euler_with_afs_and_counts_cfg_evaluations_twice():
+  c = tiny_config()
+  ctx = pipeline.Context(c, "/nonexistent")
+  model = stages.student_model(ctx, step_condition=True)
+  params = stages.student_init(ctx, model, pipeline.init_params(models.unet_from_config(c.model, c.data), (4, 4, 1), 3))
+  leaves, tree = jax.tree.flatten(params)
+  params = jax.tree.unflatten(tree, [l + 0.05 * jnp.cos(jnp.arange(l.size).reshape(l.shape)) for l in leaves])
+  z = jax.random.normal(jax.random.PRNGKey(0), (6, 4, 4, 1))
+  labels = jnp.asarray([0, 1, 2, 0, 1, 2], jnp.int32)
+  w = jnp.asarray([0.0, 0.5, 1.0, 2.0, 0.0, 3.0], jnp.float32)
+  base = {"afs": True, "sigma_min": 0.006, "sigma_max": 80.0, "rho": 7.0, "step_condition": True}
+  x_fn = stages.x_function(model, c.model.parameterization)
+
+  @functools.partial(jax.jit, static_argnames="guided")
+  def by_hand(z, guided):
+    """AFS, then 3 Euler steps on the 4-interval EDM grid, the model told N = 4; CFG mixes per row."""
+    grid = sfd.student_grid(4)
+    x = sfd.analytical_first_step(80.0 * z, grid[0], grid[1])
+    for i in (1, 2, 3):
+      zz, logsnr = solvers.ve_to_vp(x, grid[i])
+      steps = jnp.full((6,), 4, jnp.int32)
+      x_hat = cond = x_fn(params, zz, logsnr, labels, None, steps=steps)
+      if guided:
+        uncond = x_fn(params, zz, logsnr, jnp.full((6,), 3, jnp.int32), None, steps=steps)
+        x_hat = (1 + w)[:, None, None, None] * cond - w[:, None, None, None] * uncond
+      x = sfd.student_step(x_hat, x, grid[i], grid[i + 1])
+    return jnp.clip(x, -1, 1)
+
+  for guided in (True, False):
+    fn, nfe = stages.sample_fn(ctx, params, dict(base, guided_sampling=guided), 3)
+    assert nfe == (6 if guided else 3)
+    np.testing.assert_allclose(fn(z, labels, w), by_hand(z, guided), rtol=1e-4, atol=1e-5)
+
+
+# --- configs ----------------------------------------------------------------------------------------------------
+
+
+def _config(name, arg=None):
+  spec_ = importlib.util.spec_from_file_location(f"_cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_configs_carry_table_6_and_the_digits_variant_validates():
+  for name, lr, second_lr, second_traj in (("cifar10", 5e-5, 5e-4, 2_000_000), ("imagenet64", 1e-5, 1e-4, 800_000)):
+    s = _config(name).sfd
+    assert (s.solver, s.k, s.sigma_min, s.afs, s.metric, s.batch_size, s.trajectories) == (
+        "dpmpp_3m", 4, 0.006, True, "l1", 128, 200_000)
+    assert (s.lr, s.one_nfe_lr, s.one_nfe_trajectories) == (lr, second_lr, second_traj)
+  c = _config("digits", "sfd")
+  configuration.validate(c)
+  assert c.pipeline == ("teacher", "stage_one", "distill_deterministic", "sfd", "sfd_v", "sfd_one_nfe", "evaluate")
+  with pytest.raises(ValueError, match="'sfd'"):
+    _config("digits", "nope")
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("nfe", (2, 2), "distinct positive integers"), ("v_nfe", (), "non-empty"), ("solver", "rk4", "'dpmpp_3m'"),
+    ("metric", "lpips", "'l1'"), ("k", 0, "positive integer"), ("one_nfe_k", 1, ">= 2"),
+    ("one_nfe_k", 4, "NFE 7"), ("lr", 0.0, "(0.0, 1.0]"), ("label_dropout", 1.0, "[0.0, 1.0)"),
+    ("loss_form", "local", "'global'"), ("sigma_min", 90.0, "sfd.sigma_max=80.0"), ("fixed_w", (-1.0,), ">= 0"),
+])
+def test_bad_sfd_fields_are_named(field, value, needle):
+  c = tiny_config()
+  c.sfd[field] = value
+  with pytest.raises(configuration.ConfigError) as e:
+    configuration.validate(c)
+  assert f"config.sfd.{field}=" in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_a_config_without_any_sfd_variant_is_refused():
+  with pytest.raises(configuration.ConfigError, match="no SFD variant"):
+    tiny_config(cfg_student=False)
