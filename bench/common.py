@@ -59,6 +59,12 @@ TINY_MODEL = {"model.ch": 8, "model.ch_mult": (1,), "model.num_res_blocks": 1, "
               "model.head_dim": 8, "model.emb_ch": 16}
 
 
+def config_label(argv) -> str:
+  """The config file and its --config.x=y overrides as given on the command line: the report's 'config' column."""
+  return " ".join(a.split("=", 1)[1] if a.startswith("--config=") else a for a in argv
+                  if a.startswith("--config")) or "configs/digits.py"
+
+
 def override_flags(overrides: dict) -> list[str]:
   """{'model.ch': 8, 'model.ch_mult': (1,)} -> ['--config.model.ch=8', '--config.model.ch_mult=(1,)']."""
   return [f"--config.{k}={v!r}".replace(" ", "") for k, v in overrides.items()]

@@ -322,8 +322,7 @@ def main():
     logging.set_verbosity(logging.WARNING)
     from distill import configuration
     config = config_flag.value
-    label = " ".join(a.split("=", 1)[1] if a.startswith("--config=") else a for a in sys.argv[1:]
-                     if a.startswith("--config")) or "configs/digits.py"
+    label = common.config_label(sys.argv[1:])
     for kind in kinds.value:
       if kind not in KINDS:
         raise app.UsageError(f"--kinds: {kind!r} is not one of {', '.join(KINDS)}")
