@@ -320,8 +320,9 @@ def run(config, workdir: str, train_source=None):
     summary.setdefault("wall_clock_seconds", {})[name] = summary.get("wall_clock_seconds", {}).get(name, 0.0) + (
         time.time() - start)
     if ctx.is_main_process:
-      with open(summary_path, "w") as f:
+      with open(summary_path + ".tmp", "w") as f:  # renamed into place: a kill never leaves half a file
         json.dump(summary, f, indent=1)
+      os.replace(summary_path + ".tmp", summary_path)
   return summary
 
 
