@@ -76,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
       solver="dpmpp_3m", k=4,           # teacher solver and its sub-steps per student step (K)
       metric="l1",                      # 'l1' | 'l2' | 'pseudo_huber'
       afs=True, sigma_min=0.006, sigma_max=80.0, rho=7.0,
-      loss_form="global",               # 'global': an update per student step (Alg. 4); 'trajectory': per trajectory
+      loss_form="global",               # 'global': an update per student step (Alg. 4); 'trajectory': per trajectory;
+                                        # 'local': Alg. 3 (noised data, one step: not data-free)
       batch_size=128, lr=5e-5,          # Adam, lr ÷ 10 halfway; no EMA
       trajectories=200_000,             # teacher trajectories (examples) per SFD student; per entry of v_nfe for SFD-v
       cfg_student=True,                 # distil the conditional teacher (w = 0), CFG on the student (2 NFE/step)
@@ -184,7 +185,7 @@ def _validate_sfd(c) -> None:
       _fail(f"sfd.{f}", v, "must be a non-empty tuple of distinct positive integers (NFE per sample)")
   _choice(c, "sfd.solver", tuple(solvers.SOLVERS))
   _choice(c, "sfd.metric", sfd.DISTANCES)
-  _choice(c, "sfd.loss_form", ("global", "trajectory"))
+  _choice(c, "sfd.loss_form", ("global", "trajectory", "local"))
   _choice(c, "sfd.one_nfe_from", ("sfd", "sfd_v"))
   for f in ("afs", "cfg_student"):
     if not isinstance(_get(c, f"sfd.{f}"), bool):

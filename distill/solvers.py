@@ -334,6 +334,24 @@ def integrate(solver: Solver, D: VEDenoiser, x_init, sigmas, *, afs: bool = Fals
   return x, (jnp.concatenate(traj) if return_trajectory else None), evals
 
 
+def integrate_traced(solver: Solver, D: VEDenoiser, x_init, sigmas):
+  """`integrate` for a grid whose VALUES are traced (one compilation serves every grid of the same length):
+  sigmas [N+1] (jnp or numpy), strictly decreasing and all > 0 (not checked: a traced grid cannot be; no step
+  to 0, no AFS). Every step unrolled, fresh history, orders as `integrate`. Returns (x at sigmas[-1],
+  D evaluations). Alg. 3's teacher target from a sampled state at a sampled grid point uses it."""
+  n = len(sigmas) - 1
+  if n < 1:
+    raise ValueError(f"integrate_traced: need a grid of N+1 >= 2 points; got {len(sigmas)}")
+  x, history = x_init, NO_HISTORY
+  for i in range(n):
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    x_hat = D(x, sigma)
+    x_next = solver.step(D, x, x_hat, sigma, sigma_next, history, solver.order_at(i, n))
+    history = _push(history, sigma, x_hat, solver.history_size)
+    x = x_next
+  return x, n * solver.evals_per_step
+
+
 def solve(solver: Solver, denoiser: Denoiser, x_init, sigmas: Sequence[float], *, afs: bool = False) -> Samples:
   """Samples(x at sigmas[-1], nfe). x_init: [B, ...] the VE state at sigmas[0] (e.g. σ_max·ε, or z_1/α_1 for a
   VP start); sigmas: [N+1] (see the module docstring); afs: analytical first step (saves one evaluation)."""

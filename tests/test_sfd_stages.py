@@ -86,6 +86,106 @@ def test_padded_global_loss_equals_sfd_global_loss_for_every_n_and_step(afs):
     assert abs(float(wrong) - float(got)) > 1e-4
 
 
+# --- the local form (Alg. 3) ----------------------------------------------------------------------------------
+
+
+def direct_local_target(x, labels, sigma, sigma_next, teacher_w=None, solver=solvers.DPMPP_3M):
+  model_fn = lambda z, l, y, w: x_fn(TEACHER_PARAMS, z, l, y, w)
+  den = (samplers.conditional_denoiser(model_fn, labels) if teacher_w is None
+         else samplers.guided_denoiser(model_fn, labels, teacher_w, 3))
+  return sfd.local_teacher_target(solver, den, x, sigma, sigma_next, 4)
+
+
+@pytest.mark.parametrize("teacher_w,solver", [(None, "dpmpp_3m"), (1.5, "heun")])
+def test_local_targets_are_sfd_local_teacher_target_at_every_grid_point_with_one_compilation(teacher_w, solver):
+  noise, labels = inputs()
+  teacher = spec(teacher_w, solver=solver)
+  before = stages.local_targets._cache_size()
+  for n, k in ((3, 0), (3, 2), (6, 1), (6, 5)):
+    grid = sfd.student_grid(n)
+    x = noise * grid[k] + 0.3
+    got = stages.local_targets(TEACHER_PARAMS, x, labels, jnp.float32(grid[k]), jnp.float32(grid[k + 1]), spec=teacher)
+    want = direct_local_target(x, labels, float(grid[k]), float(grid[k + 1]), teacher_w, solvers.get_solver(solver))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * max(1.0, grid[k]))
+    # K solver steps are not one step: the check can tell the refinement apart.
+    one = sfd.local_teacher_target(solvers.EULER, samplers.conditional_denoiser(
+        lambda z, l, y, w: x_fn(TEACHER_PARAMS, z, l, y, w), labels), x, float(grid[k]), float(grid[k + 1]), 1)
+    assert np.max(np.abs(np.asarray(got) - np.asarray(one))) > 1e-3
+  assert stages.local_targets._cache_size() == before + 1
+
+
+def test_padded_local_loss_equals_sfd_local_loss():
+  """sfd.local_loss draws (k, ε) from its rng; fed the same draws, the stage's loss gives the same value and
+  gradient for every grid N in one compilation."""
+  padded = stages.padded_local_loss(x_fn, max_steps=6, metric="l1")
+  mine = jax.jit(jax.value_and_grad(lambda p, b, r: padded(p, {}, b, r)[0]))
+  x0, labels = inputs(3)
+  x0 = jnp.tanh(x0)
+  for n in (2, 6):
+    grid = sfd.student_grid(n)
+    ref_loss = sfd.local_loss(x_fn, x_fn, num_steps=n, solver="dpmpp_3m", k=4, metric="l1")
+    ref = jax.jit(jax.value_and_grad(lambda p, r: ref_loss(p, {"teacher": TEACHER_PARAMS},
+                                                           {"image": x0, "label": labels}, r)[0]))
+    for seed in range(3):
+      rng = jax.random.PRNGKey(seed)
+      k_step, k_eps, k_dropout = jax.random.split(rng, 3)
+      k = int(jax.random.randint(k_step, (), 0, n))
+      x = x0 + jnp.float32(grid[k]) * jax.random.normal(k_eps, x0.shape, x0.dtype)
+      target = stages.local_targets(TEACHER_PARAMS, x, labels, jnp.float32(grid[k]), jnp.float32(grid[k + 1]),
+                                    spec=spec())
+      batch = {"state": x, "label": labels, "step_index": jnp.int32(k), "num_steps": jnp.int32(n),
+               "target": target}
+      got, got_grad = mine(STUDENT_PARAMS, batch, k_dropout)
+      want, want_grad = ref(STUDENT_PARAMS, rng)
+      np.testing.assert_allclose(got, want, rtol=1e-4)
+      for key in STUDENT_PARAMS:
+        np.testing.assert_allclose(got_grad[key], want_grad[key], rtol=1e-3, atol=1e-6)
+    wrong, _ = mine(STUDENT_PARAMS, dict(batch, step_index=jnp.int32((k + 1) % n)), k_dropout)
+    assert abs(float(wrong) - float(got)) > 1e-4
+
+
+def test_local_plan_batches_and_costs():
+  glob = stages.make_plan("global", 10, [3, 4, 5, 6], afs=True, seed=2)
+  plan = stages.make_plan("local", 10, [3, 4, 5, 6], afs=True, seed=2)
+  updates = len(glob["step_index"])
+  assert len(plan["step_index"]) == updates and plan["trajectory"].tolist() == list(range(updates))
+  assert set(plan["num_steps"].tolist()) <= {3, 4, 5, 6}
+  assert np.all(plan["step_index"] >= 1) and np.all(plan["step_index"] < plan["num_steps"])  # AFS: k ≥ 1
+  big = stages.make_plan("local", 400, [4], afs=False, seed=0)
+  assert set(big["step_index"].tolist()) == {0, 1, 2, 3}
+  # Costs: K teacher steps from a fresh start per update (a CFG call counts 2), one student evaluation.
+  for w, per_call in ((None, 1), (1.0, 2)):
+    costs = stages.plan_costs(plan, "local", True, lambda n, w=w: stages.local_teacher_evals(spec(teacher_w=w)))
+    assert costs == {"teacher_evals_per_update": per_call * 4, "student_evals_per_update": 1.0}
+  assert stages.local_teacher_evals(spec(solver="heun")) == 8
+
+  # Batches: data noised to σ_k with the step's own noise, the target the teacher's K steps from there.
+  x0 = np.tanh(np.arange(B * 4, dtype=np.float32).reshape((B,) + SHAPE) / 7.0)
+  data_fn = lambda step: {"image": x0 + step, "label": np.arange(B) % 3}
+  batches = stages.LocalBatches(plan, data_fn, stages.local_target_fn(spec(), TEACHER_PARAMS), seed=0, stream=7,
+                                batch_size=B, num_classes=3, label_dropout=0.0,
+                                sigmas_of_n=lambda n: sfd.student_grid(n))
+  for step in (0, 5):
+    got = batches(step)
+    n, k = int(plan["num_steps"][step]), int(plan["step_index"][step])
+    assert (int(got["num_steps"]), int(got["step_index"])) == (n, k)
+    grid = sfd.student_grid(n)
+    eps = (got["state"] - (x0 + step)) / grid[k]
+    assert abs(float(np.std(eps)) - 1.0) < 0.5 and abs(float(np.mean(eps))) < 0.5
+    want = direct_local_target(jnp.asarray(got["state"]), jnp.asarray(got["label"]), float(grid[k]),
+                               float(grid[k + 1]))
+    np.testing.assert_allclose(got["target"], want, rtol=1e-4, atol=1e-4 * grid[k])
+    again = batches(step)  # a pure function of the step (resume)
+    for key in got:
+      np.testing.assert_array_equal(again[key], got[key])
+  assert not np.allclose(batches(0)["state"] - x0, batches(1)["state"] - x0 - 1.0)
+  dropped = stages.LocalBatches(plan, lambda step: {"image": np.zeros((400,) + SHAPE, np.float32),
+                                                    "label": np.zeros(400, np.int32)},
+                                lambda n, x, y, s, t: x, seed=0, stream=7, batch_size=400, num_classes=3,
+                                label_dropout=0.25, sigmas_of_n=lambda n: sfd.student_grid(n))(0)["label"]
+  assert set(np.unique(dropped)) == {0, 3} and abs(np.mean(dropped == 3) - 0.25) < 0.07
+
+
 # --- batches, plans and costs ---------------------------------------------------------------------------------
 
 
@@ -294,6 +394,41 @@ def test_tiny_sfd_stage_trains_resumes_bit_identically_and_samples(tmp_path, mon
     np.testing.assert_array_equal(x, y)
 
 
+def test_tiny_sfd_stage_in_the_local_form_trains_on_data(tmp_path):
+  """Alg. 3 as a stage: the run's training set noised to a drawn grid point, one student step per update."""
+  c = tiny_config(loss_form="local", fixed_w=(1.0,), cfg_student=False)
+  wd = str(tmp_path)
+  t_params = fake_teacher(c, wd)
+  ctx = pipeline.Context(c, wd)
+  calls = []
+  original = stages.LocalBatches.__call__
+  stages.LocalBatches.__call__ = lambda self, step: calls.append(step) or original(self, step)
+  try:
+    stages.run_sfd(ctx)
+  finally:
+    stages.LocalBatches.__call__ = original
+  m = _meta(wd, "sfd/w1/N0002")
+  assert m["loss_form"] == "local" and m["method"] == "SFD (w=1)" and m["num_steps"] == 24 == len(calls)
+  assert m["teacher_evals_per_update"] == 2 * 4 and m["student_evals_per_update"] == 1.0  # fixed-w: CFG teacher
+  params, meta = train.load_final_params(os.path.join(wd, "sfd/w1/N0002"))
+  assert any(np.max(np.abs(np.asarray(a) - np.asarray(b))) > 1e-4
+             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(t_params)))
+  assert os.path.isfile(os.path.join(wd, "sfd/w1/N0002/samples.png"))
+  # On updates it was not trained on (another stream), the student's one Euler step lands nearer the teacher's
+  # K-step target than the teacher's own Euler step (its init) does.
+  plan = stages.make_plan("local", 6, [3], afs=True, seed=9)
+  held_out = stages.LocalBatches(plan, pipeline.batch_fn(ctx.train_source, 8, 9),
+                                 stages.local_target_fn(stages._teacher_spec(ctx, 1.0), t_params), seed=9, stream=3,
+                                 batch_size=8, num_classes=3, label_dropout=0.0,
+                                 sigmas_of_n=lambda n: stages.student_sigmas(c, n))
+  loss = stages.loss_of(ctx, stages.x_fn_of(ctx, stages.student_model(ctx, False)), "local", False)
+  mean_loss = lambda p: np.mean([float(loss(p, {}, held_out(i), jax.random.PRNGKey(0))[0]) for i in range(12)])
+  assert mean_loss(params) < 0.9 * mean_loss(t_params), (mean_loss(params), mean_loss(t_params))
+  noise, labels = stages.trajectory_inputs(5, 99, 0, 8, (4, 4, 1), 3, 0.0)
+  fn, nfe = stages.sample_fn(ctx, params, meta, 2)
+  assert nfe == 2 and np.all(np.isfinite(np.asarray(fn(noise, labels, jnp.ones((8,))))))
+
+
 @pytest.mark.slow
 def test_tiny_sfd_v_and_second_stage_with_both_guidance_variants(tmp_path):
   c = tiny_config(fixed_w=(1.0,))
@@ -381,7 +516,7 @@ def test_configs_carry_table_6_and_the_digits_variant_validates():
     ("nfe", (2, 2), "distinct positive integers"), ("v_nfe", (), "non-empty"), ("solver", "rk4", "'dpmpp_3m'"),
     ("metric", "lpips", "'l1'"), ("k", 0, "positive integer"), ("one_nfe_k", 1, ">= 2"),
     ("one_nfe_k", 4, "NFE 7"), ("lr", 0.0, "(0.0, 1.0]"), ("label_dropout", 1.0, "[0.0, 1.0)"),
-    ("loss_form", "local", "'global'"), ("sigma_min", 90.0, "sfd.sigma_max=80.0"), ("fixed_w", (-1.0,), ">= 0"),
+    ("loss_form", "rollout", "'local'"), ("sigma_min", 90.0, "sfd.sigma_max=80.0"), ("fixed_w", (-1.0,), ">= 0"),
 ])
 def test_bad_sfd_fields_are_named(field, value, needle):
   c = tiny_config()

@@ -106,6 +106,28 @@ def test_solvers_match_a_float64_loop(name):
   assert rms(got, want) < 2e-5, rms(got, want)
 
 
+@pytest.mark.parametrize("name", sorted(solvers.SOLVERS))
+def test_a_traced_grid_matches_the_float64_loop_with_one_compilation(name):
+  """Alg. 3's sub-grids (4 steps between two points of a 5-step grid), as traced values through one jit."""
+  solver, traces = solvers.SOLVERS[name], []
+  den = solvers.ve_denoiser(samplers.conditional_denoiser(GMM.model_fn, LABELS))
+
+  @jax.jit
+  def run(x, sub):
+    traces.append(1)
+    return solvers.integrate_traced(solver, den, x, sub)[0]
+
+  coarse = edm(5, 0.006)
+  for i in (0, 2, 4):
+    sub = np.asarray(solvers.edm_grid(4, coarse[i + 1], coarse[i]))  # 4 steps from coarse[i] to coarse[i+1]
+    x = np.asarray(X_INIT) * coarse[i] / 80.0
+    got = run(jnp.asarray(x, jnp.float32), jnp.asarray(sub, jnp.float32))
+    want = np_solve(name, x, sub, np.asarray(LABELS))
+    assert rms(np.asarray(got, np.float64), want) < 2e-5 * max(1.0, coarse[i]), (i, rms(got, want))
+  assert len(traces) == 1
+  assert solvers.integrate_traced(solver, den, X_INIT, edm(3))[1] == 3 * solver.evals_per_step
+
+
 @pytest.mark.parametrize("name", ["heun", "dpm_solver_2s", "dpmpp_3m"])
 def test_a_step_to_zero_returns_the_last_x_hat_with_one_evaluation(name):
   grid = np.append(edm(6, 0.01), 0.0)  # 7 steps, the last to σ = 0

@@ -32,6 +32,11 @@ Training form (sfd.loss_form):
               all at the same parameters). On the 2-core CPU its scanned backward pass measured 9 s (N = 3)
               and 24 s (N = 6) per update for the digits U-Net, against 0.16–0.6 s per global update: the
               digits config uses 'global'.
+  local       the vanilla trajectory distillation of Alg. 3, the paper's baseline: each update draws data x_0
+              (the run's training set: this form is NOT data-free), a grid N (from the stage's list) and a
+              student step k (k ≥ 1 under AFS), noises x_k = x_0 + σ_k ε and regresses the student's Euler step
+              onto K teacher solver steps from x_k to σ_{k+1} (`local_targets`, fresh history). As many updates
+              as the global form would make for the same sfd.trajectories; one student evaluation each.
 
 The batch function (`TrajectoryBatches`) is a pure function of the trainer step: the plan of (trajectory,
 N, k) per update is fixed by the seed, a trajectory's noise and labels come from a generator seeded by
@@ -58,7 +63,7 @@ import optax
 from distill import diffusion, models, parallel, pipeline, samplers, solvers, train, writers
 from distill.methods import sfd
 
-LOSS_FORMS = ("global", "trajectory")
+LOSS_FORMS = ("global", "trajectory", "local")
 
 
 # --- models ---------------------------------------------------------------------------------------------------
@@ -155,6 +160,8 @@ def make_plan(form: str, num_trajectories: int, step_counts, afs: bool, seed: in
     plan = sfd.trajectory_plan(num_trajectories * max(counts), counts, afs=afs, seed=seed)
     used = int(np.sum(plan["trajectory"] < num_trajectories))  # trajectory_plan is sequential: a prefix
     return {key: v[:used] for key, v in plan.items()}
+  if form == "local":
+    return local_plan(make_plan("global", num_trajectories, counts, afs, seed), counts, afs, seed)
   if form != "trajectory":
     raise ValueError(f"sfd: unknown loss form {form!r}; allowed: {LOSS_FORMS}")
   first = 1 if afs else 0
@@ -166,6 +173,21 @@ def make_plan(form: str, num_trajectories: int, step_counts, afs: bool, seed: in
           "step_index": np.zeros(num_trajectories, np.int32)}
 
 
+def local_plan(global_plan: dict, step_counts, afs: bool, seed: int) -> dict:
+  """Alg. 3's plan with as many updates as `global_plan`: update u draws its own data (trajectory = u), a grid N
+  uniformly from step_counts and a student step k ~ U{first … N − 1} (first = 1 under AFS: the analytic step
+  is never trained)."""
+  counts = [int(n) for n in step_counts]
+  first = 1 if afs else 0
+  if min(counts) <= first:
+    raise ValueError(f"make_plan: step_counts={step_counts} must be >= {first + 1} (afs={afs})")
+  updates = len(global_plan["step_index"])
+  rng = np.random.default_rng([seed, 3])
+  num = np.asarray(counts, np.int32)[rng.integers(len(counts), size=updates)]
+  return {"trajectory": np.arange(updates, dtype=np.int32), "num_steps": num,
+          "step_index": rng.integers(first, num).astype(np.int32)}
+
+
 def solver_evals(solver: solvers.Solver, sigmas, afs: bool = False) -> int:
   """Network evaluations of one `solvers.integrate` run over the grid (before a CFG factor of 2)."""
   s = solvers.check_grid(sigmas)
@@ -175,8 +197,12 @@ def solver_evals(solver: solvers.Solver, sigmas, afs: bool = False) -> int:
 def plan_costs(plan: dict, form: str, afs: bool, teacher_evals_of_n) -> dict:
   """Per-example evaluation counts per update of a plan: teacher_evals_per_update (every trajectory the plan
   starts, computed once, spread over the plan's updates) and student_evals_per_update (forward passes: the
-  global form's rollout to step k plus the trained step; the trajectory form's N − 1 steps under AFS)."""
+  global form's rollout to step k plus the trained step; the trajectory form's N − 1 steps under AFS; the
+  local form's one step, its teacher_evals_of_n giving the K-step run of one interval)."""
   updates = len(plan["step_index"])
+  if form == "local":
+    return {"teacher_evals_per_update": float(np.mean([teacher_evals_of_n(int(n)) for n in plan["num_steps"]])),
+            "student_evals_per_update": 1.0}
   starts = np.flatnonzero(np.diff(plan["trajectory"], prepend=-1))
   teacher = sum(teacher_evals_of_n(int(n)) for n in plan["num_steps"][starts])
   first = 1 if afs else 0
@@ -291,18 +317,81 @@ class TrajectoryBatches:
             "num_steps": np.int32(self.plan["num_steps"][step]), "teacher": teacher}
 
 
+def _on_local_devices(params):
+  """(params replicated over this process's devices, put(*rows) splitting row arrays over them)."""
+  devices = jax.local_devices()
+  if len(devices) == 1:
+    return jax.device_put(params), lambda *rows: rows
+  mesh = parallel.make_mesh(1, devices)
+  sharding = parallel.batch_sharding(mesh)
+  return (parallel.place(params, parallel.replicated_shardings(mesh, params)),
+          lambda *rows: tuple(jax.device_put(r, sharding) for r in rows))
+
+
 def local_teacher_fn(spec: TeacherSpec, params):
   """(n, noise, labels) -> teacher states [b, n+1, ...] on this process's devices (rows split over them)."""
-  devices = jax.local_devices()
-  mesh = parallel.make_mesh(1, devices)
-  placed = (parallel.place(params, parallel.replicated_shardings(mesh, params)) if len(devices) > 1
-            else jax.device_put(params))
-  sharding = parallel.batch_sharding(mesh) if len(devices) > 1 else None
+  placed, put = _on_local_devices(params)
 
   def fn(n, noise, labels):
-    if sharding is not None:
-      noise, labels = jax.device_put(noise, sharding), jax.device_put(labels, sharding)
-    return teacher_states(placed, noise, labels, spec=spec, n=int(n))
+    return teacher_states(placed, *put(noise, labels), spec=spec, n=int(n))
+  return fn
+
+
+def local_teacher_evals(spec: TeacherSpec) -> int:
+  """Teacher network evaluations per example of one Alg. 3 target: K steps from a fresh start (CFG counts 2)."""
+  per_call = 1 if spec.teacher_w is None else 2
+  return per_call * spec.k * solvers.get_solver(spec.solver).evals_per_step
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "n"))
+def local_targets(params, x, labels, sigma, sigma_next, *, spec: TeacherSpec, n: int = 0):
+  """Alg. 3, line 6: the teacher's state at sigma_next after spec.k solver steps from x [B, ...] (VE) at sigma
+  (fresh history), on the interval refined uniformly in σ^(1/ρ) as `sfd.refine_grid` does. sigma, sigma_next:
+  traced scalars, so one compilation serves every grid point (n matters only for a step-count teacher, the
+  SFD-v model of a second stage; pass 0 otherwise). Equal to `sfd.local_teacher_target` (tested)."""
+  frac = jnp.arange(spec.k + 1, dtype=jnp.float32) / spec.k
+  lo, hi = sigma_next ** (1.0 / spec.rho), sigma ** (1.0 / spec.rho)
+  fine = (hi + frac * (lo - hi)) ** spec.rho
+  fine = fine.at[0].set(sigma).at[-1].set(sigma_next)
+  den = solvers.ve_denoiser(_teacher_denoiser(spec, params, labels, n))
+  return solvers.integrate_traced(solvers.get_solver(spec.solver), den, x, fine)[0]
+
+
+class LocalBatches:
+  """step -> this process's rows of Alg. 3 update `step`: {'state' x_k [b, ...] (data noised to σ_k, VE),
+  'label' [b], 'step_index', 'num_steps' int32, 'target' [b, ...] the teacher's state at σ_{k+1}} (numpy).
+  A pure function of the step: data from `data_fn(step)` ({'image', 'label'}, this process's rows), noise
+  and null labels from a generator seeded by (seed, stream, step), the target from `target_fn`."""
+
+  def __init__(self, plan: dict, data_fn, target_fn, *, seed: int, stream: int, batch_size: int,
+               num_classes: int, label_dropout: float, sigmas_of_n):
+    self.plan, self.data_fn, self.target_fn = plan, data_fn, target_fn
+    self.seed, self.stream, self.batch_size = seed, stream, batch_size
+    self.num_classes, self.label_dropout, self.sigmas_of_n = num_classes, label_dropout, sigmas_of_n
+    per = batch_size // jax.process_count()
+    self.rows = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+  def __call__(self, step: int) -> dict:
+    data = self.data_fn(step)
+    x0 = np.asarray(data["image"], np.float32)
+    n, k = int(self.plan["num_steps"][step]), int(self.plan["step_index"][step])
+    rng = np.random.default_rng([self.seed, self.stream, int(self.plan["trajectory"][step])])
+    eps = rng.standard_normal((self.batch_size,) + x0.shape[1:], dtype=np.float32)[self.rows]
+    drop = (rng.random(self.batch_size) < self.label_dropout)[self.rows]
+    labels = np.where(drop, self.num_classes, np.asarray(data["label"])).astype(np.int32)
+    sig = self.sigmas_of_n(n)
+    x = (x0 + np.float32(sig[k]) * eps).astype(np.float32)
+    target = np.asarray(self.target_fn(n, x, labels, float(sig[k]), float(sig[k + 1])))
+    return {"state": x, "label": labels, "step_index": np.int32(k), "num_steps": np.int32(n), "target": target}
+
+
+def local_target_fn(spec: TeacherSpec, params):
+  """(n, x, labels, σ_k, σ_{k+1}) -> teacher targets [b, ...] on this process's devices (rows split over them)."""
+  placed, put = _on_local_devices(params)
+
+  def fn(n, x, labels, sigma, sigma_next):
+    return local_targets(placed, *put(x, labels), jnp.float32(sigma), jnp.float32(sigma_next), spec=spec,
+                         n=int(n) if spec.step_count else 0)
   return fn
 
 
@@ -358,6 +447,29 @@ def padded_global_loss(student_x, *, max_steps: int, metric: str = "l1", afs: bo
   return loss_fn
 
 
+def padded_local_loss(student_x, *, max_steps: int, metric: str = "l1", step_condition: bool = False,
+                      sigma_min: float = sfd.SIGMA_MIN, sigma_max: float = sfd.SIGMA_MAX,
+                      rho: float = sfd.RHO) -> train.LossFn:
+  """Alg. 3's loss (as `sfd.local_loss`) with the sampled state and the teacher target served by the batch
+  (`LocalBatches`), N and k traced: one compilation for every grid. batch: state [B, ...] x_k, label [B],
+  step_index k and num_steps N int32 scalars, target [B, ...]. Loss: mean_B d(Euler_ψ(x_k → σ_{k+1}), target)."""
+  sfd.distance(jnp.zeros((1, 1)), jnp.zeros((1, 1)), metric)
+  table = grid_table(max_steps, sigma_min, sigma_max, rho)
+
+  def loss_fn(params, frozen, batch, rng):
+    del frozen
+    n = jnp.asarray(batch["num_steps"], jnp.int32)
+    step = jnp.asarray(batch["step_index"], jnp.int32)
+    sig = jnp.asarray(table)[n]
+    x = batch["state"]
+    x_hat = sfd._student_x_hat(student_x, params, x, sig[step], batch["label"], None, n, step_condition,
+                               train=True, rng=rng)
+    d, _ = sfd.step_loss(x_hat, x, sig[step], sig[step + 1], batch["target"], metric)
+    return jnp.mean(d), {"distance": jnp.mean(d), "student_step": step.astype(jnp.float32)}
+
+  return loss_fn
+
+
 def _batch_major(loss_fn):
   """sfd.trajectory_loss reads batch['teacher'] as [N+1, B, ...]; batches carry it batch-major [B, N+1, ...]."""
   def wrapped(params, frozen, batch, rng):
@@ -387,6 +499,8 @@ def _loss(student_x, form, step_condition, max_steps, metric, afs, sigma_min, si
   if form == "global":
     return padded_global_loss(student_x, max_steps=max_steps, metric=metric, afs=afs, step_condition=step_condition,
                               **grid)
+  if form == "local":
+    return padded_local_loss(student_x, max_steps=max_steps, metric=metric, step_condition=step_condition, **grid)
   return _batch_major(sfd.trajectory_loss(student_x, None, metric=metric, afs=afs, step_condition=step_condition,
                                           **grid))
 
@@ -434,12 +548,20 @@ def train_student(ctx: pipeline.Context, name: str, *, model, init, spec: Teache
   s = c.sfd
   plan = make_plan(form, num_trajectories, step_counts, s.afs, c.seed)
   num_updates = len(plan["step_index"])
-  costs = plan_costs(plan, form, s.afs, lambda n: teacher_evals(spec, n))
-  batches = TrajectoryBatches(plan, local_teacher_fn(spec, teacher_params), seed=c.seed,
-                              stream=zlib.crc32(name.encode()), batch_size=s.batch_size,
-                              image_shape=ctx.image_shape, num_classes=c.data.num_classes,
-                              label_dropout=s.label_dropout if meta["guided_sampling"] else 0.0,
-                              pad_to=max_grid_steps(c) if form == "global" else None)
+  label_dropout = s.label_dropout if meta["guided_sampling"] else 0.0
+  stream = zlib.crc32(name.encode())
+  if form == "local":
+    costs = plan_costs(plan, form, s.afs, lambda n: local_teacher_evals(spec))
+    batches = LocalBatches(plan, pipeline.batch_fn(ctx.train_source, s.batch_size, c.seed),
+                           local_target_fn(spec, teacher_params), seed=c.seed, stream=stream,
+                           batch_size=s.batch_size, num_classes=c.data.num_classes, label_dropout=label_dropout,
+                           sigmas_of_n=functools.partial(student_sigmas, c))
+  else:
+    costs = plan_costs(plan, form, s.afs, lambda n: teacher_evals(spec, n))
+    batches = TrajectoryBatches(plan, local_teacher_fn(spec, teacher_params), seed=c.seed, stream=stream,
+                                batch_size=s.batch_size, image_shape=ctx.image_shape,
+                                num_classes=c.data.num_classes, label_dropout=label_dropout,
+                                pad_to=max_grid_steps(c) if form == "global" else None)
   optimizer, schedule = adam_tenfold_drop(float(lr), num_updates)
   meta = dict(meta, kind="sfd_student", sampler="sfd", report_sampler="deterministic", w_conditioned=False,
               batch_size=s.batch_size, loss_form=form, trajectories=num_trajectories * s.batch_size,
