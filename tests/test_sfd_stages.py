@@ -407,13 +407,13 @@ def test_tiny_sfd_stage_in_the_local_form_trains_on_data(tmp_path):
     stages.run_sfd(ctx)
   finally:
     stages.LocalBatches.__call__ = original
-  m = _meta(wd, "sfd/w1/N0002")
-  assert m["loss_form"] == "local" and m["method"] == "SFD (w=1)" and m["num_steps"] == 24 == len(calls)
+  m = _meta(wd, "sfd/w1-local/N0002")
+  assert m["loss_form"] == "local" and m["method"] == "SFD local (w=1)" and m["guidance"] == "w1" and m["num_steps"] == 24 == len(calls)
   assert m["teacher_evals_per_update"] == 2 * 4 and m["student_evals_per_update"] == 1.0  # fixed-w: CFG teacher
-  params, meta = train.load_final_params(os.path.join(wd, "sfd/w1/N0002"))
+  params, meta = train.load_final_params(os.path.join(wd, "sfd/w1-local/N0002"))
   assert any(np.max(np.abs(np.asarray(a) - np.asarray(b))) > 1e-4
              for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(t_params)))
-  assert os.path.isfile(os.path.join(wd, "sfd/w1/N0002/samples.png"))
+  assert os.path.isfile(os.path.join(wd, "sfd/w1-local/N0002/samples.png"))
   # On updates it was not trained on (another stream), the student's one Euler step lands nearer the teacher's
   # K-step target than the teacher's own Euler step (its init) does.
   plan = stages.make_plan("local", 6, [3], afs=True, seed=9)

@@ -21,6 +21,8 @@ Guidance variants (`<variant>`), both data-free (a batch is noise and labels, no
   w{w}  the teacher's classifier-free mix at a fixed w (2 teacher evaluations per call) distilled into a
         student without a w input, sampled at that w only (w_range [w, w]), 1 evaluation per step. One per
         entry of sfd.fixed_w. Method names 'SFD (w=1)', ….
+A loss form other than 'global' appends itself to both: directories 'cfg-local', 'w1-trajectory', methods
+'SFD local (CFG)', so the forms can share a workdir and a report.
 
 Training form (sfd.loss_form):
   global      the paper's Alg. 4/5/6: one optimizer step per student step. A trajectory of grid N takes N − 1
@@ -122,22 +124,31 @@ def student_init(ctx: pipeline.Context, model, params):
 
 
 class Variant(NamedTuple):
-  """A guidance variant: 'cfg' (teacher_w None, CFG at sampling) or a fixed teacher w."""
-  tag: str                  # directory name: 'cfg' or 'w1', 'w2.5'
+  """A guidance variant: 'cfg' (teacher_w None, CFG at sampling) or a fixed teacher w, trained in one loss form.
+  Forms other than the paper's 'global' get their own directories and method names ('SFD local (CFG)'), so
+  both can sit in one workdir and one report."""
+  guidance: str             # 'cfg' or 'w1', 'w2.5'
   teacher_w: float | None   # None: the conditional teacher (w = 0); else the CFG mix at this w
+  form: str = "global"      # sfd.loss_form
+
+  @property
+  def tag(self) -> str:
+    """The directory name: 'cfg', 'w1', or 'cfg-local', 'w1-trajectory' for the other forms."""
+    return self.guidance if self.form == "global" else f"{self.guidance}-{self.form}"
 
   @property
   def guided_sampling(self) -> bool:
     return self.teacher_w is None
 
   def method(self, base: str) -> str:
+    base = base if self.form == "global" else f"{base} {self.form}"
     return f"{base} (CFG)" if self.teacher_w is None else f"{base} (w={self.teacher_w:g})"
 
 
 def variants(config) -> list[Variant]:
   s = config.sfd
-  out = [Variant("cfg", None)] if s.cfg_student else []
-  return out + [Variant(f"w{float(w):g}", float(w)) for w in s.fixed_w]
+  out = [Variant("cfg", None, s.loss_form)] if s.cfg_student else []
+  return out + [Variant(f"w{float(w):g}", float(w), s.loss_form) for w in s.fixed_w]
 
 
 def grid_steps(nfe: int, afs: bool) -> int:
@@ -594,7 +605,7 @@ def _w_range(ctx: pipeline.Context, variant: Variant) -> list[float]:
 
 
 def _common_meta(ctx, variant: Variant, method: str, stage_kind: str) -> dict:
-  return {"method": variant.method(method), "stage_kind": stage_kind, "guidance": variant.tag,
+  return {"method": variant.method(method), "stage_kind": stage_kind, "guidance": variant.guidance,
           "teacher_w": variant.teacher_w, "guided_sampling": variant.guided_sampling,
           "w_range": _w_range(ctx, variant), "cost_parents": []}
 
