@@ -26,6 +26,8 @@ setup(
         "absl-py>=2.1,<3",
         "matplotlib>=3.8,<4",
         "ml_dtypes>=0.5",
+        "etils[epath]>=1.7",
     ],
-    extras_require={"test": ["pytest>=8,<10", "scipy>=1.13,<2"]},
+    # gcs: gs:// workdirs (etils.epath reaches GCS through gcsfs; Orbax checkpoints use tensorstore's own driver).
+    extras_require={"test": ["pytest>=8,<10", "scipy>=1.13,<2"], "gcs": ["gcsfs>=2024.2"]},
 )

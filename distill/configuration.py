@@ -74,7 +74,13 @@ def base_config() -> ml_collections.ConfigDict:
       nfe=(2, 3, 4, 5),                 # 'sfd': one student per entry
       v_nfe=(2, 3, 4, 5),               # 'sfd_v': the list L of Alg. 6, one step-conditioned student
       solver="dpmpp_3m", k=4,           # teacher solver and its sub-steps per student step (K)
-      metric="l1",                      # 'l1' | 'l2' | 'pseudo_huber'
+      metric="l1",                      # 'l1' | 'l2' | 'pseudo_huber' | 'lpips' (weights from sfd.lpips files)
+      lpips=ml_collections.ConfigDict(dict(
+          net="alex",                   # 'alex' | 'vgg': the LPIPS trunk
+          trunk="",                     # its torchvision state dict (.pth or .npz), e.g. alexnet-owt-7be5be79.pth
+          lin="",                       # the lpips package's weights/v0.1/{alex,vgg}.pth (or .npz)
+          resize=224,                   # bilinear resize of both states before LPIPS (0: as they are)
+      )),
       afs=True, sigma_min=0.006, sigma_max=80.0, rho=7.0,
       loss_form="global",               # 'global': an update per student step (Alg. 4); 'trajectory': per trajectory;
                                         # 'local': Alg. 3 (noised data, one step: not data-free)
@@ -184,7 +190,18 @@ def _validate_sfd(c) -> None:
     if not v or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in v) or len(set(v)) != len(v):
       _fail(f"sfd.{f}", v, "must be a non-empty tuple of distinct positive integers (NFE per sample)")
   _choice(c, "sfd.solver", tuple(solvers.SOLVERS))
-  _choice(c, "sfd.metric", sfd.DISTANCES)
+  _choice(c, "sfd.metric", sfd.DISTANCES + ("lpips",))
+  if c.sfd.metric == "lpips":
+    _choice(c, "sfd.lpips.net", ("alex", "vgg"))
+    for f, what in (("trunk", "the torchvision trunk's state dict"), ("lin", "the lpips package's lin weights")):
+      if not isinstance(c.sfd.lpips[f], str) or not c.sfd.lpips[f]:
+        _fail(f"sfd.lpips.{f}", c.sfd.lpips[f], f"sfd.metric='lpips' needs a path to {what} (.pth or .npz); "
+              "nothing is downloaded")
+    v = c.sfd.lpips.resize
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or 0 < v < 32:
+      _fail("sfd.lpips.resize", v, "must be 0 (no resize) or an integer >= 32 (the trunk needs >= 31 pixels)")
+    if c.sfd.loss_form == "trajectory":
+      _fail("sfd.loss_form", "trajectory", "sfd.metric='lpips' runs with the 'global' and 'local' forms only")
   _choice(c, "sfd.loss_form", ("global", "trajectory", "local"))
   _choice(c, "sfd.one_nfe_from", ("sfd", "sfd_v"))
   for f in ("afs", "cfg_student"):

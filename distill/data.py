@@ -301,10 +301,15 @@ def load_npz(path: str, split: str, channels: int, num_classes: int) -> tuple[np
   if not path:
     raise DataError(
         "data.path is empty; set data.path to an .npz file with 'images' uint8 [N, H, W, C] and 'labels' int [N]")
-  if not os.path.isfile(path):
+  from etils import epath  # local paths and URLs (gs://…) alike
+  try:
+    found = epath.Path(path).is_file()
+  except Exception as e:  # noqa: BLE001 — a URL whose client is missing or cannot reach it
+    raise DataError(f"data.path={path!r} cannot be read ({type(e).__name__}: {e})") from e
+  if not found:
     raise DataError(f"data.path={path!r} does not exist or is not a file")
   try:
-    with np.load(path, allow_pickle=False) as npz:
+    with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as npz:
       arrays = {k: npz[k] for k in npz.files}
   except Exception as e:  # zip, pickle or format errors all mean "not a usable npz".
     raise DataError(f"data.path={path!r} is not a readable .npz file ({type(e).__name__}: {e})") from e

@@ -13,7 +13,6 @@ only by the model and sampler. The protocol (features, quantisation, splits) is 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import time
@@ -21,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from distill import configuration, models, pipeline, train, writers
 from distill.evaluation import classifier as classifier_lib
@@ -55,16 +55,23 @@ def reference(ctx: pipeline.Context, net: protocol.FeatureNet) -> protocol.Refer
 
 
 def finished_students(workdir: str):
-  """(name, stage_dir) of every finished student stage in the workdir, in pipeline-stage order."""
+  """(name, stage_dir) of every finished student stage (a directory holding final/meta.json) in the workdir,
+  local or a URL: in pipeline-stage order and, within a stage, in order of the directory path."""
   out = []
   for top in STUDENT_STAGES:
     root = os.path.join(workdir, top)
-    if not os.path.isdir(root):
+    if not epath.Path(root).is_dir():
       continue
-    for dirpath, dirnames, _ in sorted(os.walk(root)):
-      dirnames.sort()
-      if os.path.isfile(os.path.join(dirpath, "final", "meta.json")):
-        out.append((os.path.relpath(dirpath, workdir), dirpath))
+    # One listing of the tree. An object store's walk may name directories without the URL's scheme, so each
+    # is taken relative to the first one walked (the root itself), whatever form the walk gives them in.
+    walked = [(os.fspath(d), dirs, files) for d, dirs, files in epath.Path(root).walk()]
+    listing = {os.path.relpath(d, walked[0][0]): (dirs, files) for d, dirs, files in walked}
+    names = []
+    for rel, (dirs, _) in listing.items():
+      if "final" in dirs and "meta.json" in listing.get(os.path.normpath(os.path.join(rel, "final")), ((), ()))[1]:
+        names.append(top if rel == "." else f"{top}/{rel}")
+    for name in sorted(names, key=lambda n: os.path.join(workdir, n)):
+      out.append((name, os.path.join(workdir, name)))
   return out
 
 
@@ -148,11 +155,10 @@ def run_stage(ctx: pipeline.Context):
   results_path = os.path.join(ctx.workdir, "results.json")
   evaluated = {"checkpoints": ["teacher"] + [name for name, _ in students], "w_values": list(e.w_values),
                "per_class": e.per_class, "seed": c.seed, "metric": protocol.resolve_metric(c)}
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      if json.load(f).get("evaluated") == evaluated:
-        print(f"[evaluate] {results_path} already covers these checkpoints; delete it to evaluate again")
-        return
+  if epath.Path(results_path).exists():
+    if writers.read_json(results_path).get("evaluated") == evaluated:
+      print(f"[evaluate] {results_path} already covers these checkpoints; delete it to evaluate again")
+      return
   net = feature_net(ctx)
   ref = reference(ctx, net)
   k = c.data.num_classes
@@ -184,7 +190,7 @@ def run_stage(ctx: pipeline.Context):
         jobs.append((method, sampler, w, steps, nfe, fn, name, costs[name]))
 
   grid_dir = os.path.join(ctx.workdir, "eval_grids")
-  os.makedirs(grid_dir, exist_ok=True)
+  epath.Path(grid_dir).mkdir(parents=True, exist_ok=True)
   rows, start = [], time.time()
   for done, (method, sampler, w, steps, nfe, fn, checkpoint, cost) in enumerate(jobs, start=1):
     t0 = time.time()
@@ -212,19 +218,16 @@ def write_outputs(workdir: str, rows, net: protocol.FeatureNet, ref: protocol.Re
            "Every row samples the same noise and labels; nfe counts network evaluations per sample."]
   result = {"rows": rows, "evaluated": evaluated, "metric": net.metric, "reference_images": ref.num_images,
             "protocol": protocol.__doc__.split("\n\n")[-1].strip()}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(report.markdown_report(rows, title="Evaluation", notes=notes))
+  writers.atomic_write_json(os.path.join(workdir, "results.json"), result, indent=1)
+  writers.atomic_write_text(os.path.join(workdir, "report.md"),
+                            report.markdown_report(rows, title="Evaluation", notes=notes))
   report.plot_fid_vs_steps(rows, os.path.join(workdir, "fid_vs_steps.png"))
   report.plot_fid_is_tradeoff(rows, os.path.join(workdir, "fid_vs_is.png"))
 
 
 def _standalone_outputs(ctx, rows, net, ref, out: str) -> dict:
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   result = {"rows": rows, "metric": net.metric, "reference_images": ref.num_images, "features": net.description}
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
+  writers.atomic_write_json(out, result, indent=1)  # creates the directory
   return result
 
 
@@ -242,7 +245,7 @@ def evaluate_checkpoint(stage_dir: str, *, w_values=(0.0,), steps=None, sampler=
   rows = []
   for w in w_values:
     x = pipeline.sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
-    rows.append({"checkpoint": os.path.abspath(stage_dir), "sampler": sampler, "w": float(w), "steps": int(steps),
+    rows.append({"checkpoint": writers.abspath(stage_dir), "sampler": sampler, "w": float(w), "steps": int(steps),
                  "nfe": int(nfe), "seed": seed, **protocol.score(net, ref, x, is_splits=c.eval.is_splits,
                                                                     pr_k=c.eval.pr_k)})
   out = out or os.path.join(stage_dir, f"eval_{sampler}_{steps}steps_seed{seed}.json")
@@ -251,10 +254,14 @@ def evaluate_checkpoint(stage_dir: str, *, w_values=(0.0,), steps=None, sampler=
 
 def load_samples(path: str, image_shape) -> np.ndarray:
   """images [N, H, W, C] from an .npz ('images': uint8 in [0, 255], or float in [−1, 1]) → float [−1, 1]."""
-  if not os.path.isfile(path):
+  try:
+    found = epath.Path(path).is_file()
+  except Exception as e:  # noqa: BLE001 — a URL whose client is missing or cannot reach it
+    raise EvaluationError(f"--samples={path!r}: cannot be read ({type(e).__name__}: {e})") from e
+  if not found:
     raise EvaluationError(f"--samples={path!r}: no such file")
   try:
-    with np.load(path, allow_pickle=False) as d:
+    with writers.read_npz(path) as d:
       if "images" not in d.files:
         raise EvaluationError(f"--samples={path!r}: no 'images' array (has {sorted(d.files)})")
       images = np.asarray(d["images"])
@@ -280,7 +287,7 @@ def evaluate_samples(config, workdir: str, samples_path: str, out: str | None = 
   images = load_samples(samples_path, ctx.image_shape)
   net = feature_net(ctx)
   ref = reference(ctx, net)
-  row = {"samples": os.path.abspath(samples_path),
+  row = {"samples": writers.abspath(samples_path),
          **protocol.score(net, ref, images, is_splits=config.eval.is_splits, pr_k=config.eval.pr_k)}
   out = out or os.path.splitext(samples_path)[0] + "_eval.json"
   return dict(_standalone_outputs(ctx, [row], net, ref, out), path=out)

@@ -65,6 +65,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "train, several processes
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+_URL_SCHEMES = ("gs://", "s3://", "az://")  # the object stores etils.epath reaches
 
 
 def fail(message: str):
@@ -277,24 +278,34 @@ def _init_distributed():
           f"({jax.local_device_count()} here; from {source})")
 
 
-def _write_json_atomically(path: str, value):
-  """A killed run leaves the old file or the new one, never half of one (a rerun reads it)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def _check_inception_weights(config):
   """Before anything is written: a pipeline that ends in Inception metrics needs their weight file."""
+  from etils import epath
   from distill.evaluation import inception, protocol
   if "evaluate" in tuple(config.pipeline) and protocol.resolve_metric(config) == "inception":
     path = os.path.expanduser(config.eval.inception_path)
-    if not os.path.isfile(path):
+    try:
+      found = epath.Path(path).is_file()
+    except Exception as e:  # noqa: BLE001 — a URL whose client is missing or cannot reach it
+      fail(f"eval.inception_path={path!r}: cannot be read ({_one_line(e)})")
+    if not found:
       try:
         inception.load_inception(path)
       except inception.InceptionWeightsMissing as e:
         fail(f"eval.inception_path: {e}")
+
+
+def _check_lpips_weights(config):
+  """sfd.metric='lpips': both weight files load and fit sfd.lpips.net, before anything is written (the stage
+  reuses what is loaded here)."""
+  sfd_stages = {"sfd", "sfd_v", "sfd_one_nfe"}
+  if config.sfd.metric != "lpips" or not sfd_stages & set(config.pipeline):
+    return
+  from distill.stages import sfd
+  try:
+    sfd.load_lpips_params(config.sfd.lpips.net, config.sfd.lpips.trunk, config.sfd.lpips.lin)
+  except Exception as e:  # noqa: BLE001 — a missing file, a URL that cannot be reached, a wrong key or shape
+    fail(f"config.sfd.lpips (trunk={config.sfd.lpips.trunk!r}, lin={config.sfd.lpips.lin!r}): {_one_line(e)}")
 
 
 def _check_teacher_dir(config):
@@ -303,21 +314,25 @@ def _check_teacher_dir(config):
   teacher_dir = config.distill.teacher_dir
   if not teacher_dir or tuple(config.pipeline) == ("teacher",):
     return
+  from etils import epath
   field = f"config.distill.teacher_dir={teacher_dir!r}"
   meta_path = os.path.join(teacher_dir, "final", "meta.json")
-  if not os.path.isfile(meta_path):
+  try:
+    found = epath.Path(meta_path).is_file()
+  except Exception as e:  # noqa: BLE001 — a URL whose client is missing or cannot reach it
+    fail(f"{field}: cannot be read ({_one_line(e)})")
+  if not found:
     fail(f"{field}: no finished stage there (expected {meta_path})")
   try:
-    with open(meta_path) as f:
-      kind = json.load(f).get("kind")
+    kind = json.loads(epath.Path(meta_path).read_text()).get("kind")
   except (OSError, ValueError) as e:
     fail(f"{field}: unreadable {meta_path} ({type(e).__name__})")
   if kind != "cfg_teacher":
     fail(f"{field}: not a CFG teacher (its meta says kind={kind!r}); point at a run's teacher/ directory")
-  run_config = os.path.join(os.path.dirname(os.path.abspath(teacher_dir.rstrip("/"))), "config.json")
-  if os.path.isfile(run_config):
-    with open(run_config) as f:
-      saved = json.load(f)
+  from distill import writers
+  run_config = os.path.join(os.path.dirname(writers.abspath(teacher_dir.rstrip("/"))), "config.json")
+  if epath.Path(run_config).is_file():
+    saved = json.loads(epath.Path(run_config).read_text())
     for section, keys in (("data", ("name", "image_size", "channels", "num_classes")),
                           ("model", ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "parameterization",
                                      "emb_ch", "head_dim"))):
@@ -347,6 +362,7 @@ def main(argv):
     fail("--config is required, e.g. --config=configs/digits.py")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   # Imports after flag parsing so `--help` and flag errors stay fast.
+  from etils import epath
   from distill import configuration, data
 
   config = _CONFIG.value
@@ -367,31 +383,37 @@ def main(argv):
            f"data.name={config.data.name!r}")
   _check_inception_weights(config)
   _check_teacher_dir(config)
+  _check_lpips_weights(config)
 
   config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "config")
   workdir = _WORKDIR.value or default_workdir(config_arg)
-  if "://" in workdir:  # os.makedirs would make a local directory named 'gs:' and write there
-    fail(f"--workdir={workdir}: object-store URLs are not supported yet (the run's own files go through the local "
-         "file system); pass a local path or the bucket's mount point (e.g. gcsfuse)")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  # Local, or an object store's URL (gs://bucket/run: etils.epath with gcsfs or TensorFlow installed).
+  if "://" in workdir and not workdir.startswith(_URL_SCHEMES):
+    fail(f"--workdir={workdir}: a URL workdir must start with one of {', '.join(_URL_SCHEMES)}")
+  workdir_path = epath.Path(workdir)
+  try:
+    is_file = workdir_path.exists() and not workdir_path.is_dir()
+  except Exception as e:  # noqa: BLE001 — the store's client missing (gcsfs), no credentials, no network
+    fail(f"--workdir={workdir}: cannot be reached ({_one_line(e)})")
+  if is_file:
     fail(f"--workdir={workdir}: exists and is not a directory")
   import jax
-  from distill import parallel, pipeline, train
+  from distill import parallel, pipeline, train, writers
   main_process = jax.process_index() == 0
   resolved = json.loads(config.to_json_best_effort())
   config_path = os.path.join(workdir, "config.json")
-  if os.path.exists(config_path) and not _ALLOW_CHANGE.value:
+  if epath.Path(config_path).exists() and not _ALLOW_CHANGE.value:
     try:
-      with open(config_path) as f:
-        saved = json.load(f)
+      saved = writers.read_json(config_path)
     except ValueError as e:
       fail(f"{config_path}: unreadable ({_one_line(e)}); delete it to run this config in {workdir}")
     diff = _first_difference(saved, resolved)
     if diff:
       fail(f"{workdir} holds a run with another config ({diff}); use another --workdir or --allow_config_change")
   if main_process:
-    os.makedirs(workdir, exist_ok=True)
-    _write_json_atomically(config_path, resolved)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    # A killed run leaves the old file or the new one, never half of one (a rerun reads it).
+    writers.atomic_write_json(config_path, resolved, indent=1, sort_keys=True)
     print(f"workdir: {workdir}")
   parallel.sync_processes("main: workdir ready")
   train.install_stop_handlers()

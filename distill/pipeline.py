@@ -6,13 +6,13 @@
     WORKDIR/summary.json           wall-clock per stage
 
 Each stage resumes from its last checkpoint or is skipped when finished, so re-running the same
-command after an interruption continues where it stopped.
+command after an interruption continues where it stopped. WORKDIR may be local or a URL (gs://bucket/run):
+files go through etils.epath, checkpoints through Orbax.
 """
 from __future__ import annotations
 
 import functools
 import importlib
-import json
 import os
 import time
 
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
 from distill import data as data_lib
 from distill import models, parallel, samplers, schedules, train, writers
@@ -100,15 +101,14 @@ def run_teacher(ctx: Context):
   params, meta = train.run_stage(stage, stage_dir, is_main_process=ctx.is_main_process)
   sample_fn = functools.partial(guided_ddim, params, model=model, parameterization=c.model.parameterization,
                                 logsnr_fn=ctx.logsnr_fn, null_label=ctx.null_label, clip=c.sample.clip)
-  if ctx.is_main_process and not os.path.exists(os.path.join(stage_dir, "samples.png")):
+  if ctx.is_main_process and not epath.Path(stage_dir, "samples.png").exists():
     write_guided_grid(ctx, functools.partial(sample_fn, num_steps=c.sample.num_steps),
                       os.path.join(stage_dir, "samples.png"))
   if (ctx.is_main_process and c.eval.class_agreement and c.data.name in EMBEDDED
-      and not os.path.exists(os.path.join(stage_dir, "eval.json"))):
+      and not epath.Path(stage_dir, "eval.json").exists()):
     report = teacher_class_agreement(ctx, functools.partial(sample_fn, num_steps=c.eval.agreement_steps))
     report["teacher_train_seconds"] = meta.get("train_seconds")
-    with open(os.path.join(stage_dir, "eval.json"), "w") as f:
-      json.dump(report, f, indent=1)
+    writers.atomic_write_json(os.path.join(stage_dir, "eval.json"), report, indent=1)
     print(f"[teacher] class agreement: {report['agreement']} (classifier test accuracy "
           f"{report['classifier_test_accuracy']:.4f})")
 
@@ -311,18 +311,15 @@ def run(config, workdir: str, train_source=None):
   ctx = Context(config, workdir, train_source)
   summary_path = os.path.join(workdir, "summary.json")
   summary = {}
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
+  if epath.Path(summary_path).exists():
+    summary = writers.read_json(summary_path)
   for name in config.pipeline:
     start = time.time()
     STAGES[name](ctx)
     summary.setdefault("wall_clock_seconds", {})[name] = summary.get("wall_clock_seconds", {}).get(name, 0.0) + (
         time.time() - start)
-    if ctx.is_main_process:
-      with open(summary_path + ".tmp", "w") as f:  # renamed into place: a kill never leaves half a file
-        json.dump(summary, f, indent=1)
-      os.replace(summary_path + ".tmp", summary_path)
+    if ctx.is_main_process:  # renamed into place: a kill never leaves half a file
+      writers.atomic_write_json(summary_path, summary, indent=1)
   return summary
 
 
@@ -464,7 +461,7 @@ def get_classifier(ctx: Context):
   """The feature classifier of an embedded data set, trained once and cached in WORKDIR/classifier."""
   c = ctx.config
   path = os.path.join(ctx.workdir, "classifier", f"{c.data.name}.npz")
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     return classifier_lib.load_classifier(path)
   test_source = data_lib.make_source(c.data, "test")
   tr = ctx.train_source.get_batch(np.arange(len(ctx.train_source)))
@@ -475,8 +472,7 @@ def get_classifier(ctx: Context):
                                                 steps=c.eval.classifier_steps)
   meta = {"test_accuracy": float(acc), "num_train": len(tr["label"]), "num_test": len(te["label"]),
           "data": c.data.name, "train_seconds": time.time() - start}
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  classifier_lib.save_classifier(path, params, meta)
+  classifier_lib.save_classifier(path, params, meta)  # atomically, creating the directory
   print(f"[classifier] {c.data.name}: test accuracy {acc:.4f} ({meta['train_seconds']:.0f}s)")
   return params, meta
 

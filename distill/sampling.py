@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from distill import data as data_lib
 from distill import models, pipeline, samplers, train, writers
@@ -21,14 +22,15 @@ class SamplingError(ValueError):
 
 
 def find_run(stage_dir: str) -> tuple[str, ml_collections.ConfigDict]:
-  """The workdir holding `stage_dir` (the nearest parent with config.json) and its config."""
-  path = os.path.abspath(stage_dir)
+  """The workdir holding `stage_dir` (the nearest parent with config.json) and its config. A URL
+  (gs://bucket/run/teacher) is searched up to its bucket."""
+  path = writers.abspath(stage_dir.rstrip("/") or stage_dir)
   while True:
-    if os.path.isfile(os.path.join(path, "config.json")):
-      with open(os.path.join(path, "config.json")) as f:
-        return path, ml_collections.ConfigDict(json.load(f))
+    config_path = os.path.join(path, "config.json")
+    if epath.Path(config_path).is_file():
+      return path, ml_collections.ConfigDict(json.loads(epath.Path(config_path).read_text()))
     parent = os.path.dirname(path)
-    if parent == path:
+    if parent == path or writers.is_url(parent) != writers.is_url(path):  # '/', or above gs://bucket
       raise SamplingError(f"--checkpoint={stage_dir!r}: no config.json in it or any parent; point at a stage "
                           "directory of a distill run (e.g. runs/digits/distill_deterministic/N0004)")
     path = parent
@@ -39,6 +41,16 @@ def _tuplify(config):
   for key in ("ch_mult", "attn_resolutions"):
     config.model[key] = tuple(config.model[key])
   return config
+
+
+def _check_finished(stage_dir: str, flag: str) -> None:
+  """SamplingError unless `stage_dir` (local or a URL) holds a finished stage."""
+  try:
+    finished = train.has_final(stage_dir)
+  except Exception as e:  # noqa: BLE001 — a URL whose client is missing or cannot reach it
+    raise SamplingError(f"{flag}={stage_dir!r}: cannot be read ({type(e).__name__}: {e})") from e
+  if not finished:
+    raise SamplingError(f"{flag}={stage_dir!r}: no finished stage there (expected {stage_dir}/final)")
 
 
 def load_stage(stage_dir: str, flag: str):
@@ -54,8 +66,7 @@ def checkpoint_sampler(stage_dir: str, *, steps: int | None = None, sampler: str
                        force: bool = False):
   """fn(z, labels, w) → x sampling a finished stage as its meta describes (or at `steps` / `sampler` with
   `force`). Returns (context, fn, steps, sampler, network evaluations per sample)."""
-  if not os.path.isdir(os.path.join(stage_dir, "final")):
-    raise SamplingError(f"--checkpoint={stage_dir!r}: no finished stage there (expected {stage_dir}/final)")
+  _check_finished(stage_dir, "--checkpoint")
   workdir, config = find_run(stage_dir)
   config = _tuplify(config)
   params, meta = load_stage(stage_dir, "--checkpoint")
@@ -115,10 +126,9 @@ def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0
   z = jnp.broadcast_to(noise, (len(ws), per_row) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
   x = pipeline.sample_in_chunks(fn, z, y, w, ctx.config.sample.get("batch_size", 250))
   out = out or os.path.join(stage_dir, f"sample_{sampler}_{steps}steps_seed{seed}")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   writers.save_image_grid(out + ".png", x, ncols=per_row, upscale=max(1, 128 // ctx.image_shape[0]))
   images = np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)
-  np.savez(out + ".npz", images=images, labels=np.asarray(y), w=np.asarray(w))
+  writers.atomic_write_bytes(out + ".npz", writers.npz_bytes(images=images, labels=np.asarray(y), w=np.asarray(w)))
   return {"png": out + ".png", "npz": out + ".npz", "nfe_per_sample": nfe, "steps": steps, "sampler": sampler}
 
 
@@ -134,9 +144,8 @@ def style_transfer(encoder_dir: str, decoder_dir: str, *, w_enc: float = 0.0, w_
   labels) and decodes the latents with another student (at w_dec, `target_labels` or the same labels):
   the guided-distillation paper's style transfer (Fig. 3). Writes OUT.png (row 1 inputs, row 2 outputs)
   and OUT.npz."""
-  for d in (encoder_dir, decoder_dir):
-    if not os.path.isdir(os.path.join(d, "final")):
-      raise SamplingError(f"{d!r}: no finished stage there (expected {d}/final)")
+  for d, flag in ((encoder_dir, "--encoder"), (decoder_dir, "--decoder")):
+    _check_finished(d, flag)
   enc_workdir, enc_config = find_run(encoder_dir)
   dec_workdir, dec_config = find_run(decoder_dir)
   enc_params, enc_meta = load_stage(encoder_dir, "--encoder")
@@ -166,6 +175,7 @@ def style_transfer(encoder_dir: str, decoder_dir: str, *, w_enc: float = 0.0, w_
   out = out or os.path.join(decoder_dir, f"style_transfer_wenc{w_enc:g}_wdec{w_dec:g}_seed{seed}")
   grid = np.concatenate([np.asarray(batch["image"]), decoded])
   writers.save_image_grid(out + ".png", grid, ncols=num, upscale=max(1, 128 // dec_ctx.image_shape[0]))
-  np.savez(out + ".npz", inputs=np.asarray(batch["image"]), outputs=decoded, labels=np.asarray(labels),
-           target_labels=np.asarray(targets), latents=np.asarray(latents))
+  writers.atomic_write_bytes(out + ".npz", writers.npz_bytes(
+      inputs=np.asarray(batch["image"]), outputs=decoded, labels=np.asarray(labels),
+      target_labels=np.asarray(targets), latents=np.asarray(latents)))
   return {"png": out + ".png", "npz": out + ".npz"}

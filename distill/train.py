@@ -23,6 +23,11 @@ Stopping and faults (what a preempted or full machine does to a run):
   - A checkpoint that cannot be written (full disk, …): `CheckpointWriteError` naming stage, step and
     error; the previous checkpoint is untouched (Orbax writes into a temporary directory first).
   - An unreadable latest checkpoint: the previous one is restored, with a message (`restore_checkpoint`).
+
+Where: a stage directory is a local path or a URL (gs://bucket/run/teacher). Orbax is handed the path as it is
+(`orbax_path`) and writes checkpoints itself; everything else goes through etils.epath. An object store cannot
+rename a directory atomically, so there `final/` is written in place and its meta.json, written last, marks
+it complete (`has_final`).
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from distill import parallel, writers
 
@@ -271,9 +277,15 @@ class _CheckpointManager(ocp.CheckpointManager):
     return False
 
 
+def orbax_path(path: str) -> str:
+  """The path Orbax is handed for a checkpoint directory: absolute if local, a URL as it is (Orbax and
+  tensorstore write gs:// themselves). Every Orbax save and restore of the trainer goes through here."""
+  return writers.abspath(path)
+
+
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-  return _CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
+  return _CheckpointManager(orbax_path(directory), options=options, item_names=("state", "meta"))
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: dict, meta: dict):
@@ -295,8 +307,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, ste
         if jax.process_index() == 0:
           print(f"[checkpoint] restored step {s} after unreadable later checkpoint(s): {'; '.join(errors)}")
           for bad in steps[:steps.index(s)]:  # set aside, so the resumed run can write those steps again
-            bad_dir = os.path.join(str(manager.directory), str(bad))
-            os.replace(bad_dir, f"{bad_dir}.unreadable-{int(time.time())}")
+            bad_dir = epath.Path(manager.directory) / str(bad)
+            bad_dir.rename(bad_dir.parent / f"{bad}.unreadable-{int(time.time())}")
         parallel.sync_processes("checkpoint: unreadable steps set aside")
         manager.reload()
       return restored["state"], restored["meta"]
@@ -316,39 +328,50 @@ def fingerprint(params) -> str:
   return h.hexdigest()[:16]
 
 
+def has_final(stage_dir: str) -> bool:
+  """Whether a stage finished, i.e. its complete `final/` exists. Locally final/ is renamed into place whole,
+  so its existence says so; in an object store (a URL) it is written in place and meta.json, written last,
+  says so."""
+  final = epath.Path(stage_dir, "final")
+  return (final / "meta.json").exists() if writers.is_url(stage_dir) else final.is_dir()
+
+
 def load_final_params(stage_dir: str) -> tuple[PyTree, dict]:
   """The parameters a finished stage hands on (EMA if it had EMA) and its meta, read-only."""
   path = os.path.join(stage_dir, "final")
-  if not os.path.isdir(path):
+  if not has_final(stage_dir):
     raise TrainingError(f"{stage_dir}: no final parameters (the stage has not finished)")
   meta_path = os.path.join(path, "meta.json")
   try:
-    with open(meta_path) as f:
-      meta = json.load(f)
+    meta = json.loads(epath.Path(meta_path).read_text())
   except (OSError, ValueError) as e:
     raise TrainingError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from e
-  params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")))
+  params = ocp.StandardCheckpointer().restore(orbax_path(os.path.join(path, "params")))
   return params, meta
 
 
 def _save_final(stage_dir: str, params, meta: dict, is_main_process: bool = True):
   """Writes `final/` (params: numpy, so any device layout can load them). With several processes every one
-  calls it, as Orbax's save is collective; the main process alone prepares, writes meta and renames."""
+  calls it, as Orbax's save is collective; the main process alone prepares, writes meta and renames.
+
+  Locally: into final.tmp/, renamed to final/ at the end (atomic: 'final' exists only complete). In an
+  object store, where renaming a directory copies it object by object: into final/ itself, clearing what a
+  killed earlier attempt left there, with meta.json written last (`has_final`)."""
   path = os.path.join(stage_dir, "final")
-  tmp = path + ".tmp"
+  in_place = writers.is_url(stage_dir)
+  tmp = path if in_place else path + ".tmp"
   if is_main_process:
-    if os.path.isdir(tmp):
-      import shutil
-      shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    if epath.Path(tmp).exists():
+      epath.Path(tmp).rmtree()
+    epath.Path(tmp).mkdir(parents=True)
   parallel.sync_processes("final: tmp ready")
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.abspath(os.path.join(tmp, "params")), params)
+  ckptr.save(orbax_path(os.path.join(tmp, "params")), params)
   ckptr.wait_until_finished()
   if is_main_process:
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-      json.dump(meta, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)  # atomic: 'final' exists only complete
+    writers.atomic_write_json(os.path.join(tmp, "meta.json"), meta, indent=1, sort_keys=True)
+    if not in_place:
+      epath.Path(tmp).rename(path)  # atomic: 'final' exists only complete
   parallel.sync_processes("final: written")
 
 
@@ -373,7 +396,7 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
   finishes and is checkpointed first. Only the main process prints.
   """
   say = print if is_main_process else (lambda *args, **kwargs: None)
-  if os.path.isdir(os.path.join(stage_dir, "final")):
+  if has_final(stage_dir):
     say(f"[{stage.name}] already finished; loading {stage_dir}/final")
     return load_final_params(stage_dir)
 

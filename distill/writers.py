@@ -1,25 +1,100 @@
 """What the trainer writes for people: TensorBoard scalars/images, metrics.jsonl, PNG grids,
 and a console progress line.
 
-TensorBoard event files are written with the `tensorboard` package alone
-(`EventFileWriter` and its protos); TensorFlow is not needed.
+TensorBoard event files are written with the `tensorboard` package alone (its record framing and protos);
+TensorFlow is not needed.
+
+Every file goes through `etils.epath`, so a workdir may be local or an object store (gs://bucket/run; GCS needs
+`gcsfs`, or TensorFlow, installed for epath). Whole files that a rerun reads back are written atomically
+(`atomic_write`: a temporary file in the same directory, renamed into place), so a killed run leaves the old
+file or the new one, never half of one.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import json
 import math
 import os
+import socket
 import time
-from typing import Any, Callable, Mapping
+import uuid
+from typing import IO, Any, Callable, Mapping
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
 from tensorboard.compat.proto import types_pb2
 from tensorboard.plugins.text import metadata as text_metadata
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+
+# --- files, local or in an object store ----------------------------------------------------------------------
+
+
+def is_url(path) -> bool:
+  """Whether `path` names an object-store location (gs://bucket/x, s3://…) rather than a local file."""
+  return "://" in os.fspath(path)
+
+
+def abspath(path: str) -> str:
+  """os.path.abspath for a local path; a URL as it is (abspath would make 'gs://b/x' a local '<cwd>/gs:/b/x')."""
+  return path if is_url(path) else os.path.abspath(path)
+
+
+def atomic_write(path: str, write_fn: Callable[[IO], Any], mode: str = "wb") -> None:
+  """Writes `path` whole or not at all: write_fn(f) fills a temporary file next to it (opened with `mode`,
+  'wb' or 'w'), which is then renamed over `path`. If write_fn raises, the temporary file is removed, the
+  previous `path` (if any) is left as it was, and the error propagates. Creates the parent directory."""
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  try:
+    with tmp.open(mode) as f:
+      write_fn(f)
+    tmp.replace(target)
+  except BaseException:
+    with contextlib.suppress(Exception):
+      tmp.unlink(missing_ok=True)
+    raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """`data` to `path`, atomically (`atomic_write`)."""
+  atomic_write(path, lambda f: f.write(data), "wb")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """`text` (UTF-8) to `path`, atomically (`atomic_write`)."""
+  atomic_write(path, lambda f: f.write(text), "w")
+
+
+def atomic_write_json(path: str, value: Any, **dump_kwargs) -> None:
+  """json.dump(value, **dump_kwargs) to `path`, atomically: a value that fails to serialise part-way leaves
+  the previous file."""
+  atomic_write(path, lambda f: json.dump(value, f, **dump_kwargs), "w")
+
+
+def npz_bytes(**arrays) -> bytes:
+  """np.savez(**arrays) as bytes (serialised in memory, so a failure writes nothing)."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def read_npz(path: str):
+  """`with read_npz(path) as data:` np.load (allow_pickle=False) of an .npz file at a local path or a URL; its
+  arrays are read from the open file on access, so inside the `with` only."""
+  with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as data:
+    yield data
+
+
+def read_json(path: str) -> Any:
+  return json.loads(epath.Path(path).read_text())
 
 
 def flatten_dict(tree: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
@@ -65,8 +140,57 @@ def _to_pil(image: np.ndarray) -> Image.Image:
   return Image.fromarray(image)
 
 
+_EVENT_FILE_IDS = itertools.count()
+
+
+class EventFile:
+  """One TensorBoard event file in `logdir` (local or URL), written through epath: what tensorboard's
+  EventFileWriter writes (the same name pattern, version event and record framing), synchronously, flushed
+  every `flush_secs` and on flush()/close(). (EventFileWriter opens files with tensorboard's own gfile, which
+  reaches object stores only through TensorFlow or fsspec, and would bypass epath.) In an object store the
+  events become visible when the file is flushed or closed, as the store's client allows."""
+
+  def __init__(self, logdir: str, flush_secs: float = 120.0):
+    name = "events.out.tfevents.%010d.%s.%s.%s" % (time.time(), socket.gethostname(), os.getpid(),
+                                                  next(_EVENT_FILE_IDS))
+    self.path = os.path.join(os.fspath(logdir), name)
+    self._stack = contextlib.ExitStack()  # epath's TensorFlow backend opens files as context managers
+    self._file = self._stack.enter_context(epath.Path(self.path).open("wb"))
+    self._records = RecordWriter(self._file)
+    self._flush_secs = flush_secs
+    self._last_flush = time.monotonic()
+    self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2",
+                                   source_metadata=event_pb2.SourceMetadata(writer="distill.writers")))
+    self.flush()
+
+  def add_event(self, event: event_pb2.Event) -> None:
+    self._records.write(event.SerializeToString())
+    if time.monotonic() - self._last_flush >= self._flush_secs:
+      self.flush()
+
+  def flush(self) -> None:
+    self._file.flush()
+    self._last_flush = time.monotonic()
+
+  def close(self) -> None:
+    self._stack.close()
+
+
+def _open_for_append(path: str):
+  """(file opened to append text, ExitStack closing it). Object stores cannot append: there the file is
+  rewritten, its old content first (it becomes visible when closed)."""
+  stack = contextlib.ExitStack()
+  p = epath.Path(path)
+  if not is_url(path):
+    return stack.enter_context(p.open("a")), stack
+  previous = p.read_text() if p.exists() else ""
+  f = stack.enter_context(p.open("w"))
+  f.write(previous)
+  return f, stack
+
+
 class MetricWriter:
-  """TensorBoard scalars plus a JSON-lines copy (`metrics.jsonl`) in `logdir`.
+  """TensorBoard scalars plus a JSON-lines copy (`metrics.jsonl`) in `logdir` (a local path or a URL).
 
     Only one process should write (pass `enabled=jax.process_index() == 0`); a disabled
     writer accepts every call and creates no files.
@@ -78,9 +202,9 @@ class MetricWriter:
     self._events = None
     self._jsonl = None
     if enabled:
-      os.makedirs(self.logdir, exist_ok=True)
-      self._events = EventFileWriter(self.logdir)
-      self._jsonl = open(os.path.join(self.logdir, "metrics.jsonl"), "a")
+      epath.Path(self.logdir).mkdir(parents=True, exist_ok=True)
+      self._events = EventFile(self.logdir)
+      self._jsonl, self._jsonl_stack = _open_for_append(os.path.join(self.logdir, "metrics.jsonl"))
 
   def _add_summary(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
     event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values))
@@ -101,8 +225,7 @@ class MetricWriter:
     if not self.enabled:
       return
     flat = {key: _json_value(value) for key, value in flatten_dict(hparams).items()}
-    with open(os.path.join(self.logdir, "hparams.json"), "w") as f:
-      json.dump(flat, f, indent=2, sort_keys=True)
+    atomic_write_json(os.path.join(self.logdir, "hparams.json"), flat, indent=2, sort_keys=True)
     table = "| name | value |\n| --- | --- |\n" + "".join(
         f"| {key} | {json.dumps(value)} |\n" for key, value in sorted(flat.items()))
     # A text-plugin summary built from protos, since text.summary.pb imports TensorFlow.
@@ -140,7 +263,7 @@ class MetricWriter:
     if not self.enabled or self._events is None:
       return
     self._events.close()
-    self._jsonl.close()
+    self._jsonl_stack.close()
     self._events = None
     self.enabled = False
 
@@ -185,10 +308,7 @@ def save_image_grid(path: str, images: np.ndarray, ncols: int, upscale: int | No
     upscale = max(1, math.ceil(256 / grid.shape[1]))
   if upscale > 1:
     grid = np.repeat(np.repeat(grid, upscale, axis=0), upscale, axis=1)
-  directory = os.path.dirname(os.fspath(path))
-  if directory:
-    os.makedirs(directory, exist_ok=True)
-  _to_pil(grid).save(path, format="PNG")
+  atomic_write_bytes(os.fspath(path), _png_bytes(grid))  # creates the directory
   return grid
 
 

@@ -140,7 +140,8 @@ def unpack_command() -> str:
 
 
 def install_command(packages: list[str]) -> str:
-  return "cd ~/distill && " + shlex.join(["python3", "-m", "pip", "install", "--quiet", "-e", ".", *packages])
+  """The package with its 'gcs' extra (gcsfs: the run's own files in a gs:// workdir go through etils.epath)."""
+  return "cd ~/distill && " + shlex.join(["python3", "-m", "pip", "install", "--quiet", "-e", ".[gcs]", *packages])
 
 
 def run_command(main_flags: list[str], env: list[str]) -> str:

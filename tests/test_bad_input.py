@@ -151,10 +151,16 @@ def _tree(root) -> dict:
 # --- the table ---------------------------------------------------------------------------------------------
 
 
-def case(id_, args, *needles, setup=None, xfail=None):
-  """args and needles may use {tmp}, {wd} and what `setup` provides; every needle must be in the one line."""
+def case(id_, args, *needles, setup=None, xfail=None, skip=None):
+  """args and needles may use {tmp}, {wd} and what `setup` provides; every needle must be in the one line.
+  skip: a reason to skip the case here (None: run it)."""
   marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail else []
+  marks += [pytest.mark.skip(reason=skip)] if skip else []
   return pytest.param(args, needles, setup, id=id_, marks=marks)
+
+
+# gs:// workdirs go through etils.epath, which reaches GCS with gcsfs (or TensorFlow); without either it fails.
+_GCS_CLIENT = next((m for m in ("gcsfs", "tensorflow") if importlib.util.find_spec(m)), None)
 
 
 CASES = [
@@ -255,7 +261,10 @@ CASES = [
          "not a distilled encoder", setup="run"),
     case("style_decoder_teacher", [STYLE, "--encoder=" + ENCODER, "--decoder=" + TEACHER], "--decoder=",
          "distilled student", setup="run"),
-    case("workdir_url", [DIGITS, "--workdir=gs://bucket/run"], "--workdir=gs://bucket/run", "mount point"),
+    case("workdir_url_unknown_scheme", [DIGITS, "--workdir=http://host/run"], "--workdir=http://host/run",
+         "gs://"),
+    case("workdir_gcs_without_client", [DIGITS, "--workdir=gs://bucket/run"], "--workdir=gs://bucket/run",
+         "cannot be reached", "gcsfs", skip=_GCS_CLIENT and f"{_GCS_CLIENT} is installed: it would try to reach GCS"),
     # Several processes (jax.distributed): checked before JAX starts.
     case("distributed_unknown", [DIGITS, "--distributed=maybe"], "--distributed=maybe", "auto|on|off"),
     case("distributed_on_no_cluster", [DIGITS, "--distributed=on"], "--distributed=on", "no cluster",
@@ -293,7 +302,16 @@ CASES = [
     # SFD / SFD-v / one-NFE second stage (config.sfd).
     case("sfd_nfe_duplicate", [DIGITS, "--config.sfd.nfe=(2,2)"], "config.sfd.nfe=(2, 2)", "distinct positive"),
     case("sfd_solver_unknown", [DIGITS, "--config.sfd.solver=rk4"], "config.sfd.solver='rk4'", "'dpmpp_3m'"),
-    case("sfd_metric_lpips", [DIGITS, "--config.sfd.metric=lpips"], "config.sfd.metric='lpips'", "'pseudo_huber'"),
+    case("sfd_metric_unknown", [DIGITS, "--config.sfd.metric=ssim"], "config.sfd.metric='ssim'", "'lpips'"),
+    case("sfd_lpips_without_weights", [DIGITS, "--config.sfd.metric=lpips"], "config.sfd.lpips.trunk=''",
+         "nothing is downloaded"),
+    case("sfd_lpips_missing_file", ["--config=configs/digits.py:sfd", "--config.sfd.metric=lpips",
+                                    "--config.sfd.lpips.trunk={tmp}/alexnet.pth", "--config.sfd.lpips.lin={tmp}/alex.pth"],
+         "config.sfd.lpips", "alexnet.pth"),
+    case("sfd_lpips_wrong_file", ["--config=configs/digits.py:sfd", "--config.sfd.metric=lpips",
+                                  "--config.sfd.lpips.trunk=tests/data/state_dict.npz",
+                                  "--config.sfd.lpips.lin=tests/data/state_dict.npz"],
+         "config.sfd.lpips", "features.0.weight"),
     case("sfd_k_0", [DIGITS, "--config.sfd.k=0"], "config.sfd.k=0", "positive integer"),
     case("sfd_label_dropout_1", [DIGITS, "--config.sfd.label_dropout=1.0"], "config.sfd.label_dropout=1.0",
          "[0.0, 1.0)"),
@@ -319,3 +337,4 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, fake_runs, ar
   for needle in needles:
     assert needle.format(**names) in lines[0], f"{needle.format(**names)!r} not in {lines[0]!r}"
   assert _tree(tmp_path) == before, f"written under {tmp_path}: {sorted(set(_tree(tmp_path)) ^ set(before))}"
+  assert not any(os.path.exists(os.path.join(ROOT, d)) for d in ("gs:", "http:")), "a URL made a local directory"

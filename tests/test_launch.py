@@ -74,7 +74,7 @@ def copy_install():
       ["git", "-C", ROOT, "archive", "--format=tar.gz", f"--output={TARBALL}", "HEAD"],
       ["gcloud", "compute", "tpus", "tpu-vm", "scp", NAME, *WHERE, TARBALL, f"{NAME}:distill.tar.gz", "--worker=all"],
       "unpack",
-      ssh("cd ~/distill && python3 -m pip install --quiet -e . 'jax[tpu]'"),
+      ssh("cd ~/distill && python3 -m pip install --quiet -e '.[gcs]' 'jax[tpu]'"),
   ]
 
 

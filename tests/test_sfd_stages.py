@@ -186,6 +186,88 @@ def test_local_plan_batches_and_costs():
   assert set(np.unique(dropped)) == {0, 3} and abs(np.mean(dropped == 3) - 0.25) < 0.07
 
 
+# --- LPIPS as the distance (weights from files) ---------------------------------------------------------------
+
+
+def random_lpips_state_dicts(widths=None, seed=0):
+  """Random weights with the torchvision / lpips keys and shapes (the real files cannot be fetched here)."""
+  from distill.evaluation import lpips
+  trunk_shapes, lin_shapes = lpips.expected_shapes("alex", widths)
+  rng = np.random.default_rng(seed)
+  trunk = {k: (rng.standard_normal(v) / np.sqrt(np.prod(v[1:]) if len(v) > 1 else 10.0)).astype(np.float32)
+           for k, v in trunk_shapes.items()}
+  lin = {k: rng.random(v).astype(np.float32) for k, v in lin_shapes.items()}
+  return trunk, lin
+
+
+def test_lpips_metric_in_the_padded_losses_is_the_reference_losses_with_lpips():
+  from distill.evaluation import lpips
+  trunk, lin = random_lpips_state_dicts(widths=(8, 8, 8, 8, 8))
+  model = lpips.from_state_dicts("alex", trunk, lin, widths=(8, 8, 8, 8, 8))
+  metric = functools.partial(lpips.lpips_distance, model, resize_to=32)
+  frozen = {"lpips": model.params}
+  noise, labels = inputs()
+  states = direct_states(noise, labels, 3)
+  batch = {"noise": noise, "label": labels, "step_index": jnp.int32(2), "num_steps": jnp.int32(3),
+           "teacher": jnp.moveaxis(states, 0, 1)}
+  padded = stages.padded_global_loss(x_fn, max_steps=3, metric="lpips", lpips_resize=32)
+  got = float(padded(STUDENT_PARAMS, frozen, batch, jax.random.PRNGKey(0))[0])
+  ref = sfd.global_loss(x_fn, x_fn, afs=True, metric=metric)
+  want = float(ref(STUDENT_PARAMS, {}, {"noise": noise, "label": labels, "step_index": jnp.int32(2),
+                                        "teacher": states}, jax.random.PRNGKey(0))[0])
+  l1 = float(stages.padded_global_loss(x_fn, max_steps=3)(STUDENT_PARAMS, {}, batch, jax.random.PRNGKey(0))[0])
+  assert got == pytest.approx(want, rel=1e-5) and abs(got - l1) > 1e-3 and got > 0
+  # The local form: the same distance between the student's step and the target it is served.
+  x = noise * 2.0
+  target = x * 0.9
+  local = stages.padded_local_loss(x_fn, max_steps=3, metric="lpips", lpips_resize=32)
+  lb = {"state": x, "label": labels, "step_index": jnp.int32(1), "num_steps": jnp.int32(3), "target": target}
+  grid = sfd.student_grid(3)
+  x_hat = sfd._student_x_hat(x_fn, STUDENT_PARAMS, x, grid[1], labels, None, 3, False)
+  want = float(jnp.mean(metric(sfd.student_step(x_hat, x, grid[1], grid[2]), target)))
+  assert float(local(STUDENT_PARAMS, frozen, lb, jax.random.PRNGKey(0))[0]) == pytest.approx(want, rel=1e-5)
+  # Gradients flow through LPIPS into the student.
+  g = jax.grad(lambda p: padded(p, frozen, batch, jax.random.PRNGKey(0))[0])(STUDENT_PARAMS)
+  assert all(np.isfinite(np.asarray(v)).all() for v in g.values()) and float(jnp.abs(g["scale"])) > 0
+
+
+def test_lpips_fields_are_checked():
+  for field, value, needle in (("trunk", "", "config.sfd.lpips.trunk=''"), ("lin", "", "config.sfd.lpips.lin=''"),
+                               ("resize", 16, "config.sfd.lpips.resize=16"), ("net", "squeeze", "'alex'")):
+    c = tiny_config()
+    c.sfd.metric = "lpips"
+    c.sfd.lpips.trunk, c.sfd.lpips.lin = "trunk.npz", "lin.npz"
+    c.sfd.lpips[field] = value
+    with pytest.raises(configuration.ConfigError) as e:
+      configuration.validate(c)
+    assert needle in str(e.value), str(e.value)
+  c = tiny_config()
+  c.sfd.metric, c.sfd.loss_form, c.sfd.lpips.trunk, c.sfd.lpips.lin = "lpips", "trajectory", "t.npz", "l.npz"
+  with pytest.raises(configuration.ConfigError, match="config.sfd.loss_form='trajectory'"):
+    configuration.validate(c)
+
+
+def test_tiny_sfd_stage_with_lpips_from_weight_files(tmp_path):
+  """sfd.metric=lpips end to end: the run loads both weight files (torchvision / lpips keys, full AlexNet
+  widths) and trains on the LPIPS distance, resized as configured."""
+  trunk, lin = random_lpips_state_dicts()
+  np.savez(tmp_path / "alexnet.npz", **trunk)
+  np.savez(tmp_path / "alex_lin.npz", **lin)
+  c = tiny_config(loss_form="local", trajectories=8 * 2)
+  c.sfd.metric = "lpips"
+  c.sfd.lpips.trunk, c.sfd.lpips.lin, c.sfd.lpips.resize = str(tmp_path / "alexnet.npz"), str(
+      tmp_path / "alex_lin.npz"), 32
+  configuration.validate(c)
+  wd = str(tmp_path / "run")
+  t_params = fake_teacher(c, wd)
+  stages.run_sfd(pipeline.Context(c, wd))
+  m = _meta(wd, "sfd/cfg-local/N0002")
+  assert m["metric"] == "lpips" and m["num_steps"] == 4
+  params, _ = train.load_final_params(os.path.join(wd, "sfd/cfg-local/N0002"))
+  assert any(np.max(np.abs(np.asarray(a) - np.asarray(b))) > 1e-6
+             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(t_params)))
+
+
 # --- batches, plans and costs ---------------------------------------------------------------------------------
 
 
@@ -514,7 +596,7 @@ def test_configs_carry_table_6_and_the_digits_variant_validates():
 
 @pytest.mark.parametrize("field,value,needle", [
     ("nfe", (2, 2), "distinct positive integers"), ("v_nfe", (), "non-empty"), ("solver", "rk4", "'dpmpp_3m'"),
-    ("metric", "lpips", "'l1'"), ("k", 0, "positive integer"), ("one_nfe_k", 1, ">= 2"),
+    ("metric", "ssim", "'lpips'"), ("k", 0, "positive integer"), ("one_nfe_k", 1, ">= 2"),
     ("one_nfe_k", 4, "NFE 7"), ("lr", 0.0, "(0.0, 1.0]"), ("label_dropout", 1.0, "[0.0, 1.0)"),
     ("loss_form", "rollout", "'local'"), ("sigma_min", 90.0, "sfd.sigma_max=80.0"), ("fixed_w", (-1.0,), ">= 0"),
 ])

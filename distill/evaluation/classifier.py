@@ -259,17 +259,16 @@ def save_classifier(path: str, params: Params, meta: Mapping[str, Any]) -> None:
   if _META_KEY in arrays:
     raise ValueError(f"parameter name {_META_KEY!r} is reserved")
   arrays[_META_KEY] = np.array(json.dumps(dict(meta), sort_keys=True))
-  directory = os.path.dirname(os.fspath(path))
-  if directory:
-    os.makedirs(directory, exist_ok=True)
-  # Write to a file object so np.savez does not append '.npz' to a path without it.
-  with open(path, "wb") as f:
-    np.savez(f, **arrays)
+  from distill import writers  # deferred: it imports TensorBoard's protos
+  # Serialised in memory, then renamed into place (a killed run leaves no half cache); the directory is made,
+  # and a path without '.npz' keeps its name. `path` may be local or a URL.
+  writers.atomic_write_bytes(os.fspath(path), writers.npz_bytes(**arrays))
 
 
 def load_classifier(path: str) -> tuple[dict, dict]:
   """Reads what `save_classifier` wrote: (params nested dict of np arrays, meta dict)."""
-  with np.load(path, allow_pickle=False) as data:
+  from distill import writers
+  with writers.read_npz(os.fspath(path)) as data:
     meta = json.loads(str(data[_META_KEY]))
     flat = {key: np.asarray(data[key]) for key in data.files if key != _META_KEY}
   params = traverse_util.unflatten_dict(flat, sep="/")

@@ -103,7 +103,8 @@ def params_to_state_dict(params) -> dict[str, np.ndarray]:
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """A `.npz` of name -> array, or anything else as a `torch.save`d state dict."""
   if os.fspath(path).endswith(".npz"):
-    with np.load(path, allow_pickle=False) as data:
+    from distill import writers
+    with writers.read_npz(os.fspath(path)) as data:
       return {key: np.asarray(data[key]) for key in data.files}
   return torch_weights.load_torch_state_dict(path)
 
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("src", help=f"pytorch-fid's {inception.WEIGHTS_FILE} (or an .npz of its state dict)")
   parser.add_argument("dst", help="the .npz to write (the path the config's Inception weights field names)")
   args = parser.parse_args(argv)
-  if not os.path.exists(args.src):
+  from etils import epath
+  if not epath.Path(args.src).exists():
     print(f"error: {args.src} does not exist (pytorch-fid's weights: {inception.WEIGHTS_URL})", file=sys.stderr)
     return 1
   try:
@@ -129,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, torch_weights.UnsafePickleError) as e:
     print(f"error: {args.src}: {e}", file=sys.stderr)
     return 1
-  with open(args.src, "rb") as f:
-    digest = hashlib.sha256(f.read()).hexdigest()
+  digest = hashlib.sha256(epath.Path(args.src).read_bytes()).hexdigest()
   count = sum(np.size(leaf) for leaf in traverse_util.flatten_dict(params).values())
   print(f"wrote {args.dst}: {count:,} parameters from {args.src} (sha256 {digest})")
   return 0

@@ -346,12 +346,9 @@ def save_inception(path: str | os.PathLike, params: Params) -> None:
   check_params(params)
   flat = traverse_util.flatten_dict(dict(params), sep="/")
   arrays = {key: np.asarray(value, np.float32) for key, value in flat.items()}
-  directory = os.path.dirname(os.fspath(path))
-  if directory:
-    os.makedirs(directory, exist_ok=True)
-  # A file object, so np.savez does not append '.npz' to a path without it.
-  with open(path, "wb") as f:
-    np.savez(f, **arrays)
+  from distill import writers  # deferred: it imports TensorBoard's protos
+  # Atomically, creating the directory; a path without '.npz' keeps its name; local or a URL.
+  writers.atomic_write_bytes(os.fspath(path), writers.npz_bytes(**arrays))
 
 
 def load_inception(path: str | os.PathLike) -> dict:
@@ -360,12 +357,14 @@ def load_inception(path: str | os.PathLike) -> dict:
     Raises InceptionWeightsMissing (one line: which file, how to convert it, where it goes) if
     `path` does not exist, and ValueError if the file is not the FID Inception's weights.
     """
+  from etils import epath
+  from distill import writers
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise InceptionWeightsMissing(
         f"Inception weights not found at {path}: download pytorch-fid's {WEIGHTS_FILE} ({WEIGHTS_URL}) "
         f"and run `python -m distill.evaluation.convert_inception {WEIGHTS_FILE} {path}`")
-  with np.load(path, allow_pickle=False) as data:
+  with writers.read_npz(path) as data:
     flat = {key: np.asarray(data[key], np.float32) for key in data.files}
   params = traverse_util.unflatten_dict(flat, sep="/")
   check_params(params)

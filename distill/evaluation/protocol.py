@@ -19,7 +19,6 @@ precision/recall: Kynkäänniemi et al. with k = 3 against up to `max_reference`
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable, Iterable
 
 import jax
@@ -90,16 +89,17 @@ def reference_stats(net: FeatureNet, batches: Callable[[], Iterable[np.ndarray]]
   """Statistics of the reference images (computed once, cached at `cache_path` as .npz).
 
   batches: () → iterable of [b, H, W, C] in [−1, 1], called only when the cache is absent."""
-  if os.path.exists(cache_path):
-    with np.load(cache_path) as d:
+  from etils import epath
+  from distill import writers  # deferred: it imports TensorBoard's protos
+  if epath.Path(cache_path).exists():
+    with writers.read_npz(cache_path) as d:
       if str(d["metric"]) == net.metric:
         return Reference(d["mu"], d["sigma"], d["features"], int(d["num_images"]))
   feats = np.concatenate([net.outputs(b)[0] for b in batches()])
   mu, sigma = fid.gaussian_stats(feats)
-  os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-  tmp = cache_path + ".tmp.npz"
-  np.savez(tmp, mu=mu, sigma=sigma, features=feats.astype(np.float32), num_images=len(feats), metric=net.metric)
-  os.replace(tmp, cache_path)
+  # Renamed into place, creating the directory (local or a URL).
+  writers.atomic_write_bytes(cache_path, writers.npz_bytes(mu=mu, sigma=sigma, features=feats.astype(np.float32),
+                                                           num_images=len(feats), metric=net.metric))
   return Reference(mu, sigma, feats, len(feats))
 
 

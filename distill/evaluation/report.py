@@ -284,8 +284,17 @@ def plot_fid_vs_steps(rows: Iterable[Row], path: str, *, panel_px: tuple[int, in
     ax.grid(alpha=0.3)
   axes[0].set_ylabel(metric_label(metric))
   _legend(fig, axes)
-  fig.savefig(path, format="png")
+  _save_png(fig, path)
   return True
+
+
+def _save_png(fig, path: str) -> None:
+  """The figure as a PNG at `path` (local or a URL), written atomically."""
+  import io
+  from distill import writers
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png")
+  writers.atomic_write_bytes(path, buffer.getvalue())
 
 
 def _legend(fig, axes) -> None:
@@ -325,5 +334,5 @@ def plot_fid_is_tradeoff(rows: Iterable[Row], path: str, *, size_px: tuple[int, 
   ax.set_ylabel(metric_label(metric))
   ax.grid(alpha=0.3)
   _legend(fig, [ax])
-  fig.savefig(path, format="png")
+  _save_png(fig, path)
   return True

@@ -249,8 +249,8 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     element order, as contiguous copies. Raises UnsafePickleError if the pickle names anything but
     a state dict's parts, ValueError if the file is not a flat name -> tensor mapping.
     """
-  with open(path, "rb") as f:
-    raw = f.read()
+  from etils import epath
+  raw = epath.Path(path).read_bytes()  # local or a URL
   if raw[:4] == b"PK\x03\x04":  # how torch itself tells the zip format from the legacy one
     with zipfile.ZipFile(io.BytesIO(raw)) as archive:
       obj = _load_zip(archive)

@@ -106,7 +106,10 @@ def distance(a, b, metric: str = "l1", huber_c: float | None = None):
   'l1': mean |a − b|; 'l2': mean (a − b)² (the squared L2 of the paper, per pixel); 'pseudo_huber':
   √(‖a − b‖² + c²) − c over the whole example, c = 0.00054·√d by default (improved consistency training, the
   paper's ref. [49]; the SFD paper does not state its c). Means are over the d = prod(a.shape[1:]) entries.
+  A callable metric is called as metric(a, b) -> [B] (LPIPS: `distill.stages.sfd.lpips_metric`).
   """
+  if callable(metric):
+    return metric(a, b)
   diff = (a - b).reshape(a.shape[0], -1)
   if metric == "l1":
     return jnp.mean(jnp.abs(diff), axis=1)
@@ -151,7 +154,8 @@ def _student_x_hat(student_x: XFn, params, x, sigma, labels, w, num_steps, step_
 
 
 def _check(metric: str, k: int):
-  distance(jnp.zeros((1, 1)), jnp.zeros((1, 1)), metric)  # fail at construction, not in the first step
+  if not callable(metric):
+    distance(jnp.zeros((1, 1)), jnp.zeros((1, 1)), metric)  # fail at construction, not in the first step
   if k < 1:
     raise ValueError(f"sfd: teacher sub-steps k={k} must be >= 1")
 

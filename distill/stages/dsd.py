@@ -38,7 +38,6 @@ Backward passes are not counted (every method pays one per update).
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import optax
@@ -113,7 +112,7 @@ def start_model(ctx: pipeline.Context):
       ctx.cache[key] = dsd.guided_x_fn(pipeline.x_fn_of(ctx, model), ctx.null_label)
     return pipeline.teacher_params(ctx), ctx.cache[key], False, 2, []
   stage_dir = ctx.stage_dir("stage_one")
-  if not os.path.isdir(os.path.join(stage_dir, "final")):
+  if not train.has_final(stage_dir):
     raise train.TrainingError(f"dsd.init='stage_one' needs the finished guided stage one in {stage_dir}; put "
                               "'stage_one' in config.pipeline before the DSD stages")
   params, meta = train.load_final_params(stage_dir)

@@ -57,6 +57,7 @@ import os
 import zlib
 from typing import NamedTuple
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -417,9 +418,29 @@ def grid_table(max_steps: int, sigma_min: float, sigma_max: float, rho: float) -
   return table
 
 
+def lpips_metric(metric: str, net: str = "alex", resize: int = 0):
+  """frozen -> the `sfd.step_loss` metric: the name itself, or for 'lpips' d(a, b) = LPIPS(a, b) [B] with the
+  parameters in frozen['lpips'] (`load_lpips_params`), both states bilinearly resized to `resize` first (0: as
+  they are). An unknown name fails here, when the loss is built, not in its first step."""
+  if metric != "lpips":
+    sfd.distance(jnp.zeros((1, 1)), jnp.zeros((1, 1)), metric)
+    return lambda frozen: metric
+  from distill.evaluation import lpips  # only runs that ask for it import the trunk code
+  return lambda frozen: functools.partial(lpips.lpips_distance, lpips.LPIPS(net, frozen["lpips"]),
+                                          resize_to=resize or None)
+
+
+@functools.lru_cache(maxsize=4)
+def load_lpips_params(net: str, trunk: str, lin: str):
+  """The LPIPS parameter pytree from the sfd.lpips files (cached: every student of a run shares it)."""
+  from distill.evaluation import lpips
+  return lpips.load_lpips(net, os.path.expanduser(trunk), os.path.expanduser(lin)).params
+
+
 def padded_global_loss(student_x, *, max_steps: int, metric: str = "l1", afs: bool = True,
                        step_condition: bool = False, sigma_min: float = sfd.SIGMA_MIN,
-                       sigma_max: float = sfd.SIGMA_MAX, rho: float = sfd.RHO) -> train.LossFn:
+                       sigma_max: float = sfd.SIGMA_MAX, rho: float = sfd.RHO, lpips_net: str = "alex",
+                       lpips_resize: int = 0) -> train.LossFn:
   """`sfd.global_loss` (Alg. 4/5/6, the loss of ONE student step k of a trajectory) for trajectories of any grid
   N ≤ max_steps in one compiled step: N is a traced batch entry and the grid a row of `grid_table`, where
   sfd.global_loss makes N a shape (one compilation per N, ~40 s each for the digits U-Net on 2 cores).
@@ -428,14 +449,14 @@ def padded_global_loss(student_x, *, max_steps: int, metric: str = "l1", afs: bo
   batch: noise [B, ...] (x_init = σ_max·noise), label [B], step_index and num_steps int32 scalars, teacher
   [B, max_steps+1, ...] the teacher's states at the trajectory's grid points 0..N (batch-major, padded).
   The student's state x_k is its own rollout with the current parameters (eval mode, no gradient): AFS, then
-  Euler to step k. Loss: mean_B d(Euler_ψ(x_k → σ_{k+1}), x̃_{k+1}).
+  Euler to step k. Loss: mean_B d(Euler_ψ(x_k → σ_{k+1}), x̃_{k+1}); metric 'lpips' reads the LPIPS
+  parameters from frozen['lpips'] (`lpips_metric`).
   """
-  sfd.distance(jnp.zeros((1, 1)), jnp.zeros((1, 1)), metric)  # an unknown metric fails here, not in a step
+  distance = lpips_metric(metric, lpips_net, lpips_resize)
   table = grid_table(max_steps, sigma_min, sigma_max, rho)
   first = 1 if afs else 0
 
   def loss_fn(params, frozen, batch, rng):
-    del frozen
     labels = batch["label"]
     n = jnp.asarray(batch["num_steps"], jnp.int32)
     sig = jnp.asarray(table)[n]
@@ -452,7 +473,7 @@ def padded_global_loss(student_x, *, max_steps: int, metric: str = "l1", afs: bo
     x_hat = sfd._student_x_hat(student_x, params, x, sig[step], labels, None, n, step_condition, train=True,
                                rng=rng)
     target = jnp.take(batch["teacher"], step + 1, axis=1)
-    d, _ = sfd.step_loss(x_hat, x, sig[step], sig[step + 1], target, metric)
+    d, _ = sfd.step_loss(x_hat, x, sig[step], sig[step + 1], target, distance(frozen))
     return jnp.mean(d), {"distance": jnp.mean(d), "student_step": step.astype(jnp.float32)}
 
   return loss_fn
@@ -460,22 +481,21 @@ def padded_global_loss(student_x, *, max_steps: int, metric: str = "l1", afs: bo
 
 def padded_local_loss(student_x, *, max_steps: int, metric: str = "l1", step_condition: bool = False,
                       sigma_min: float = sfd.SIGMA_MIN, sigma_max: float = sfd.SIGMA_MAX,
-                      rho: float = sfd.RHO) -> train.LossFn:
+                      rho: float = sfd.RHO, lpips_net: str = "alex", lpips_resize: int = 0) -> train.LossFn:
   """Alg. 3's loss (as `sfd.local_loss`) with the sampled state and the teacher target served by the batch
   (`LocalBatches`), N and k traced: one compilation for every grid. batch: state [B, ...] x_k, label [B],
   step_index k and num_steps N int32 scalars, target [B, ...]. Loss: mean_B d(Euler_ψ(x_k → σ_{k+1}), target)."""
-  sfd.distance(jnp.zeros((1, 1)), jnp.zeros((1, 1)), metric)
+  distance = lpips_metric(metric, lpips_net, lpips_resize)
   table = grid_table(max_steps, sigma_min, sigma_max, rho)
 
   def loss_fn(params, frozen, batch, rng):
-    del frozen
     n = jnp.asarray(batch["num_steps"], jnp.int32)
     step = jnp.asarray(batch["step_index"], jnp.int32)
     sig = jnp.asarray(table)[n]
     x = batch["state"]
     x_hat = sfd._student_x_hat(student_x, params, x, sig[step], batch["label"], None, n, step_condition,
                                train=True, rng=rng)
-    d, _ = sfd.step_loss(x_hat, x, sig[step], sig[step + 1], batch["target"], metric)
+    d, _ = sfd.step_loss(x_hat, x, sig[step], sig[step + 1], batch["target"], distance(frozen))
     return jnp.mean(d), {"distance": jnp.mean(d), "student_step": step.astype(jnp.float32)}
 
   return loss_fn
@@ -501,17 +521,19 @@ def loss_of(ctx: pipeline.Context, student_x, form: str, step_condition: bool):
   states come in the batch)."""
   s = ctx.config.sfd
   return _loss(student_x, form, step_condition, max_grid_steps(ctx.config), s.metric, bool(s.afs),
-               float(s.sigma_min), float(s.sigma_max), float(s.rho))
+               float(s.sigma_min), float(s.sigma_max), float(s.rho), s.lpips.net, int(s.lpips.resize))
 
 
 @functools.lru_cache(maxsize=32)
-def _loss(student_x, form, step_condition, max_steps, metric, afs, sigma_min, sigma_max, rho):
-  grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+def _loss(student_x, form, step_condition, max_steps, metric, afs, sigma_min, sigma_max, rho, lpips_net,
+          lpips_resize):
+  grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, lpips_net=lpips_net, lpips_resize=lpips_resize)
   if form == "global":
     return padded_global_loss(student_x, max_steps=max_steps, metric=metric, afs=afs, step_condition=step_condition,
                               **grid)
   if form == "local":
     return padded_local_loss(student_x, max_steps=max_steps, metric=metric, step_condition=step_condition, **grid)
+  grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
   return _batch_major(sfd.trajectory_loss(student_x, None, metric=metric, afs=afs, step_condition=step_condition,
                                           **grid))
 
@@ -579,9 +601,10 @@ def train_student(ctx: pipeline.Context, name: str, *, model, init, spec: Teache
               teacher_solver=spec.solver, teacher_substeps=spec.k, metric=s.metric, afs=bool(s.afs),
               sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho, lr=float(lr), **costs)
   student_x = x_fn_of(ctx, model)
+  frozen = {"lpips": load_lpips_params(s.lpips.net, s.lpips.trunk, s.lpips.lin)} if s.metric == "lpips" else {}
   stage = train.Stage(name=name, loss_fn=loss_of(ctx, student_x, form, model.step_embedding),
                       init_params=init, optimizer=optimizer, num_steps=num_updates, batch_fn=batches, seed=c.seed,
-                      ema_decay=None, frozen={}, log_every=s.log_every, ckpt_every=s.ckpt_every,
+                      ema_decay=None, frozen=frozen, log_every=s.log_every, ckpt_every=s.ckpt_every,
                       images_per_step=s.batch_size, lr_schedule=schedule, meta=meta,
                       fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
   params, meta = train.run_stage(stage, ctx.stage_dir(name), is_main_process=ctx.is_main_process)
@@ -736,7 +759,7 @@ def sample_fn(ctx: pipeline.Context, params, meta: dict, num_steps: int):
 def write_grid(ctx: pipeline.Context, name: str, params, meta: dict, seed: int = 1):
   """WORKDIR/name/samples.png at the student's default NFE: rows = its w values (distill.grid_w for a
   CFG-sampled student, its own w otherwise), columns = classes, the same noise down a column."""
-  if not ctx.is_main_process or os.path.exists(os.path.join(ctx.stage_dir(name), "samples.png")):
+  if not ctx.is_main_process or epath.Path(ctx.stage_dir(name), "samples.png").exists():
     return
   c = ctx.config
   k = min(c.data.num_classes, c.sample.max_grid_classes)
