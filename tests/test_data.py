@@ -43,7 +43,8 @@ def check_source(source, image_shape, num_classes):
   batch = source.get_batch(np.arange(min(len(source), 5)))
   assert batch["image"].shape == (min(len(source), 5), *image_shape)
   assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
-  np.testing.assert_array_equal(batch["image"][0], item["image"])
+  # A resize in a batch and alone may take different SIMD paths: equal to float rounding, not bit for bit.
+  np.testing.assert_allclose(batch["image"][0], item["image"], rtol=0, atol=1e-6)
   assert np.all((batch["label"] >= 0) & (batch["label"] < num_classes))
   return batch
 
