@@ -85,7 +85,8 @@ def step_spec(config, kind: str, abstract: bool = False, adam_eps: float | None 
   with this eps (bench/scaling.py says why)."""
   import optax
   from distill import models, pipeline, schedules
-  from distill.methods import guided, progressive
+  from distill.methods.guided import progressive
+  from distill.methods.guided import stage_one as guided
   from distill.methods import teacher as teacher_lib
   c, d, tc = config, config.distill, config.teacher
   logsnr_fn = schedules.get_logsnr_fn(c.model.schedule, c.model.logsnr_min, c.model.logsnr_max)

@@ -3,13 +3,15 @@ r"""The embedded default: scikit-learn's 8×8 digits (10 classes), small enough 
 Full run (CFG teacher; stage one; deterministic and stochastic halving 64 → 1; single-w and two-student
 baselines and encoder distillation, halving 8 → 1; evaluation):
   python -m distill.main --config=configs/digits.py --workdir=runs/digits
-The same path end to end in a few minutes:
+Every registered method (guided distillation and its baselines, SFD, DSD, consistency distillation, …) at toy
+sizes in one command, a smoke run of every stage in a few minutes:
   python -m distill.main --config=configs/digits.py:quick --workdir=runs/digits_quick
+Variants combine with ',': a pipeline ('sfd', 'dsd', 'all') and 'quick', e.g. configs/digits.py:quick,sfd.
 
 Teacher: U-Net ch 24, mult (1, 2), 2 res blocks, attention at 4×4, v-prediction — 650,689 parameters
 (`distill.models.param_count`); Adam 2e-3 with 200 warm-up steps, batch 128, 1,500 steps.
 """
-from distill.configuration import base_config
+from distill.configuration import apply_variants, base_config
 
 
 def get_config(arg: str | None = None):
@@ -35,50 +37,40 @@ def get_config(arg: str | None = None):
   config.eval.agreement_per_class = config.eval.per_class = 50
   config.eval.agreement_steps = 64
 
-  if arg == "quick":  # the same path with one res block per level and few updates: a smoke run, not a result
-    config.model.num_res_blocks = 1
-    config.teacher.num_steps, config.teacher.batch_size = 150, 64
-    config.teacher.log_every = 50
-    config.teacher.ckpt_every = 75
-    config.sample.num_steps = 16
-    config.eval.agreement_steps = 16
-    config.eval.agreement_per_class = 10
-    config.eval.classifier_steps = 200
-    d.stage_one_steps, d.start_steps = 20, 4  # rounds: 2, 1
-    d.encoder_start_steps = config.baselines.start_steps = 0
-    d.round_steps, d.final_round_steps, d.log_every, d.ckpt_every = 10, 10, 5, 10
-    config.eval.w_values, config.eval.per_class = (0.0,), 10
-  elif arg == "dsd":  # direct self-distillation (seed paper 004) beside guided PD on the same teacher
-    #   python -m distill.main --config=configs/digits.py:dsd --workdir=runs/digits_dsd
-    # With a finished digits run's teacher (and its stage one and rounds copied into the workdir for the report):
-    #   python -m distill.main --config=configs/digits.py:dsd --workdir=runs/digits_dsd \
-    #     --config.distill.teacher_dir=runs/digits/teacher --config.pipeline="('dsd','tsd','training_dsd','evaluate')"
-    config.pipeline = ("teacher", "stage_one", "distill_deterministic", "dsd", "tsd", "training_dsd", "evaluate")
-    s = config.dsd
-    # N from 16 (the teacher's 16-step DDIM is within 0.01 of its 128-step FID at w = 0) down to 4: the last
-    # depth teaches 2-step sampling; DSDN stays at 16. w over the range the report scores (eval.w_values).
-    s.kinds, s.init, s.start_steps, s.end_steps, s.w_min, s.w_max = (
-        ("DSDN", "DSDI", "DSDGL", "DSDGEXP"), "teacher", 16, 4, 0.0, 1.0)
-    # lr: DSDI at P = 100 (2/4/8-step FID at w = 0): DSD improves at 1e-5, drifts at w = 0 at 1e-4 and collapses
-    # at 3e-4, while TSD keeps improving up to 3e-4; one lr serves both, chosen where DSD is stable.
-    s.updates, s.batch_size, s.lr = 160, 32, 3e-5
-    # Table 3's 4,000-update rows (CelebA-HQ, LSUN): Adam (0.9, 0.98), EMA 0.995, clip 1; cosine to 10 %.
-    s.adam_b1, s.adam_b2, s.ema_decay, s.grad_clip, s.lr_final_fraction = 0.9, 0.98, 0.995, 1.0, 0.1
-    s.eval_steps, s.log_every, s.ckpt_every = (2, 4, 8), 50, 100
-    s.training_steps, s.training_distill_steps = 0, 8  # training DSD: the teacher's 1,500 steps at batch 128
-  elif arg == "sfd":  # SFD, SFD-v and the one-NFE second stage (issue 6) beside guided PD on the same teacher
-    config.pipeline = ("teacher", "stage_one", "distill_deterministic", "sfd", "sfd_v", "sfd_one_nfe", "evaluate")
-    s = config.sfd
-    # NFE 2–5 (grids of 3–6 Euler steps under AFS), the paper's SFD-v list; the second stage learns from the
-    # SFD-v model at NFE 5 (K = 3, the SFD code's M = 2). Budgets fit the three stages in ~15 min on 2 cores:
-    # 24 trajectory batches of 64 per SFD student (its NFE updates each) and per SFD-v list entry, 100 for the
-    # second stage. The student distils the conditional teacher and is guided at sampling (sfd.cfg_student);
-    # the fixed-w variant is `--config.sfd.fixed_w="(1.0,)"` (adds its students beside these).
-    s.nfe, s.v_nfe, s.one_nfe_from, s.one_nfe_k = (2, 3, 4, 5), (2, 3, 4, 5), "sfd_v", 3
-    s.batch_size, s.trajectories, s.one_nfe_trajectories = 64, 64 * 24, 64 * 100
-    s.lr, s.one_nfe_lr = 2e-4, 5e-4
-    s.cfg_student, s.fixed_w = True, ()
-    s.log_every, s.ckpt_every = 50, 100
-  elif arg:
-    raise ValueError(f"configs/digits.py: unknown variant {arg!r}; allowed: 'quick', 'dsd', 'sfd'")
-  return config
+  s = config.dsd  # direct self-distillation (seed paper 004) beside guided PD on the same teacher
+  # N from 16 (the teacher's 16-step DDIM is within 0.01 of its 128-step FID at w = 0) down to 4: the last
+  # depth teaches 2-step sampling; DSDN stays at 16. w over the range the report scores (eval.w_values).
+  s.kinds, s.init, s.start_steps, s.end_steps, s.w_min, s.w_max = (
+      ("DSDN", "DSDI", "DSDGL", "DSDGEXP"), "teacher", 16, 4, 0.0, 1.0)
+  # lr: DSDI at P = 100 (2/4/8-step FID at w = 0): DSD improves at 1e-5, drifts at w = 0 at 1e-4 and collapses
+  # at 3e-4, while TSD keeps improving up to 3e-4; one lr serves both, chosen where DSD is stable.
+  s.updates, s.batch_size, s.lr = 160, 32, 3e-5
+  # Table 3's 4,000-update rows (CelebA-HQ, LSUN): Adam (0.9, 0.98), EMA 0.995, clip 1; cosine to 10 %.
+  s.adam_b1, s.adam_b2, s.ema_decay, s.grad_clip, s.lr_final_fraction = 0.9, 0.98, 0.995, 1.0, 0.1
+  s.eval_steps, s.log_every, s.ckpt_every = (2, 4, 8), 50, 100
+  s.training_steps, s.training_distill_steps = 0, 8  # training DSD: the teacher's 1,500 steps at batch 128
+
+  s = config.sfd  # SFD, SFD-v and the one-NFE second stage beside guided PD on the same teacher
+  # NFE 2–5 (grids of 3–6 Euler steps under AFS), the paper's SFD-v list; the second stage learns from the
+  # SFD-v model at NFE 5 (K = 3, the SFD code's M = 2). Budgets fit the three stages in ~15 min on 2 cores:
+  # 24 trajectory batches of 64 per SFD student (its NFE updates each) and per SFD-v list entry, 100 for the
+  # second stage. The student distils the conditional teacher and is guided at sampling (sfd.cfg_student);
+  # the fixed-w variant is `--config.sfd.fixed_w="(1.0,)"` (adds its students beside these).
+  s.nfe, s.v_nfe, s.one_nfe_from, s.one_nfe_k = (2, 3, 4, 5), (2, 3, 4, 5), "sfd_v", 3
+  s.batch_size, s.trajectories, s.one_nfe_trajectories = 64, 64 * 24, 64 * 100
+  s.lr, s.one_nfe_lr = 2e-4, 5e-4
+  s.cfg_student, s.fixed_w = True, ()
+  s.log_every, s.ckpt_every = 50, 100
+
+  # Pipelines a variant names (each keeps the teacher, stage one and deterministic halving for comparison):
+  #   python -m distill.main --config=configs/digits.py:dsd --workdir=runs/digits_dsd
+  # With a finished digits run's teacher (and its stage one and rounds copied into the workdir for the report):
+  #   python -m distill.main --config=configs/digits.py:dsd --workdir=runs/digits_dsd \
+  #     --config.distill.teacher_dir=runs/digits/teacher --config.pipeline="('dsd','tsd','training_dsd','evaluate')"
+  guided = ("teacher", "stage_one", "distill_deterministic")
+  pipelines = {"dsd": guided + ("dsd", "tsd", "training_dsd", "evaluate"),
+               "sfd": guided + ("sfd", "sfd_v", "sfd_one_nfe", "evaluate")}
+  try:
+    return apply_variants(config, arg, pipelines)
+  except ValueError as e:
+    raise ValueError(f"configs/digits.py: {e}") from None

@@ -22,29 +22,27 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from distill import configuration, models, pipeline, train, writers
+from distill import contract, registry, sampling, train, writers
+from distill.context import Context, cfg_sample, get_classifier, sample_in_chunks, teacher_model, teacher_params
 from distill.evaluation import classifier as classifier_lib
 from distill.evaluation import inception, protocol, report
-
-# Stages whose directories hold students to score (the encoder chain maps images to noise: not sampled).
-STUDENT_STAGES = tuple(s for s in configuration.STAGES if s not in ("teacher", "encoder", "evaluate"))
 
 class EvaluationError(ValueError):
   """Bad evaluation input (a missing weight file, an unreadable samples file): one line, exit code 2."""
 
 
-def feature_net(ctx: pipeline.Context) -> protocol.FeatureNet:
+def feature_net(ctx: Context) -> protocol.FeatureNet:
   c = ctx.config
   if protocol.resolve_metric(c) == "inception":
     try:
       return protocol.inception_net(inception.load_inception(os.path.expanduser(c.eval.inception_path)))
     except (inception.InceptionWeightsMissing, ValueError) as e:
       raise EvaluationError(f"eval.inception_path: {e}") from e
-  params, meta = pipeline.get_classifier(ctx)
+  params, meta = get_classifier(ctx)
   return protocol.classifier_net(params, c.data.num_classes, meta["test_accuracy"])
 
 
-def reference(ctx: pipeline.Context, net: protocol.FeatureNet) -> protocol.Reference:
+def reference(ctx: Context, net: protocol.FeatureNet) -> protocol.Reference:
   c = ctx.config
   source = ctx.train_source
   n = min(len(source), c.eval.max_reference)
@@ -55,12 +53,13 @@ def reference(ctx: pipeline.Context, net: protocol.FeatureNet) -> protocol.Refer
 
 
 def finished_students(workdir: str):
-  """(name, stage_dir) of every finished student stage (a directory holding final/meta.json) in the workdir,
-  local or a URL: in pipeline-stage order and, within a stage, in order of the directory path."""
+  """(name, stage_dir) of every finished stage (a directory holding final/meta.json) under the directories of the
+  registered stages in the workdir, local or a URL: in pipeline-stage order and, within a stage, in order of the
+  directory path. Whether one is scored is its meta's to say (`StageMeta.scored`)."""
   out = []
-  for top in STUDENT_STAGES:
+  for top in registry.stage_names():
     root = os.path.join(workdir, top)
-    if not epath.Path(root).is_dir():
+    if top == registry.EVALUATE or not epath.Path(root).is_dir():
       continue
     # One listing of the tree. An object store's walk may name directories without the URL's scheme, so each
     # is taken relative to the first one walked (the root itself), whatever form the walk gives them in.
@@ -75,69 +74,42 @@ def finished_students(workdir: str):
   return out
 
 
-def method_of(name: str, meta: dict) -> tuple[str, str]:
-  """(method, sampler) of a student stage for the report: meta's own 'method' and 'report_sampler' when it
-  names them; otherwise guided distillation's names (both halving chains are 'guided PD', D / S)."""
-  if "method" in meta:
-    return meta["method"], meta.get("report_sampler", "deterministic")
-  sampler = "stochastic" if meta["sampler"] == "stochastic" else "deterministic"
-  top = name.split("/")[0]
-  if top == "single_w":
-    return f"single-w (w={meta['w_range'][0]:g})", sampler
-  return {"stage_one": "stage one", "two_student": "two-student"}.get(top, "guided PD"), sampler
+def load_students(workdir: str) -> dict[str, tuple]:
+  """{name: (params, StageMeta, the trainer's meta dict)} of every finished stage in the workdir, scored or not.
+  contract.ContractError (one line, naming the file and the conversion command) for a stage written before
+  the contract."""
+  out = {}
+  for name, stage_dir in finished_students(workdir):
+    params, raw = train.load_final_params(stage_dir)
+    out[name] = (params, registry.load_meta(stage_dir, raw), raw)
+  return out
 
 
-def evals_per_update(meta: dict) -> tuple[float, float]:
-  """(teacher, student) network evaluations per example of one update. A meta that states them is taken at its
-  word; guided distillation's stages: stage one's CFG target and a round's two teacher steps cost 2 teacher
-  evaluations, the two-student pair's two steps 4; the student evaluates once (the pair twice)."""
-  if "teacher_evals_per_update" in meta:
-    return float(meta["teacher_evals_per_update"]), float(meta.get("student_evals_per_update", 1))
-  pair = meta.get("stage_kind") == "two_student"
-  return (4.0 if pair else 2.0), (2.0 if pair else 1.0)
-
-
-def chain_costs(metas: dict[str, dict], batch_size: int) -> dict[str, dict]:
-  """Distillation cost of each student including every stage it was built on, excluding the teacher's own
-  training: the stages a meta lists in 'cost_parents' (and theirs); without that list, guided distillation's
-  chains (earlier rounds of the same chain with more steps, and its stage one).
+def chain_costs(metas: dict[str, contract.StageMeta], trained: dict[str, dict]) -> dict[str, dict]:
+  """Distillation cost of each student including every stage it was built on (its meta's cost_parents, and
+  theirs), excluding the teacher's own training. trained: {name: the trainer's meta keys (num_steps,
+  train_seconds)}.
   Returns {name: {student_updates, teacher_evals, student_evals, train_seconds}} (evaluations are per-example
   network evaluations summed over the batch)."""
   own = {}
   for name, m in metas.items():
-    updates = int(m.get("num_steps", 0))
-    examples = updates * int(m.get("batch_size", batch_size))
-    teacher, student = evals_per_update(m)
-    own[name] = {"student_updates": updates, "train_seconds": float(m.get("train_seconds", 0.0)),
-                 "teacher_evals": int(round(examples * teacher)), "student_evals": int(round(examples * student))}
+    updates = int(trained[name].get("num_steps", 0))
+    examples = updates * int(m.batch_size)
+    own[name] = {"student_updates": updates, "train_seconds": float(trained[name].get("train_seconds", 0.0)),
+                 "teacher_evals": int(round(examples * m.teacher_evals_per_update)),
+                 "student_evals": int(round(examples * m.student_evals_per_update))}
 
   def members(name: str, seen: frozenset = frozenset()) -> set[str]:
     if name in seen:
       raise ValueError(f"cost_parents of {name!r} form a cycle")
-    m = metas[name]
-    if "cost_parents" in m:
-      out = {name}
-      for parent in m["cost_parents"]:
-        if parent in metas:
-          out |= members(parent, seen | {name})
-      return out
-    chain = os.path.dirname(name)
-    if not chain:
-      return {name}
-    out = {o for o, om in metas.items() if os.path.dirname(o) == chain
-           and om["num_sampling_steps"] >= m["num_sampling_steps"]}
-    base = {"distill_deterministic": "stage_one", "distill_stochastic": "stage_one"}.get(chain, f"{chain}/stage_one")
-    if base in own:
-      out.add(base)
+    out = {name}
+    for parent in metas[name].cost_parents:
+      if parent in metas:
+        out |= members(parent, seen | {name})
     return out
 
   keys = ("student_updates", "teacher_evals", "student_evals", "train_seconds")
   return {name: {k: sum(own[o][k] for o in members(name)) for k in keys} for name in metas}
-
-
-def eval_steps(meta: dict) -> list[int]:
-  """The step counts a student is scored at: meta's 'eval_steps' (one model, several counts) or its own."""
-  return [int(n) for n in meta.get("eval_steps", [meta["num_sampling_steps"]])]
 
 
 def _save_row_grid(path: str, x: np.ndarray, labels: np.ndarray, per_class: int, num_classes: int, image_size: int):
@@ -146,12 +118,12 @@ def _save_row_grid(path: str, x: np.ndarray, labels: np.ndarray, per_class: int,
   writers.save_image_grid(path, np.concatenate(rows), ncols=cols, upscale=max(1, 64 // image_size))
 
 
-def run_stage(ctx: pipeline.Context):
+def run_stage(ctx: Context):
   """The pipeline's 'evaluate' stage: the CFG teacher (DDIM at the reference step count and at every student
   step count, DDPM at the reference) and every finished student, at each w of eval.w_values."""
   c = ctx.config
   e = c.eval
-  students = finished_students(ctx.workdir)
+  students = [(n, d) for n, d in finished_students(ctx.workdir) if n != "teacher"]
   results_path = os.path.join(ctx.workdir, "results.json")
   evaluated = {"checkpoints": ["teacher"] + [name for name, _ in students], "w_values": list(e.w_values),
                "per_class": e.per_class, "seed": c.seed, "metric": protocol.resolve_metric(c)}
@@ -164,15 +136,15 @@ def run_stage(ctx: pipeline.Context):
   k = c.data.num_classes
   labels = jnp.repeat(jnp.arange(k), e.per_class)
   z = jax.random.normal(jax.random.PRNGKey(c.seed + 2000), (len(labels),) + ctx.image_shape)
-  agreement_clf = pipeline.get_classifier(ctx)[0] if c.data.name in protocol.EMBEDDED else None
+  agreement_clf = get_classifier(ctx)[0] if c.data.name in protocol.EMBEDDED else None
 
-  metas = {name: train.load_final_params(d) for name, d in students}
-  costs = chain_costs({name: m for name, (_, m) in metas.items()}, c.distill.batch_size)
-  teacher = models.unet_from_config(c.model, c.data)
-  teacher_fn = functools.partial(pipeline.guided_ddim, pipeline.teacher_params(ctx), model=teacher,
+  loaded = load_students(ctx.workdir)
+  costs = chain_costs({n: m for n, (_, m, _) in loaded.items()}, {n: raw for n, (_, _, raw) in loaded.items()})
+  metas = {n: (p, m) for n, (p, m, _) in loaded.items() if m.scored}
+  teacher_fn = functools.partial(cfg_sample, teacher_params(ctx), model=teacher_model(ctx),
                                  parameterization=c.model.parameterization, logsnr_fn=ctx.logsnr_fn,
                                  null_label=ctx.null_label, clip=c.sample.clip)
-  student_steps = sorted({n for _, m in metas.values() for n in eval_steps(m)})
+  student_steps = sorted({n for _, m in metas.values() for n in m.steps_scored})
   jobs = []  # (method, sampler, w, steps, nfe, sample fn, checkpoint, cost)
   for w in e.w_values:
     for steps in sorted(set(student_steps) | {c.sample.num_steps}):
@@ -181,20 +153,18 @@ def run_stage(ctx: pipeline.Context):
     jobs.append(("teacher DDPM", "ddpm", w, c.sample.num_steps, 2 * c.sample.num_steps,
                  functools.partial(teacher_fn, num_steps=c.sample.num_steps, sampler="ddpm"), "teacher", {}))
     for name, (params, meta) in metas.items():
-      lo, hi = meta["w_range"]
-      if not lo <= w <= hi:
+      if not meta.serves(w):
         continue  # a single-w student is scored at its own w only
-      method, sampler = method_of(name, meta)
-      for steps in eval_steps(meta):
-        fn, nfe = pipeline.student_sampler(ctx, params, meta, steps)
-        jobs.append((method, sampler, w, steps, nfe, fn, name, costs[name]))
+      for steps in meta.steps_scored:
+        fn, nfe = registry.sampler(ctx, params, meta, steps)
+        jobs.append((meta.method, meta.report_sampler, w, steps, nfe, fn, name, costs[name]))
 
   grid_dir = os.path.join(ctx.workdir, "eval_grids")
   epath.Path(grid_dir).mkdir(parents=True, exist_ok=True)
   rows, start = [], time.time()
   for done, (method, sampler, w, steps, nfe, fn, checkpoint, cost) in enumerate(jobs, start=1):
     t0 = time.time()
-    x = pipeline.sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
+    x = sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
     row = {"method": method, "sampler": sampler, "w": float(w), "steps": int(steps), "nfe": int(nfe),
            **protocol.score(net, ref, x, is_splits=e.is_splits, pr_k=e.pr_k), "seed": c.seed,
            "checkpoint": checkpoint, **cost}
@@ -235,7 +205,6 @@ def evaluate_checkpoint(stage_dir: str, *, w_values=(0.0,), steps=None, sampler=
                         out: str | None = None) -> dict:
   """Scores one finished stage (any run's): `eval.per_class` samples per class at each w, against its run's
   reference statistics. Writes OUT (default STAGE_DIR/eval_<sampler>_<steps>steps_seed<seed>.json)."""
-  from distill import sampling
   ctx, fn, steps, sampler, nfe = sampling.checkpoint_sampler(stage_dir, steps=steps, sampler=sampler, force=force)
   c = ctx.config
   net = feature_net(ctx)
@@ -244,7 +213,7 @@ def evaluate_checkpoint(stage_dir: str, *, w_values=(0.0,), steps=None, sampler=
   z = jax.random.normal(jax.random.PRNGKey(seed + 2000), (len(labels),) + ctx.image_shape)
   rows = []
   for w in w_values:
-    x = pipeline.sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
+    x = sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
     rows.append({"checkpoint": writers.abspath(stage_dir), "sampler": sampler, "w": float(w), "steps": int(steps),
                  "nfe": int(nfe), "seed": seed, **protocol.score(net, ref, x, is_splits=c.eval.is_splits,
                                                                     pr_k=c.eval.pr_k)})
@@ -283,7 +252,7 @@ def load_samples(path: str, image_shape) -> np.ndarray:
 
 def evaluate_samples(config, workdir: str, samples_path: str, out: str | None = None) -> dict:
   """Scores a file of samples made anywhere against the config's data set (reference cached in WORKDIR)."""
-  ctx = pipeline.Context(config, workdir)
+  ctx = Context(config, workdir)
   images = load_samples(samples_path, ctx.image_shape)
   net = feature_net(ctx)
   ref = reference(ctx, net)

@@ -295,17 +295,13 @@ def _check_inception_weights(config):
         fail(f"eval.inception_path: {e}")
 
 
-def _check_lpips_weights(config):
-  """sfd.metric='lpips': both weight files load and fit sfd.lpips.net, before anything is written (the stage
-  reuses what is loaded here)."""
-  sfd_stages = {"sfd", "sfd_v", "sfd_one_nfe"}
-  if config.sfd.metric != "lpips" or not sfd_stages & set(config.pipeline):
-    return
-  from distill.stages import sfd
+def _preflight(config):
+  """Before anything is written: the pre-run checks (weight files, …) of the methods the pipeline runs."""
+  from distill import registry, validation
   try:
-    sfd.load_lpips_params(config.sfd.lpips.net, config.sfd.lpips.trunk, config.sfd.lpips.lin)
-  except Exception as e:  # noqa: BLE001 — a missing file, a URL that cannot be reached, a wrong key or shape
-    fail(f"config.sfd.lpips (trunk={config.sfd.lpips.trunk!r}, lin={config.sfd.lpips.lin!r}): {_one_line(e)}")
+    registry.preflight(config)
+  except validation.ConfigError as e:
+    fail(str(e))
 
 
 def _check_teacher_dir(config):
@@ -383,7 +379,7 @@ def main(argv):
            f"data.name={config.data.name!r}")
   _check_inception_weights(config)
   _check_teacher_dir(config)
-  _check_lpips_weights(config)
+  _preflight(config)
 
   config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "config")
   workdir = _WORKDIR.value or default_workdir(config_arg)

@@ -13,8 +13,8 @@ import numpy as np
 from etils import epath
 
 from distill import data as data_lib
-from distill import models, pipeline, samplers, train, writers
-from distill.methods import progressive
+from distill import contract, registry, samplers, train, writers
+from distill.context import Context, sample_in_chunks, student_model, x_fn_of
 
 
 class SamplingError(ValueError):
@@ -69,38 +69,33 @@ def checkpoint_sampler(stage_dir: str, *, steps: int | None = None, sampler: str
   _check_finished(stage_dir, "--checkpoint")
   workdir, config = find_run(stage_dir)
   config = _tuplify(config)
-  params, meta = load_stage(stage_dir, "--checkpoint")
-  ctx = pipeline.Context(config, workdir)
-  k = config.data.num_classes
-  trained_steps = meta.get("num_sampling_steps")
-  if meta["kind"] == "cfg_teacher":
-    sampler = sampler or "ddim"
-    if sampler not in ("ddim", "ddpm"):
-      raise SamplingError(f"--sampler={sampler!r}: a CFG teacher samples with 'ddim' or 'ddpm'")
-    steps = steps or trained_steps
-    model = models.unet_from_config(config.model, config.data)
-    fn = functools.partial(pipeline.guided_ddim, params, model=model, parameterization=config.model.parameterization,
-                           logsnr_fn=ctx.logsnr_fn, null_label=k, clip=config.sample.clip, num_steps=steps,
-                           sampler=sampler)
-    nfe = 2 * steps
-  else:
-    own = meta["sampler"]
-    sampler = {"deterministic": "ddim"}.get(sampler, sampler) or own
-    steps = steps or trained_steps
-    if own == "encoder":
-      raise SamplingError(f"--checkpoint={stage_dir!r}: a distilled encoder maps images to noise; sample a student "
-                          "(use it with --mode=style_transfer)")
-    allowed = ("ddim", "stochastic") if own in ("ddim", "stochastic") else (own,)
-    if sampler not in allowed:
-      raise SamplingError(f"--sampler={sampler!r}: this checkpoint samples with {' or '.join(map(repr, allowed))}")
-    own_steps = [int(n) for n in meta.get("eval_steps", [trained_steps])]
+  params, raw = load_stage(stage_dir, "--checkpoint")
+  try:
+    meta = registry.load_meta(stage_dir, raw)
+  except contract.ContractError as e:
+    raise SamplingError(f"--checkpoint={stage_dir!r}: {e}") from e
+  ctx = Context(config, workdir)
+  own = meta.sampler
+  if not own:
+    raise SamplingError(f"--checkpoint={stage_dir!r}: a {meta.kind!r} stage is not sampled (a distilled encoder "
+                        "maps images to noise: use it with --mode=style_transfer)")
+  allowed = tuple(registry.sampler_owner(own).samplers)
+  # '--sampler=deterministic' is DDIM's report name; a sampler may be named without its method's prefix
+  # ('ddpm' for a CFG teacher's 'cfg_ddpm').
+  sampler = {"deterministic": "ddim"}.get(sampler, sampler) or own
+  sampler = next((a for a in allowed if a == sampler), next((a for a in allowed if a.endswith("_" + sampler)), sampler))
+  if sampler not in allowed:
+    raise SamplingError(f"--sampler={sampler!r}: this checkpoint samples with {' or '.join(map(repr, allowed))}")
+  steps = steps or meta.num_sampling_steps
+  if meta.kind != "cfg_teacher":  # a teacher samples at any step count
+    own_steps = list(meta.steps_scored)
     if not force and (steps not in own_steps or sampler != own):
       raise SamplingError(f"--steps={steps} --sampler={sampler}: this checkpoint was distilled for "
                           f"{'/'.join(map(str, own_steps))} {own} steps; pass --force to sample it anyway")
     if force and (steps not in own_steps or sampler != own):
       print(f"[sample] note: distilled for {'/'.join(map(str, own_steps))} {own} steps, sampling {steps} {sampler} "
             "steps as forced")
-    fn, nfe = pipeline.student_sampler(ctx, params, meta, num_steps=steps, sampler=sampler)
+  fn, nfe = registry.sampler(ctx, params, meta, num_steps=steps, name=sampler)
   return ctx, fn, steps, sampler, nfe
 
 
@@ -124,7 +119,7 @@ def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0
   w = jnp.repeat(jnp.asarray(ws), per_row)
   noise = jax.random.normal(jax.random.PRNGKey(seed), (1, per_row) + ctx.image_shape)
   z = jnp.broadcast_to(noise, (len(ws), per_row) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
-  x = pipeline.sample_in_chunks(fn, z, y, w, ctx.config.sample.get("batch_size", 250))
+  x = sample_in_chunks(fn, z, y, w, ctx.config.sample.get("batch_size", 250))
   out = out or os.path.join(stage_dir, f"sample_{sampler}_{steps}steps_seed{seed}")
   writers.save_image_grid(out + ".png", x, ncols=per_row, upscale=max(1, 128 // ctx.image_shape[0]))
   images = np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)
@@ -134,7 +129,7 @@ def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0
 
 @functools.partial(jax.jit, static_argnames=("x_fn", "logsnr_fn", "num_steps"))
 def _encode(params, x, labels, w, *, x_fn, logsnr_fn, num_steps: int):
-  den = progressive.student_denoiser(x_fn, params, labels, w)
+  den = samplers.conditional_denoiser(lambda z, logsnr, y, w_: x_fn(params, z, logsnr, y, w_), labels, w)
   return samplers.ddim_encode(den, x, logsnr_fn, num_steps).x
 
 
@@ -148,16 +143,20 @@ def style_transfer(encoder_dir: str, decoder_dir: str, *, w_enc: float = 0.0, w_
     _check_finished(d, flag)
   enc_workdir, enc_config = find_run(encoder_dir)
   dec_workdir, dec_config = find_run(decoder_dir)
-  enc_params, enc_meta = load_stage(encoder_dir, "--encoder")
-  dec_params, dec_meta = load_stage(decoder_dir, "--decoder")
-  if enc_meta.get("sampler") != "encoder":
-    raise SamplingError(f"--encoder={encoder_dir!r}: not a distilled encoder (sampler={enc_meta.get('sampler')!r}); "
+  enc_params, enc_raw = load_stage(encoder_dir, "--encoder")
+  dec_params, dec_raw = load_stage(decoder_dir, "--decoder")
+  try:
+    enc_meta, dec_meta = registry.load_meta(encoder_dir, enc_raw), registry.load_meta(decoder_dir, dec_raw)
+  except contract.ContractError as e:
+    raise SamplingError(str(e)) from e
+  if enc_meta.extra.get("stage_kind") != "encoder":
+    raise SamplingError(f"--encoder={encoder_dir!r}: not a distilled encoder (kind={enc_meta.kind!r}); "
                         "use a stage of the 'encoder' pipeline stage")
-  if dec_meta.get("kind") == "cfg_teacher" or dec_meta.get("sampler") == "encoder":
+  if dec_meta.kind == "cfg_teacher" or not dec_meta.sampler:
     raise SamplingError(f"--decoder={decoder_dir!r}: needs a distilled student (a stage_one, distill_* or "
                         "single_w stage)")
-  enc_ctx = pipeline.Context(_tuplify(enc_config), enc_workdir)
-  dec_ctx = pipeline.Context(_tuplify(dec_config), dec_workdir)
+  enc_ctx = Context(_tuplify(enc_config), enc_workdir)
+  dec_ctx = Context(_tuplify(dec_config), dec_workdir)
   if enc_ctx.image_shape != dec_ctx.image_shape:
     raise SamplingError(f"--decoder: image shape {dec_ctx.image_shape} differs from the encoder's {enc_ctx.image_shape}")
   source = data_lib.make_source(enc_config.data, "test")
@@ -165,12 +164,11 @@ def style_transfer(encoder_dir: str, decoder_dir: str, *, w_enc: float = 0.0, w_
   batch = source.get_batch(idx)
   labels = jnp.asarray(batch["label"], jnp.int32)
   targets = labels if target_labels is None else jnp.asarray(np.resize(np.asarray(target_labels), num), jnp.int32)
-  enc_model = pipeline.student_model(enc_ctx, enc_meta["w_conditioned"])
+  enc_model = student_model(enc_ctx, w_embedding=enc_meta.w_conditioned)
   latents = _encode(enc_params, jnp.asarray(batch["image"]), labels, jnp.full((num,), w_enc, jnp.float32),
-                    x_fn=pipeline.x_fn_of(enc_ctx, enc_model), logsnr_fn=enc_ctx.logsnr_fn,
-                    num_steps=int(enc_meta["num_sampling_steps"]))
-  dec_model = pipeline.student_model(dec_ctx, dec_meta["w_conditioned"])
-  decoded = np.asarray(pipeline.student_sample_fn(dec_ctx, dec_model, dec_params, dec_meta)(
+                    x_fn=x_fn_of(enc_ctx, enc_model), logsnr_fn=enc_ctx.logsnr_fn,
+                    num_steps=int(enc_meta.num_sampling_steps))
+  decoded = np.asarray(registry.sampler(dec_ctx, dec_params, dec_meta)[0](
       latents, targets, jnp.full((num,), w_dec, jnp.float32)))
   out = out or os.path.join(decoder_dir, f"style_transfer_wenc{w_enc:g}_wdec{w_dec:g}_seed{seed}")
   grid = np.concatenate([np.asarray(batch["image"]), decoded])

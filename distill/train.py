@@ -49,12 +49,12 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from distill import parallel, writers
+from distill import losses, parallel, writers
 
 PyTree = Any
-# loss_fn(params, frozen, batch, rng) -> (scalar loss, dict of scalar metrics). `frozen` holds what the loss
-# reads but never trains (a teacher's parameters): an argument of the jitted step, not a baked-in constant.
-LossFn = Callable[[PyTree, PyTree, dict, jax.Array], tuple[jax.Array, dict]]
+# loss_fn(params, frozen, batch, rng) -> (scalar loss, dict of scalar metrics); `frozen` is an argument of the
+# jitted step, not a baked-in constant.
+LossFn = losses.LossFn
 
 
 class TrainingError(RuntimeError):

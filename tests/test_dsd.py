@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import diffusion, schedules
-from distill.methods import dsd, guided
+from distill import diffusion, losses, optimizers, schedules
+from distill.methods.dsd import core as dsd
 from distill.testing import GaussianMixture
 
 LOGSNR = schedules.cosine_logsnr
@@ -23,7 +23,7 @@ def pair_x(params, z, logsnr, labels, w, *, train=False, rng=None, mixture=GMM):
   return params["gain"] * mixture.denoise(z, logsnr, labels)
 
 
-GUIDED_X = dsd.guided_x_fn(pair_x, NULL)  # the guided "model" (1 + w)·x̂_c − w·x̂_∅ of Alg. 2
+GUIDED_X = losses.cfg_x_fn(pair_x, NULL)  # the guided "model" (1 + w)·x̂_c − w·x̂_∅ of Alg. 2
 
 
 def points_x(params, z, logsnr, labels, w, *, train=False, rng=None):
@@ -158,7 +158,7 @@ def _affine_pair(offset_in_range: float):
     del w, train, rng
     alpha, _ = schedules.alpha_sigma(logsnr)
     return params["gain"] * (p * z / alpha[:, None, None, None] + b[labels])
-  return dsd.guided_x_fn(x_fn, NULL)
+  return losses.cfg_x_fn(x_fn, NULL)
 
 
 def test_guided_self_distillation_is_zero_at_consistency_for_any_w():
@@ -223,7 +223,7 @@ def test_gradients_reach_only_the_one_step_branch():
     logsnr_t = LOGSNR(dsd.position_times(j, n)[0])
     target, _ = dsd.two_step_target(parity_x, params, z_t, parity_x(params, z_t, logsnr_t, labels, w), j, n,
                                     labels, w, LOGSNR)
-    return jax.grad(lambda p: guided.weighted_regression(parity_x(p, z_t, logsnr_t, labels, w), target, logsnr_t,
+    return jax.grad(lambda p: losses.weighted_regression(parity_x(p, z_t, logsnr_t, labels, w), target, logsnr_t,
                                                          "truncated_snr")[0])(params)
 
   for j in range(4):
@@ -361,10 +361,10 @@ def test_training_loss_at_alpha_one_beta_zero_is_the_v_loss():
 
 
 def test_learning_rate_is_cosine_annealed_to_ten_percent():
-  schedule = dsd.learning_rate_schedule(1e-6, 4000)
+  schedule = optimizers.cosine_schedule(1e-6, 4000)
   np.testing.assert_allclose([float(schedule(s)) for s in (0, 2000, 4000, 5000)], [1e-6, 0.55e-6, 1e-7, 1e-7],
                              rtol=1e-5)
-  warm = dsd.learning_rate_schedule(1e-6, 4000, warmup_steps=100)
+  warm = optimizers.cosine_schedule(1e-6, 4000, warmup_steps=100)
   assert float(warm(0)) == 0.0 and abs(float(warm(100)) - 1e-6) < 1e-12 and abs(float(warm(4000)) - 1e-7) < 1e-12
   optimizer, paper = dsd.paper_optimizer("imagenet256")
   np.testing.assert_allclose([float(paper(0)), float(paper(5000))], [1e-7, 1e-8], rtol=1e-5)

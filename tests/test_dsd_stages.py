@@ -1,4 +1,4 @@
-"""DSD, TSD and training DSD as pipeline stages (distill/stages/dsd.py): batches across depths, one compiled
+"""DSD, TSD and training DSD as pipeline stages (distill/methods/dsd/stages.py): batches across depths, one compiled
 step for every depth and schedule, tiny end-to-end stages, bit-identical resumption and the cost fields.
 
 The math is tested in tests/test_dsd.py (Alg. 2 against a float64 hand loop, zero loss at two-step consistency
@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import configuration, models, pipeline, train
-from distill.methods import dsd
+from distill import configuration, context, contract, losses, models, registry, train
+from distill.methods.dsd import core as dsd
 from distill.methods import teacher as teacher_lib
-from distill.stages import dsd as stages
+from distill.methods.dsd import stages
 
 
 def _config(teacher_dir: str):
@@ -41,10 +41,16 @@ def _fake_teacher(root: str):
   """A randomly initialised CFG model saved as a finished teacher stage (what the DSD stages start from)."""
   c = _config("")
   model = models.unet_from_config(c.model, c.data)
-  params = pipeline.init_params(model, (8, 8, 1), 5)
+  params = models.init_params(model, (8, 8, 1), 5)
   train._save_final(root, params, {"kind": "cfg_teacher", "sampler": "ddim", "num_sampling_steps": 4,
                                    "stage": "teacher", "num_steps": 1, "parameterization": "v"})
   return params
+
+
+def _final_meta(stage_dir):
+  """The stage's final/meta.json as written: StageMeta.to_dict() plus the trainer's keys (stage, num_steps)."""
+  with open(os.path.join(stage_dir, "final", "meta.json")) as f:
+    return json.load(f)
 
 
 def _metrics(stage_dir):
@@ -109,7 +115,7 @@ def dsd_run(tmp_path_factory):
   """'dsd' and 'tsd' with kinds DSDI (depths 4, 2) and DSDN, the jitted train steps recorded."""
   root = tmp_path_factory.mktemp("dsd_run")
   teacher_params = _fake_teacher(str(root / "teacher"))
-  ctx = pipeline.Context(_config(str(root / "teacher")), str(root / "wd"))
+  ctx = context.Context(_config(str(root / "teacher")), str(root / "wd"))
   recorded = []
   original = train.jitted_train_step
 
@@ -139,7 +145,7 @@ def test_dsd_and_tsd_stages_train_from_the_teacher(dsd_run):
   ctx, teacher_params, out, _ = dsd_run
   c = ctx.config
   model = models.unet_from_config(c.model, c.data)
-  guided = dsd.guided_x_fn(models.x_function(model, "v"), ctx.null_label)
+  guided = losses.cfg_x_fn(models.x_function(model, "v"), ctx.null_label)
   batch0 = stages.trajectory_batch_fn([(4, 2), (2, 4)], batch_size=4, image_shape=ctx.image_shape, num_classes=10,
                                       w_min=0.0, w_max=2.0, seed=c.seed)(0)
   rng0 = jax.random.fold_in(jax.random.PRNGKey(c.seed), 0)  # the trainer's step-0 key
@@ -150,7 +156,9 @@ def test_dsd_and_tsd_stages_train_from_the_teacher(dsd_run):
       params, meta = out[mode][kind]
       assert os.path.isfile(os.path.join(stage_dir, "final", "meta.json"))
       assert os.path.isfile(os.path.join(stage_dir, "samples.png"))
-      assert meta["num_steps"] == 8 and meta["stage"] == f"{mode}/{kind}"
+      saved = _final_meta(stage_dir)
+      assert saved["num_steps"] == 8 and saved["stage"] == f"{mode}/{kind}"
+      assert meta == contract.StageMeta.from_dict(saved)  # the returned record is the one written
       logged = _metrics(stage_dir)
       assert [m["step"] for m in logged] == list(range(1, 9)) and all(np.isfinite(m["loss"]) for m in logged)
       if kind == "DSDI":
@@ -166,20 +174,20 @@ def test_dsd_and_tsd_stages_train_from_the_teacher(dsd_run):
 
 def test_meta_states_sampler_steps_and_cost(dsd_run):
   ctx, _, out, _ = dsd_run
-  meta = out["dsd"]["DSDI"][1]
+  meta = out["dsd"]["DSDI"][1].to_dict()
   assert meta["sampler"] == "cfg_ddim" and meta["w_conditioned"] is False and meta["kind"] == "dsd_student"
   assert meta["num_sampling_steps"] == 1 and meta["eval_steps"] == [2, 4] and meta["w_range"] == [0.0, 2.0]
   assert meta["method"] == "DSDI" and meta["report_sampler"] == "deterministic" and meta["cost_parents"] == []
   assert meta["plan"] == [[4, 2], [2, 4]] and meta["updates_per_depth"] == [4, 4] and meta["batch_size"] == 4
   # Replay 2j ∈ {0, 2, 0, 2, 0, 0, 0, 0}: 0.5 on average; (2 + 0.5) guided calls of 2 evaluations each.
   assert meta["teacher_evals_per_update"] == 0.0 and meta["student_evals_per_update"] == 5.0
-  tsd_meta = out["tsd"]["DSDI"][1]
+  tsd_meta = out["tsd"]["DSDI"][1].to_dict()
   assert tsd_meta["method"] == "TSD (DSDI)" and tsd_meta["kind"] == "tsd_student"
   assert tsd_meta["teacher_evals_per_update"] == 5.0 and tsd_meta["student_evals_per_update"] == 2.0
-  dsdn = out["dsd"]["DSDN"][1]  # N = 4 throughout: 2j ∈ {0, 2} → 1; 2·(2 + 1)
+  dsdn = out["dsd"]["DSDN"][1].to_dict()  # N = 4 throughout: 2j ∈ {0, 2} → 1; 2·(2 + 1)
   assert dsdn["num_sampling_steps"] == 2 and dsdn["student_evals_per_update"] == 6.0
   # The registry samples it as the CFG teacher is sampled: 2 evaluations per step.
-  fn, nfe = pipeline.student_sampler(ctx, out["dsd"]["DSDI"][0], meta, 4)
+  fn, nfe = registry.sampler(ctx, out["dsd"]["DSDI"][0], out["dsd"]["DSDI"][1], 4)
   assert nfe == 8
   x = fn(jnp.zeros((2, 8, 8, 1)), jnp.array([0, 1]), jnp.array([0.0, 1.0]))
   assert x.shape == (2, 8, 8, 1) and bool(jnp.all(jnp.abs(x) <= 1.0))
@@ -189,7 +197,7 @@ def test_interrupted_dsd_stage_resumes_bit_identically(dsd_run, tmp_path, monkey
   ctx, _, out, _ = dsd_run
   config = ctx.config.copy_and_resolve_references()
   config.dsd.kinds = ("DSDI",)
-  resumed_ctx = pipeline.Context(config, str(tmp_path / "wd"))
+  resumed_ctx = context.Context(config, str(tmp_path / "wd"))
   resumed_ctx.cache = ctx.cache  # the same models and losses: reuse the compiled step
   real = dsd.trajectory_batch
 
@@ -215,7 +223,7 @@ def test_stage_one_start_needs_the_finished_stage(dsd_run, tmp_path):
   config = ctx.config.copy_and_resolve_references()
   config.dsd.init = "stage_one"
   with pytest.raises(train.TrainingError, match="stage_one"):
-    stages.run_dsd(pipeline.Context(config, str(tmp_path / "wd")))
+    stages.run_dsd(context.Context(config, str(tmp_path / "wd")))
 
 
 # --- training DSD -------------------------------------------------------------------------------------
@@ -226,7 +234,7 @@ def test_training_dsd_at_beta_zero_is_the_teachers_loss(tmp_path):
   v-MSE loss on the same batch and key: the plain teacher is the same-budget baseline."""
   c = _config("")
   c.dsd.alpha, c.dsd.beta = 1.0, 0.0
-  ctx = pipeline.Context(c, str(tmp_path))
+  ctx = context.Context(c, str(tmp_path))
   stage = stages.training_stage(ctx)
   model = models.unet_from_config(c.model, c.data)
   teacher_loss = teacher_lib.teacher_loss(model, "v", "snr_plus_one", c.teacher.p_uncond, ctx.logsnr_fn,
@@ -245,12 +253,12 @@ def test_training_dsd_at_beta_zero_is_the_teachers_loss(tmp_path):
 
 @pytest.mark.slow
 def test_training_dsd_stage_runs(tmp_path):
-  ctx = pipeline.Context(_config(""), str(tmp_path))
+  ctx = context.Context(_config(""), str(tmp_path))
   params, meta = stages.run_training_dsd(ctx)
   logged = _metrics(ctx.stage_dir("training_dsd"))
   assert [m["step"] for m in logged] == [1, 2, 3]
   assert all(np.isfinite(m["loss"]) and m["distill"] > 0 for m in logged)
   np.testing.assert_allclose([m["loss"] for m in logged], [0.85 * m["v_mse"] + 0.15 * m["distill"] for m in logged],
                              rtol=1e-5)
-  assert meta["method"] == "training-DSD" and meta["num_steps"] == 3
+  assert meta.method == "training-DSD" and _final_meta(ctx.stage_dir("training_dsd"))["num_steps"] == 3
   assert os.path.isfile(os.path.join(ctx.stage_dir("training_dsd"), "samples.png"))

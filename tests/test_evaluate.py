@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from distill import evaluate
+from distill import contract, evaluate, registry
 from distill.evaluation import fid, metrics, protocol
 from tests.test_main import run_main
 
@@ -66,69 +66,89 @@ def test_reference_is_cached_and_keyed_by_metric(tmp_path):
   assert protocol.reference_stats(other, lambda: [images[:20]], path).num_images == 20  # recomputed
 
 
-def test_method_names_pair_deterministic_and_stochastic_chains():
-  meta = {"sampler": "ddim", "w_range": [0.0, 4.0]}
-  assert evaluate.method_of("distill_deterministic/N0004", meta) == ("guided PD", "deterministic")
-  assert evaluate.method_of("distill_stochastic/N0004", dict(meta, sampler="stochastic")) == ("guided PD",
-                                                                                              "stochastic")
-  assert evaluate.method_of("stage_one", meta) == ("stage one", "deterministic")
-  assert evaluate.method_of("two_student/N0002", meta) == ("two-student", "deterministic")
-  assert evaluate.method_of("single_w/w1/N0002", dict(meta, w_range=[1.0, 1.0])) == ("single-w (w=1)",
-                                                                                     "deterministic")
+def _legacy(kind, n, sampler="ddim", w_range=(0.0, 4.0), **kw):
+  """A guided-distillation meta.json as the code before the stage contract wrote it."""
+  return {"kind": "w_student", "sampler": sampler, "num_sampling_steps": n, "w_conditioned": True,
+          "w_range": list(w_range), "stage_kind": kind, "round": kw.pop("round", 1), **kw}
 
 
-def test_chain_costs_accumulate_along_each_chain():
-  def m(kind, n, updates, seconds):
-    return {"stage_kind": kind, "num_sampling_steps": n, "num_steps": updates, "train_seconds": seconds}
+def test_pre_contract_guided_stages_convert_to_the_names_and_chains_the_report_used():
+  """registry.upgrade_meta's guided rule: the method names and cost chains the evaluate stage used to guess
+  from directory names, now written into the record once."""
+  upgrade = registry.method("guided").upgrade_meta
+  run = {"distill": {"batch_size": 8}}
+  m = upgrade("distill_deterministic/N0004", _legacy("deterministic", 4, round=2), run)
+  assert (m.method, m.report_sampler, m.cost_parents, m.batch_size) == ("guided PD", "deterministic",
+                                                                          ("distill_deterministic/N0008",), 8)
+  m = upgrade("distill_stochastic/N0004", _legacy("stochastic", 4, sampler="stochastic", round=1), run)
+  assert (m.method, m.report_sampler, m.cost_parents) == ("guided PD", "stochastic", ("stage_one",))
+  assert upgrade("stage_one", _legacy("stage_one", 64, round=0), run).method == "stage one"
+  pair = upgrade("two_student/N0002", _legacy("two_student", 2, round=1), run)
+  assert (pair.method, pair.teacher_evals_per_update, pair.student_evals_per_update, pair.cost_parents) == (
+      "two-student", 4.0, 2.0, ())
+  single = upgrade("single_w/w1/N0002", _legacy("deterministic", 2, w_range=(1.0, 1.0), round=1), run)
+  assert (single.method, single.cost_parents) == ("single-w (w=1)", ("single_w/w1/stage_one",))
+  enc = upgrade("encoder/N0004", _legacy("encoder", 4, sampler="encoder", round=1), run)
+  assert not enc.scored and enc.sampler == ""
+  assert upgrade("sfd/cfg/N0002", {"kind": "sfd_student", "stage_kind": "sfd"}, run) is None
 
-  metas = {"stage_one": m("stage_one", 64, 100, 10.0),
-           "distill_deterministic/N0032": m("deterministic", 32, 20, 1.0),
-           "distill_deterministic/N0016": m("deterministic", 16, 30, 2.0),
-           "two_student/N0004": m("two_student", 4, 40, 4.0),
-           "two_student/N0002": m("two_student", 2, 50, 5.0),
-           "single_w/w1/stage_one": m("stage_one", 64, 60, 6.0),
-           "single_w/w1/N0004": m("deterministic", 4, 70, 7.0)}
-  c = evaluate.chain_costs(metas, batch_size=8)
+
+def _meta(updates, teacher, student, parents=(), batch=8):
+  m = contract.StageMeta(kind="w_student", method="m", sampler="ddim", num_sampling_steps=1, w_range=(0.0, 4.0),
+                         batch_size=batch, teacher_evals_per_update=teacher, student_evals_per_update=student,
+                         cost_parents=tuple(parents))
+  return m, {"num_steps": updates, "train_seconds": updates / 10}
+
+
+def test_chain_costs_sum_each_stage_and_its_cost_parents():
+  parts = {"stage_one": _meta(100, 2.0, 1.0),
+           "distill_deterministic/N0032": _meta(20, 2.0, 1.0, ["stage_one"]),
+           "distill_deterministic/N0016": _meta(30, 2.0, 1.0, ["distill_deterministic/N0032"]),
+           "two_student/N0004": _meta(40, 4.0, 2.0),
+           "two_student/N0002": _meta(50, 4.0, 2.0, ["two_student/N0004"]),
+           "sfd/N0004": _meta(30, 4.0, 2.0, batch=4),
+           "sfd_one_nfe": _meta(10, 0.0, 1.0, ["sfd/N0004"], batch=2)}
+  metas = {n: m for n, (m, _) in parts.items()}
+  trained = {n: t for n, (_, t) in parts.items()}
+  c = evaluate.chain_costs(metas, trained)
   assert c["stage_one"] == {"student_updates": 100, "train_seconds": 10.0, "teacher_evals": 100 * 16,
                             "student_evals": 100 * 8}
-  assert c["distill_deterministic/N0016"] == {"student_updates": 150, "train_seconds": 13.0,
+  assert c["distill_deterministic/N0016"] == {"student_updates": 150, "train_seconds": pytest.approx(15.0),
                                               "teacher_evals": 150 * 16, "student_evals": 150 * 8}
-  assert c["two_student/N0002"] == {"student_updates": 90, "train_seconds": 9.0, "teacher_evals": 90 * 32,
-                                    "student_evals": 90 * 16}
-  assert c["single_w/w1/N0004"]["student_updates"] == 130
-
-
-def test_chain_costs_follow_stated_evaluations_and_cost_parents():
-  """A method that states its evaluations per update and its parents is costed by them, not by the guided
-  chains' directory rule (independent students under one stage directory are not summed)."""
-  def m(n, updates, seconds, teacher, student, parents, batch=4):
-    return {"num_sampling_steps": n, "num_steps": updates, "train_seconds": seconds, "batch_size": batch,
-            "teacher_evals_per_update": teacher, "student_evals_per_update": student, "cost_parents": parents}
-
-  metas = {"sfd/N0004": m(4, 30, 3.0, 12.0 / 3, 2.0, []),
-           "sfd/N0003": m(3, 20, 2.0, 9.0 / 2, 1.5, []),
-           "sfd_one_nfe": m(1, 10, 1.0, 0.0, 1.0, ["sfd/N0004"], batch=2),
-           "dsd/DSDI": m(2, 40, 4.0, 0.0, 2.5, [])}
-  c = evaluate.chain_costs(metas, batch_size=999)  # every meta states its own batch size
-  assert c["sfd/N0003"] == {"student_updates": 20, "train_seconds": 2.0, "teacher_evals": 20 * 4 * 9 // 2,
-                            "student_evals": 20 * 4 * 3 // 2}
-  assert c["sfd_one_nfe"] == {"student_updates": 40, "train_seconds": 4.0, "teacher_evals": 30 * 4 * 4,
-                              "student_evals": 10 * 2 + 30 * 4 * 2}
-  assert c["dsd/DSDI"]["teacher_evals"] == 0 and c["dsd/DSDI"]["student_evals"] == 400
-  metas["sfd/N0004"]["cost_parents"] = ["sfd_one_nfe"]
+  assert c["two_student/N0002"] == {"student_updates": 90, "train_seconds": pytest.approx(9.0),
+                                    "teacher_evals": 90 * 32, "student_evals": 90 * 16}
+  assert c["sfd_one_nfe"] == {"student_updates": 40, "train_seconds": pytest.approx(4.0),
+                              "teacher_evals": 30 * 4 * 4, "student_evals": 10 * 2 + 30 * 4 * 2}
+  metas["sfd/N0004"] = metas["sfd/N0004"].replace(cost_parents=("sfd_one_nfe",))
   with pytest.raises(ValueError, match="cycle"):
-    evaluate.chain_costs(metas, batch_size=1)
+    evaluate.chain_costs(metas, trained)
 
 
-def test_method_and_steps_come_from_meta_when_stated():
-  meta = {"sampler": "sfd", "w_range": [0.0, 4.0], "num_sampling_steps": 4, "method": "SFD-v",
-          "report_sampler": "deterministic", "eval_steps": [2, 3, 4, 5]}
-  assert evaluate.method_of("sfd_v", meta) == ("SFD-v", "deterministic")
-  assert evaluate.eval_steps(meta) == [2, 3, 4, 5]
-  assert evaluate.eval_steps({"num_sampling_steps": 8}) == [8]
-  assert evaluate.STUDENT_STAGES[:2] == ("stage_one", "distill_deterministic")
-  assert "sfd" in evaluate.STUDENT_STAGES and "dsd" in evaluate.STUDENT_STAGES
-  assert "encoder" not in evaluate.STUDENT_STAGES and "teacher" not in evaluate.STUDENT_STAGES
+def test_stage_meta_round_trips_through_json_and_refuses_pre_contract_metas():
+  m = contract.StageMeta.of(kind="sfd_student", method="SFD-v", sampler="sfd", num_sampling_steps=5,
+                            eval_steps=[2, 3, 4, 5], w_range=[0, 4], batch_size=8, teacher_evals_per_update=3.5,
+                            afs=True, sigma_min=0.006)
+  d = json.loads(json.dumps(dict(m.to_dict(), stage="sfd_v", num_steps=10, train_seconds=1.0)))
+  back = contract.StageMeta.from_dict(d)
+  assert back == m and back.extra == {"afs": True, "sigma_min": 0.006} and back.steps_scored == (2, 3, 4, 5)
+  assert back.serves(4.0) and not back.serves(4.5)
+  with pytest.raises(contract.ContractError, match="upgrade_meta"):
+    contract.StageMeta.from_dict({"kind": "w_student", "sampler": "ddim"}, "x/final/meta.json")
+  with pytest.raises(contract.ContractError, match="method"):
+    contract.StageMeta.from_dict({k: v for k, v in d.items() if k != "method"})
+  with pytest.raises(contract.ContractError, match="repeats"):
+    contract.StageMeta.of(kind="k", method="m", sampler="", num_sampling_steps=1, w_range=(0, 0), batch_size=1,
+                          teacher_evals_per_update=0, extra={"method": "x"}).to_dict()
+
+
+def test_registry_lists_every_method_stage_in_pipeline_order():
+  names = registry.stage_names()
+  assert names[0] == "teacher" and names[-1] == "evaluate"
+  assert names.index("stage_one") < names.index("distill_deterministic") < names.index("sfd") < names.index("dsd")
+  assert len(set(names)) == len(names)
+  assert registry.sampler_owner("stochastic").name == "guided"
+  with pytest.raises(KeyError, match="not registered"):
+    registry.sampler_owner("heun")
 
 
 def test_load_samples_reads_uint8_and_float_and_rejects_bad_files(tmp_path):
@@ -177,34 +197,40 @@ def test_inception_score_does_not_depend_on_the_sample_order():
 
 
 def _tiny_ctx(tmp_path):
-  from distill import configuration, pipeline
+  from distill import configuration, context
   config = configuration.base_config()
   config.model.ch, config.model.ch_mult, config.model.num_res_blocks = 8, (1,), 1
   config.model.attn_resolutions, config.model.num_groups = (), 4
-  return pipeline.Context(config, str(tmp_path))
+  return context.Context(config, str(tmp_path))
 
 
-def test_student_sampler_registry_dispatches_on_the_checkpoint_sampler(tmp_path):
+def _record(sampler, n, kind="w_student", **kw):
+  return contract.StageMeta(kind=kind, method="m", sampler=sampler, num_sampling_steps=n, w_range=(0.0, 4.0),
+                            batch_size=1, teacher_evals_per_update=0.0, **kw)
+
+
+def test_sampler_registry_dispatches_on_the_checkpoint_sampler(tmp_path):
   """'cfg_ddim' is the CFG teacher's guided DDIM (2 evaluations per step); a guided-PD student's 'ddim' costs
-  one per step and may switch to 'stochastic'; other checkpoints sample with their own sampler only."""
+  one per step and may switch to 'stochastic'; other checkpoints sample with their own method's samplers only."""
   import jax
   import jax.numpy as jnp
-  from distill import models, pipeline
+  from distill import context, models
   ctx = _tiny_ctx(tmp_path)
   c = ctx.config
-  teacher = models.unet_from_config(c.model, c.data)
-  params = pipeline.init_params(teacher, ctx.image_shape, 0)
+  teacher = context.teacher_model(ctx)
+  params = models.init_params(teacher, ctx.image_shape, 0)
   z = jax.random.normal(jax.random.PRNGKey(0), (3,) + ctx.image_shape)
   labels, w = jnp.array([0, 1, 2]), jnp.array([0.0, 1.0, 2.0])
-  fn, nfe = pipeline.student_sampler(ctx, params, {"sampler": "cfg_ddim", "num_sampling_steps": 3})
-  direct = pipeline.guided_ddim(params, z, labels, w, model=teacher, parameterization=c.model.parameterization,
-                                logsnr_fn=ctx.logsnr_fn, num_steps=3, null_label=ctx.null_label, clip=True)
+  fn, nfe = registry.sampler(ctx, params, _record("cfg_ddim", 3, kind="cfg_teacher"))
+  direct = context.cfg_sample(params, z, labels, w, model=teacher, parameterization=c.model.parameterization,
+                              logsnr_fn=ctx.logsnr_fn, num_steps=3, null_label=ctx.null_label, clip=True)
   assert nfe == 6
-  np.testing.assert_array_equal(np.asarray(fn(z, labels, w)), np.asarray(direct))
-  student_meta = {"sampler": "ddim", "num_sampling_steps": 4, "kind": "w_student", "w_conditioned": True}
-  assert pipeline.student_sampler(ctx, None, student_meta)[1] == 4
-  assert pipeline.student_sampler(ctx, None, dict(student_meta, kind="two_student"), num_steps=2)[1] == 4
-  with pytest.raises(ValueError, match="not one of"):
-    pipeline.student_sampler(ctx, params, {"sampler": "heun", "num_sampling_steps": 3})
-  with pytest.raises(ValueError, match="samples with 'cfg_ddim' only"):
-    pipeline.student_sampler(ctx, params, {"sampler": "cfg_ddim", "num_sampling_steps": 3}, sampler="stochastic")
+  np.testing.assert_allclose(np.asarray(fn(z, labels, w)), np.asarray(direct), rtol=0, atol=1e-6)
+  student = _record("ddim", 4, w_conditioned=True)
+  assert registry.sampler(ctx, None, student)[1] == 4
+  assert registry.sampler(ctx, None, student, name="stochastic")[1] == 4
+  assert registry.sampler(ctx, None, student.replace(kind="two_student"), num_steps=2)[1] == 4
+  with pytest.raises(KeyError, match="not registered"):
+    registry.sampler(ctx, params, _record("heun", 3))
+  with pytest.raises(ValueError, match="samples with 'cfg_ddim' or 'cfg_ddpm', not 'stochastic'"):
+    registry.sampler(ctx, params, _record("cfg_ddim", 3), name="stochastic")

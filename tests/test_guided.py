@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import schedules
-from distill.methods import guided
+from distill import losses, schedules
+from distill.methods.guided import stage_one as guided
 from distill.testing import GaussianMixture
 
 LOGSNR = schedules.cosine_logsnr
@@ -74,11 +74,11 @@ def test_stage_one_target_is_one_teacher_call_of_two_b_rows_with_w():
 
 
 def test_sample_w_within_range_and_single_w_baseline():
-  w = guided.sample_w(jax.random.PRNGKey(0), (4000,), 0.0, 4.0)
+  w = losses.sample_w(jax.random.PRNGKey(0), (4000,), 0.0, 4.0)
   assert w.dtype == jnp.float32 and w.shape == (4000,)
   assert float(w.min()) >= 0.0 and float(w.max()) <= 4.0
   assert abs(float(w.mean()) - 2.0) < 0.1 and float(w.max() - w.min()) > 3.9  # actually spread over the range
-  np.testing.assert_array_equal(guided.sample_w(jax.random.PRNGKey(1), (5,), 1.5, 1.5), np.full(5, 1.5))
+  np.testing.assert_array_equal(losses.sample_w(jax.random.PRNGKey(1), (5,), 1.5, 1.5), np.full(5, 1.5))
 
 
 def _stage_one(student_x, w_min=0.0, w_max=4.0, weighting="snr"):

@@ -6,8 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from distill import diffusion, samplers, schedules
-from distill.methods import guided, progressive
+from distill import diffusion, losses, samplers, schedules
+from distill.methods.guided import progressive
+from distill.methods.guided import stage_one as guided
 from distill.testing import GaussianMixture
 
 LOGSNR = schedules.cosine_logsnr
@@ -27,7 +28,7 @@ def pair_teacher_x(params, z, logsnr, labels, w, *, train=False, rng=None):
 def guided_teacher_x(params, z, logsnr, labels, w, *, train=False, rng=None):
   """The w-conditioned teacher of a stage-two round: the exact guided mixture x̂^w (one 2B-row call)."""
   del train, rng
-  return diffusion.cfg_mix(*guided.cond_uncond(pair_teacher_x, params, z, logsnr, labels, w, NULL), w)
+  return diffusion.cfg_mix(*losses.cond_uncond(pair_teacher_x, params, z, logsnr, labels, w, NULL), w)
 
 
 # --- float64 references ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from distill import samplers, schedules, solvers
-from distill.methods import sfd
+from distill.methods.sfd import core as sfd
 from distill.testing import GaussianMixture
 
 GMM = GaussianMixture.random(0, num_classes=3, shape=(2,), mean_scale=1.0, std=0.3)

@@ -1,4 +1,4 @@
-"""SFD stages (distill/stages/sfd.py): the trajectory batches, the padded global loss against sfd.global_loss,
+"""SFD stages (distill/methods/sfd/stages.py): the trajectory batches, the padded global loss against sfd.global_loss,
 the cost fields, the Alg. 8 sampler, a tiny end-to-end run of the three stages with resume, and the configs."""
 import functools
 import importlib.util
@@ -11,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from distill import configuration, models, pipeline, samplers, solvers, train
-from distill.methods import sfd
-from distill.stages import sfd as stages
+from distill import configuration, context, contract, models, optimizers, samplers, solvers, train
+from distill.methods.sfd import core as sfd
+from distill.methods.sfd import stages
 from distill.testing import GaussianMixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,7 +223,7 @@ def test_lpips_metric_in_the_padded_losses_is_the_reference_losses_with_lpips():
   local = stages.padded_local_loss(x_fn, max_steps=3, metric="lpips", lpips_resize=32)
   lb = {"state": x, "label": labels, "step_index": jnp.int32(1), "num_steps": jnp.int32(3), "target": target}
   grid = sfd.student_grid(3)
-  x_hat = sfd._student_x_hat(x_fn, STUDENT_PARAMS, x, grid[1], labels, None, 3, False)
+  x_hat = sfd.student_x_hat(x_fn, STUDENT_PARAMS, x, grid[1], labels, None, 3, False)
   want = float(jnp.mean(metric(sfd.student_step(x_hat, x, grid[1], grid[2]), target)))
   assert float(local(STUDENT_PARAMS, frozen, lb, jax.random.PRNGKey(0))[0]) == pytest.approx(want, rel=1e-5)
   # Gradients flow through LPIPS into the student.
@@ -260,7 +260,7 @@ def test_tiny_sfd_stage_with_lpips_from_weight_files(tmp_path):
   configuration.validate(c)
   wd = str(tmp_path / "run")
   t_params = fake_teacher(c, wd)
-  stages.run_sfd(pipeline.Context(c, wd))
+  stages.run_sfd(context.Context(c, wd))
   m = _meta(wd, "sfd/cfg-local/N0002")
   assert m["metric"] == "lpips" and m["num_steps"] == 4
   params, _ = train.load_final_params(os.path.join(wd, "sfd/cfg-local/N0002"))
@@ -377,7 +377,7 @@ def test_tenfold_drop_is_adam_with_the_lr_divided_by_10_halfway_and_one_program_
       out.append(p)
     return out
 
-  mine, schedule = stages.adam_tenfold_drop(1e-2, 6)
+  mine, schedule = optimizers.adam_tenfold_drop(1e-2, 6)
   ref = optax.adam(optax.piecewise_constant_schedule(1e-2, {3: 0.1}), b1=0.9, b2=0.999)
   for x, y in zip(run(mine), run(ref)):
     for key in params:
@@ -385,7 +385,7 @@ def test_tenfold_drop_is_adam_with_the_lr_divided_by_10_halfway_and_one_program_
   assert [schedule(i) for i in (0, 2, 3, 5)] == [1e-2, 1e-2, 1e-3, 1e-3]
   # The drop step is state, not a constant of the program: students of any length share one compilation.
   hlo = lambda opt: jax.jit(opt.update).lower(grads[0], opt.init(params), params).as_text()
-  assert hlo(stages.adam_tenfold_drop(1e-2, 6)[0]) == hlo(stages.adam_tenfold_drop(1e-2, 100)[0])
+  assert hlo(optimizers.adam_tenfold_drop(1e-2, 6)[0]) == hlo(optimizers.adam_tenfold_drop(1e-2, 100)[0])
   baked = lambda n: optax.adam(optax.piecewise_constant_schedule(1e-2, {n // 2: 0.1}))
   assert hlo(baked(6)) != hlo(baked(100))
 
@@ -417,7 +417,7 @@ def fake_teacher(c, workdir):
   model = models.unet_from_config(c.model, c.data)
   rng = np.random.default_rng(1)  # numpy: a jitted draw would compile once per parameter shape
   params = jax.tree.map(lambda l: np.asarray(l) + 0.1 * rng.standard_normal(l.shape).astype(np.float32),
-                        pipeline.init_params(model, (4, 4, 1), 0))
+                        models.init_params(model, (4, 4, 1), 0))
   train._save_final(os.path.join(workdir, "teacher"), params,
                     {"kind": "cfg_teacher", "sampler": "ddim", "num_sampling_steps": 8, "parameterization": "v"})
   return params
@@ -433,7 +433,7 @@ def test_tiny_sfd_stage_trains_resumes_bit_identically_and_samples(tmp_path, mon
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   t_params = fake_teacher(c, a)
   fake_teacher(c, b)
-  ctx = pipeline.Context(c, a)
+  ctx = context.Context(c, a)
   stages.run_sfd(ctx)
 
   assert os.path.isfile(os.path.join(a, "sfd/cfg/N0002/samples.png"))
@@ -447,6 +447,7 @@ def test_tiny_sfd_stage_trains_resumes_bit_identically_and_samples(tmp_path, mon
   # The trained NFE-2 student lands nearer the teacher's DPM-Solver++ trajectory end than where it started
   # (the teacher itself sampled at NFE 2), on noise it was not trained on.
   params, meta = train.load_final_params(os.path.join(a, "sfd/cfg/N0002"))
+  meta = contract.StageMeta.from_dict(meta)
   noise, labels = stages.trajectory_inputs(5, 99, 0, 64, (4, 4, 1), 3, 0.0)
   target = np.asarray(stages.teacher_states(t_params, noise, labels, spec=stages._teacher_spec(ctx, None), n=3))
   fn, nfe = stages.sample_fn(ctx, params, meta, 2)
@@ -466,11 +467,11 @@ def test_tiny_sfd_stage_trains_resumes_bit_identically_and_samples(tmp_path, mon
 
   monkeypatch.setattr(stages.TrajectoryBatches, "__call__", crash_at_5)
   with pytest.raises(KeyboardInterrupt):
-    stages.run_sfd(pipeline.Context(c, b))
+    stages.run_sfd(context.Context(c, b))
   assert not os.path.exists(os.path.join(b, "sfd/cfg/N0002/final"))
   assert os.path.isdir(os.path.join(b, "sfd/cfg/N0002/checkpoints/4"))
   monkeypatch.setattr(stages.TrajectoryBatches, "__call__", original)
-  stages.run_sfd(pipeline.Context(c, b))
+  stages.run_sfd(context.Context(c, b))
   resumed, _ = train.load_final_params(os.path.join(b, "sfd/cfg/N0002"))
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(x, y)
@@ -481,7 +482,7 @@ def test_tiny_sfd_stage_in_the_local_form_trains_on_data(tmp_path):
   c = tiny_config(loss_form="local", fixed_w=(1.0,), cfg_student=False)
   wd = str(tmp_path)
   t_params = fake_teacher(c, wd)
-  ctx = pipeline.Context(c, wd)
+  ctx = context.Context(c, wd)
   calls = []
   original = stages.LocalBatches.__call__
   stages.LocalBatches.__call__ = lambda self, step: calls.append(step) or original(self, step)
@@ -493,17 +494,19 @@ def test_tiny_sfd_stage_in_the_local_form_trains_on_data(tmp_path):
   assert m["loss_form"] == "local" and m["method"] == "SFD local (w=1)" and m["guidance"] == "w1" and m["num_steps"] == 24 == len(calls)
   assert m["teacher_evals_per_update"] == 2 * 4 and m["student_evals_per_update"] == 1.0  # fixed-w: CFG teacher
   params, meta = train.load_final_params(os.path.join(wd, "sfd/w1-local/N0002"))
+  meta = contract.StageMeta.from_dict(meta)
   assert any(np.max(np.abs(np.asarray(a) - np.asarray(b))) > 1e-4
              for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(t_params)))
   assert os.path.isfile(os.path.join(wd, "sfd/w1-local/N0002/samples.png"))
   # On updates it was not trained on (another stream), the student's one Euler step lands nearer the teacher's
   # K-step target than the teacher's own Euler step (its init) does.
   plan = stages.make_plan("local", 6, [3], afs=True, seed=9)
-  held_out = stages.LocalBatches(plan, pipeline.batch_fn(ctx.train_source, 8, 9),
+  held_out = stages.LocalBatches(plan, context.batch_fn(ctx.train_source, 8, 9),
                                  stages.local_target_fn(stages._teacher_spec(ctx, 1.0), t_params), seed=9, stream=3,
                                  batch_size=8, num_classes=3, label_dropout=0.0,
                                  sigmas_of_n=lambda n: stages.student_sigmas(c, n))
-  loss = stages.loss_of(ctx, stages.x_fn_of(ctx, stages.student_model(ctx, False)), "local", False)
+  loss = stages.loss_of(ctx, context.x_fn_of(ctx, context.student_model(ctx, step_embedding=False)), "local",
+                        False)
   mean_loss = lambda p: np.mean([float(loss(p, {}, held_out(i), jax.random.PRNGKey(0))[0]) for i in range(12)])
   assert mean_loss(params) < 0.9 * mean_loss(t_params), (mean_loss(params), mean_loss(t_params))
   noise, labels = stages.trajectory_inputs(5, 99, 0, 8, (4, 4, 1), 3, 0.0)
@@ -516,7 +519,7 @@ def test_tiny_sfd_v_and_second_stage_with_both_guidance_variants(tmp_path):
   c = tiny_config(fixed_w=(1.0,))
   wd = str(tmp_path)
   fake_teacher(c, wd)
-  ctx = pipeline.Context(c, wd)
+  ctx = context.Context(c, wd)
   stages.run_sfd_v(ctx)
   stages.run_second_stage(ctx)
   for tag, method_tag, w_range in (("cfg", "CFG", [0.0, 4.0]), ("w1", "w=1", [1.0, 1.0])):
@@ -534,21 +537,21 @@ def test_tiny_sfd_v_and_second_stage_with_both_guidance_variants(tmp_path):
   # Scored at one NFE, guided students cost 2 evaluations, fixed-w ones 1.
   for tag, evals in (("cfg", 2), ("w1", 1)):
     params, meta = train.load_final_params(os.path.join(wd, f"sfd_one_nfe/{tag}"))
-    assert stages.sample_fn(ctx, params, meta, 1)[1] == evals
+    assert stages.sample_fn(ctx, params, contract.StageMeta.from_dict(meta), 1)[1] == evals
 
 
 def test_sampler_is_euler_with_afs_and_counts_cfg_evaluations_twice():
   c = tiny_config()
-  ctx = pipeline.Context(c, "/nonexistent")
-  model = stages.student_model(ctx, step_condition=True)
-  params = stages.student_init(ctx, model, pipeline.init_params(models.unet_from_config(c.model, c.data), (4, 4, 1), 3))
+  ctx = context.Context(c, "/nonexistent")
+  model = context.student_model(ctx, step_embedding=True)
+  params = context.init_params(ctx, model, models.init_params(models.unet_from_config(c.model, c.data), (4, 4, 1), 3))
   leaves, tree = jax.tree.flatten(params)
   params = jax.tree.unflatten(tree, [l + 0.05 * jnp.cos(jnp.arange(l.size).reshape(l.shape)) for l in leaves])
   z = jax.random.normal(jax.random.PRNGKey(0), (6, 4, 4, 1))
   labels = jnp.asarray([0, 1, 2, 0, 1, 2], jnp.int32)
   w = jnp.asarray([0.0, 0.5, 1.0, 2.0, 0.0, 3.0], jnp.float32)
   base = {"afs": True, "sigma_min": 0.006, "sigma_max": 80.0, "rho": 7.0, "step_condition": True}
-  x_fn = stages.x_function(model, c.model.parameterization)
+  x_fn = models.x_function(model, c.model.parameterization)
 
   @functools.partial(jax.jit, static_argnames="guided")
   def by_hand(z, guided):
@@ -566,7 +569,11 @@ def test_sampler_is_euler_with_afs_and_counts_cfg_evaluations_twice():
     return jnp.clip(x, -1, 1)
 
   for guided in (True, False):
-    fn, nfe = stages.sample_fn(ctx, params, dict(base, guided_sampling=guided), 3)
+    # The contract's typed fields (not read by the sampler) around the sampler's own settings.
+    meta = contract.StageMeta.of(kind="sfd_student", method="SFD-v", sampler="sfd", num_sampling_steps=3,
+                                 w_range=[0.0, 3.0], batch_size=6, teacher_evals_per_update=0.0,
+                                 **dict(base, guided_sampling=guided))
+    fn, nfe = stages.sample_fn(ctx, params, meta, 3)
     assert nfe == (6 if guided else 3)
     np.testing.assert_allclose(fn(z, labels, w), by_hand(z, guided), rtol=1e-4, atol=1e-5)
 

@@ -22,7 +22,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from distill import diffusion, parallel, schedules, train
-from distill.methods import guided, progressive
+from distill.methods.guided import progressive
+from distill.methods.guided import stage_one as guided
 
 DEVICES = 8
 SHAPE = (4, 4, 1)
@@ -144,7 +145,7 @@ def _worker(out_dir):
   report["rng_sharded_equal"] = bool(np.array_equal(sharded, jax.jit(draw)(key)))
 
   # Evaluation sampling splits each chunk over the devices and returns what one device returns.
-  from distill import pipeline, samplers
+  from distill import context, samplers
   from distill.testing import GaussianMixture
   gmm = GaussianMixture.random(0, num_classes=3, shape=(2, 2, 1))
   seen = []
@@ -158,7 +159,7 @@ def _worker(out_dir):
 
   z = jax.random.normal(jax.random.PRNGKey(3), (37, 2, 2, 1))
   labels, w = jnp.arange(37) % 3, jnp.linspace(0.0, 4.0, 37)
-  got = pipeline.sample_in_chunks(sample, z, labels, w, 12)  # chunks of 16 rows: 2 per device
+  got = context.sample_in_chunks(sample, z, labels, w, 12)  # chunks of 16 rows: 2 per device
   one = np.concatenate([np.asarray(jitted(z[i:i + 1], labels[i:i + 1], w[i:i + 1])) for i in range(37)])
   report["sampling"] = {"devices": seen[0], "rel": rel(got, one)}
   return report

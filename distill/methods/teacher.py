@@ -1,36 +1,28 @@
-"""Classifier-free-guided teacher training: one network, conditional and unconditional jointly.
+"""The classifier-free-guided teacher: one network trained conditional and unconditional jointly, the model every
+method distils. Registers the 'teacher' stage, the 'cfg_ddim' / 'cfg_ddpm' samplers (any model of the teacher's
+architecture, guided at sampling: 2 evaluations per step) and the config section 'teacher'.
 
 Each example's label is replaced by the null class with probability p_uncond (0.1 in the guidance
 literature); the loss is the x-space ω(λ)·‖x̂ − x‖² with t ~ U[0, 1] (DESIGN §3).
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import optax
+import functools
+import os
 
-from distill import diffusion, train
+import jax.numpy as jnp
+import ml_collections
+from etils import epath
+
+from distill import contract, diffusion, optimizers, train, validation, writers
+from distill.context import (EMBEDDED, Context, batch_fn, cfg_sample, init_params, run_stage, teacher_class_agreement,
+                             teacher_model, write_cfg_grid)
+from distill.losses import LossFn, noised_batch
 from distill.schedules import LogSNRFn
 
 
-def noised_batch(batch, rng, logsnr_fn: LogSNRFn, p_uncond: float, null_label: int | None):
-  """The draws of diffusion training, shared by every from-data loss: t ~ U[0, 1] [B], λ_t, ε, z_t = α x + σ ε,
-  labels dropped to `null_label` with probability p_uncond, and a dropout key.
-
-  batch: image [B, H, W, C], label [B]. Returns (t, logsnr, eps, z, labels, dropout_rng)."""
-  x, labels = batch["image"], batch["label"]
-  k_t, k_eps, k_drop, k_dropout = jax.random.split(rng, 4)
-  t = jax.random.uniform(k_t, (x.shape[0],))
-  logsnr = logsnr_fn(t)
-  eps = jax.random.normal(k_eps, x.shape, x.dtype)
-  z = diffusion.q_sample(x, eps, logsnr)
-  if p_uncond > 0:
-    labels = jnp.where(jax.random.uniform(k_drop, labels.shape) < p_uncond, null_label, labels)
-  return t, logsnr, eps, z, labels, k_dropout
-
-
 def teacher_loss(model, parameterization: str, weighting: str, p_uncond: float, logsnr_fn: LogSNRFn,
-                 null_label: int) -> train.LossFn:
+                 null_label: int) -> LossFn:
   """loss_fn(params, frozen, batch, rng) for CFG training (frozen unused). batch: image [B, H, W, C] in
   [−1, 1], label [B]."""
 
@@ -47,9 +39,94 @@ def teacher_loss(model, parameterization: str, weighting: str, p_uncond: float, 
   return loss_fn
 
 
-def adam_with_warmup(lr: float, warmup_steps: int, grad_clip: float):
-  """Adam at `lr` after a linear warm-up from 0, with global-norm gradient clipping.
+# --- the stage ---------------------------------------------------------------------------------------
 
-  Returns (optimizer, schedule)."""
-  schedule = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps else optax.constant_schedule(lr)
-  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(schedule)), schedule
+
+def stage_meta(config) -> contract.StageMeta:
+  """The teacher's record: CFG-sampled at any w >= 0, trained from data (no teacher evaluations)."""
+  return contract.StageMeta(
+      kind="cfg_teacher", method="teacher", sampler="cfg_ddim", num_sampling_steps=int(config.sample.num_steps),
+      w_range=(0.0, float("inf")), batch_size=int(config.teacher.batch_size), teacher_evals_per_update=0.0,
+      student_evals_per_update=1.0, scored=False, extra={"parameterization": config.model.parameterization})
+
+
+def run_teacher(ctx: Context):
+  c = ctx.config
+  tc = c.teacher
+  model = teacher_model(ctx)
+  optimizer, schedule = optimizers.adam_with_warmup(tc.lr, tc.warmup_steps, tc.grad_clip)
+  stage = train.Stage(
+      name="teacher",
+      loss_fn=teacher_loss(model, c.model.parameterization, tc.weighting, tc.p_uncond, ctx.logsnr_fn, ctx.null_label),
+      init_params=init_params(ctx, model), optimizer=optimizer, num_steps=tc.num_steps,
+      batch_fn=batch_fn(ctx.train_source, tc.batch_size, c.seed),
+      seed=c.seed, ema_decay=tc.ema_decay, log_every=tc.log_every, ckpt_every=tc.ckpt_every,
+      skip_nonfinite=tc.skip_nonfinite, images_per_step=tc.batch_size, lr_schedule=schedule,
+      fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
+  stage_dir = ctx.stage_dir("teacher")
+  params, meta = run_stage(ctx, stage, stage_meta(c))
+  sample_fn = functools.partial(cfg_sample, params, model=model, parameterization=c.model.parameterization,
+                                logsnr_fn=ctx.logsnr_fn, null_label=ctx.null_label, clip=c.sample.clip)
+  if ctx.is_main_process and not epath.Path(stage_dir, "samples.png").exists():
+    write_cfg_grid(ctx, functools.partial(sample_fn, num_steps=c.sample.num_steps), os.path.join(stage_dir, "samples.png"))
+  if (ctx.is_main_process and c.eval.class_agreement and c.data.name in EMBEDDED
+      and not epath.Path(stage_dir, "eval.json").exists()):
+    report = teacher_class_agreement(ctx, functools.partial(sample_fn, num_steps=c.eval.agreement_steps))
+    report["teacher_train_seconds"] = train.load_final_params(stage_dir)[1].get("train_seconds")
+    writers.atomic_write_json(os.path.join(stage_dir, "eval.json"), report, indent=1)
+    print(f"[teacher] class agreement: {report['agreement']} (classifier test accuracy "
+          f"{report['classifier_test_accuracy']:.4f})")
+
+
+def cfg_sampler(ctx: Context, params, meta: contract.StageMeta, num_steps: int, sampler: str):
+  """'cfg_ddim' / 'cfg_ddpm': a model of the CFG teacher's architecture (no w input) guided at sampling, 2
+  evaluations per step (DDPM's noise from a fixed key)."""
+  c = ctx.config
+  fn = functools.partial(cfg_sample, params, model=teacher_model(ctx), parameterization=c.model.parameterization,
+                         logsnr_fn=ctx.logsnr_fn, null_label=ctx.null_label, clip=c.sample.clip,
+                         num_steps=int(num_steps), sampler=sampler.removeprefix("cfg_"))
+  return fn, 2 * int(num_steps)
+
+
+# --- config -----------------------------------------------------------------------------------------
+
+
+def config_sections():
+  return {"teacher": ml_collections.ConfigDict(dict(
+      num_steps=2000, batch_size=128, lr=2e-3, warmup_steps=200, grad_clip=1.0,
+      ema_decay=0.999, p_uncond=0.1, weighting="snr_plus_one",  # v-MSE
+      log_every=100, ckpt_every=500, skip_nonfinite=False,
+  ))}
+
+
+def validate(c) -> None:
+  for f in ("num_steps", "batch_size", "log_every", "ckpt_every"):
+    validation.positive_int(c, f"teacher.{f}")
+  if not isinstance(c.teacher.warmup_steps, int) or c.teacher.warmup_steps < 0:
+    validation.fail("teacher.warmup_steps", c.teacher.warmup_steps, "must be a non-negative integer")
+  validation.number(c, "teacher.lr", 0.0, 1.0, lo_open=True)
+  validation.number(c, "teacher.grad_clip", 0.0, lo_open=True)
+  validation.number(c, "teacher.ema_decay", 0.0, 1.0, hi_open=True)
+  validation.number(c, "teacher.p_uncond", 0.0, 1.0, hi_open=True)
+  validation.choice(c, "teacher.weighting", diffusion.WEIGHTINGS)
+
+
+def quick(c) -> None:
+  c.teacher.num_steps, c.teacher.batch_size, c.teacher.log_every, c.teacher.ckpt_every = 150, 64, 50, 75
+
+
+def upgrade_meta(name: str, meta: dict, run_config: dict):
+  """A teacher written before the contract (its meta: kind 'cfg_teacher', sampler 'ddim')."""
+  if meta.get("kind") != "cfg_teacher":
+    return None
+  return contract.StageMeta(
+      kind="cfg_teacher", method="teacher", sampler="cfg_ddim", num_sampling_steps=int(meta["num_sampling_steps"]),
+      w_range=(0.0, float("inf")), batch_size=int(run_config["teacher"]["batch_size"]), teacher_evals_per_update=0.0,
+      scored=False,
+      extra={"parameterization": meta.get("parameterization", "v")})
+
+
+METHOD = contract.Method(
+    name="teacher", order=0, stages={"teacher": run_teacher},
+    samplers={"cfg_ddim": cfg_sampler, "cfg_ddpm": cfg_sampler},
+    config=config_sections, validate=validate, quick=quick, upgrade_meta=upgrade_meta)

@@ -1,7 +1,7 @@
 """SFD, SFD-v and the one-NFE second stage (Zhou et al. 2024, Alg. 4–8) as pipeline stages.
 
 The pure pieces (grids, teacher trajectories, AFS, the global and trajectory losses, the SFD-v plan) live in
-`distill.methods.sfd`; this module turns them into `train.Stage`s on the run's CFG teacher.
+`distill.methods.sfd.core`; this module turns them into `train.Stage`s on the run's CFG teacher.
 
     WORKDIR/sfd/<variant>/N{nfe:04d}     one SFD student per entry of sfd.nfe           (stage 'sfd')
     WORKDIR/sfd_v/<variant>              one step-conditioned student for all of sfd.v_nfe  (stage 'sfd_v')
@@ -63,62 +63,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill import diffusion, models, parallel, pipeline, samplers, solvers, train, writers
-from distill.methods import sfd
+from distill import contract, diffusion, optimizers, parallel, samplers, solvers, train
+from distill.context import (Context, batch_fn, init_params, load_stage, run_stage, sample_in_chunks, student_model,
+                             teacher_model, teacher_params, write_student_grid, x_fn_of)
+from distill.methods.sfd import core as sfd
 
 LOSS_FORMS = ("global", "trajectory", "local")
 
 
 # --- models ---------------------------------------------------------------------------------------------------
-
-
-def student_model(ctx: pipeline.Context, step_condition: bool):
-  """The student U-Net: the teacher's architecture (no w input), with the SFD-v step-count embedding if asked.
-  Dropout is distill.dropout (0: students fine-tune without dropout, as in guided PD)."""
-  c = ctx.config
-  model_cfg = c.model.copy_and_resolve_references()
-  model_cfg.dropout = c.distill.dropout
-  return models.unet_from_config(model_cfg, c.data, step_embedding=step_condition)
-
-
-def x_function(model, parameterization: str):
-  """The x-function of a U-Net that may take a step count (`models.x_function` plus steps):
-  x_fn(params, z [B,H,W,C], logsnr [B], labels [B], w [B] | None, *, train=False, rng=None, steps=[B] | None)."""
-  def x_fn(params, z, logsnr, labels, w, *, train: bool = False, rng=None, steps=None):
-    out = model.apply({"params": params}, z, logsnr, labels, w if model.w_embedding else None,
-                      steps if model.step_embedding else None, train=train,
-                      rngs={"dropout": rng} if (train and rng is not None) else {})
-    return diffusion.x_from_output(out, z, logsnr, parameterization)
-  return x_fn
-
-
-@functools.lru_cache(maxsize=32)
-def _x_function(model, parameterization: str):
-  return x_function(model, parameterization)
-
-
-def x_fn_of(ctx: pipeline.Context, model):
-  """One x-function per (model, parameterization) in the process, shared by runs and stages: jitted functions
-  take it as a static argument, so equal models reuse their compilations."""
-  return _x_function(model, ctx.config.model.parameterization)
-
-
-@functools.lru_cache(maxsize=8)
-def init_step_params(model, image_shape: tuple, seed: int):
-  """Fresh parameters of a step-conditioned U-Net (`pipeline.init_params` does not pass a step count)."""
-  b = 1
-  key = jax.random.PRNGKey(seed)
-  init = jax.jit(lambda key: model.init(key, jnp.zeros((b,) + tuple(image_shape)), jnp.zeros((b,)),
-                                        jnp.zeros((b,), jnp.int32), None, jnp.ones((b,), jnp.int32), train=False))
-  return init.lower(key).compile({"xla_backend_optimization_level": 0})(key)["params"]
-
-
-def student_init(ctx: pipeline.Context, model, params):
-  """`params` (a teacher's, or an SFD student's) as the initialisation of `model`: a step-conditioned student
-  keeps only its zero-initialised step embedding from its own init, so it starts equal to `params`' model."""
-  if not model.step_embedding:
-    return params
-  return pipeline._merge(init_step_params(model, ctx.image_shape, ctx.config.seed), params)
 
 
 # --- variants, grids, plans ------------------------------------------------------------------------------------
@@ -465,12 +418,12 @@ def padded_global_loss(student_x, *, max_steps: int, metric: str = "l1", afs: bo
     frozen_params = jax.lax.stop_gradient(params)
 
     def rollout(i, x):
-      x_hat = sfd._student_x_hat(student_x, frozen_params, x, sig[i], labels, None, n, step_condition)
+      x_hat = sfd.student_x_hat(student_x, frozen_params, x, sig[i], labels, None, n, step_condition)
       return sfd.student_step(x_hat, x, sig[i], sig[i + 1])
 
     x = sfd.analytical_first_step(x_init, sig[0], sig[1]) if afs else x_init
     x = jax.lax.fori_loop(first, step, rollout, x)
-    x_hat = sfd._student_x_hat(student_x, params, x, sig[step], labels, None, n, step_condition, train=True,
+    x_hat = sfd.student_x_hat(student_x, params, x, sig[step], labels, None, n, step_condition, train=True,
                                rng=rng)
     target = jnp.take(batch["teacher"], step + 1, axis=1)
     d, _ = sfd.step_loss(x_hat, x, sig[step], sig[step + 1], target, distance(frozen))
@@ -493,7 +446,7 @@ def padded_local_loss(student_x, *, max_steps: int, metric: str = "l1", step_con
     step = jnp.asarray(batch["step_index"], jnp.int32)
     sig = jnp.asarray(table)[n]
     x = batch["state"]
-    x_hat = sfd._student_x_hat(student_x, params, x, sig[step], batch["label"], None, n, step_condition,
+    x_hat = sfd.student_x_hat(student_x, params, x, sig[step], batch["label"], None, n, step_condition,
                                train=True, rng=rng)
     d, _ = sfd.step_loss(x_hat, x, sig[step], sig[step + 1], batch["target"], distance(frozen))
     return jnp.mean(d), {"distance": jnp.mean(d), "student_step": step.astype(jnp.float32)}
@@ -514,7 +467,7 @@ def max_grid_steps(config) -> int:
   return max(grid_steps(n, s.afs) for n in tuple(s.nfe) + tuple(s.v_nfe) + (1,))
 
 
-def loss_of(ctx: pipeline.Context, student_x, form: str, step_condition: bool):
+def loss_of(ctx: Context, student_x, form: str, step_condition: bool):
   """The loss of a student: one function per (student, form, settings) in the process, so every student of one
   architecture shares a compiled step ('global': every N too; 'trajectory': `sfd.trajectory_loss`, one
   compilation per N). The student has no w input, so the guidance variant does not enter the loss (its teacher
@@ -538,41 +491,10 @@ def _loss(student_x, form, step_condition, max_steps, metric, afs, sigma_min, si
                                           **grid))
 
 
-class TenfoldDropState(NamedTuple):
-  count: jax.Array  # int32 updates so far
-  drop_at: jax.Array  # int32 update from which the learning rate is divided by 10
-
-
-def _tenfold_drop_update(updates, state: TenfoldDropState, params=None):
-  del params
-  factor = jnp.where(state.count < state.drop_at, 1.0, 0.1)
-  return (jax.tree.map(lambda u: factor * u, updates),
-          TenfoldDropState(optax.safe_increment(state.count), state.drop_at))
-
-
-def tenfold_drop(drop_at: int) -> optax.GradientTransformation:
-  """× 1 before update `drop_at`, × 0.1 from it on. The step lives in the state, not in the update function,
-  so students of different lengths compile to one program (the persistent compilation cache then serves the
-  next student's step; a schedule constant would make each a new one)."""
-  return optax.GradientTransformation(
-      lambda params: TenfoldDropState(jnp.zeros((), jnp.int32), jnp.asarray(drop_at, jnp.int32)),
-      _tenfold_drop_update)
-
-
-@functools.lru_cache(maxsize=16)
-def adam_tenfold_drop(lr: float, num_updates: int):
-  """Adam (β 0.9, 0.999) at lr, divided by 10 halfway through num_updates (Table 6: the learning rate "divided
-  by 10 halfway through training"); no clipping, no EMA. Returns (optimizer, schedule for logging); cached, so
-  a rerun of the same student reuses its compiled step."""
-  drop_at = max(1, num_updates // 2)
-  optimizer = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999), tenfold_drop(drop_at), optax.scale(-lr))
-  return optimizer, lambda step: lr * (1.0 if step < drop_at else 0.1)
-
-
 # --- one student ------------------------------------------------------------------------------------------
 
 
-def train_student(ctx: pipeline.Context, name: str, *, model, init, spec: TeacherSpec, teacher_params,
+def train_student(ctx: Context, name: str, *, model, init, spec: TeacherSpec, teacher_params,
                   step_counts, num_trajectories: int, form: str, lr: float, meta: dict):
   """Trains one SFD-family student at WORKDIR/name; returns (params, meta). step_counts: the grid Ns trajectories
   draw from (one for SFD, the list for SFD-v); spec: its teacher; meta: the method's fields (costs added here).
@@ -585,7 +507,7 @@ def train_student(ctx: pipeline.Context, name: str, *, model, init, spec: Teache
   stream = zlib.crc32(name.encode())
   if form == "local":
     costs = plan_costs(plan, form, s.afs, lambda n: local_teacher_evals(spec))
-    batches = LocalBatches(plan, pipeline.batch_fn(ctx.train_source, s.batch_size, c.seed),
+    batches = LocalBatches(plan, batch_fn(ctx.train_source, s.batch_size, c.seed),
                            local_target_fn(spec, teacher_params), seed=c.seed, stream=stream,
                            batch_size=s.batch_size, num_classes=c.data.num_classes, label_dropout=label_dropout,
                            sigmas_of_n=functools.partial(student_sigmas, c))
@@ -595,7 +517,7 @@ def train_student(ctx: pipeline.Context, name: str, *, model, init, spec: Teache
                                 batch_size=s.batch_size, image_shape=ctx.image_shape,
                                 num_classes=c.data.num_classes, label_dropout=label_dropout,
                                 pad_to=max_grid_steps(c) if form == "global" else None)
-  optimizer, schedule = adam_tenfold_drop(float(lr), num_updates)
+  optimizer, schedule = optimizers.adam_tenfold_drop(float(lr), num_updates)
   meta = dict(meta, kind="sfd_student", sampler="sfd", report_sampler="deterministic", w_conditioned=False,
               batch_size=s.batch_size, loss_form=form, trajectories=num_trajectories * s.batch_size,
               teacher_solver=spec.solver, teacher_substeps=spec.k, metric=s.metric, afs=bool(s.afs),
@@ -605,22 +527,21 @@ def train_student(ctx: pipeline.Context, name: str, *, model, init, spec: Teache
   stage = train.Stage(name=name, loss_fn=loss_of(ctx, student_x, form, model.step_embedding),
                       init_params=init, optimizer=optimizer, num_steps=num_updates, batch_fn=batches, seed=c.seed,
                       ema_decay=None, frozen=frozen, log_every=s.log_every, ckpt_every=s.ckpt_every,
-                      images_per_step=s.batch_size, lr_schedule=schedule, meta=meta,
+                      images_per_step=s.batch_size, lr_schedule=schedule,
                       fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
-  params, meta = train.run_stage(stage, ctx.stage_dir(name), is_main_process=ctx.is_main_process)
+  params, meta = run_stage(ctx, stage, contract.StageMeta.of(**meta))
   write_grid(ctx, name, params, meta)
   return params, meta
 
 
-def _teacher_spec(ctx: pipeline.Context, teacher_w) -> TeacherSpec:
+def _teacher_spec(ctx: Context, teacher_w) -> TeacherSpec:
   c = ctx.config
   s = c.sfd
-  teacher = models.unet_from_config(c.model, c.data)
-  return TeacherSpec(x_fn_of(ctx, teacher), s.solver, int(s.k), teacher_w, ctx.null_label,
+  return TeacherSpec(x_fn_of(ctx, teacher_model(ctx)), s.solver, int(s.k), teacher_w, ctx.null_label,
                      float(s.sigma_min), float(s.sigma_max), float(s.rho))
 
 
-def _w_range(ctx: pipeline.Context, variant: Variant) -> list[float]:
+def _w_range(ctx: Context, variant: Variant) -> list[float]:
   c = ctx.config
   if variant.teacher_w is not None:
     return [variant.teacher_w, variant.teacher_w]
@@ -641,13 +562,13 @@ def _trajectory_batches(ctx, trajectories: int) -> int:
 # --- stages -------------------------------------------------------------------------------------------------
 
 
-def run_sfd(ctx: pipeline.Context):
+def run_sfd(ctx: Context):
   """SFD (Alg. 4 global form with AFS, Alg. 5): per variant, one student per NFE of sfd.nfe, each initialised
   from the CFG teacher and trained on sfd.trajectories teacher trajectories. WORKDIR/sfd/<variant>/N{nfe:04d}."""
   c = ctx.config
   s = c.sfd
-  t_params = pipeline.teacher_params(ctx)
-  model = student_model(ctx, step_condition=False)
+  t_params = teacher_params(ctx)
+  model = student_model(ctx)
   for variant in variants(c):
     spec = _teacher_spec(ctx, variant.teacher_w)
     for nfe in s.nfe:
@@ -659,14 +580,14 @@ def run_sfd(ctx: pipeline.Context):
                     num_trajectories=_trajectory_batches(ctx, s.trajectories), form=s.loss_form, lr=s.lr, meta=meta)
 
 
-def run_sfd_v(ctx: pipeline.Context):
+def run_sfd_v(ctx: Context):
   """SFD-v (Alg. 6): per variant, one step-conditioned student, N drawn per trajectory from the grids of
   sfd.v_nfe, sfd.trajectories per entry on average (Table 6 †). WORKDIR/sfd_v/<variant>."""
   c = ctx.config
   s = c.sfd
-  t_params = pipeline.teacher_params(ctx)
-  model = student_model(ctx, step_condition=True)
-  init = student_init(ctx, model, t_params)
+  t_params = teacher_params(ctx)
+  model = student_model(ctx, step_embedding=True)
+  init = init_params(ctx, model, t_params)
   nfes = [int(n) for n in s.v_nfe]
   for variant in variants(c):
     spec = _teacher_spec(ctx, variant.teacher_w)
@@ -687,7 +608,7 @@ def one_nfe_source(config, variant: Variant) -> tuple[str, int]:
   return name, nfe
 
 
-def run_second_stage(ctx: pipeline.Context):
+def run_second_stage(ctx: Context):
   """Alg. 7, second-stage one-NFE distillation: per variant, a student initialised from a trained SFD (or
   SFD-v) model that is also its teacher — that model's own Euler sampler (AFS as trained) over the grid of
   sfd.one_nfe_k steps per student step, the SFD code's `is_second_stage`. The student takes one Euler step
@@ -696,13 +617,13 @@ def run_second_stage(ctx: pipeline.Context):
   s = c.sfd
   for variant in variants(c):
     source, teacher_nfe = one_nfe_source(c, variant)
-    src_params, src_meta = train.load_final_params(ctx.stage_dir(source))
-    step_condition = bool(src_meta.get("step_condition", False))
-    if src_meta.get("kind") != "sfd_student" or (step_condition and teacher_nfe not in src_meta["eval_steps"]) or (
-        not step_condition and src_meta["num_sampling_steps"] != teacher_nfe):
+    src_params, src_meta = load_stage(ctx, source, needed_by="the 'sfd_one_nfe' stage")
+    step_condition = bool(src_meta.extra.get("step_condition", False))
+    if src_meta.kind != "sfd_student" or (step_condition and teacher_nfe not in src_meta.eval_steps) or (
+        not step_condition and src_meta.num_sampling_steps != teacher_nfe):
       raise train.TrainingError(f"{ctx.stage_dir(source)}: not an SFD model trained for NFE {teacher_nfe} "
-                                f"(sfd.one_nfe_k={s.one_nfe_k}); kind={src_meta.get('kind')!r}")
-    model = student_model(ctx, step_condition)
+                                f"(sfd.one_nfe_k={s.one_nfe_k}); kind={src_meta.kind!r}")
+    model = student_model(ctx, step_embedding=step_condition)
     spec = TeacherSpec(x_fn_of(ctx, model), "euler", int(s.one_nfe_k), None, ctx.null_label, float(s.sigma_min),
                        float(s.sigma_max), float(s.rho), afs=bool(s.afs), step_count=step_condition)
     n = grid_steps(1, s.afs)
@@ -741,34 +662,28 @@ def euler_sample(params, z, labels, w, *, num_steps, sigma_table, x_fn, afs: boo
   return jnp.clip(x, -1.0, 1.0)
 
 
-def sample_fn(ctx: pipeline.Context, params, meta: dict, num_steps: int):
-  """STUDENT_SAMPLERS['sfd']: (fn(z, labels, w) -> x, network evaluations per sample) for an SFD-family student
-  at num_steps NFE (its grid: num_steps + 1 intervals under AFS). A CFG-sampled student costs 2 per step."""
+def sample_fn(ctx: Context, params, meta: contract.StageMeta, num_steps: int, sampler: str = "sfd"):
+  """The 'sfd' sampler: (fn(z, labels, w) -> x, network evaluations per sample) for an SFD-family student at
+  num_steps NFE (its grid: num_steps + 1 intervals under AFS). A CFG-sampled student costs 2 per step."""
+  del sampler
+  e = meta.extra
   nfe = int(num_steps)
-  afs = bool(meta["afs"])
+  afs = bool(e["afs"])
   n = grid_steps(nfe, afs)
   size = max(n, max_grid_steps(ctx.config)) if "sfd" in ctx.config else n
-  table = grid_table(size, meta["sigma_min"], meta["sigma_max"], meta["rho"])
-  model = student_model(ctx, bool(meta["step_condition"]))
-  guided = bool(meta["guided_sampling"])
+  table = grid_table(size, e["sigma_min"], e["sigma_max"], e["rho"])
+  step_condition = bool(e["step_condition"])
+  model = student_model(ctx, step_embedding=step_condition)
+  guided = bool(e["guided_sampling"])
   fn = functools.partial(euler_sample, params, num_steps=n, sigma_table=table, x_fn=x_fn_of(ctx, model), afs=afs,
-                         guided=guided, step_condition=bool(meta["step_condition"]), null_label=ctx.null_label)
+                         guided=guided, step_condition=step_condition, null_label=ctx.null_label)
   return fn, (2 if guided else 1) * nfe
 
 
-def write_grid(ctx: pipeline.Context, name: str, params, meta: dict, seed: int = 1):
+def write_grid(ctx: Context, name: str, params, meta: contract.StageMeta):
   """WORKDIR/name/samples.png at the student's default NFE: rows = its w values (distill.grid_w for a
   CFG-sampled student, its own w otherwise), columns = classes, the same noise down a column."""
-  if not ctx.is_main_process or epath.Path(ctx.stage_dir(name), "samples.png").exists():
+  if epath.Path(ctx.stage_dir(name), "samples.png").exists():
     return
-  c = ctx.config
-  k = min(c.data.num_classes, c.sample.max_grid_classes)
-  ws = np.asarray(c.distill.grid_w if meta["guided_sampling"] else [meta["teacher_w"]], np.float32)
-  noise = jax.random.normal(jax.random.PRNGKey(seed), (1, k) + ctx.image_shape)
-  z = jnp.broadcast_to(noise, (len(ws), k) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
-  labels = jnp.tile(jnp.arange(k), len(ws))
-  w = jnp.repeat(jnp.asarray(ws), k)
-  fn, _ = sample_fn(ctx, params, meta, meta["num_sampling_steps"])
-  x = pipeline.sample_in_chunks(fn, z, labels, w, c.sample.batch_size)
-  writers.save_image_grid(os.path.join(ctx.stage_dir(name), "samples.png"), x, ncols=k,
-                          upscale=max(1, 128 // ctx.image_shape[0]))
+  ws = ctx.config.distill.grid_w if meta.extra["guided_sampling"] else [meta.extra["teacher_w"]]
+  write_student_grid(ctx, name, sample_fn(ctx, params, meta, meta.num_sampling_steps)[0], ws)

@@ -43,9 +43,11 @@ import jax
 import optax
 
 from distill import data as data_lib
-from distill import models, pipeline, train
-from distill.methods import dsd
-from distill.methods import teacher as teacher_lib
+from distill import contract, optimizers, registry, train
+from distill.context import (Context, init_params, batch_fn, load_stage, run_stage, student_model, teacher_model,
+                             teacher_params, write_student_grid, x_fn_of)
+from distill.losses import cfg_x_fn
+from distill.methods.dsd import core as dsd
 
 INITS = ("teacher", "stage_one")
 
@@ -100,41 +102,28 @@ def trajectory_batch_fn(plan, *, batch_size: int, image_shape, num_classes: int,
 # --- the start model -------------------------------------------------------------------------------------
 
 
-def start_model(ctx: pipeline.Context):
+def start_model(ctx: Context):
   """The model DSD/TSD fine-tune, per config.dsd.init. Returns (params, x_fn, w_conditioned, evals_per_call,
   cost_parents); x_fn is cached on the context, so every stage built on it shares compiled steps."""
   d = ctx.config.dsd
   if d.init == "teacher":
     # The teacher's architecture with the students' dropout (distill.dropout): its parameters fit as they are.
-    model = pipeline.student_model(ctx, w_conditioned=False)
+    model = student_model(ctx)
     key = ("dsd_guided_x", model)
     if key not in ctx.cache:
-      ctx.cache[key] = dsd.guided_x_fn(pipeline.x_fn_of(ctx, model), ctx.null_label)
-    return pipeline.teacher_params(ctx), ctx.cache[key], False, 2, []
-  stage_dir = ctx.stage_dir("stage_one")
-  if not train.has_final(stage_dir):
-    raise train.TrainingError(f"dsd.init='stage_one' needs the finished guided stage one in {stage_dir}; put "
-                              "'stage_one' in config.pipeline before the DSD stages")
-  params, meta = train.load_final_params(stage_dir)
-  if not meta.get("w_conditioned"):
-    raise train.TrainingError(f"{stage_dir}: not a w-conditioned stage-one student")
-  model = pipeline.student_model(ctx, w_conditioned=True)
-  return params, pipeline.x_fn_of(ctx, model), True, 1, ["stage_one"]
-
-
-@functools.lru_cache(maxsize=8)
-def cosine_adam(lr: float, updates: int, final_fraction: float, warmup_steps: int, b1: float, b2: float,
-                grad_clip: float):
-  """Table 3's optimiser: global-norm clipping, Adam(b1, b2) on `dsd.learning_rate_schedule`. Cached, so
-  stages with equal settings share it (and with it the compiled step). Returns (optimizer, schedule)."""
-  schedule = dsd.learning_rate_schedule(lr, updates, final_fraction=final_fraction, warmup_steps=warmup_steps)
-  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(schedule, b1=b1, b2=b2)), schedule
+      ctx.cache[key] = cfg_x_fn(x_fn_of(ctx, model), ctx.null_label)
+    return teacher_params(ctx), ctx.cache[key], False, 2, []
+  params, meta = load_stage(ctx, "stage_one", needed_by="dsd.init='stage_one'")
+  if not meta.w_conditioned:
+    raise train.TrainingError(f"{ctx.stage_dir('stage_one')}: not a w-conditioned stage-one student")
+  model = student_model(ctx, w_embedding=True)
+  return params, x_fn_of(ctx, model), True, 1, ["stage_one"]
 
 
 # --- fine-tuning stages: DSD and TSD -------------------------------------------------------------------
 
 
-def _loss(ctx: pipeline.Context, mode: str, x_fn):
+def _loss(ctx: Context, mode: str, x_fn):
   """The stage type's one loss (cached: every schedule of it reuses one compiled step)."""
   key = ("dsd_loss", mode, x_fn, ctx.config.dsd.weighting)
   if key not in ctx.cache:
@@ -144,18 +133,18 @@ def _loss(ctx: pipeline.Context, mode: str, x_fn):
   return ctx.cache[key]
 
 
-def fine_tuning_stage(ctx: pipeline.Context, mode: str, kind: str) -> tuple[train.Stage, list]:
+def fine_tuning_stage(ctx: Context, mode: str, kind: str) -> tuple[train.Stage, list]:
   """The train.Stage of schedule `kind` ('DSDI', ...) of stage type `mode` ('dsd' or 'tsd'), and its plan."""
   c = ctx.config
   d = c.dsd
   params, x_fn, w_conditioned, evals_per_call, cost_parents = start_model(ctx)
   plan = schedule_plan(d, kind)
   per_depth = dsd.updates_per_depth(plan)
-  optimizer, schedule = cosine_adam(float(d.lr), int(d.updates), float(d.lr_final_fraction), int(d.warmup_steps),
+  optimizer, schedule = optimizers.cosine_adam(float(d.lr), int(d.updates), float(d.lr_final_fraction), int(d.warmup_steps),
                                     float(d.adam_b1), float(d.adam_b2), float(d.grad_clip))
   teacher_evals, student_evals = evals_per_update(plan, mode, evals_per_call)
   last_steps = plan[-1][0] // 2
-  meta = {"kind": "dsd_student" if mode == "dsd" else "tsd_student",
+  meta = contract.StageMeta.of(**{"kind": "dsd_student" if mode == "dsd" else "tsd_student",
           "sampler": "ddim" if w_conditioned else "cfg_ddim",
           "num_sampling_steps": last_steps, "eval_steps": sorted({int(n) for n in d.eval_steps}),
           "w_range": [float(d.w_min), float(d.w_max)], "w_conditioned": w_conditioned,
@@ -164,7 +153,7 @@ def fine_tuning_stage(ctx: pipeline.Context, mode: str, kind: str) -> tuple[trai
           "plan": [[n, u] for n, u in plan], "updates_per_depth": per_depth,
           "lr": float(d.lr), "lr_schedule_updates": int(d.updates), "batch_size": int(d.batch_size),
           "teacher_evals_per_update": round(teacher_evals, 4), "student_evals_per_update": round(student_evals, 4),
-          "mean_replayed_steps": round(mean_replayed_steps(plan), 4), "cost_parents": cost_parents}
+          "mean_replayed_steps": round(mean_replayed_steps(plan), 4), "cost_parents": cost_parents})
   stage = train.Stage(
       name=f"{mode}/{kind}", loss_fn=_loss(ctx, mode, x_fn), init_params=params, optimizer=optimizer,
       num_steps=sum(per_depth),
@@ -172,29 +161,29 @@ def fine_tuning_stage(ctx: pipeline.Context, mode: str, kind: str) -> tuple[trai
                                    num_classes=c.data.num_classes, w_min=d.w_min, w_max=d.w_max, seed=c.seed),
       seed=c.seed, ema_decay=d.ema_decay, frozen={"teacher": params} if mode == "tsd" else None,
       log_every=d.log_every, ckpt_every=d.ckpt_every, images_per_step=d.batch_size, lr_schedule=schedule,
-      meta=meta, fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
+      meta=meta.to_dict(), fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
   return stage, plan
 
 
-def _run_fine_tuning(ctx: pipeline.Context, mode: str) -> dict:
+def _run_fine_tuning(ctx: Context, mode: str) -> dict:
   out = {}
   for kind in ctx.config.dsd.kinds:
     stage, plan = fine_tuning_stage(ctx, mode, kind)
     print(f"[{stage.name}] depths (N, trajectories): {plan}; {stage.num_steps} updates of "
           f"{ctx.config.dsd.batch_size} trajectories")
-    params, meta = train.run_stage(stage, ctx.stage_dir(stage.name), is_main_process=ctx.is_main_process)
-    pipeline._student_grid(ctx, stage.name, None, params, meta)
+    params, meta = run_stage(ctx, stage)
+    _grid(ctx, stage.name, params, meta)
     out[kind] = (params, meta)
   return out
 
 
-def run_dsd(ctx: pipeline.Context) -> dict:
+def run_dsd(ctx: Context) -> dict:
   """Stage 'dsd': fine-tuning DSD (Alg. 2), one student per config.dsd.kinds in WORKDIR/dsd/<KIND>.
   Returns {kind: (params, meta)}."""
   return _run_fine_tuning(ctx, "dsd")
 
 
-def run_tsd(ctx: pipeline.Context) -> dict:
+def run_tsd(ctx: Context) -> dict:
   """Stage 'tsd': the same schedules with the start model frozen as the teacher, WORKDIR/tsd/<KIND>."""
   return _run_fine_tuning(ctx, "tsd")
 
@@ -210,7 +199,7 @@ def v_function(model):
   return v_fn
 
 
-def training_stage(ctx: pipeline.Context) -> train.Stage:
+def training_stage(ctx: Context) -> train.Stage:
   """The teacher stage with Eq. 1's loss: the same architecture, init, data order, per-step draws, optimiser,
   EMA and budget (dsd.training_steps, 0 = teacher.num_steps), so β = 0 is the plain teacher's run."""
   c = ctx.config
@@ -218,32 +207,37 @@ def training_stage(ctx: pipeline.Context) -> train.Stage:
   if c.model.parameterization != "v":
     raise train.TrainingError(f"training DSD trains v-prediction (Eq. 1); model.parameterization is "
                               f"{c.model.parameterization!r}")
-  model = models.unet_from_config(c.model, c.data)
+  model = teacher_model(ctx)
   loss_fn = dsd.training_loss(v_function(model), logsnr_fn=ctx.logsnr_fn, distill_steps=d.training_distill_steps,
                               alpha=d.alpha, beta=d.beta, weighting=d.training_weighting, p_uncond=tc.p_uncond,
                               null_label=ctx.null_label)
-  optimizer, schedule = teacher_lib.adam_with_warmup(tc.lr, tc.warmup_steps, tc.grad_clip)
+  optimizer, schedule = optimizers.adam_with_warmup(tc.lr, tc.warmup_steps, tc.grad_clip)
   w_values = tuple(c.eval.w_values) + tuple(c.sample.w_values)
-  meta = {"kind": "training_dsd", "sampler": "cfg_ddim", "num_sampling_steps": c.sample.num_steps,
+  meta = contract.StageMeta.of(**{"kind": "training_dsd", "sampler": "cfg_ddim", "num_sampling_steps": c.sample.num_steps,
           # The paper judges training DSD by full-length sampling (128 steps, Fig. 3); the few-step counts too.
           "eval_steps": sorted({int(n) for n in d.eval_steps} | {int(c.sample.num_steps)}),
           "w_range": [0.0, float(max(w_values))], "w_conditioned": False, "parameterization": "v",
           "method": "training-DSD", "report_sampler": "deterministic", "stage_kind": "training_dsd",
           "alpha": float(d.alpha), "beta": float(d.beta), "distill_steps": int(d.training_distill_steps),
           "batch_size": int(tc.batch_size), "teacher_evals_per_update": 0.0, "student_evals_per_update": 2.0,
-          "cost_parents": []}
+          "cost_parents": []})
   return train.Stage(
-      name="training_dsd", loss_fn=loss_fn, init_params=pipeline.init_params(model, ctx.image_shape, c.seed),
+      name="training_dsd", loss_fn=loss_fn, init_params=init_params(ctx, model),
       optimizer=optimizer, num_steps=d.training_steps or tc.num_steps,
-      batch_fn=pipeline.batch_fn(ctx.train_source, tc.batch_size, c.seed), seed=c.seed, ema_decay=tc.ema_decay,
+      batch_fn=batch_fn(ctx.train_source, tc.batch_size, c.seed), seed=c.seed, ema_decay=tc.ema_decay,
       log_every=tc.log_every, ckpt_every=tc.ckpt_every, skip_nonfinite=tc.skip_nonfinite,
-      images_per_step=tc.batch_size, lr_schedule=schedule, meta=meta, fsdp=c.mesh.fsdp,
+      images_per_step=tc.batch_size, lr_schedule=schedule, meta=meta.to_dict(), fsdp=c.mesh.fsdp,
       fsdp_min_size=c.mesh.fsdp_min_size)
 
 
-def run_training_dsd(ctx: pipeline.Context):
+def run_training_dsd(ctx: Context):
   """Stage 'training_dsd': WORKDIR/training_dsd, scored beside the teacher (DDIM at the same step counts)."""
   stage = training_stage(ctx)
-  params, meta = train.run_stage(stage, ctx.stage_dir(stage.name), is_main_process=ctx.is_main_process)
-  pipeline._student_grid(ctx, stage.name, None, params, meta)
+  params, meta = run_stage(ctx, stage)
+  _grid(ctx, stage.name, params, meta)
   return params, meta
+
+
+def _grid(ctx: Context, name: str, params, meta: contract.StageMeta):
+  """A DSD student's grid, with the sampler of the model it started from (`registry.sampler`)."""
+  write_student_grid(ctx, name, registry.sampler(ctx, params, meta)[0], ctx.config.distill.grid_w)

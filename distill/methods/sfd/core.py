@@ -22,7 +22,7 @@ sigmas[k] to sigmas[k+1] (k = N − 1 − n), and a trajectory [N+1, B, ...] sta
   trajectory_plan             which (trajectory, N, k) each trainer step serves; SFD-v draws N ~ U(L) (Alg. 6)
   sample                      Alg. 8: N Euler steps, the first analytic under AFS (N − 1 evaluations)
 
-Models are x-functions (see `distill.methods.guided`): x_fn(params, z, logsnr, labels, w, *, train, rng)
+Models are x-functions (see `distill.losses`): x_fn(params, z, logsnr, labels, w, *, train, rng)
 -> x̂, called on VP inputs (z = α x, λ = −2 log σ). An SFD-v student (Alg. 6, App. D.1) also takes
 steps=[B] int32, the student's step count N (the grid's intervals, the AFS step included; the SFD code
 passes N + 1, its count of grid points). The teacher is x̂_θ(z) conditional (w=None, SFD §3.4: distil
@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill import samplers, solvers, train
-from distill.methods.guided import XFn
+from distill import samplers, solvers
+from distill.losses import LossFn, XFn
 
 DISTANCES = ("l1", "l2", "pseudo_huber")
 SIGMA_MIN, SIGMA_MAX, RHO, TEACHER_SUBSTEPS = 0.006, 80.0, 7.0, 4  # Table 6 (pixel-space models)
@@ -145,7 +145,7 @@ def _teacher_denoiser(teacher_x: XFn, teacher_params, labels, w, null_label: int
   return samplers.guided_denoiser(model_fn, labels, w, null_label)
 
 
-def _student_x_hat(student_x: XFn, params, x, sigma, labels, w, num_steps, step_condition: bool, **kwargs):
+def student_x_hat(student_x: XFn, params, x, sigma, labels, w, num_steps, step_condition: bool, **kwargs):
   """The student's x̂ at VE state x [B, ...], σ scalar (Python or traced), via its VP x-function."""
   z, logsnr = solvers.ve_to_vp(x, sigma)
   w_b = jnp.full(labels.shape, 0.0 if w is None else w, jnp.float32)
@@ -163,7 +163,7 @@ def _check(metric: str, k: int):
 def local_loss(student_x: XFn, teacher_x: XFn, *, num_steps: int, solver: str = "dpm_solver_2s",
                k: int = TEACHER_SUBSTEPS, metric: str = "l1", sigma_min: float = SIGMA_MIN,
                sigma_max: float = SIGMA_MAX, rho: float = RHO, teacher_w: float | None = None,
-               null_label: int | None = None) -> train.LossFn:
+               null_label: int | None = None) -> LossFn:
   """Alg. 3 (vanilla trajectory distillation). loss_fn(params, frozen, batch, rng); frozen = {'teacher': params};
   batch: image [B, ...] (x_0), label [B].
 
@@ -186,7 +186,7 @@ def local_loss(student_x: XFn, teacher_x: XFn, *, num_steps: int, solver: str = 
     branches = [lambda x, i=i: local_teacher_target(teacher_solver, teacher, x, grid[i], grid[i + 1], k, rho)
                 for i in range(num_steps)]
     target = jax.lax.switch(step, branches, x)
-    x_hat = _student_x_hat(student_x, params, x, sigma, labels, teacher_w, num_steps, False, train=True,
+    x_hat = student_x_hat(student_x, params, x, sigma, labels, teacher_w, num_steps, False, train=True,
                            rng=k_dropout)
     d, _ = step_loss(x_hat, x, sigma, sigma_next, target, metric)
     return jnp.mean(d), {"distance": jnp.mean(d), "student_step": step.astype(jnp.float32)}
@@ -218,7 +218,7 @@ def _trajectory_setup(batch, num_steps, teacher_solver, teacher_x, frozen, label
 def global_loss(student_x: XFn, teacher_x: XFn, *, num_steps: int | None = None, solver: str = "dpmpp_3m",
                 k: int = TEACHER_SUBSTEPS, metric: str = "l1", afs: bool = True, step_condition: bool = False,
                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
-                teacher_w: float | None = None, null_label: int | None = None) -> train.LossFn:
+                teacher_w: float | None = None, null_label: int | None = None) -> LossFn:
   """Alg. 4 (SFD), with AFS Alg. 5, with step_condition Alg. 6 (SFD-v): the loss of ONE student step k of one
   trajectory, so that N consecutive trainer updates (N − 1 with AFS) walk one trajectory as the paper does.
 
@@ -246,14 +246,14 @@ def global_loss(student_x: XFn, teacher_x: XFn, *, num_steps: int | None = None,
     frozen_params = jax.lax.stop_gradient(params)
 
     def rollout(i, x):
-      x_hat = _student_x_hat(student_x, frozen_params, x, sig[i], labels, teacher_w, n, step_condition)
+      x_hat = student_x_hat(student_x, frozen_params, x, sig[i], labels, teacher_w, n, step_condition)
       return student_step(x_hat, x, sig[i], sig[i + 1])
 
     if afs:
       x = jax.lax.fori_loop(1, step, rollout, analytical_first_step(x_init, grid[0], grid[1]))
     else:
       x = jax.lax.fori_loop(0, step, rollout, x_init)
-    x_hat = _student_x_hat(student_x, params, x, sig[step], labels, teacher_w, n, step_condition, train=True,
+    x_hat = student_x_hat(student_x, params, x, sig[step], labels, teacher_w, n, step_condition, train=True,
                            rng=rng)
     d, _ = step_loss(x_hat, x, sig[step], sig[step + 1], states[step + 1], metric)
     return jnp.mean(d), {"distance": jnp.mean(d), "student_step": step.astype(jnp.float32)}
@@ -264,7 +264,7 @@ def global_loss(student_x: XFn, teacher_x: XFn, *, num_steps: int | None = None,
 def trajectory_loss(student_x: XFn, teacher_x: XFn, *, num_steps: int | None = None, solver: str = "dpmpp_3m",
                     k: int = TEACHER_SUBSTEPS, metric: str = "l1", afs: bool = True, step_condition: bool = False,
                     sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
-                    teacher_w: float | None = None, null_label: int | None = None) -> train.LossFn:
+                    teacher_w: float | None = None, null_label: int | None = None) -> LossFn:
   """Alg. 4 / 5 / 6 compressed to one update per trajectory: the mean over the trained steps of
   d(Euler_ψ(x_k), x̃_{k+1}), each step's input x_k the student's own previous output, detached. Its gradient is
   the mean of the paper's N per-step gradients, all taken at the same parameters (the paper applies each
@@ -286,7 +286,7 @@ def trajectory_loss(student_x: XFn, teacher_x: XFn, *, num_steps: int | None = N
 
     def body(x, inputs):
       i, key, target = inputs
-      x_hat = _student_x_hat(student_x, params, x, sig[i], labels, teacher_w, n, step_condition, train=True,
+      x_hat = student_x_hat(student_x, params, x, sig[i], labels, teacher_w, n, step_condition, train=True,
                              rng=key)
       d, x_next = step_loss(x_hat, x, sig[i], sig[i + 1], target, metric)
       return x_next, jnp.mean(d)

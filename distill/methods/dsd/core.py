@@ -18,7 +18,7 @@ Reading of the paper (Algorithm 2, §4.1, §4.1.1, §4.2, Appendix I–J, Table 
   by truncated SNR max(e^λ_t, 1): L = ω(λ_t)·‖x′ − x″‖². The student's step is 2/N_i long, the teacher's 1/N_i.
   At the last position (t'' = 0) x″ is the model's x̂(z_t') (DESIGN §6), which is where the closed form tends.
 - Guided models: w ~ U[1, 3] (§5) once per trajectory. A CFG model's "model" is its guided x̂^w =
-  (1 + w) x̂_c − w x̂_∅ (`guided_x_fn`, one 2B-row call); a w-conditioned student takes w directly.
+  (1 + w) x̂_c − w x̂_∅ (`losses.cfg_x_fn`, one 2B-row call); a w-conditioned student takes w directly.
 - Two network evaluations per update (x̂(z_t) is shared by x′ and the target's first step), as §6 notes.
 
 What differs from a literal Alg. 2 and why: the trainer's batches are a pure function of the step and its
@@ -30,7 +30,7 @@ evaluations per update (about N_i/2 on average). TSD's trajectory is the frozen 
 exact. A trainer that carries the trajectory can call `position_loss` (which returns z_{t''}) and skip replay.
 
 Schedules (§4.1.1, Appendix J): see `depth_schedule`. Learning rate: cosine annealing to 10 % over the whole
-run (§5), `learning_rate_schedule`; Table 3 in `PAPER_HYPERPARAMETERS`.
+run (§5), `optimizers.cosine_schedule`; Table 3 in `PAPER_HYPERPARAMETERS`.
 
 Models are x-functions as in `distill.methods.guided`:
   x_fn(params, z [B, H, W, C], logsnr [B], labels [B] int32, w [B] float32, *, train=False, rng=None) -> x̂.
@@ -45,9 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill import diffusion, train
-from distill.methods import teacher as teacher_lib
-from distill.methods.guided import XFn, cond_uncond, weighted_regression
+from distill import diffusion, optimizers
+from distill.losses import LossFn, XFn, noised_batch, weighted_regression
 from distill.schedules import LogSNRFn
 
 # Table 3 (fine-tuning DSD/TSD, identical for every schedule) and §5. Grad clip "0-1": global norm 1. §5's
@@ -74,15 +73,6 @@ SCHEDULE_KINDS = ("DSDN", "DSDI", "DSDGL", "DSDGEXP")
 
 
 # --- models ------------------------------------------------------------------------------------------
-
-
-def guided_x_fn(pair_x: XFn, null_label: int) -> XFn:
-  """A classifier-free-guided model (conditional or unconditional by label; ignores w) as the x-function of
-  its guided prediction (1 + w)·x̂_c − w·x̂_∅, both passes one call of 2B rows. train/rng reach that call, so
-  a gradient through it reaches both heads."""
-  def x_fn(params, z, logsnr, labels, w, **kwargs):
-    return diffusion.cfg_mix(*cond_uncond(pair_x, params, z, logsnr, labels, w, null_label, **kwargs), w)
-  return x_fn
 
 
 # --- one position of a trajectory --------------------------------------------------------------------
@@ -162,7 +152,7 @@ def replay_trajectory(x_fn: XFn, params, noise, position, num_steps, labels, w, 
 # --- fine-tuning losses (Alg. 2) ------------------------------------------------------------------------
 
 
-def _trajectory_loss(model_x: XFn, teacher_x: XFn | None, logsnr_fn: LogSNRFn, weighting: str) -> train.LossFn:
+def _trajectory_loss(model_x: XFn, teacher_x: XFn | None, logsnr_fn: LogSNRFn, weighting: str) -> LossFn:
   diffusion.loss_weight(0.0, weighting)  # fail at construction, not inside the first jitted step
 
   def loss_fn(params, frozen, batch, rng):
@@ -182,7 +172,7 @@ def _trajectory_loss(model_x: XFn, teacher_x: XFn | None, logsnr_fn: LogSNRFn, w
   return loss_fn
 
 
-def fine_tuning_loss(model_x: XFn, *, logsnr_fn: LogSNRFn, weighting: str = "truncated_snr") -> train.LossFn:
+def fine_tuning_loss(model_x: XFn, *, logsnr_fn: LogSNRFn, weighting: str = "truncated_snr") -> LossFn:
   """DSD, Alg. 2: loss_fn(params, frozen, batch, rng); frozen unused (None or {}).
 
   batch (one trajectory per row, see `trajectory_batch`): noise [B, H, W, C] (its z_1), label [B] int32,
@@ -193,7 +183,7 @@ def fine_tuning_loss(model_x: XFn, *, logsnr_fn: LogSNRFn, weighting: str = "tru
 
 
 def teacher_student_loss(student_x: XFn, teacher_x: XFn, *, logsnr_fn: LogSNRFn,
-                         weighting: str = "truncated_snr") -> train.LossFn:
+                         weighting: str = "truncated_snr") -> LossFn:
   """TSD: Alg. 2 with the frozen teacher frozen['teacher'] sampling the trajectory and giving the two-step
   targets; the student (initialised from the teacher) learns its 2/N_i step. batch as in `fine_tuning_loss`."""
   return _trajectory_loss(student_x, teacher_x, logsnr_fn, weighting)
@@ -204,7 +194,7 @@ def teacher_student_loss(student_x: XFn, teacher_x: XFn, *, logsnr_fn: LogSNRFn,
 
 def training_loss(v_fn, *, logsnr_fn: LogSNRFn, distill_steps: int, alpha: float = 0.85, beta: float = 0.15,
                   weighting: str = "truncated_snr", p_uncond: float = 0.0, null_label: int | None = None
-                  ) -> train.LossFn:
+                  ) -> LossFn:
   """Eq. 1, L = α·mean‖v̂_t − v_t‖² + β·L_distill, for training a v-prediction model from data.
 
   v_fn(params, z, logsnr, labels, *, train=False, rng=None) -> v̂ [B, H, W, C] (the raw network output).
@@ -225,7 +215,7 @@ def training_loss(v_fn, *, logsnr_fn: LogSNRFn, distill_steps: int, alpha: float
   def loss_fn(params, frozen, batch, rng):
     del frozen
     x = batch["image"]
-    t, logsnr, eps, z, labels, k_dropout = teacher_lib.noised_batch(batch, rng, logsnr_fn, p_uncond, null_label)
+    t, logsnr, eps, z, labels, k_dropout = noised_batch(batch, rng, logsnr_fn, p_uncond, null_label)
     v_hat = v_fn(params, z, logsnr, labels, train=True, rng=k_dropout)
     v_mse = jnp.mean((v_hat - diffusion.v_from_x_eps(x, eps, logsnr)) ** 2)
 
@@ -352,23 +342,12 @@ def trajectory_batch(plan: list[tuple[int, int]], update: int, *, batch_size: in
 # --- optimisation (§5, Table 3) -------------------------------------------------------------------------
 
 
-def learning_rate_schedule(peak_lr: float, total_updates: int, *, final_fraction: float = 0.1,
-                           warmup_steps: int = 0) -> optax.Schedule:
-  """Cosine annealing from peak_lr to final_fraction·peak_lr over the whole run (§5: "gradually decreasing to
-  10 % of the original learning rate over the duration of each distillation procedure"; Table 3's lr-end is
-  lr-start/10). Appendix I mentions a warm-up without its length: warmup_steps (default 0) ramps from 0."""
-  if warmup_steps:
-    return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps, total_updates,
-                                              end_value=final_fraction * peak_lr)
-  return optax.cosine_decay_schedule(peak_lr, total_updates, alpha=final_fraction)
-
-
 def paper_optimizer(name: str, total_updates: int | None = None):
   """Table 3's optimiser for `name` in PAPER_HYPERPARAMETERS: global-norm clipping, then Adam(β1, β2) on the
   cosine schedule lr_start → lr_end over total_updates (default the table's). Returns (optimizer, schedule);
   the EMA decay for the trainer is PAPER_HYPERPARAMETERS[name]['ema_decay']."""
   hp = PAPER_HYPERPARAMETERS[name]
-  schedule = learning_rate_schedule(hp["lr_start"], total_updates or hp["updates"],
+  schedule = optimizers.cosine_schedule(hp["lr_start"], total_updates or hp["updates"],
                                     final_fraction=hp["lr_end"] / hp["lr_start"])
   optimizer = optax.chain(optax.clip_by_global_norm(hp["grad_clip"]),
                           optax.adam(schedule, b1=hp["adam_b1"], b2=hp["adam_b2"]))

@@ -9,7 +9,7 @@ Algorithms 2–5; DESIGN §3, §6):
   encoder_round_loss         Alg. 4: t → t + 0.5/N → t + 1/N          (N-step reverse-DDIM encoder)
   two_student_round_loss     Alg. 5: the naive baseline, a conditional + unconditional pair per model
 
-Models are x-functions (see `distill.methods.guided`). Every loss reads the teacher from
+Models are x-functions (see `distill.losses`). Every loss reads the teacher from
 frozen['teacher'] and N from frozen['num_steps'] (an int32 scalar): N is traced, so one compiled train step
 serves every round. `round_plan` lists the N of successive rounds.
 """
@@ -18,8 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from distill import diffusion, samplers, train
-from distill.methods.guided import XFn, cond_uncond, sample_w, weighted_regression
+from distill import diffusion, samplers
+from distill.losses import LossFn, XFn, cond_uncond, sample_w, weighted_regression
 from distill.schedules import LogSNRFn
 
 
@@ -114,7 +114,7 @@ def two_student_target(teacher_x: XFn, teacher_params, z_t, i, num_steps, labels
 
 
 def _round_loss(predict, target_fn, first_index: int, *, logsnr_fn: LogSNRFn, w_min: float, w_max: float,
-                weighting: str) -> train.LossFn:
+                weighting: str) -> LossFn:
   """The part every round shares: i ~ U{first_index .. first_index + N − 1}, t = i/N, w ~ U[w_min, w_max],
   ε, z_t = α_t x + σ_t ε, then the ω(λ_t)-weighted regression of the student onto the teacher's target.
 
@@ -145,7 +145,7 @@ def _single_student(student_x: XFn):
 
 
 def deterministic_round_loss(student_x: XFn, teacher_x: XFn, *, logsnr_fn: LogSNRFn, w_min: float, w_max: float,
-                             weighting: str = "truncated_snr") -> train.LossFn:
+                             weighting: str = "truncated_snr") -> LossFn:
   """Algorithm 2. loss_fn(params, frozen, batch, rng); frozen = {'teacher': params, 'num_steps': int32 N}."""
   def target_fn(teacher_params, z_t, i, n, labels, w):
     return deterministic_target(teacher_x, teacher_params, z_t, i, n, labels, w, logsnr_fn)
@@ -154,7 +154,7 @@ def deterministic_round_loss(student_x: XFn, teacher_x: XFn, *, logsnr_fn: LogSN
 
 
 def stochastic_round_loss(student_x: XFn, teacher_x: XFn, *, logsnr_fn: LogSNRFn, w_min: float, w_max: float,
-                          weighting: str = "truncated_snr") -> train.LossFn:
+                          weighting: str = "truncated_snr") -> LossFn:
   """Algorithm 3 (students for `samplers.stochastic_sample`). frozen as in `deterministic_round_loss`."""
   def target_fn(teacher_params, z_t, i, n, labels, w):
     return stochastic_target(teacher_x, teacher_params, z_t, i, n, labels, w, logsnr_fn)
@@ -163,7 +163,7 @@ def stochastic_round_loss(student_x: XFn, teacher_x: XFn, *, logsnr_fn: LogSNRFn
 
 
 def encoder_round_loss(student_x: XFn, teacher_x: XFn, *, logsnr_fn: LogSNRFn, w_min: float, w_max: float,
-                       weighting: str = "truncated_snr") -> train.LossFn:
+                       weighting: str = "truncated_snr") -> LossFn:
   """Algorithm 4 (students for `samplers.ddim_encode`). frozen as in `deterministic_round_loss`.
 
   i = 0 puts t at the data end, where λ_t = λ_max: ω = 'snr' or 'truncated_snr' is e^λ_max (≈ 5e8 at 20)
@@ -176,7 +176,7 @@ def encoder_round_loss(student_x: XFn, teacher_x: XFn, *, logsnr_fn: LogSNRFn, w
 
 
 def two_student_round_loss(student_x: XFn, teacher_x: XFn, *, logsnr_fn: LogSNRFn, null_label: int,
-                           w_min: float, w_max: float, weighting: str = "truncated_snr") -> train.LossFn:
+                           w_min: float, w_max: float, weighting: str = "truncated_snr") -> LossFn:
   """Algorithm 5, the naive baseline: student and teacher are each the (conditional, unconditional) pair of
   one network, every evaluation one call of 2B rows; the student is also given w. Loss
   ω(λ_t)·(‖x̃_c − x̂_c,η(z_t, w)‖² + ‖x̃_∅ − x̂_∅,η(z_t, w)‖²). frozen as in `deterministic_round_loss`."""

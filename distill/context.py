@@ -1,0 +1,221 @@
+"""What every stage shares: the run's context (config, workdir, data, the model family), batches, parameter
+init, the CFG teacher's parameters and sampler, chunked sampling, sample grids and the feature classifier."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from distill import data as data_lib
+from distill import contract, models, parallel, samplers, schedules, train, writers
+from distill.evaluation import classifier as classifier_lib
+from distill.evaluation import protocol
+
+EMBEDDED = protocol.EMBEDDED
+
+
+class Context:
+  """What every stage shares: config, workdir, data and the model family."""
+
+  def __init__(self, config, workdir: str, train_source=None):
+    self.config = config
+    self.workdir = workdir
+    self._train_source = train_source
+    self.logsnr_fn = schedules.get_logsnr_fn(config.model.schedule, config.model.logsnr_min, config.model.logsnr_max)
+    self.image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    self.null_label = config.data.num_classes
+    self.is_main_process = jax.process_index() == 0
+    self.cache = {}  # teacher parameters and x-functions shared by stages
+
+  @property
+  def train_source(self):
+    if self._train_source is None:  # sampling from a checkpoint needs no data
+      self._train_source = data_lib.make_source(self.config.data, "train")
+    return self._train_source
+
+  def stage_dir(self, name: str) -> str:
+    return os.path.join(self.workdir, name)
+
+
+def batch_fn(source, batch_size: int, seed: int):
+  """step -> this process's rows of global batch `step` (numpy [batch_size // process_count, ...]);
+  train.run_stage splits them over the devices, so batch_size must divide over all of them."""
+  if batch_size % jax.device_count():
+    raise data_lib.DataError(f"batch size {batch_size} does not split over the {jax.device_count()} devices; "
+                             f"use a multiple of {jax.device_count()}")
+  batches = data_lib.Batches(source, batch_size, seed, jax.process_index(), jax.process_count())
+  return batches.batch_at
+
+
+def teacher_params(ctx: Context):
+  """The CFG teacher's final parameters, read-only (WORKDIR/teacher or distill.teacher_dir)."""
+  if "teacher" not in ctx.cache:
+    stage_dir = ctx.config.distill.teacher_dir or ctx.stage_dir("teacher")
+    params, meta = train.load_final_params(stage_dir)
+    if meta.get("kind") != "cfg_teacher":
+      raise train.TrainingError(f"{stage_dir}: not a CFG teacher (kind={meta.get('kind')!r})")
+    ctx.cache["teacher"] = params
+  return ctx.cache["teacher"]
+
+
+def teacher_model(ctx: Context):
+  """The CFG teacher's U-Net (config.model; no w input)."""
+  return models.unet_from_config(ctx.config.model, ctx.config.data)
+
+
+def student_model(ctx: Context, *, w_embedding: bool = False, step_embedding: bool = False):
+  """A student U-Net: the teacher's architecture with a w input and/or a step-count input, and dropout
+  distill.dropout (0: students fine-tune without dropout, as in progressive distillation)."""
+  c = ctx.config
+  model_cfg = c.model.copy_and_resolve_references()
+  model_cfg.dropout = c.distill.dropout
+  return models.unet_from_config(model_cfg, c.data, w_embedding=w_embedding, step_embedding=step_embedding)
+
+
+def x_fn_of(ctx: Context, model):
+  """The x-function of `model` under the run's parameterization (one per model in the process)."""
+  return models.x_function(model, ctx.config.model.parameterization)
+
+
+def init_params(ctx: Context, model, start=None):
+  """Fresh parameters of `model` (seed config.seed), or `start`'s where it has them (`models.merge_params`: a
+  student starting from its teacher keeps only its new, zero-initialised embeddings from its own init)."""
+  fresh = models.init_params(model, ctx.image_shape, ctx.config.seed)
+  if start is None:
+    return fresh
+  try:
+    return models.merge_params(fresh, start)
+  except ValueError as e:
+    raise train.TrainingError(str(e)) from e
+
+
+def load_stage(ctx: Context, name: str, *, needed_by: str = ""):
+  """(params, contract.StageMeta) of the finished stage WORKDIR/<name>; TrainingError (one line) when it has
+  not finished or predates the contract."""
+  stage_dir = ctx.stage_dir(name)
+  if not train.has_final(stage_dir):
+    why = f"{needed_by} needs" if needed_by else "needs"
+    raise train.TrainingError(f"{why} the finished stage {stage_dir}; put its stage in config.pipeline first")
+  params, meta = train.load_final_params(stage_dir)
+  try:
+    return params, contract.StageMeta.from_dict(meta, os.path.join(stage_dir, "final", "meta.json"))
+  except contract.ContractError as e:
+    raise train.TrainingError(str(e)) from e
+
+
+def run_stage(ctx: Context, stage: train.Stage, meta: contract.StageMeta | None = None):
+  """Trains `stage` under WORKDIR/<stage.name> with `meta` (default: stage.meta, a StageMeta's dict) as its
+  final/meta.json record, resuming, or returning the finished result. Returns (params, StageMeta)."""
+  if meta is not None:
+    stage = dataclasses.replace(stage, meta=meta.to_dict())
+  stage_dir = ctx.stage_dir(stage.name)
+  params, saved = train.run_stage(stage, stage_dir, is_main_process=ctx.is_main_process)
+  return params, contract.StageMeta.from_dict(saved, os.path.join(stage_dir, "final", "meta.json"))
+
+
+def write_student_grid(ctx: Context, name: str, fn, w_values, seed: int = 1):
+  """WORKDIR/<name>/samples.png of a student's sampler fn(z, labels, w): rows = w_values, columns = classes (the
+  same noise down a column, so rows show the effect of w alone). Main process only."""
+  if not ctx.is_main_process:
+    return
+  c = ctx.config
+  k = min(c.data.num_classes, c.sample.max_grid_classes)
+  ws = np.asarray(w_values, np.float32)
+  noise = jax.random.normal(jax.random.PRNGKey(seed), (1, k) + ctx.image_shape)
+  z = jnp.broadcast_to(noise, (len(ws), k) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
+  labels = jnp.tile(jnp.arange(k), len(ws))
+  w = jnp.repeat(jnp.asarray(ws), k)
+  x = sample_in_chunks(fn, z, labels, w, c.sample.batch_size)
+  writers.save_image_grid(os.path.join(ctx.stage_dir(name), "samples.png"), x, ncols=k,
+                          upscale=max(1, 128 // ctx.image_shape[0]))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "parameterization", "logsnr_fn", "null_label", "clip",
+                                             "sampler"))
+def cfg_sample(params, z, labels, w, *, model, parameterization: str, logsnr_fn, num_steps, null_label: int,
+               clip: bool, sampler: str = "ddim"):
+  """CFG teacher samples: z [B,H,W,C], labels [B], w [B] → x [B,H,W,C] (2·num_steps evaluations).
+  sampler: 'ddim' or 'ddpm' (ancestral, noise from a fixed key). num_steps is traced: one compilation
+  serves every step count."""
+  model_fn = models.x_prediction_fn(model, params, parameterization)
+  den = samplers.guided_denoiser(model_fn, labels, w, null_label)
+  if sampler == "ddpm":
+    return samplers.ddpm_sample(den, z, logsnr_fn, num_steps, jax.random.PRNGKey(17), clip=clip).x
+  return samplers.ddim_sample(den, z, logsnr_fn, num_steps, clip=clip).x
+
+
+def sample_in_chunks(fn, z, labels, w, chunk: int):
+  """fn over rows in chunks of exactly `chunk` rows (the last one padded), so every call of a jitted
+  sampler has one shape and compiles once. With several devices each chunk (rounded up to a multiple of
+  the device count) is split over them (`parallel.batch_sharding`). z [B, ...], labels [B], w [B] → [B, ...]
+  numpy."""
+  sharding = None
+  if jax.device_count() > 1 and jax.process_count() == 1:
+    chunk = -(-chunk // jax.device_count()) * jax.device_count()
+    sharding = parallel.batch_sharding(parallel.make_mesh())
+  outs = []
+  for i in range(0, len(z), chunk):
+    pad = max(0, i + chunk - len(z))
+    part = [jnp.concatenate([a[i:i + chunk], jnp.repeat(a[-1:], pad, axis=0)]) for a in (z, labels, w)]
+    if sharding is not None:
+      part = [jax.device_put(a, sharding) for a in part]
+    outs.append(np.asarray(fn(*part))[:chunk - pad])
+  return np.concatenate(outs)
+
+
+def write_cfg_grid(ctx: Context, fn, path: str, seed: int = 1):
+  """Sample grid PNG: rows = classes, columns = guidance w (per_cell samples each; the same noise
+  across w within a row, so columns show the effect of w alone)."""
+  c = ctx.config
+  k = min(c.data.num_classes, c.sample.max_grid_classes)
+  ws = np.asarray(c.sample.w_values, np.float32)
+  per = c.sample.per_cell
+  noise = jax.random.normal(jax.random.PRNGKey(seed), (k, 1, per) + ctx.image_shape)
+  z = jnp.broadcast_to(noise, (k, len(ws), per) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
+  labels = jnp.repeat(jnp.arange(k), len(ws) * per)
+  w = jnp.tile(jnp.repeat(jnp.asarray(ws), per), k)
+  x = sample_in_chunks(fn, z, labels, w, c.sample.batch_size)
+  writers.save_image_grid(path, x, ncols=len(ws) * per, upscale=max(1, 128 // ctx.image_shape[0]))
+  return x
+
+
+def get_classifier(ctx: Context):
+  """The feature classifier of an embedded data set, trained once and cached in WORKDIR/classifier."""
+  c = ctx.config
+  path = os.path.join(ctx.workdir, "classifier", f"{c.data.name}.npz")
+  if epath.Path(path).exists():
+    return classifier_lib.load_classifier(path)
+  test_source = data_lib.make_source(c.data, "test")
+  tr = ctx.train_source.get_batch(np.arange(len(ctx.train_source)))
+  te = test_source.get_batch(np.arange(len(test_source)))
+  start = time.time()
+  params, acc = classifier_lib.train_classifier(tr["image"], tr["label"], te["image"], te["label"],
+                                                num_classes=c.data.num_classes, seed=c.seed,
+                                                steps=c.eval.classifier_steps)
+  meta = {"test_accuracy": float(acc), "num_train": len(tr["label"]), "num_test": len(te["label"]),
+          "data": c.data.name, "train_seconds": time.time() - start}
+  classifier_lib.save_classifier(path, params, meta)  # atomically, creating the directory
+  print(f"[classifier] {c.data.name}: test accuracy {acc:.4f} ({meta['train_seconds']:.0f}s)")
+  return params, meta
+
+
+def teacher_class_agreement(ctx: Context, fn) -> dict:
+  """Fraction of balanced class-conditional teacher samples the classifier assigns to their class."""
+  c = ctx.config
+  params, meta = get_classifier(ctx)
+  k = c.data.num_classes
+  labels = jnp.repeat(jnp.arange(k), c.eval.agreement_per_class)
+  agreement = {}
+  for w in c.eval.agreement_w:
+    z = jax.random.normal(jax.random.PRNGKey(1000 + c.seed), (len(labels),) + ctx.image_shape)
+    x = sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
+    agreement[str(float(w))] = classifier_lib.class_agreement(params, x, np.asarray(labels), k)
+  return {"agreement": agreement, "sampler": "ddim", "steps": c.eval.agreement_steps,
+          "nfe": 2 * c.eval.agreement_steps, "samples": int(len(labels)),
+          "classifier_test_accuracy": meta["test_accuracy"]}

@@ -1,0 +1,56 @@
+"""Config checks that name the field they reject: one line `config.FIELD=VALUE: what is allowed`, raised as
+ConfigError (the entry point prints it and exits 2). Used by the framework's schema and every method's own."""
+from __future__ import annotations
+
+import math
+
+
+class ConfigError(ValueError):
+  """A config value that is not allowed; the message is one line naming field, value and what is allowed."""
+
+
+def fail(field, value, allowed):
+  raise ConfigError(f"config.{field}={value!r}: {allowed}")
+
+
+def positive_int(c, field):
+  v = get(c, field)
+  if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+    fail(field, v, "must be a positive integer")
+
+
+def number(c, field, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+  v = get(c, field)
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    fail(field, v, "must be a finite number")
+  if (v < lo or (lo_open and v == lo)) or (v > hi or (hi_open and v == hi)):
+    lb, hb = ("(" if lo_open else "["), (")" if hi_open else "]")
+    fail(field, v, f"must lie in {lb}{lo}, {hi}{hb}")
+
+
+def choice(c, field, allowed):
+  v = get(c, field)
+  if v not in allowed:
+    fail(field, v, f"allowed: {', '.join(map(repr, allowed))}")
+
+
+def get(c, field):
+  node = c
+  for part in field.split("."):
+    if part not in node:
+      raise ConfigError(f"config.{field} is missing")
+    node = node[part]
+  return node
+
+
+def guidance_values(field: str, values) -> None:
+  """Each entry a finite number >= 0 (a guidance strength)."""
+  for w in values:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+      fail(field, w, "guidance strengths must be finite numbers >= 0")
+
+
+def boolean(c, field) -> None:
+  v = get(c, field)
+  if not isinstance(v, bool):
+    fail(field, v, "must be True or False")
