@@ -82,7 +82,7 @@ def teacher_model(config):
 
 def student_model(config):
   """The w-conditioned student of stage one and the halving rounds (distill dropout), as the pipeline
-  builds it (`pipeline.student_model`)."""
+  builds it (`context.student_model`)."""
   from distill import models
   model_cfg = config.model.copy_and_resolve_references()
   model_cfg.dropout = config.distill.dropout

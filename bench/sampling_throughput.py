@@ -1,8 +1,8 @@
 r"""Sampling throughput: a distilled student (1 network evaluation per step) against the CFG teacher (2 per step).
 
 Both sample the same noise, labels and w at the same step count and batch, through the functions the
-pipeline samples with: the teacher with `pipeline.guided_ddim` (conditional and unconditional passes batched
-as one call of 2B rows) and the w-conditioned student with `pipeline.sample_student` (DDIM, or the stochastic
+pipeline samples with: the teacher with `context.cfg_sample` (conditional and unconditional passes batched
+as one call of 2B rows) and the w-conditioned student with `methods.guided.stages.sample_student` (DDIM, or the stochastic
 sampler with --sampler=stochastic). Both take the step count as a traced argument, so each compiles once for
 every step count. Teacher and student calls alternate (T S T S …), and the ratio is taken pair by pair, so a
 drift in the machine's speed moves both sides of each ratio.
@@ -40,13 +40,14 @@ from bench import common
 def samplers_of(config, batch: int, w: float = 1.0, sampler: str = "ddim"):
   """(teacher_fn, student_fn, meta): fn(num_steps) -> samples [batch, H, W, C] of the CFG teacher and of the
   w-conditioned student on the same noise, labels and w."""
-  from distill import models, pipeline, schedules
+  from distill import context, models, schedules
+  from distill.methods.guided import stages
   c = config
   shape = common.image_shape(c)
   logsnr_fn = schedules.get_logsnr_fn(c.model.schedule, c.model.logsnr_min, c.model.logsnr_max)
   teacher, student = common.teacher_model(c), common.student_model(c)
-  t_params = pipeline.init_params(teacher, shape, c.seed)
-  s_params = pipeline.init_params(student, shape, c.seed)
+  t_params = models.init_params(teacher, shape, c.seed)
+  s_params = models.init_params(student, shape, c.seed)
   z = jax.random.normal(jax.random.PRNGKey(c.seed + 1), (batch,) + shape)
   labels = jnp.arange(batch, dtype=jnp.int32) % c.data.num_classes
   ws = jnp.full((batch,), w, jnp.float32)
@@ -55,12 +56,12 @@ def samplers_of(config, batch: int, w: float = 1.0, sampler: str = "ddim"):
   null_label = c.data.num_classes
 
   def teacher_fn(num_steps):
-    return pipeline.guided_ddim(t_params, z, labels, ws, model=teacher, parameterization=c.model.parameterization,
+    return context.cfg_sample(t_params, z, labels, ws, model=teacher, parameterization=c.model.parameterization,
                                 logsnr_fn=logsnr_fn, num_steps=jnp.int32(num_steps), null_label=null_label,
                                 clip=c.sample.clip)
 
   def student_fn(num_steps):
-    return pipeline.sample_student(s_params, z, labels, ws, rng, x_fn=student_x, logsnr_fn=logsnr_fn,
+    return stages.sample_student(s_params, z, labels, ws, rng, x_fn=student_x, logsnr_fn=logsnr_fn,
                                    num_steps=jnp.int32(num_steps), sampler=sampler, pair=False,
                                    null_label=null_label, clip=c.sample.clip)
 

@@ -69,22 +69,22 @@ class StepSpec:
 
 
 def _params(model, shape, seed: int, abstract: bool):
-  from distill import pipeline
+  from distill import models
   from distill.models.unet import example_inputs
   if abstract:
     inputs = example_inputs(model, shape)
     init = lambda key, inputs: model.init(key, **inputs, train=False)
     return jax.eval_shape(init, jax.random.PRNGKey(seed), inputs)["params"]
-  return pipeline.init_params(model, shape, seed)
+  return models.init_params(model, shape, seed)
 
 
 def step_spec(config, kind: str, abstract: bool = False, adam_eps: float | None = None) -> StepSpec:
-  """The loss, initial parameters, frozen teacher, optimizer and EMA of a `kind` step, as `pipeline.run_teacher`,
+  """The loss, initial parameters, frozen teacher, optimizer and EMA of a `kind` step, as `methods.teacher.run_teacher`,
   `run_stage_one_into` and `run_rounds` build them. abstract: parameters as shapes (for counting FLOPs of a
   model too large to hold). adam_eps: None, the optimizer as built; else the same clipping, schedule and Adam
   with this eps (bench/scaling.py says why)."""
   import optax
-  from distill import models, pipeline, schedules
+  from distill import models, optimizers, schedules
   from distill.methods.guided import progressive
   from distill.methods.guided import stage_one as guided
   from distill.methods import teacher as teacher_lib
@@ -97,7 +97,7 @@ def step_spec(config, kind: str, abstract: bool = False, adam_eps: float | None 
     params = _params(model, shape, c.seed, abstract)
     loss_fn = teacher_lib.teacher_loss(model, c.model.parameterization, tc.weighting, tc.p_uncond, logsnr_fn,
                                        null_label)
-    optimizer, schedule = teacher_lib.adam_with_warmup(tc.lr, tc.warmup_steps, tc.grad_clip)
+    optimizer, schedule = optimizers.adam_with_warmup(tc.lr, tc.warmup_steps, tc.grad_clip)
     clip = tc.grad_clip
     spec = StepSpec(kind, loss_fn, params, None, optimizer, tc.ema_decay, tc.batch_size, 0, model)
   elif kind == "stage_one":
@@ -107,7 +107,7 @@ def step_spec(config, kind: str, abstract: bool = False, adam_eps: float | None 
                                     models.x_function(teacher, c.model.parameterization), logsnr_fn=logsnr_fn,
                                     null_label=null_label, w_min=d.w_min, w_max=d.w_max,
                                     weighting=d.stage_one_weighting)
-    optimizer, schedule = teacher_lib.adam_with_warmup(d.stage_one_lr, d.stage_one_warmup, d.grad_clip)
+    optimizer, schedule = optimizers.adam_with_warmup(d.stage_one_lr, d.stage_one_warmup, d.grad_clip)
     clip = d.grad_clip
     frozen = {"teacher": _params(teacher, shape, c.seed, abstract)}
     # The conditional and unconditional teacher passes: one call of 2B rows.
@@ -118,9 +118,9 @@ def step_spec(config, kind: str, abstract: bool = False, adam_eps: float | None 
     params = _params(student, shape, c.seed, abstract)
     loss_fn = progressive.deterministic_round_loss(student_x, student_x, logsnr_fn=logsnr_fn, w_min=d.w_min,
                                                    w_max=d.w_max, weighting=d.weighting)
-    optimizer, schedule = pipeline._annealed_adam(d.lr, d.round_steps, d.grad_clip)
+    optimizer, schedule = optimizers.annealed_adam(d.lr, d.round_steps, d.grad_clip)
     clip = d.grad_clip
-    # As in pipeline.run_rounds: the student starts as its teacher; N of the first round.
+    # As in methods.guided.stages.run_rounds: the student starts as its teacher; N of the first round.
     frozen = {"teacher": params, "num_steps": jnp.int32(d.start_steps // 2)}
     spec = StepSpec(kind, loss_fn, params, frozen, optimizer, None, d.batch_size, 2, student)  # two DDIM steps
   else:

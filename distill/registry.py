@@ -139,11 +139,13 @@ def upgrade_meta(workdir: str) -> list[str]:
   done = []
   root = epath.Path(workdir)
   run_config = json.loads((root / "config.json").read_text())
-  for meta_path in sorted(root.glob("**/final/meta.json")):
+  paths = [epath.Path(d) / "meta.json" for d, _, files in root.walk()
+           if os.path.basename(os.fspath(d)) == "final" and "meta.json" in files]
+  for meta_path in sorted(paths):
     d = json.loads(meta_path.read_text())
     if d.get("contract") == contract.CONTRACT_VERSION:
       continue
-    name = os.path.relpath(os.fspath(meta_path.parent.parent), os.fspath(root))
+    name = os.path.relpath(os.fspath(meta_path.parent.parent), os.fspath(root.parent / root.name))
     for m in methods():
       record = m.upgrade_meta(name, d, run_config) if m.upgrade_meta else None
       if record is not None:

@@ -52,7 +52,7 @@ def _stage(train, stage_dir, params, **meta):
 def fake_runs(tmp_path_factory):
   """runs/digits: a digits run with a teacher, a 4-step deterministic student and a 4-step encoder;
   runs/cifar10: a cifar10 run with a teacher (3-channel first conv). Copied into each case's tmp_path."""
-  from distill import train
+  from distill import registry, train
 
   root = tmp_path_factory.mktemp("fake_runs")
   tiny = {"w": np.zeros(3, np.float32)}
@@ -66,6 +66,9 @@ def fake_runs(tmp_path_factory):
   _stage(train, run / "distill_deterministic" / "N0004", tiny, sampler="ddim", stage_kind="deterministic",
          **student)
   _stage(train, run / "encoder" / "N0004", tiny, sampler="encoder", stage_kind="encoder", **student)
+  # As written before the stage contract (kept as such for the 'pre_contract' case), then converted.
+  shutil.copytree(run, root / "digits_pre_contract")
+  assert sorted(registry.upgrade_meta(str(run))) == ["distill_deterministic/N0004", "encoder/N0004", "teacher"]
   other = root / "cifar10"
   other.mkdir()
   (other / "config.json").write_text(json.dumps(_config_json("cifar10"), indent=1, sort_keys=True))
@@ -73,6 +76,7 @@ def fake_runs(tmp_path_factory):
   _stage(train, other / "teacher", {"conv_in": {"kernel": np.zeros((3, 3, 3, 4), np.float32),
                                                 "bias": np.zeros(4, np.float32)}},
          kind="cfg_teacher", sampler="ddim", num_sampling_steps=256, parameterization="v")
+  registry.upgrade_meta(str(other))
   return root
 
 
@@ -111,6 +115,9 @@ def _setup(name, tmp_path, fake_runs) -> dict:
   elif name == "ckpt_no_final":
     (tmp_path / "stage").mkdir()
     (tmp_path / "stage" / "checkpoints").mkdir()
+  elif name == "pre_contract":
+    shutil.copytree(fake_runs / "digits_pre_contract", tmp_path / "run")
+    paths["run"] = str(tmp_path / "run")
   elif name == "ckpt_corrupt_meta":
     shutil.copytree(fake_runs / "digits", tmp_path / "run")
     (tmp_path / "run" / "distill_deterministic" / "N0004" / "final" / "meta.json").write_text('{"kind": "w_stu')
@@ -244,6 +251,8 @@ CASES = [
     case("checkpoint_no_config", [SAMPLE, "--checkpoint={tmp}/N0004"], "--checkpoint='{tmp}/N0004'",
          "no config.json", setup="ckpt_no_config"),
     case("checkpoint_meta_corrupt", [SAMPLE, "--checkpoint=" + STUDENT], "meta.json", setup="ckpt_corrupt_meta"),
+    case("checkpoint_pre_contract", [SAMPLE, "--checkpoint=" + STUDENT], "--checkpoint=", "before the stage contract",
+         "python -m distill.registry --upgrade_meta WORKDIR", setup="pre_contract"),
     case("checkpoint_params_missing", [SAMPLE, "--checkpoint=" + STUDENT], "params", setup="ckpt_no_params"),
     case("steps_not_distilled", [SAMPLE, "--checkpoint=" + STUDENT, "--steps=8"], "--steps=8", "distilled for 4",
          "--force", setup="run"),

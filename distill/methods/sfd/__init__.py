@@ -8,6 +8,8 @@ Config section: `sfd`. With sfd.metric='lpips' the LPIPS weight files are loaded
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from distill import contract, solvers
