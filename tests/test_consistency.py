@@ -207,6 +207,14 @@ def test_distance(metric):
     cd.distance(jnp.asarray(a), jnp.asarray(b), "l3")
 
 
+def test_interval_weights():
+  lam_n, lam_next = jnp.asarray([20.0, 2.0, -4.0]), jnp.asarray([6.0, 0.0, -10.0])
+  np.testing.assert_array_equal(cd.interval_weight(lam_n, lam_next, "constant"), np.ones(3))
+  sigma = lambda l: np.exp(-0.5 * np.asarray(l, np.float64))  # σ_VE
+  np.testing.assert_allclose(cd.interval_weight(lam_n, lam_next, "ict"), 1 / (sigma(lam_next) - sigma(lam_n)),
+                             rtol=1e-5)
+
+
 # --- 3. a perfect student: the exact consistency function of a guided Gaussian teacher ------------------------
 # Conditional classes 0, 1 and the unconditional model (label 2) are Gaussians N(μ, s²I) with one shared s.
 # The guided score (1 + w)∇log p_c − w∇log p_∅ is then that of N(μ_w, s²I) diffused, μ_w = (1 + w)μ_c − wμ_∅,
@@ -371,6 +379,11 @@ def test_one_step_sample_is_f_at_the_noise_end():
                           logsnr_data=cd.data_logsnr(LOGSNR))
   np.testing.assert_allclose(out.x, ref, atol=1e-6)
   assert out.nfe == 1
+  # clip=True clips every step's x to [−1, 1] (the mixture's means reach beyond it at w = 4).
+  clipped = cd.sample(guided_student_x, TEACHER, z, labels, w, logsnr_fn=LOGSNR, num_steps=1,
+                      rng=jax.random.PRNGKey(0), clip=True)
+  assert float(jnp.max(jnp.abs(ref))) > 1.0
+  np.testing.assert_allclose(clipped.x, jnp.clip(ref, -1.0, 1.0), atol=1e-6)
 
 
 def test_two_step_sample_renoises_at_the_midpoint():
