@@ -13,7 +13,7 @@ PARAMETERIZATIONS = ("x", "eps", "v", "both")
 WEIGHTINGS = ("constant", "snr", "truncated_snr", "snr_plus_one")
 
 
-def _bcast(a, like):
+def bcast_like(a, like):
   """Broadcast a per-example value [B] (or scalar) from the left to like's shape [B, ...]."""
   a = jnp.asarray(a, jnp.float32)
   return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
@@ -21,7 +21,7 @@ def _bcast(a, like):
 
 def _alpha_sigma_like(logsnr, like):
   alpha, sigma = alpha_sigma(logsnr)
-  return _bcast(alpha, like), _bcast(sigma, like)
+  return bcast_like(alpha, like), bcast_like(sigma, like)
 
 
 def q_sample(x, eps, logsnr):
@@ -112,7 +112,7 @@ def cfg_mix(cond, uncond, w):
 
   cond, uncond: [B, ...]; w: scalar or [B].
   """
-  w = _bcast(w, cond)
+  w = bcast_like(w, cond)
   return (1.0 + w) * cond - w * uncond
 
 
@@ -123,7 +123,7 @@ def ddim_step(z_t, x_hat, logsnr_t, logsnr_s):
   """
   alpha_t, _ = _alpha_sigma_like(logsnr_t, z_t)
   alpha_s, _ = _alpha_sigma_like(logsnr_s, z_t)
-  ratio = _bcast(sigma_ratio(logsnr_s, logsnr_t), z_t)
+  ratio = bcast_like(sigma_ratio(logsnr_s, logsnr_t), z_t)
   return alpha_s * x_hat + ratio * (z_t - alpha_t * x_hat)
 
 
@@ -134,7 +134,7 @@ def distillation_target(z_t, z_tpp, logsnr_t, logsnr_tpp):
   """
   alpha_t, _ = _alpha_sigma_like(logsnr_t, z_t)
   alpha_tpp, _ = _alpha_sigma_like(logsnr_tpp, z_t)
-  ratio = _bcast(sigma_ratio(logsnr_tpp, logsnr_t), z_t)
+  ratio = bcast_like(sigma_ratio(logsnr_tpp, logsnr_t), z_t)
   return (z_tpp - ratio * z_t) / (alpha_tpp - ratio * alpha_t)
 
 
@@ -143,7 +143,7 @@ def distillation_target_with_last_step(z_t, z_tpp, x_hat_last, logsnr_t, logsnr_
   the teacher's own x̂ from its final evaluation (DESIGN §6: there z_t'' ≈ x̂ and the closed form
   divides two nearly equal numbers)."""
   x_tilde = distillation_target(z_t, z_tpp, logsnr_t, logsnr_tpp)
-  return jnp.where(_bcast(is_last, z_t) > 0, x_hat_last, x_tilde)
+  return jnp.where(bcast_like(is_last, z_t) > 0, x_hat_last, x_tilde)
 
 
 def clip_x(x_hat, clip: bool):

@@ -104,7 +104,7 @@ def ddpm_sample(denoiser: Denoiser, z_init, logsnr_fn: LogSNRFn, num_steps, rng,
     alpha_t, _ = alpha_sigma(logsnr_t)
     alpha_s, sigma_s = alpha_sigma(logsnr_s)
     one_minus_ratio = -jnp.expm1(logsnr_t - logsnr_s)
-    b = lambda a: diffusion._bcast(a, z)
+    b = lambda a: diffusion.bcast_like(a, z)
     mean = b((1.0 - one_minus_ratio) * alpha_s / alpha_t) * z + b(one_minus_ratio * alpha_s) * x_hat
     std = b(jnp.sqrt(one_minus_ratio) * sigma_s)
     return mean + std * jax.random.normal(jax.random.fold_in(rng, i), z.shape, z.dtype), x_hat
@@ -147,7 +147,7 @@ def stochastic_sample(denoiser: Denoiser, z_init, logsnr_fn: LogSNRFn, num_steps
     alpha_k, _ = alpha_sigma(logsnr_k)
     alpha_s, sigma_s = alpha_sigma(logsnr_s)
     std = jnp.sqrt(-jnp.expm1(logsnr_s - logsnr_k)) * sigma_s
-    b = lambda a: diffusion._bcast(a, z)
+    b = lambda a: diffusion.bcast_like(a, z)
     return b(alpha_s / alpha_k) * z_k + b(std) * jax.random.normal(jax.random.fold_in(rng, i), z.shape, z.dtype)
 
   # The loop covers evaluations at t = 1 .. 2/N; the last, at t = 1/N, is deterministic.

@@ -54,14 +54,14 @@ VEDenoiser = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 def vp_to_ve(z, logsnr):
   """x_VE = z/α. z: [B, ...]; logsnr: [B] or scalar."""
   alpha, _ = alpha_sigma(logsnr)
-  return z / diffusion._bcast(alpha, z)
+  return z / diffusion.bcast_like(alpha, z)
 
 
 def ve_to_vp(x, sigma):
   """(z, λ) with z = α x, α = 1/√(1 + σ²), λ = −2 log σ. x: [B, ...]; sigma: scalar > 0. λ: [B]."""
   logsnr = jnp.full((x.shape[0],), logsnr_from_ve_sigma(sigma))
   alpha, _ = alpha_sigma(logsnr)
-  return diffusion._bcast(alpha, x) * x, logsnr
+  return diffusion.bcast_like(alpha, x) * x, logsnr
 
 
 def ve_denoiser(denoiser: Denoiser) -> VEDenoiser:

@@ -1,4 +1,5 @@
-"""Guided consistency distillation (CD): the pure pieces; the trainer owns the loop.
+"""Guided consistency distillation (CD): the method in one module — its pure pieces, its pipeline stage
+'consistency', its sampler 'consistency' and its config section `consistency`. The trainer owns the loop.
 
 Consistency models (Song et al. 2023, CD with the teacher's ODE solver) in the guided form of Latent
 Consistency Models (Luo et al. 2023): a w-conditioned student f_θ(z_t, t, w) learns to map every point of the
@@ -36,26 +37,27 @@ pass uses `null_label` (= num_classes).
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from distill import diffusion, samplers
+from distill import contract, diffusion, losses, samplers, train, validation
+from distill.context import (Context, batch_fn, init_params as context_init_params, run_stage, student_model,
+                             teacher_model, teacher_params, write_student_grid, x_fn_of)
+from distill.losses import XFn
 from distill.schedules import LogSNRFn, alpha_sigma, sigma_ratio
-
-# x_fn(params, z, logsnr, labels, w, *, train=False, rng=None) -> x̂; see the module docstring.
-XFn = Callable[..., jnp.ndarray]
 
 METRICS = ("l2", "pseudo_huber")
 WEIGHTINGS = ("constant", "ict")
 
 
-def _bcast(a, like):
+def bcast_like(a, like):
   """[B] (or scalar) → broadcastable against like [B, ...]."""
-  return diffusion._bcast(a, like)
+  return diffusion.bcast_like(a, like)
 
 
 def _per_example(value, z):
@@ -91,7 +93,7 @@ def consistency_fn(x_fn: XFn, params, z, logsnr, labels, w, *, logsnr_data, trai
   One network evaluation. Returns [B, H, W, C]; equals z exactly where λ_t = λ_0 (for finite x̂)."""
   x_hat = x_fn(params, z, logsnr, labels, w, train=train, rng=rng)
   c_skip, c_out = boundary_coefficients(logsnr, logsnr_data)
-  return _bcast(c_skip, z) * z + _bcast(c_out, z) * x_hat
+  return bcast_like(c_skip, z) * z + bcast_like(c_out, z) * x_hat
 
 
 # --- the teacher and the target --------------------------------------------------------------------------
@@ -101,10 +103,7 @@ def cfg_teacher_x(teacher_x: XFn, teacher_params, z, logsnr, labels, w, null_lab
   """The guided teacher x̂^w = (1 + w)·x̂_c − w·x̂_∅, the conditional and unconditional passes as ONE call of
   2B rows (the cost CFG pays per step, batched). z: [B, H, W, C]; logsnr: [B]; labels: [B] int32; w: [B]
   (given to both halves; a plain CFG teacher ignores it). Returns [B, H, W, C]."""
-  b = z.shape[0]
-  both = teacher_x(teacher_params, jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]),
-                   jnp.concatenate([labels, jnp.full_like(labels, null_label)]), jnp.concatenate([w, w]))
-  return diffusion.cfg_mix(both[:b], both[b:], w)
+  return losses.cfg_x_fn(teacher_x, null_label)(teacher_params, z, logsnr, labels, w)
 
 
 def grid_logsnr(logsnr_fn: LogSNRFn, n, num_intervals: int):
@@ -255,3 +254,103 @@ def sample(x_fn: XFn, params, z, labels, w, *, logsnr_fn: LogSNRFn, num_steps, r
 
   x = jax.lax.fori_loop(0, num_steps, step, jnp.zeros_like(z))
   return samplers.Samples(x, num_steps)
+
+
+# --- the pipeline stage -------------------------------------------------------------------------------
+
+
+def stage_meta(config) -> contract.StageMeta:
+  """One update per example: one CFG teacher DDIM step (2 evaluations, one call of 2B rows) and the online and
+  target students (2 evaluations)."""
+  s = config.consistency
+  return contract.StageMeta(
+      kind="cd_student", method="CD", sampler="consistency", num_sampling_steps=max(s.sample_steps),
+      eval_steps=tuple(sorted(set(s.sample_steps))), w_range=(float(s.w_min), float(s.w_max)), w_conditioned=True,
+      batch_size=int(s.batch_size), teacher_evals_per_update=2.0, student_evals_per_update=2.0,
+      extra={"num_intervals": int(s.num_intervals), "skip": int(s.skip), "mu": float(s.mu), "metric": s.metric,
+             "weighting": s.weighting, "sampled_params": "target"})
+
+
+def run_consistency(ctx: Context):
+  """Stage 'consistency': a w-conditioned student initialised from the CFG teacher (its w-embedding at zero),
+  trained by guided CD against the teacher's DDIM step; WORKDIR/consistency."""
+  c = ctx.config
+  s = c.consistency
+  student = student_model(ctx, w_embedding=True)
+  t_params = teacher_params(ctx)
+  loss_fn = loss(x_fn_of(ctx, student), x_fn_of(ctx, teacher_model(ctx)), logsnr_fn=ctx.logsnr_fn,
+                 null_label=ctx.null_label, w_min=float(s.w_min), w_max=float(s.w_max),
+                 num_intervals=int(s.num_intervals), metric=s.metric, weighting=s.weighting, skip=int(s.skip))
+  inner = optax.chain(optax.clip_by_global_norm(s.grad_clip), optax.adam(s.lr))
+  stage = train.Stage(
+      name="consistency", loss_fn=loss_fn, init_params=init_params(context_init_params(ctx, student, t_params)),
+      optimizer=ema_target_optimizer(inner, float(s.mu)), num_steps=int(s.num_steps),
+      batch_fn=batch_fn(ctx.train_source, s.batch_size, c.seed), seed=c.seed, ema_decay=None,
+      frozen={"teacher": t_params}, log_every=s.log_every, ckpt_every=s.ckpt_every, images_per_step=s.batch_size,
+      lr_schedule=lambda step: s.lr, fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
+  params, meta = run_stage(ctx, stage, stage_meta(c))
+  write_student_grid(ctx, "consistency", consistency_sampler(ctx, params, meta, meta.num_sampling_steps)[0],
+                     c.distill.grid_w)
+  return params, meta
+
+
+@functools.partial(jax.jit, static_argnames=("x_fn", "logsnr_fn", "clip"))
+def _sample(params, z, labels, w, rng, *, x_fn, logsnr_fn, num_steps, clip: bool):
+  return sample(x_fn, params, z, labels, w, logsnr_fn=logsnr_fn, num_steps=num_steps, rng=rng, clip=clip).x
+
+
+def consistency_sampler(ctx: Context, params, meta: contract.StageMeta, num_steps: int, sampler: str = "consistency"):
+  """The 'consistency' sampler: multistep consistency sampling of the target (EMA) network, one evaluation per
+  step; the re-noising draws come from seed + 11, per row."""
+  del sampler
+  x_fn = x_fn_of(ctx, student_model(ctx, w_embedding=True))
+  rng = jax.random.PRNGKey(ctx.config.seed + 11)
+  fn = functools.partial(_sample, params[meta.extra.get("sampled_params", "target")], rng=rng, x_fn=x_fn,
+                         logsnr_fn=ctx.logsnr_fn, num_steps=int(num_steps), clip=ctx.config.sample.clip)
+  return (lambda z, labels, w: fn(z, labels, w)), int(num_steps)
+
+
+def config_sections():
+  return {"consistency": ml_collections.ConfigDict(dict(
+      num_intervals=64,                 # N: the teacher's DDIM grid t_n = n/N (LCM's skip-k: `skip`)
+      skip=1,
+      w_min=0.0, w_max=4.0,             # w ~ U[w_min, w_max] per example, a student input (LCM)
+      mu=0.95,                          # EMA decay of the target network θ⁻ (CD, Song et al. 2023)
+      metric="l2",                      # 'l2' | 'pseudo_huber' (iCT's c = 0.00054·√d)
+      weighting="constant",             # 'constant' | 'ict' (1 / (σ_{n+k} − σ_n))
+      num_steps=2000, batch_size=128, lr=1e-4, grad_clip=1.0,
+      sample_steps=(1, 2, 4),           # multistep consistency sampling: evaluations per sample scored
+      log_every=100, ckpt_every=500,
+  ))}
+
+
+def validate(c) -> None:
+  v = validation
+  for f in ("num_intervals", "skip", "num_steps", "batch_size", "log_every", "ckpt_every"):
+    v.positive_int(c, f"consistency.{f}")
+  if c.consistency.skip > c.consistency.num_intervals:
+    v.fail("consistency.skip", c.consistency.skip, f"must not exceed consistency.num_intervals="
+           f"{c.consistency.num_intervals}")
+  v.number(c, "consistency.w_min", 0.0)
+  v.number(c, "consistency.w_max", 0.0)
+  if c.consistency.w_min > c.consistency.w_max:
+    v.fail("consistency.w_min", c.consistency.w_min, f"must not exceed consistency.w_max={c.consistency.w_max}")
+  v.number(c, "consistency.mu", 0.0, 1.0, hi_open=True)
+  v.number(c, "consistency.lr", 0.0, 1.0, lo_open=True)
+  v.number(c, "consistency.grad_clip", 0.0, lo_open=True)
+  v.choice(c, "consistency.metric", METRICS)
+  v.choice(c, "consistency.weighting", WEIGHTINGS)
+  steps = c.consistency.sample_steps
+  if (not isinstance(steps, (tuple, list)) or not steps
+      or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in steps)):
+    v.fail("consistency.sample_steps", steps, "must be a non-empty tuple of positive integers")
+
+
+def quick(c) -> None:
+  s = c.consistency
+  s.num_intervals, s.num_steps, s.batch_size, s.log_every, s.ckpt_every = 16, 20, 32, 10, 20
+
+
+METHOD = contract.Method(name="consistency", order=40, stages={"consistency": run_consistency},
+                         samplers={"consistency": consistency_sampler}, config=config_sections, validate=validate,
+                         quick=quick)
