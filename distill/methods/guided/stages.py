@@ -77,6 +77,11 @@ def run_rounds(ctx: Context, name: str, kind: str, teacher_p, student_m, w_min, 
   pair = kind == "two_student"
   for k, n in enumerate(progressive.round_plan(start_steps, d.end_steps), start=1):
     num_updates = d.final_round_steps if n <= 2 else d.round_steps
+    if kind == "stochastic" and n == 1:
+      # Alg. 3 at N = 1 has only i = 1, whose target is the teacher's own x̂(z_1): the student starts at the
+      # optimum (loss 0, gradient 0 but for float rounding), and Adam's normalised updates would turn that
+      # rounding noise, which depends on the device layout, into lr-sized steps. The student is its teacher.
+      num_updates = 0
     optimizer, schedule = optimizers.annealed_adam(d.lr, num_updates, d.grad_clip)
     round_name = f"{name}/N{n:04d}"
     # Two teacher DDIM steps per example (each a pair's 2 evaluations for the two-student baseline).
