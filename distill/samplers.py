@@ -133,9 +133,24 @@ def stochastic_sample(denoiser: Denoiser, z_init, logsnr_fn: LogSNRFn, num_steps
 
   At t > 1/N: a DDIM step of length 2/N to k = t − 2/N, then forward re-noising to s = t − 1/N:
   z_s = (α_s/α_k) z_k + σ_{s|k} ε with σ²_{s|k} = (1 − e^{λ_s − λ_k}) σ_s². At t = 1/N: a deterministic
-  step to 0 (returns x̂). N evaluations in all; evaluation i draws its noise from fold_in(rng, i).
+  step to 0 (returns x̂). N evaluations in all; evaluation i draws row r's noise from fold_in(k_r, i), k_r a
+  key of rng and a hash of row r of z_init: a row's sample depends on its own z_init and rng only, not on
+  the batch it is drawn in (its size, padding, the row's position, the device layout).
   """
   n = num_steps
+  # An exact, order-free integer hash of each row's float32 bits (murmur3's finaliser of bits ⊕ position,
+  # summed mod 2^32), twice with different constants: 64 bits per row.
+  bits = jax.lax.bitcast_convert_type(z_init.reshape(z_init.shape[0], -1).astype(jnp.float32), jnp.uint32)
+  position = jnp.arange(bits.shape[1], dtype=jnp.uint32)
+
+  def row_hash(salt):
+    h = bits ^ (position * jnp.uint32(0x9E3779B9) + jnp.uint32(salt))
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return jnp.sum(h ^ (h >> 16), axis=1, dtype=jnp.uint32)
+
+  row_keys = jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(rng, a), b))(row_hash(0x2545F491),
+                                                                                     row_hash(0x6A09E667))
 
   def step(i, z):  # evaluation i at t = 1 − i/N
     t = time_at(i, n)
@@ -148,7 +163,8 @@ def stochastic_sample(denoiser: Denoiser, z_init, logsnr_fn: LogSNRFn, num_steps
     alpha_s, sigma_s = alpha_sigma(logsnr_s)
     std = jnp.sqrt(-jnp.expm1(logsnr_s - logsnr_k)) * sigma_s
     b = lambda a: diffusion.bcast_like(a, z)
-    return b(alpha_s / alpha_k) * z_k + b(std) * jax.random.normal(jax.random.fold_in(rng, i), z.shape, z.dtype)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), z.shape[1:], z.dtype))(row_keys)
+    return b(alpha_s / alpha_k) * z_k + b(std) * noise
 
   # The loop covers evaluations at t = 1 .. 2/N; the last, at t = 1/N, is deterministic.
   z = jax.lax.fori_loop(0, n - 1, step, z_init)
