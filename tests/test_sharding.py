@@ -1,4 +1,5 @@
-"""Sharded training is single-device training: 8 simulated CPU devices, data=8 and data=4 x fsdp=2.
+"""Sharded training is single-device training: 8 simulated CPU devices, data=8 and data=4 x fsdp=2, for
+stage one, a deterministic round and the stochastic rounds at N = 1 and 2.
 
 The device count is fixed when JAX initialises, so the checks run in subprocesses that run this file as a
 script, and the tests read their JSON reports: `python tests/test_sharding.py OUT_DIR` with
@@ -77,7 +78,14 @@ def _losses():
       "stage_one": guided.stage_one_loss(tiny_x, tiny_x, logsnr_fn=logsnr, null_label=NULL, w_min=0.0, w_max=4.0,
                                          weighting="snr_plus_one"),
       "round": progressive.deterministic_round_loss(tiny_x, tiny_x, logsnr_fn=logsnr, w_min=0.0, w_max=4.0),
+      "stochastic": progressive.stochastic_round_loss(tiny_x, tiny_x, logsnr_fn=logsnr, w_min=0.0, w_max=4.0),
   }
+
+
+# kind -> (loss, the round's student step count N); stochastic N = 1 trains only i = 1 (the teacher's own x̂
+# at t = 1, which the student, with dropout, is pulled back to), N = 2 both branches of Alg. 3.
+KINDS = {"stage_one": ("stage_one", None), "round": ("round", 8), "stochastic_n1": ("stochastic", 1),
+         "stochastic_n2": ("stochastic", 2)}
 
 
 # Adam's first update is lr·g/(|g| + eps) ≈ lr·sign(g): with eps = 1e-8 a gradient entry that cancels to ~1e-6
@@ -92,8 +100,8 @@ def stage(kind, fsdp=1, num_steps=3, crash_at=None, rows=slice(None)):
   if kind == "stage_one":  # a fresh student, EMA, the teacher frozen
     init, frozen, ema = tiny_params(0), {"teacher": teacher}, 0.9
   else:  # as in pipeline.run_rounds: the student starts as its teacher, which it is also given frozen
-    init, frozen, ema = teacher, {"teacher": teacher, "num_steps": jnp.int32(8)}, None
-  return train.Stage(name=kind, loss_fn=_losses()[kind], init_params=init, optimizer=OPTIMIZER, num_steps=num_steps,
+    init, frozen, ema = teacher, {"teacher": teacher, "num_steps": jnp.int32(KINDS[kind][1])}, None
+  return train.Stage(name=kind, loss_fn=_losses()[KINDS[kind][0]], init_params=init, optimizer=OPTIMIZER, num_steps=num_steps,
                      batch_fn=functools.partial(batch_fn, crash_at=crash_at, rows=rows), seed=5, ema_decay=ema,
                      frozen=frozen, log_every=1, ckpt_every=2, fsdp=fsdp, fsdp_min_size=FSDP_MIN_SIZE)
 
@@ -108,7 +116,7 @@ def _worker(out_dir):
   """Runs in the 8-device subprocess; returns the report the tests check."""
   assert jax.device_count() == DEVICES, jax.devices()
   report = {"partitionable": bool(jax.config.jax_threefry_partitionable)}
-  for kind in ("stage_one", "round"):
+  for kind in KINDS:
     one, _ = train.run_stage(stage(kind), os.path.join(out_dir, kind, "one"), devices=jax.devices()[:1])
     entry = {"moved": rel(stage(kind).init_params, one, min),
              "devices_one": len(jax.tree.leaves(one)[0].sharding.device_set)}
@@ -222,7 +230,7 @@ def report(tmp_path_factory):
   return result
 
 
-@pytest.mark.parametrize("kind", ["stage_one", "round"])
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("layout", ["data8", "data4_fsdp2"])
 def test_eight_devices_train_what_one_device_trains(report, kind, layout):
   r = report[kind]
@@ -232,7 +240,7 @@ def test_eight_devices_train_what_one_device_trains(report, kind, layout):
 
 
 def test_fsdp_shards_large_leaves_along_their_largest_dimension(report):
-  for kind in ("stage_one", "round"):
+  for kind in KINDS:
     assert set(report[kind]["specs_data8"].values()) == {str(P())}
     specs = report[kind]["specs_data4_fsdp2"]
     assert specs["['Dense_0']['kernel']"] == str(P(None, "fsdp"))  # [28, 64]
