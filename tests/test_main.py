@@ -96,6 +96,10 @@ def test_quick_pipeline_end_to_end_chains_rounds_and_rerun_skips(tmp_path):
       assert meta["num_sampling_steps"] == n and meta["teacher_steps"] == 2 * n
       assert meta["teacher_fingerprint"] == train.fingerprint(train.load_final_params(previous)[0]), stage
       previous = stage
+  # Alg. 3 at N = 1 teaches the teacher's own x̂(z_1): that round's student is its teacher, not trained.
+  stochastic_1, meta_1 = train.load_final_params(str(workdir / "distill_stochastic" / "N0001"))
+  assert meta_1["num_steps"] == 0
+  assert train.fingerprint(stochastic_1) == meta_1["teacher_fingerprint"]
   rows = json.loads((workdir / "results.json").read_text())["rows"]
   # (single-w students are scored at their own w only; this run evaluates w = 0)
   assert {(r["method"], r["sampler"], r["steps"]) for r in rows} >= {
