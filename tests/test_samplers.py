@@ -194,7 +194,7 @@ def test_stochastic_rows_do_not_depend_on_the_batch_they_are_sampled_in():
   """Evaluation pads a request and splits it into chunks (250 rows; 256 with 8 devices, `sample_in_chunks`),
   so a row's stochastic sample must be a function of its own z and the key alone: equal over chunk sizes and
   equal sampled alone."""
-  from distill import pipeline
+  from distill import context
   rows = 600
   z = jax.random.normal(jax.random.PRNGKey(4), (rows, 2, 2, 1))
   labels, w = jnp.arange(rows) % 3, jnp.linspace(0.0, 4.0, rows)
@@ -204,13 +204,13 @@ def test_stochastic_rows_do_not_depend_on_the_batch_they_are_sampled_in():
         samplers.guided_denoiser(GMM.model_fn, labels, w, GMM.num_classes), z, LOGSNR, 4, rng).x)
 
   sample = sampler(jax.random.PRNGKey(0))
-  by_250 = pipeline.sample_in_chunks(sample, z, labels, w, 250)
-  by_256 = pipeline.sample_in_chunks(sample, z, labels, w, 256)
+  by_250 = context.sample_in_chunks(sample, z, labels, w, 250)
+  by_256 = context.sample_in_chunks(sample, z, labels, w, 256)
   np.testing.assert_allclose(by_250, by_256, atol=1e-5)
   alone = np.concatenate([sample(z[i:i + 1], labels[i:i + 1], w[i:i + 1]) for i in (0, 255, 300, 599)])
   np.testing.assert_allclose(by_250[[0, 255, 300, 599]], alone, atol=1e-5)
   # The sampler is stochastic (another key moves every row) ...
-  other = pipeline.sample_in_chunks(sampler(jax.random.PRNGKey(1)), z, labels, w, 250)
+  other = context.sample_in_chunks(sampler(jax.random.PRNGKey(1)), z, labels, w, 250)
   assert np.min(np.max(np.abs(other - by_250).reshape(rows, -1), axis=1)) > 1e-3
   # ... and a z given twice in one batch is sampled alike wherever it sits.
   twice = np.asarray(sample(jnp.concatenate([z[:2], z[:2]]), jnp.zeros(4, jnp.int32), jnp.zeros(4)))
