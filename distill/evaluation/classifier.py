@@ -225,6 +225,12 @@ def _batched(apply_fn, params, images: np.ndarray, batch_size: int) -> np.ndarra
   return np.concatenate(outputs)
 
 
+def logits(params: Params, images: np.ndarray, num_classes: int, batch_size: int = 1024) -> np.ndarray:
+  """images: [N, H, W, C] in [-1, 1] -> class logits [N, num_classes] float32."""
+  _model_from_params(params, num_classes)  # validates num_classes
+  return _batched(_apply_logits, params, images, batch_size)
+
+
 def predict(params: Params, images: np.ndarray, num_classes: int, batch_size: int = 1024) -> np.ndarray:
   """images: [N, H, W, C] in [-1, 1] -> predicted labels [N] int32."""
   _model_from_params(params, num_classes)  # validates num_classes

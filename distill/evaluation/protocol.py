@@ -50,7 +50,7 @@ def classifier_net(params, num_classes: int, test_accuracy: float | None = None)
   def outputs(images):
     images = quantize(images)
     return (classifier_lib.features(params, images, num_classes),
-            classifier_lib._batched(classifier_lib._apply_logits, params, images, 1024))
+            classifier_lib.logits(params, images, num_classes))
   acc = "" if test_accuracy is None else f", test accuracy {test_accuracy:.4f}"
   return FeatureNet("classifier", outputs, f"the data set's own classifier{acc}")
 
