@@ -42,6 +42,8 @@ class Method:
   preflight: config -> None, raising `validation.ConfigError`: checks before anything is written (weight files),
   called only when the pipeline runs one of the method's stages.
   quick: config -> None: shrinks its sections to a smoke run (`configs/*.py:quick`).
+  data_batches: config fields ('teacher.batch_size') of batches its stages draw from the training set: each must
+  not exceed the set's size (checked before anything is written, when the pipeline runs its stages).
   upgrade_meta: (stage name, old meta dict, the run's config.json dict) -> StageMeta or None, for stages written
   before the contract (None: not one of this method's).
   """
@@ -53,6 +55,7 @@ class Method:
   validate: Callable[[Any], None] | None = None
   preflight: Callable[[Any], None] | None = None
   quick: Callable[[Any], None] | None = None
+  data_batches: tuple[str, ...] = ()
   upgrade_meta: Callable[[str, dict, dict], "StageMeta | None"] | None = None
 
 

@@ -372,7 +372,8 @@ def main(argv):
     train_source = data.make_source(config.data, "train")
   except (configuration.ConfigError, data.DataError) as e:
     fail(str(e))
-  for field in ("teacher.batch_size", "distill.batch_size"):
+  from distill import registry
+  for field in registry.data_batch_fields(config):
     section, name = field.split(".")
     if config[section][name] > len(train_source):
       fail(f"config.{field}={config[section][name]}: larger than the {len(train_source)} training examples of "

@@ -116,6 +116,11 @@ def preflight(config) -> None:
       m.preflight(config)
 
 
+def data_batch_fields(config) -> tuple[str, ...]:
+  """The config fields of batches drawn from the training set by the stages the pipeline runs."""
+  return tuple(f for m in methods() if set(m.stages) & set(config.pipeline) for f in m.data_batches)
+
+
 def quick(config) -> None:
   """Every method's smoke-run shrink of its own sections."""
   for m in methods():

@@ -353,4 +353,4 @@ def quick(c) -> None:
 
 METHOD = contract.Method(name="consistency", order=40, stages={"consistency": run_consistency},
                          samplers={"consistency": consistency_sampler}, config=config_sections, validate=validate,
-                         quick=quick)
+                         quick=quick, data_batches=("consistency.batch_size",))

@@ -129,4 +129,5 @@ def upgrade_meta(name: str, meta: dict, run_config: dict):
 METHOD = contract.Method(
     name="teacher", order=0, stages={"teacher": run_teacher},
     samplers={"cfg_ddim": cfg_sampler, "cfg_ddpm": cfg_sampler},
-    config=config_sections, validate=validate, quick=quick, upgrade_meta=upgrade_meta)
+    config=config_sections, validate=validate, quick=quick, data_batches=("teacher.batch_size",),
+    upgrade_meta=upgrade_meta)

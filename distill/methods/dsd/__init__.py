@@ -104,4 +104,6 @@ def quick(c) -> None:
   s.eval_steps, s.log_every, s.ckpt_every, s.training_steps = (4,), 4, 8, 30
 
 
-METHOD = contract.Method(name="dsd", order=30, stages=STAGES, config=config_sections, validate=validate, quick=quick)
+# training_dsd draws the teacher recipe's batches from the training set.
+METHOD = contract.Method(name="dsd", order=30, stages=STAGES, config=config_sections, validate=validate, quick=quick,
+                         data_batches=("teacher.batch_size",))

@@ -120,4 +120,5 @@ def upgrade_meta(name: str, meta: dict, run_config: dict):
 METHOD = contract.Method(
     name="guided", order=10, stages=STAGES,
     samplers={"ddim": stages.student_sampler, "stochastic": stages.student_sampler},
-    config=config_sections, validate=validate, quick=quick, upgrade_meta=upgrade_meta)
+    config=config_sections, validate=validate, quick=quick, data_batches=("distill.batch_size",),
+    upgrade_meta=upgrade_meta)
