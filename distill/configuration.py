@@ -66,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
       metric="auto",                    # 'inception' | 'classifier' | 'auto' (classifier for embedded data)
       inception_path="~/.cache/distill/inception_fid_2015-12-05.npz",  # convert_inception's output
       max_reference=50000,              # reference images from the training split (FID statistics, P/R)
-      is_splits=10, pr_k=3,
+      is_splits=10, pr_k=3,            # k of precision/recall (Kynkäänniemi et al.: 3)
+      dc_k=5,                           # k of density/coverage (Naeem et al.: 5; SFD Table 10)
   ))
   return c
 
@@ -120,7 +121,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   guidance_values("eval.agreement_w", tuple(c.eval.agreement_w))
   guidance_values("eval.w_values", tuple(c.eval.w_values))
   for f in ("agreement_steps", "agreement_per_class", "classifier_steps", "per_class", "max_reference", "is_splits",
-            "pr_k"):
+            "pr_k", "dc_k"):
     _positive_int(c, f"eval.{f}")
   _choice(c, "eval.metric", ("auto", "classifier", "inception"))
   registry.validate(c)

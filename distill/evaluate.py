@@ -166,7 +166,7 @@ def run_stage(ctx: Context):
     t0 = time.time()
     x = sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
     row = {"method": method, "sampler": sampler, "w": float(w), "steps": int(steps), "nfe": int(nfe),
-           **protocol.score(net, ref, x, is_splits=e.is_splits, pr_k=e.pr_k), "seed": c.seed,
+           **protocol.score(net, ref, x, is_splits=e.is_splits, pr_k=e.pr_k, dc_k=e.dc_k), "seed": c.seed,
            "checkpoint": checkpoint, **cost}
     if agreement_clf is not None:
       row["class_agreement"] = classifier_lib.class_agreement(agreement_clf, x, np.asarray(labels), k)
@@ -216,7 +216,7 @@ def evaluate_checkpoint(stage_dir: str, *, w_values=(0.0,), steps=None, sampler=
     x = sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
     rows.append({"checkpoint": writers.abspath(stage_dir), "sampler": sampler, "w": float(w), "steps": int(steps),
                  "nfe": int(nfe), "seed": seed, **protocol.score(net, ref, x, is_splits=c.eval.is_splits,
-                                                                    pr_k=c.eval.pr_k)})
+                                                                    pr_k=c.eval.pr_k, dc_k=c.eval.dc_k)})
   out = out or os.path.join(stage_dir, f"eval_{sampler}_{steps}steps_seed{seed}.json")
   return dict(_standalone_outputs(ctx, rows, net, ref, out), path=out)
 
@@ -257,6 +257,7 @@ def evaluate_samples(config, workdir: str, samples_path: str, out: str | None = 
   net = feature_net(ctx)
   ref = reference(ctx, net)
   row = {"samples": writers.abspath(samples_path),
-         **protocol.score(net, ref, images, is_splits=config.eval.is_splits, pr_k=config.eval.pr_k)}
+         **protocol.score(net, ref, images, is_splits=config.eval.is_splits, pr_k=config.eval.pr_k,
+                          dc_k=config.eval.dc_k)}
   out = out or os.path.splitext(samples_path)[0] + "_eval.json"
   return dict(_standalone_outputs(ctx, [row], net, ref, out), path=out)

@@ -138,3 +138,42 @@ def test_precision_recall_rejects_bad_input():
     metrics.precision_recall(np.zeros((10, 3)), np.zeros((10, 4)))
   with pytest.raises(ValueError, match="k must"):
     metrics.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)), k=3)
+
+
+def _slow_density_coverage(real, fake, k):
+  """Naeem et al. 2020, Eq. (5)-(6), by nested loops."""
+  radii = []
+  for i, x in enumerate(real):
+    d = sorted(float(np.sum((x - y) ** 2)) for j, y in enumerate(real) if j != i)
+    radii.append(d[k - 1])
+  holds, covered = 0, 0
+  for i, x in enumerate(real):
+    inside = [float(np.sum((x - y) ** 2)) <= radii[i] for y in fake]
+    holds += sum(inside)
+    covered += any(inside)
+  return holds / (k * len(fake)), covered / len(real)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("batch_size", [7, 512])
+def test_density_coverage_matches_slow_loop(overlapping_sets, k, batch_size):
+  real, fake = overlapping_sets
+  got = metrics.density_coverage(real, fake, k=k, batch_size=batch_size)
+  want = _slow_density_coverage(real, fake, k)
+  assert got[0] == pytest.approx(want[0], abs=1e-12) and got[1] == pytest.approx(want[1], abs=1e-12)
+
+
+def test_density_coverage_closed_cases():
+  rng = np.random.default_rng(3)
+  real = rng.normal(size=(400, 4))
+  # Fakes far away: no real ball holds any (density 0, coverage 0).
+  assert metrics.density_coverage(real, real[:50] + 100.0, k=5) == (0.0, 0.0)
+  # The real points themselves as fakes: each real point lies in its own ball and in k others' on average
+  # (every point is the j-th neighbour of others k times in all), so density = (N + N·k) / (k·N) = 1 + 1/k.
+  density, coverage = metrics.density_coverage(real, real, k=5)
+  assert coverage == 1.0 and density == pytest.approx(1.0 + 1.0 / 5, abs=1e-12)
+  # Samples of the same distribution: density near 1 (the metric's calibration), coverage near 1 − 2^−k.
+  density, coverage = metrics.density_coverage(real, rng.normal(size=(4000, 4)), k=5)
+  assert 0.85 < density < 1.15 and 0.93 < coverage <= 1.0
+  with pytest.raises(ValueError, match="widths"):
+    metrics.density_coverage(real, real[:, :3])

@@ -130,3 +130,36 @@ def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: in
     fake_covered |= np.any(d <= real_radii[start:stop, None], axis=0)
     real_covered[start:stop] = np.any(d <= fake_radii[None, :], axis=1)
   return float(fake_covered.mean()), float(real_covered.mean())
+
+
+def density_coverage(real_features: np.ndarray, fake_features: np.ndarray, k: int = 5,
+                     batch_size: int = 512) -> tuple[float, float]:
+  """Density and coverage (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics for Generative
+  Models"; the SFD paper's Table 10 reports them).
+
+  Around each real point a ball of radius its k-th nearest real neighbour (itself excluded), as in
+  `precision_recall`. Density = (1 / kM) · Σ_fake (number of real balls holding it): 1 on average when the
+  fakes follow the real distribution, above 1 where they crowd dense regions. Coverage = fraction of real
+  balls holding at least one fake, in [0, 1]. A point on a ball's boundary counts as inside.
+
+  Args:
+    real_features: [N, F], N > k. fake_features: [M, F]. k: 5 in the paper. batch_size: as in
+      `precision_recall`.
+
+  Returns:
+    (density, coverage).
+  """
+  real = _features(real_features, "real_features")
+  fake = _features(fake_features, "fake_features")
+  if real.shape[1] != fake.shape[1]:
+    raise ValueError(f"feature widths differ: {real.shape[1]} vs {fake.shape[1]}")
+  real_radii = knn_sq_radii(real, k, batch_size)
+  fake_sq_norms = np.sum(fake * fake, 1)
+  holds = np.zeros(len(fake), np.int64)   # real balls holding each fake
+  covered = np.zeros(len(real), bool)
+  for start in range(0, len(real), batch_size):
+    stop = min(start + batch_size, len(real))
+    inside = _sq_distances(real[start:stop], fake, fake_sq_norms) <= real_radii[start:stop, None]  # [block, M]
+    holds += inside.sum(axis=0)
+    covered[start:stop] = inside.any(axis=1)
+  return float(holds.sum() / (k * len(fake))), float(covered.mean())

@@ -111,8 +111,9 @@ def resolve_metric(config) -> str:
   return "classifier" if config.data.name in EMBEDDED else "inception"
 
 
-def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k: int = 3) -> dict:
-  """FID, IS (mean and std over splits), precision and recall of `images` [N, H, W, C] in [−1, 1]."""
+def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k: int = 3, dc_k: int = 5) -> dict:
+  """FID, IS (mean and std over splits), precision and recall (k = pr_k), density and coverage (k = dc_k) of
+  `images` [N, H, W, C] in [−1, 1]."""
   feats, logits = net.outputs(images)
   mu, sigma = fid.gaussian_stats(feats)
   # IS splits are contiguous chunks; samples come class by class, so split a fixed random permutation (a
@@ -120,6 +121,8 @@ def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k:
   order = np.random.default_rng(0).permutation(len(logits))
   is_mean, is_std = metrics.inception_score(logits[order], splits=min(is_splits, len(images)), from_logits=True)
   precision, recall = metrics.precision_recall(ref.features, feats, k=pr_k)
+  density, coverage = metrics.density_coverage(ref.features, feats, k=dc_k)
   return {"fid": fid.frechet_distance(mu, sigma, ref.mu, ref.sigma), "is": float(is_mean), "is_std": float(is_std),
-          "precision": float(precision), "recall": float(recall), "num_samples": int(len(images)),
+          "precision": float(precision), "recall": float(recall), "density": density, "coverage": coverage,
+          "num_samples": int(len(images)),
           "metric": net.metric}

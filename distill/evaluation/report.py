@@ -28,7 +28,9 @@ _METRICS = ("inception", "classifier")
 _REQUIRED = ("method", "sampler", "w", "steps", "nfe", "fid", "num_samples", "metric")
 # (row key, header name, number format, direction) in table order.
 _TABLES = (("fid", "FID", ".2f", "lower is better"), ("is", "IS", ".2f", "higher is better"),
-           ("precision", "precision", ".3f", "higher is better"), ("recall", "recall", ".3f", "higher is better"))
+           ("precision", "precision", ".3f", "higher is better"), ("recall", "recall", ".3f", "higher is better"),
+           ("density", "density", ".3f", "about 1 for the data's own distribution"),
+           ("coverage", "coverage", ".3f", "higher is better"))
 _COST_KEYS = ("student_updates", "teacher_evals", "student_evals", "train_seconds")
 
 
@@ -109,7 +111,7 @@ def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> lis
 def metric_table(rows: Iterable[Row], key: str = "fid") -> list[str]:
   """Markdown lines of one Table 2 block: rows = method × steps (methods in order of first
   appearance, steps ascending), columns = w ascending, cells "D / S" where a method has both
-  samplers. `key` is "fid", "is", "precision" or "recall"."""
+  samplers. `key` is "fid", "is", "precision", "recall", "density" or "coverage"."""
   rows, _ = _validate(rows)
   formats = {k: fmt for k, _, fmt, _ in _TABLES}
   if key not in formats:
@@ -210,7 +212,7 @@ def cost_table(rows: Iterable[Row]) -> list[str]:
 
 def markdown_report(rows: Iterable[Row], *, title: str, notes: Sequence[str] = ()) -> str:
   """The whole report as markdown: title, notes, one Table 2 block per metric present (FID,
-  then IS, precision, recall), the speed-up summary, and the cost table when any row has cost fields."""
+  then IS, precision, recall, density, coverage), the speed-up summary, and the cost table when any row has cost fields."""
   rows, metric = _validate(rows)
   counts = sorted({int(r["num_samples"]) for r in rows})
   samples = f"{counts[0]:,}" if len(counts) == 1 else (
