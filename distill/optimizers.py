@@ -10,12 +10,15 @@ import jax.numpy as jnp
 import optax
 
 
-def adam_with_warmup(lr: float, warmup_steps: int, grad_clip: float):
-  """Adam at `lr` after a linear warm-up from 0, with global-norm gradient clipping.
+def adam_with_warmup(lr: float, warmup_steps: int, grad_clip: float, weight_decay: float = 0.0):
+  """Adam at `lr` after a linear warm-up from 0, with global-norm gradient clipping; with weight_decay > 0,
+  AdamW's decoupled decay (the update gains −lr·weight_decay·param, as flax.optim.Adam's `weight_decay` did
+  in the progressive-distillation code).
 
   Returns (optimizer, schedule)."""
   schedule = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps else optax.constant_schedule(lr)
-  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(schedule)), schedule
+  adam = optax.adamw(schedule, weight_decay=weight_decay) if weight_decay else optax.adam(schedule)
+  return optax.chain(optax.clip_by_global_norm(grad_clip), adam), schedule
 
 
 @functools.lru_cache(maxsize=8)

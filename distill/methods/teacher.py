@@ -54,7 +54,7 @@ def run_teacher(ctx: Context):
   c = ctx.config
   tc = c.teacher
   model = teacher_model(ctx)
-  optimizer, schedule = optimizers.adam_with_warmup(tc.lr, tc.warmup_steps, tc.grad_clip)
+  optimizer, schedule = optimizers.adam_with_warmup(tc.lr, tc.warmup_steps, tc.grad_clip, tc.weight_decay)
   stage = train.Stage(
       name="teacher",
       loss_fn=teacher_loss(model, c.model.parameterization, tc.weighting, tc.p_uncond, ctx.logsnr_fn, ctx.null_label),
@@ -94,6 +94,7 @@ def cfg_sampler(ctx: Context, params, meta: contract.StageMeta, num_steps: int, 
 def config_sections():
   return {"teacher": ml_collections.ConfigDict(dict(
       num_steps=2000, batch_size=128, lr=2e-3, warmup_steps=200, grad_clip=1.0,
+      weight_decay=0.0,                 # > 0: AdamW's decoupled decay
       ema_decay=0.999, p_uncond=0.1, weighting="snr_plus_one",  # v-MSE
       log_every=100, ckpt_every=500, skip_nonfinite=False,
   ))}
@@ -106,6 +107,7 @@ def validate(c) -> None:
     validation.fail("teacher.warmup_steps", c.teacher.warmup_steps, "must be a non-negative integer")
   validation.number(c, "teacher.lr", 0.0, 1.0, lo_open=True)
   validation.number(c, "teacher.grad_clip", 0.0, lo_open=True)
+  validation.number(c, "teacher.weight_decay", 0.0, 1.0)
   validation.number(c, "teacher.ema_decay", 0.0, 1.0, hi_open=True)
   validation.number(c, "teacher.p_uncond", 0.0, 1.0, hi_open=True)
   validation.choice(c, "teacher.weighting", diffusion.WEIGHTINGS)
