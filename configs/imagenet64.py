@@ -51,13 +51,14 @@ def get_config(arg: str | None = None):
 
   # Direct self-distillation (seed paper 004). The paper has no ImageNet 64 run: these are Table 3's values for its
   # conditional model (ImageNet-256, 400.92M parameters, 5,000 updates, lr 1e-7 → 1e-8 cosine, Adam
-  # (0.99, 0.999), EMA 0.9995, clip 1), w ~ U[1, 3] and N from 64 (§5), scored at 2, 4 and 8 steps (Table 2).
+  # (0.99, 0.999), EMA 0.9995, clip 1), guidance scale s ~ U[1, 3] (§5, latent-diffusion convention: our
+  # w = s − 1 ~ U[0, 2]) and N from 64 (§5), scored at 2, 4 and 8 steps (Table 2).
   # Its other rows (CelebA-HQ, LSUN Bedroom, unconditional): 4,000 updates, lr 1e-6 → 1e-7, Adam (0.9, 0.98),
   # EMA 0.995. The batch size is not stated in the paper; 2048 is this data set's distillation batch.
   # Training DSD (§5.2, 64×64 data, α, β = 0.85, 0.15) runs on the teacher's recipe here.
   s = config.dsd
   s.kinds, s.init, s.start_steps, s.end_steps = ("DSDN", "DSDI", "DSDGL", "DSDGEXP"), "teacher", 64, 2
-  s.updates, s.w_min, s.w_max, s.batch_size = 5000, 1.0, 3.0, 2048
+  s.updates, s.w_min, s.w_max, s.batch_size = 5000, 0.0, 2.0, 2048
   s.lr, s.lr_final_fraction, s.adam_b1, s.adam_b2, s.ema_decay, s.grad_clip = 1e-7, 0.1, 0.99, 0.999, 0.9995, 1.0
   s.eval_steps, s.alpha, s.beta = (2, 4, 8), 0.85, 0.15
   s.log_every, s.ckpt_every = 100, 1000

@@ -116,6 +116,12 @@ def cfg_mix(cond, uncond, w):
   return (1.0 + w) * cond - w * uncond
 
 
+def w_from_guidance_scale(s):
+  """Our w of a guidance scale s in the latent-diffusion / Stable Diffusion convention uncond + s·(cond − uncond)
+  (s = 1: no guidance): the same mix is `cfg_mix` at w = s − 1."""
+  return s - 1.0
+
+
 def ddim_step(z_t, x_hat, logsnr_t, logsnr_s):
   """DDIM from t to s: z_s = α_s x̂ + (σ_s/σ_t)(z_t − α_t x̂). s < t samples, s > t encodes.
 

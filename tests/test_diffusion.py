@@ -204,3 +204,17 @@ def test_last_step_rule_uses_teacher_x_hat():
   got = diffusion.distillation_target_with_last_step(z_t, z2, x_last, logsnr_t, logsnr_t + 1, np.array([True, False]))
   np.testing.assert_allclose(got[0], x_last[0])
   np.testing.assert_allclose(got[1], diffusion.distillation_target(z_t, z2, logsnr_t, logsnr_t + 1)[1])
+
+
+def test_guidance_scale_of_latent_diffusion_is_our_w_plus_one():
+  """LDM / Stable Diffusion guide as uncond + s·(cond − uncond); cfg_mix at w = s − 1 is the same mix, and the
+  DSD defaults are §5's s ∈ [1, 3] converted."""
+  from distill.configuration import base_config
+  rng = np.random.default_rng(0)
+  cond, uncond = rng.normal(size=(2, 3, 4)).astype(np.float32), rng.normal(size=(2, 3, 4)).astype(np.float32)
+  for s in (1.0, 2.0, 7.5):  # float32: equal to rounding (a w off by one would be off by |cond − uncond| ~ 1)
+    np.testing.assert_allclose(diffusion.cfg_mix(cond, uncond, diffusion.w_from_guidance_scale(s)),
+                               uncond + s * (cond - uncond), rtol=0, atol=1e-5)
+  c = base_config()
+  assert (c.dsd.w_min, c.dsd.w_max) == (diffusion.w_from_guidance_scale(1.0), diffusion.w_from_guidance_scale(3.0))
+  assert c.dsd.training_weighting == "constant"  # Eq. 1's distillation term is unweighted

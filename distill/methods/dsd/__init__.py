@@ -26,7 +26,10 @@ def config_sections():
       init="teacher",                   # start model: 'teacher' (the CFG teacher) | 'stage_one' (w-conditioned)
       start_steps=64, end_steps=2,      # N of the first and last depths (even; DSDN stays at start_steps)
       updates=5000,                     # P: parameter updates per schedule (as §5 counts them; see stages/dsd.py)
-      w_min=1.0, w_max=3.0,             # w ~ U[w_min, w_max] per trajectory (§5)
+      # §5 samples "the guidance scale ... from w=[1.0,3.0]" for latent diffusion models, whose guidance is
+      # ε_∅ + s(ε_c − ε_∅) (s = 1: none); in our (1 + w)x̂_c − w·x̂_∅ that range is w = s − 1 ∈ [0, 2]
+      # (`diffusion.w_from_guidance_scale`).
+      w_min=0.0, w_max=2.0,             # w ~ U[w_min, w_max] per trajectory
       batch_size=64,                    # trajectories per update (the paper states none; ours)
       lr=1e-7, lr_final_fraction=0.1,   # cosine annealing over P to lr·lr_final_fraction (Table 3, §5)
       warmup_steps=0,                   # Appendix I mentions a warm-up without its length
@@ -38,7 +41,7 @@ def config_sections():
       training_steps=0,                 # 0: teacher.num_steps (the plain teacher is the same run at β = 0)
       alpha=0.85, beta=0.15,            # §5.2
       training_distill_steps=8,         # N of L_distill's steps t → t − 1/N → t − 2/N (the paper gives none; ours)
-      training_weighting="truncated_snr",
+      training_weighting="constant",    # Eq. 1's L_distill is an unweighted MSE; 'truncated_snr' is Alg. 2's
   ))}
 
 
