@@ -30,6 +30,8 @@ def _config(teacher_dir: str):
   d.kinds, d.start_steps, d.end_steps, d.updates, d.batch_size = ("DSDI", "DSDN"), 4, 2, 8, 4
   d.lr, d.adam_b1, d.adam_b2, d.ema_decay, d.w_min, d.w_max = 1e-3, 0.9, 0.98, 0.9, 0.0, 2.0
   d.log_every, d.ckpt_every, d.eval_steps = 1, 4, (2, 4)
+  # The one-stage TSD (start model frozen) for both kinds; the per-depth form has its own test.
+  d.tsd_kinds, d.tsd_teacher = ("DSDI", "DSDN"), "start_model"
   c.teacher.num_steps, c.teacher.batch_size, c.teacher.log_every, c.teacher.ckpt_every = 3, 8, 1, 2
   c.teacher.warmup_steps = 1
   c.pipeline = ("dsd", "tsd", "training_dsd")
@@ -170,6 +172,32 @@ def test_dsd_and_tsd_stages_train_from_the_teacher(dsd_run):
       assert moved > 1e-5
   # The same noise, yet TSD's later losses differ from DSD's: its targets stay the frozen teacher's.
   assert _metrics(ctx.stage_dir("tsd/DSDI"))[-1]["loss"] != _metrics(ctx.stage_dir("dsd/DSDI"))[-1]["loss"]
+
+
+def test_tsd_by_depth_learns_from_the_previous_depths_student(dsd_run, tmp_path):
+  """dsd.tsd_teacher='previous_depth': DSDI's depths N = 4, 2 are stages tsd/DSDI/N0004, tsd/DSDI/N0002; depth
+  k's teacher (fingerprint in its meta) is depth k−1's final student, the first's the start model; only the
+  last depth is scored, and its cost includes the first's. Batches and the learning rate continue the
+  one-stage schedule."""
+  ctx, teacher_params, out, _ = dsd_run
+  config = ctx.config.copy_and_resolve_references()
+  config.dsd.tsd_kinds, config.dsd.tsd_teacher = ("DSDI",), "previous_depth"
+  c2 = context.Context(config, str(tmp_path / "wd"))
+  params, meta = stages.run_tsd(c2)["DSDI"]
+  first_dir, last_dir = c2.stage_dir("tsd/DSDI/N0004"), c2.stage_dir("tsd/DSDI/N0002")
+  first_params, first_raw = train.load_final_params(first_dir)
+  first, last = contract.StageMeta.from_dict(first_raw), contract.StageMeta.from_dict(_final_meta(last_dir))
+  assert first.extra["teacher_fingerprint"] == train.fingerprint(teacher_params)
+  assert last.extra["teacher_fingerprint"] == train.fingerprint(first_params)
+  assert last.extra["teacher_fingerprint"] != first.extra["teacher_fingerprint"]
+  assert (first.scored, last.scored, last.cost_parents, last.num_sampling_steps) == (False, True,
+                                                                                     ("tsd/DSDI/N0004",), 1)
+  assert meta == last and [_final_meta(d)["num_steps"] for d in (first_dir, last_dir)] == [4, 4]
+  # Depth 0 is the one-stage TSD's first 4 updates exactly (same start, batches, keys and schedule).
+  one_stage = _metrics(ctx.stage_dir("tsd/DSDI"))
+  np.testing.assert_allclose([m["loss"] for m in _metrics(first_dir)], [m["loss"] for m in one_stage[:4]],
+                             rtol=1e-5)
+  assert _metrics(last_dir)[0]["lr"] == pytest.approx(one_stage[4]["lr"], rel=1e-6)
 
 
 def test_meta_states_sampler_steps_and_cost(dsd_run):

@@ -35,6 +35,10 @@ def config_sections():
       warmup_steps=0,                   # Appendix I mentions a warm-up without its length
       adam_b1=0.99, adam_b2=0.999, grad_clip=1.0, ema_decay=0.9995,
       weighting="truncated_snr",        # Alg. 2: max(e^λ, 1)
+      # TSD's teacher: 'previous_depth' (each depth's teacher is the previous depth's student, as TSD "mimics"
+      # progressive distillation in the paper; one stage per depth) or 'start_model' (frozen at every depth)
+      tsd_teacher="previous_depth",
+      tsd_kinds=("DSDI",),              # TSD runs "with identical scheduling to DSDI" (§4.1.1); others: ours
       eval_steps=(2, 4, 8),             # step counts each student is scored at (Table 2)
       log_every=100, ckpt_every=500,
       # training DSD: the teacher stage's recipe (model, data, optimiser, EMA) with L = α·L_v + β·L_distill
@@ -51,6 +55,12 @@ def validate(c) -> None:
       or any(k not in dsd.SCHEDULE_KINDS for k in kinds)):
     fail("dsd.kinds", kinds, f"a non-empty tuple of distinct schedules from {', '.join(dsd.SCHEDULE_KINDS)}")
   choice(c, "dsd.init", ("teacher", "stage_one"))
+  choice(c, "dsd.tsd_teacher", ("previous_depth", "start_model"))
+  tsd_kinds = c.dsd.tsd_kinds
+  if (not isinstance(tsd_kinds, (tuple, list)) or not tsd_kinds or len(set(tsd_kinds)) != len(tsd_kinds)
+      or any(k not in dsd.SCHEDULE_KINDS for k in tsd_kinds)):
+    fail("dsd.tsd_kinds", tsd_kinds, f"a non-empty tuple of distinct schedules from {', '.join(dsd.SCHEDULE_KINDS)}")
+  kinds = tuple(kinds) + tuple(k for k in tsd_kinds if k not in kinds)
   for f in ("start_steps", "end_steps"):
     v = c.dsd[f]
     if isinstance(v, bool) or not isinstance(v, int) or v < 2 or v % 2:

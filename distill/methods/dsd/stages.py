@@ -144,7 +144,8 @@ def fine_tuning_stage(ctx: Context, mode: str, kind: str) -> tuple[train.Stage, 
                                     float(d.adam_b1), float(d.adam_b2), float(d.grad_clip))
   teacher_evals, student_evals = evals_per_update(plan, mode, evals_per_call)
   last_steps = plan[-1][0] // 2
-  meta = contract.StageMeta.of(**{"kind": "dsd_student" if mode == "dsd" else "tsd_student",
+  fields = {"tsd_teacher": "start_model"} if mode == "tsd" else {}
+  meta = contract.StageMeta.of(**fields, **{"kind": "dsd_student" if mode == "dsd" else "tsd_student",
           "sampler": "ddim" if w_conditioned else "cfg_ddim",
           "num_sampling_steps": last_steps, "eval_steps": sorted({int(n) for n in d.eval_steps}),
           "w_range": [float(d.w_min), float(d.w_max)], "w_conditioned": w_conditioned,
@@ -167,7 +168,7 @@ def fine_tuning_stage(ctx: Context, mode: str, kind: str) -> tuple[train.Stage, 
 
 def _run_fine_tuning(ctx: Context, mode: str) -> dict:
   out = {}
-  for kind in ctx.config.dsd.kinds:
+  for kind in (ctx.config.dsd.kinds if mode == "dsd" else ctx.config.dsd.tsd_kinds):
     stage, plan = fine_tuning_stage(ctx, mode, kind)
     print(f"[{stage.name}] depths (N, trajectories): {plan}; {stage.num_steps} updates of "
           f"{ctx.config.dsd.batch_size} trajectories")
@@ -183,8 +184,72 @@ def run_dsd(ctx: Context) -> dict:
   return _run_fine_tuning(ctx, "dsd")
 
 
+def tsd_depth_stage(ctx: Context, kind: str, depth: int, params, parents: list) -> tuple[train.Stage, list]:
+  """TSD as progressive distillation (dsd.tsd_teacher='previous_depth'): depth `depth` of schedule `kind` as its
+  own stage WORKDIR/tsd/<KIND>/N<N_depth>, whose student starts from, and whose frozen teacher is, `params` —
+  the previous depth's student (the start model at depth 0). Batches and the learning rate continue the
+  schedule's over all depths (offset by the updates of the depths before), as the one-stage form has them;
+  Adam's moments restart with each depth, as they do in each halving round. Returns (stage, its depth's plan)."""
+  c = ctx.config
+  d = c.dsd
+  _, x_fn, w_conditioned, evals_per_call, start_parents = start_model(ctx)
+  plan = schedule_plan(d, kind)
+  per_depth = dsd.updates_per_depth(plan)
+  offset, n = sum(per_depth[:depth]), plan[depth][0]
+  last = depth == len(plan) - 1
+  cosine = optimizers.cosine_schedule(float(d.lr), int(d.updates), final_fraction=float(d.lr_final_fraction),
+                                      warmup_steps=int(d.warmup_steps))
+  schedule = lambda step: cosine(step + offset)
+  optimizer = optax.chain(optax.clip_by_global_norm(float(d.grad_clip)),
+                          optax.adam(schedule, b1=float(d.adam_b1), b2=float(d.adam_b2)))
+  teacher_evals, student_evals = evals_per_update([plan[depth]], "tsd", evals_per_call)
+  meta = contract.StageMeta.of(**{
+      "kind": "tsd_student", "sampler": "ddim" if w_conditioned else "cfg_ddim",
+      "num_sampling_steps": n // 2, "eval_steps": sorted({int(k) for k in d.eval_steps}),
+      "w_range": [float(d.w_min), float(d.w_max)], "w_conditioned": w_conditioned,
+      "method": f"TSD ({kind})", "report_sampler": "deterministic", "scored": last,
+      "stage_kind": "tsd", "schedule": kind, "init": d.init, "depth": depth, "tsd_teacher": "previous_depth",
+      "teacher_fingerprint": train.fingerprint(params), "plan": [[k, u] for k, u in plan],
+      "updates_per_depth": per_depth, "lr": float(d.lr), "lr_schedule_updates": int(d.updates),
+      "batch_size": int(d.batch_size), "teacher_evals_per_update": round(teacher_evals, 4),
+      "student_evals_per_update": round(student_evals, 4),
+      "mean_replayed_steps": round(mean_replayed_steps([plan[depth]]), 4),
+      "cost_parents": parents if depth else start_parents})
+  whole = trajectory_batch_fn(plan, batch_size=d.batch_size, image_shape=ctx.image_shape,
+                              num_classes=c.data.num_classes, w_min=d.w_min, w_max=d.w_max, seed=c.seed)
+  stage = train.Stage(
+      name=f"tsd/{kind}/N{n:04d}", loss_fn=_loss(ctx, "tsd", x_fn), init_params=params, optimizer=optimizer,
+      # seed + depth: the trainer counts steps from 0 in every stage, so each depth draws its own keys.
+      num_steps=per_depth[depth], batch_fn=lambda step: whole(step + offset), seed=c.seed + depth,
+      ema_decay=d.ema_decay, frozen={"teacher": params}, log_every=d.log_every, ckpt_every=d.ckpt_every,
+      images_per_step=d.batch_size, lr_schedule=schedule, meta=meta.to_dict(), fsdp=c.mesh.fsdp,
+      fsdp_min_size=c.mesh.fsdp_min_size)
+  return stage, [plan[depth]]
+
+
+def _run_tsd_by_depth(ctx: Context) -> dict:
+  out = {}
+  for kind in ctx.config.dsd.tsd_kinds:
+    params = start_model(ctx)[0]
+    parents: list = []
+    for depth in range(len(schedule_plan(ctx.config.dsd, kind))):
+      stage, plan = tsd_depth_stage(ctx, kind, depth, params, parents)
+      print(f"[{stage.name}] depth {depth} (N, trajectories): {plan}; {stage.num_steps} updates, teacher = "
+            f"{'the start model' if depth == 0 else parents[0]}")
+      params, meta = run_stage(ctx, stage)
+      parents = [stage.name]
+    _grid(ctx, stage.name, params, meta)
+    out[kind] = (params, meta)
+  return out
+
+
 def run_tsd(ctx: Context) -> dict:
-  """Stage 'tsd': the same schedules with the start model frozen as the teacher, WORKDIR/tsd/<KIND>."""
+  """Stage 'tsd', DSD's teacher-student control. dsd.tsd_teacher='previous_depth' (the paper's reading: TSD
+  "mimics" progressive distillation): each depth is a stage WORKDIR/tsd/<KIND>/N<N> whose teacher is the
+  previous depth's student, the last depth's student the one scored. 'start_model': one stage per schedule,
+  WORKDIR/tsd/<KIND>, the start model frozen as the teacher at every depth. Returns {kind: (params, meta)}."""
+  if ctx.config.dsd.tsd_teacher == "previous_depth":
+    return _run_tsd_by_depth(ctx)
   return _run_fine_tuning(ctx, "tsd")
 
 
