@@ -15,8 +15,9 @@ and position (tests/test_dsd_stages.py counts the compilations). The schedules o
 loss and the optimizer, so all kinds of 'dsd' reuse one compiled step, and all kinds of 'tsd' another.
 
 Updates. `config.dsd.updates` is P, the parameter updates a schedule makes, as §5 states them ("4000 and
-5000 total parameter updates (P)") and as the authors' code runs them. The printed U_i = P/|N|·1/N_i makes
-U_i·N_i/2 updates per depth, ≈ P/2 in all (`dsd.depth_schedule`), so the plan is built with 2P; with U_i
+5000 total parameter updates (P)"). The printed U_i = P/|N|·1/N_i makes
+U_i·N_i/2 updates per depth, ≈ P/2 in all (`dsd.depth_schedule`), so the plan is built with 2P (our reading:
+§5's count wins over the printed formula); with U_i
 rounded the stage makes P up to a few updates (the meta records the exact count as num_steps). The cosine
 learning rate (to `lr_final_fraction` of `lr`, §5) runs over P for every kind, so that kinds share one
 compiled step; a kind that makes more than P updates spends the extra few at the final rate.
