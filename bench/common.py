@@ -147,7 +147,7 @@ def unrolled_scans():
   """Inside this block every `jax.lax.scan` traced unrolls fully.
 
   XLA's cost analysis counts a while loop's body once (its trip count is not in general known), so a halving
-  round's two teacher steps, which `progressive._two_teacher_steps` runs as a scan of length 2, would count as
+  round's two teacher steps, which `losses.two_ddim_steps` runs as a scan of length 2, would count as
   one. Counting FLOPs on a trace made inside this block counts both. Only tracing is affected: trace a fresh
   function (not one already traced, whose jaxpr JAX would reuse)."""
   original = jax.lax.scan

@@ -1,6 +1,7 @@
 """The pieces distillation losses are built of, each written once: the x-function convention, guidance draws,
-classifier-free guidance as one batched call, the noised draws of diffusion training, and ω(λ)-weighted
-regression. Methods build their losses from these; nothing here knows a method.
+classifier-free guidance as one batched call, the noised draws of diffusion training, two DDIM steps of a model
+and the one-step target they define, and ω(λ)-weighted regression. Methods build their losses from these;
+nothing here knows a method.
 
 Models are seen through x-functions (the stages build them from the U-Net, `models.x_function`; tests from
 the exact Gaussian mixture and tiny MLPs):
@@ -69,6 +70,49 @@ def noised_batch(batch, rng, logsnr_fn: LogSNRFn, p_uncond: float, null_label: i
   if p_uncond > 0:
     labels = jnp.where(jax.random.uniform(k_drop, labels.shape) < p_uncond, null_label, labels)
   return t, logsnr, eps, z, labels, k_dropout
+
+
+def two_ddim_steps(x_fn: XFn, params, z_t, logsnrs, labels, w, x_hat_t=None):
+  """Two DDIM steps of a model t → t' → t'' (either direction: sampling or encoding).
+
+  z_t: [B, H, W, C]; logsnrs = (λ_t, λ_t', λ_t''), each [B]; labels: [B] int32; w: [B] float32 (what x_fn
+  takes). x_hat_t: x̂(z_t) [B, H, W, C] when the caller already has it (one evaluation, of z_t'), else None
+  (two evaluations, run as a `lax.scan` of length 2 so that a train step holds one copy of the network and
+  compiles about twice as fast). Returns (z_t'', x̂(z_t), x̂(z_t')), each [B, H, W, C]. Differentiable as
+  written; `two_step_distillation_target` detaches.
+  """
+  logsnr_t, logsnr_1, logsnr_2 = logsnrs
+  if x_hat_t is not None:
+    z_1 = diffusion.ddim_step(z_t, x_hat_t, logsnr_t, logsnr_1)
+    x_hat_1 = x_fn(params, z_1, logsnr_1, labels, w)
+    return diffusion.ddim_step(z_1, x_hat_1, logsnr_1, logsnr_2), x_hat_t, x_hat_1
+
+  def step(z, lams):
+    lam_from, lam_to = lams
+    x_hat = x_fn(params, z, lam_from, labels, w)
+    return diffusion.ddim_step(z, x_hat, lam_from, lam_to), x_hat
+
+  z_2, x_hats = jax.lax.scan(step, z_t, (jnp.stack([logsnr_t, logsnr_1]), jnp.stack([logsnr_1, logsnr_2])))
+  return z_2, x_hats[0], x_hats[1]
+
+
+def two_step_distillation_target(x_fn: XFn, params, z_t, logsnrs, labels, w, *, is_last=None, x_hat_t=None):
+  """The detached target of step distillation: the x̃ whose single DDIM step t → t'' lands where
+  `two_ddim_steps` of x_fn lands, x̃ = (z_t'' − (σ_t''/σ_t) z_t) / (α_t'' − (σ_t''/σ_t) α_t)
+  (`diffusion.distillation_target`); where is_last ([B] bool: t'' is the data end) it is the model's own
+  x̂(z_t') instead (`diffusion.distillation_target_with_last_step`, DESIGN §6). is_last None: no such rows.
+
+  Arguments as `two_ddim_steps` (params and x_hat_t are detached first). Returns (x̃ [B, H, W, C],
+  (z_t'', x̂(z_t), x̂(z_t'))), all stop-gradient.
+  """
+  params, x_hat_t = jax.lax.stop_gradient((params, x_hat_t))
+  z_2, x_hat_t, x_hat_1 = two_ddim_steps(x_fn, params, z_t, logsnrs, labels, w, x_hat_t)
+  logsnr_t, _, logsnr_2 = logsnrs
+  if is_last is None:
+    target = diffusion.distillation_target(z_t, z_2, logsnr_t, logsnr_2)
+  else:
+    target = diffusion.distillation_target_with_last_step(z_t, z_2, x_hat_1, logsnr_t, logsnr_2, is_last)
+  return jax.lax.stop_gradient((target, (z_2, x_hat_t, x_hat_1)))
 
 
 def weighted_regression(x_hat, target, logsnr, weighting: str):

@@ -136,9 +136,10 @@ def test_one_student_step_lands_on_two_teacher_steps(kind, monkeypatch):
   shifted = _target_errors(kind, lambda t: LOGSNR(jnp.clip(t - 0.5 / N, 0.0, 1.0)))
   assert np.max(shifted) > 100 * TOL, shifted
   # (2) the teacher's midpoint t' moved half a step towards t'',
-  times = progressive._times
+  times = progressive.round_times
   with monkeypatch.context() as m:
-    m.setattr(progressive, "_times", lambda i, n, offs: times(i, n, (offs[0] + np.sign(offs[1]) * 0.5,) + offs[1:]))
+    m.setattr(progressive, "round_times",
+              lambda i, n, offs: times(i, n, (offs[0] + np.sign(offs[1]) * 0.5,) + offs[1:]))
     midpoint = _target_errors(kind)
   assert np.max(midpoint) > 100 * TOL, midpoint
   # (3) a sign error in the teacher's DDIM steps.
@@ -210,14 +211,13 @@ def test_one_compiled_loss_serves_every_round():
 
 def test_round_indices_cover_each_algorithms_range():
   seen = {}
-  for kind, first in (("deterministic", 1), ("stochastic", 1), ("encoder", 0)):
-    def target_fn(teacher_params, z, i, n, labels, w, kind=kind):
-      seen[kind] = set(np.asarray(i).tolist())
+  for kind, make_loss in LOSSES.items():
+    def student_x(params, z, logsnr, labels, w, *, train=False, rng=None, kind=kind):
+      # The student sees λ_t of t = i/N: recover i (concrete: the loss runs eagerly, no jit).
+      seen[kind] = set(np.round(np.asarray(schedules.cosine_time(logsnr)) * 4).astype(int).tolist())
       return z
-    # Eagerly (no jit), so the drawn indices are concrete; the rounds differ only in `first`.
-    loss_fn = progressive._round_loss(lambda p, z, l, y, w, r: z, target_fn, first, logsnr_fn=LOGSNR, w_min=0.0,
-                                      w_max=1.0, weighting="constant")
-    loss_fn(None, _frozen(4), _batch(n=300), jax.random.PRNGKey(0))
+    make_loss(student_x, guided_teacher_x, logsnr_fn=LOGSNR, w_min=0.0, w_max=1.0, weighting="constant")(
+        None, _frozen(4), _batch(n=300), jax.random.PRNGKey(0))
   assert seen == {"deterministic": {1, 2, 3, 4}, "stochastic": {1, 2, 3, 4}, "encoder": {0, 1, 2, 3}}
 
 

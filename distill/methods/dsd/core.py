@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from distill import diffusion, optimizers
-from distill.losses import LossFn, XFn, noised_batch, weighted_regression
+from distill.losses import LossFn, XFn, noised_batch, two_step_distillation_target, weighted_regression
 from distill.schedules import LogSNRFn
 
 # Table 3 (fine-tuning DSD/TSD, identical for every schedule) and §5. Grad clip "0-1": global norm 1. §5's
@@ -92,14 +92,11 @@ def two_step_target(x_fn: XFn, params, z_t, x_hat_t, position, num_steps, labels
 
   z_t, x_hat_t: [B, H, W, C]; position, num_steps: [B] int32; labels [B]; w [B]. Returns (x″, z_t''), both
   [B, H, W, C] and not differentiated; z_t'' is where the trajectory continues."""
-  params, x_hat_t = jax.lax.stop_gradient((params, x_hat_t))
   t, t_1, t_2 = position_times(position, num_steps)
-  logsnr_t, logsnr_1, logsnr_2 = logsnr_fn(t), logsnr_fn(t_1), logsnr_fn(t_2)
-  z_1 = diffusion.ddim_step(z_t, x_hat_t, logsnr_t, logsnr_1)
-  x_hat_1 = x_fn(params, z_1, logsnr_1, labels, w)
-  z_2 = diffusion.ddim_step(z_1, x_hat_1, logsnr_1, logsnr_2)
-  target = diffusion.distillation_target_with_last_step(z_t, z_2, x_hat_1, logsnr_t, logsnr_2, t_2 == 0.0)
-  return jax.lax.stop_gradient((target, z_2))
+  logsnrs = (logsnr_fn(t), logsnr_fn(t_1), logsnr_fn(t_2))
+  target, (z_2, _, _) = two_step_distillation_target(x_fn, params, z_t, logsnrs, labels, w, is_last=t_2 == 0.0,
+                                                     x_hat_t=x_hat_t)
+  return target, z_2
 
 
 def position_loss(model_x: XFn, params, z_t, position, num_steps, labels, w, *, logsnr_fn: LogSNRFn,
@@ -212,6 +209,10 @@ def training_loss(v_fn, *, logsnr_fn: LogSNRFn, distill_steps: int, alpha: float
     raise ValueError("training_loss: p_uncond > 0 needs null_label")
   h = 1.0 / distill_steps
 
+  def x_fn(params, z, logsnr, labels, w):  # the model as an x-function (no w input) for the target's step
+    del w
+    return diffusion.x_from_v(z, v_fn(params, z, logsnr, labels), logsnr)
+
   def loss_fn(params, frozen, batch, rng):
     del frozen
     x = batch["image"]
@@ -221,14 +222,9 @@ def training_loss(v_fn, *, logsnr_fn: LogSNRFn, distill_steps: int, alpha: float
 
     x_prime = diffusion.x_from_v(z, v_hat, logsnr)
     t_1, t_2 = jnp.maximum(t - h, 0.0), jnp.maximum(t - 2 * h, 0.0)
-    logsnr_1, logsnr_2 = logsnr_fn(t_1), logsnr_fn(t_2)
-    frozen_params = jax.lax.stop_gradient(params)
-    z_1 = diffusion.ddim_step(z, jax.lax.stop_gradient(x_prime), logsnr, logsnr_1)
-    x_hat_1 = diffusion.x_from_v(z_1, v_fn(frozen_params, z_1, logsnr_1, labels), logsnr_1)
-    z_2 = diffusion.ddim_step(z_1, x_hat_1, logsnr_1, logsnr_2)
     # Where t'' clips to 0 the closed form may divide by ~0; those rows take x̂(z_t') and are masked below.
-    target = jax.lax.stop_gradient(
-        diffusion.distillation_target_with_last_step(z, z_2, x_hat_1, logsnr, logsnr_2, t_2 == 0.0))
+    target, _ = two_step_distillation_target(x_fn, params, z, (logsnr, logsnr_fn(t_1), logsnr_fn(t_2)), labels,
+                                             None, is_last=t_2 == 0.0, x_hat_t=x_prime)
     err = jnp.mean((x_prime - target) ** 2, axis=tuple(range(1, x.ndim)))
     active = t >= 2 * h
     distill = jnp.mean(jnp.where(active, diffusion.loss_weight(logsnr, weighting) * err, 0.0))

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from distill import diffusion, samplers
-from distill.losses import LossFn, XFn, cond_uncond, sample_w, weighted_regression
+from distill.losses import LossFn, XFn, cond_uncond, sample_w, two_step_distillation_target, weighted_regression
 from distill.schedules import LogSNRFn
 
 
@@ -29,7 +29,7 @@ from distill.schedules import LogSNRFn
 # from z_t reproducing the teacher's move. None differentiates through the teacher.
 
 
-def _times(i, num_steps, offsets):
+def round_times(i, num_steps, offsets):
   """t = i/N and t + o/N for each offset o, clamped to [0, 1] (the clamp only matters for the branch
   `stochastic_target` computes and discards at i = 1, which would otherwise reach t < 0). [B] each."""
   n = jnp.asarray(num_steps, jnp.float32)
@@ -37,30 +37,20 @@ def _times(i, num_steps, offsets):
   return (t,) + tuple(jnp.clip(t + o / n, 0.0, 1.0) for o in offsets)
 
 
-def _two_teacher_steps(teacher_x: XFn, teacher_params, z_t, ts, labels, w, logsnr_fn: LogSNRFn):
-  """Two DDIM steps of the teacher t → t' → t'' (either direction). ts = (t, t', t''), each [B].
-
-  Returns (z_t'', x̂(z_t), x̂(z_t'), λ_t, λ_t''), the states [B, H, W, C] and log-SNRs [B]."""
-  logsnr_t, logsnr_1, logsnr_2 = (logsnr_fn(s) for s in ts)
-
-  def step(z, logsnrs):
-    lam_from, lam_to = logsnrs
-    x_hat = teacher_x(teacher_params, z, lam_from, labels, w)
-    return diffusion.ddim_step(z, x_hat, lam_from, lam_to), x_hat
-
-  # A scan, not two inlined calls: the train step then holds one copy of the teacher network (compiles faster).
-  z_2, x_hats = jax.lax.scan(step, z_t, (jnp.stack([logsnr_t, logsnr_1]), jnp.stack([logsnr_1, logsnr_2])))
-  return z_2, x_hats[0], x_hats[1], logsnr_t, logsnr_2
+def _teacher_target(teacher_x: XFn, teacher_params, z_t, i, num_steps, offsets, labels, w, logsnr_fn: LogSNRFn,
+                    is_last=None):
+  """`losses.two_step_distillation_target` of the teacher's two steps t = i/N → t + o'/N → t + o''/N,
+  offsets = (o', o''). Returns (x̃, (z_t'', x̂(z_t), x̂(z_t')))."""
+  logsnrs = tuple(logsnr_fn(s) for s in round_times(i, num_steps, offsets))
+  return two_step_distillation_target(teacher_x, teacher_params, z_t, logsnrs, labels, w, is_last=is_last)
 
 
 def deterministic_target(teacher_x: XFn, teacher_params, z_t, i, num_steps, labels, w, logsnr_fn: LogSNRFn):
   """Algorithm 2, i ∈ {1..N}: the teacher's two steps t = i/N → t − 0.5/N → t − 1/N. At i = 1 (t'' = 0) the
   target is the teacher's second x̂, at t' = 0.5/N (DESIGN §6)."""
-  ts = _times(i, num_steps, (-0.5, -1.0))
-  z_2, _, x_hat_1, logsnr_t, logsnr_2 = _two_teacher_steps(teacher_x, teacher_params, z_t, ts, labels, w,
-                                                           logsnr_fn)
-  target = diffusion.distillation_target_with_last_step(z_t, z_2, x_hat_1, logsnr_t, logsnr_2, i == 1)
-  return jax.lax.stop_gradient(target)
+  target, _ = _teacher_target(teacher_x, teacher_params, z_t, i, num_steps, (-0.5, -1.0), labels, w, logsnr_fn,
+                              is_last=i == 1)
+  return target
 
 
 def stochastic_target(teacher_x: XFn, teacher_params, z_t, i, num_steps, labels, w, logsnr_fn: LogSNRFn):
@@ -68,23 +58,19 @@ def stochastic_target(teacher_x: XFn, teacher_params, z_t, i, num_steps, labels,
   being 2/N long as in the stochastic sampler (at i = 2, t'' = 0: the teacher's second x̂, at 1/N); at i = 1
   the teacher's single step to 0, whose one-step target is just the teacher's x̂(z_t)."""
   i = jnp.asarray(i)
-  ts = _times(i, num_steps, (-1.0, -2.0))
   # Both branches are computed and one selected, so N can stay traced; at i = 1 the second evaluation
   # (from t' = 0 to t'' = 0, a no-op step) is wasted.
-  z_2, x_hat_t, x_hat_1, logsnr_t, logsnr_2 = _two_teacher_steps(teacher_x, teacher_params, z_t, ts, labels,
-                                                                 w, logsnr_fn)
-  two_step = diffusion.distillation_target_with_last_step(z_t, z_2, x_hat_1, logsnr_t, logsnr_2, i == 2)
+  two_step, (_, x_hat_t, _) = _teacher_target(teacher_x, teacher_params, z_t, i, num_steps, (-1.0, -2.0), labels,
+                                              w, logsnr_fn, is_last=i == 2)
   first = (i == 1).reshape(i.shape + (1,) * (z_t.ndim - 1))
-  target = jnp.where(first, x_hat_t, two_step)
-  return jax.lax.stop_gradient(target)
+  return jnp.where(first, x_hat_t, two_step)
 
 
 def encoder_target(teacher_x: XFn, teacher_params, z_t, i, num_steps, labels, w, logsnr_fn: LogSNRFn):
   """Algorithm 4, i ∈ {0..N−1}: the teacher's two reversed DDIM steps t → t + 0.5/N → t + 1/N. No last-step
   rule: t'' ≥ 1/N is never the data end. (At i = 0, z_t = z_0 ≈ x.)"""
-  ts = _times(i, num_steps, (0.5, 1.0))
-  z_2, _, _, logsnr_t, logsnr_2 = _two_teacher_steps(teacher_x, teacher_params, z_t, ts, labels, w, logsnr_fn)
-  return jax.lax.stop_gradient(diffusion.distillation_target(z_t, z_2, logsnr_t, logsnr_2))
+  target, _ = _teacher_target(teacher_x, teacher_params, z_t, i, num_steps, (0.5, 1.0), labels, w, logsnr_fn)
+  return target
 
 
 def two_student_target(teacher_x: XFn, teacher_params, z_t, i, num_steps, labels, w, logsnr_fn: LogSNRFn,
@@ -97,17 +83,19 @@ def two_student_target(teacher_x: XFn, teacher_params, z_t, i, num_steps, labels
   call of 2B rows. Returns (x̃_c, x̃_∅), each [B, H, W, C]; their guided mix is Alg. 2's target for the
   teacher's guided two steps.
   """
-  t, t_1, t_2 = _times(i, num_steps, (-0.5, -1.0))
-  logsnr_t, logsnr_1, logsnr_2 = logsnr_fn(t), logsnr_fn(t_1), logsnr_fn(t_2)
+  ts = round_times(i, num_steps, (-0.5, -1.0))
+  logsnr_t, logsnr_1, logsnr_2 = (logsnr_fn(s) for s in ts)
   cond_t, uncond_t = cond_uncond(teacher_x, teacher_params, z_t, logsnr_t, labels, w, null_label)
-  z_1 = diffusion.ddim_step(z_t, diffusion.cfg_mix(cond_t, uncond_t, w), logsnr_t, logsnr_1)
-  heads_1 = cond_uncond(teacher_x, teacher_params, z_1, logsnr_1, labels, w, null_label)
-
-  def target(x_hat_1):
-    z_2 = diffusion.ddim_step(z_1, x_hat_1, logsnr_1, logsnr_2)
-    return diffusion.distillation_target_with_last_step(z_t, z_2, x_hat_1, logsnr_t, logsnr_2, i == 1)
-
-  return jax.lax.stop_gradient(tuple(target(h) for h in heads_1))
+  # The two heads as one batch of 2B rows (class rows, then null-label rows) that share the guided x̂^w(z_t):
+  # the shared block's first step lands both on the same z_t', and its one evaluation of z_t' is then
+  # cond_uncond's single 2B-row call.
+  two = lambda a: jnp.concatenate([a, a])
+  logsnrs = (two(logsnr_t), two(logsnr_1), two(logsnr_2))
+  heads, _ = two_step_distillation_target(teacher_x, teacher_params, two(z_t), logsnrs,
+                                          jnp.concatenate([labels, jnp.full_like(labels, null_label)]), two(w),
+                                          is_last=two(i == 1), x_hat_t=two(diffusion.cfg_mix(cond_t, uncond_t, w)))
+  b = z_t.shape[0]
+  return heads[:b], heads[b:]
 
 
 # --- losses ------------------------------------------------------------------------------------------
@@ -130,7 +118,7 @@ def _round_loss(predict, target_fn, first_index: int, *, logsnr_fn: LogSNRFn, w_
     k_i, k_w, k_eps, k_dropout = jax.random.split(rng, 4)
     i = jax.random.randint(k_i, (b,), first_index, first_index + num_steps)
     w = sample_w(k_w, (b,), w_min, w_max)
-    (t,) = _times(i, num_steps, ())
+    (t,) = round_times(i, num_steps, ())
     logsnr_t = logsnr_fn(t)
     z_t = diffusion.q_sample(x, jax.random.normal(k_eps, x.shape, x.dtype), logsnr_t)
     target = target_fn(frozen["teacher"], z_t, i, num_steps, labels, w)
