@@ -11,13 +11,14 @@ Reading of the paper (Algorithm 2, §4.1, §4.1.1, §4.2, Appendix I–J, Table 
   j = 0 … N_i/2 − 1, k = N_i − 2j — the model takes two DDIM steps k → k − 1 → k − 2 (stop-gradient) and the
   trajectory continues from z_{k−2}. Each position is ONE parameter update (Alg. 2 writes θ ← θ − γ∇L inside
   the loop over t; §4.1.1: "we update once for every two sampling steps"): all positions in order, none drawn
-  at random, N_i/2 updates per trajectory. The authors' runs used one trajectory per update (batch 1); here a
-  batch holds B trajectories at the same position.
+  at random, N_i/2 updates per trajectory. Alg. 2 is written for one trajectory at a time and the paper states
+  no batch size; here a batch holds B trajectories at the same position (`dsd.batch_size`, ours).
 - Loss at a position: x′ = (z_t' − (σ_t'/σ_t) z_t)/(α_t' − (σ_t'/σ_t) α_t), which is exactly x̂_θ(z_t) (with
   gradient), against the detached two-step target x″ = `diffusion.distillation_target(z_t, z_t'', …)`, weighted
   by truncated SNR max(e^λ_t, 1): L = ω(λ_t)·‖x′ − x″‖². The student's step is 2/N_i long, the teacher's 1/N_i.
   At the last position (t'' = 0) x″ is the model's x̂(z_t') (DESIGN §6), which is where the closed form tends.
-- Guided models: w ~ U[1, 3] (§5) once per trajectory. A CFG model's "model" is its guided x̂^w =
+- Guided models: w ~ U[w_min, w_max] once per trajectory (§5's guidance scale s ∈ [1, 3] is w = s − 1 ∈ [0, 2]
+  in our convention: `diffusion.w_from_guidance_scale`). A CFG model's "model" is its guided x̂^w =
   (1 + w) x̂_c − w x̂_∅ (`losses.cfg_x_fn`, one 2B-row call); a w-conditioned student takes w directly.
 - Two network evaluations per update (x̂(z_t) is shared by x′ and the target's first step), as §6 notes.
 
@@ -262,7 +263,8 @@ def depth_schedule(kind: str, start_steps: int, total_updates: int, end_steps: i
 
   Updates: Alg. 2 updates once per position, N_i/2 times per trajectory, so depth i makes U_i·N_i/2 updates
   (`updates_per_depth`), equal across depths for DSDI/DSDGL — and ≈ P/2 in all, not P: the printed formula
-  and §5's "P total parameter updates" disagree by 2 (the authors' code doubles U_i). Pass 2P for P updates.
+  and §5's "P total parameter updates" disagree by 2. We take §5's count as the intended one and pass 2P for P
+  updates (a reading: the paper does not say which of the two its runs followed).
   U_i is rounded half up; a depth whose U_i rounds to 0 is listed and makes no update.
 
   end_steps: the last N (default 2, one position per trajectory: one-step sampling); DSDN takes none (or N).
