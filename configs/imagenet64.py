@@ -35,7 +35,13 @@ def get_config(arg: str | None = None):
   # w ~ U[0, 4]; stage two from 1,024 DDIM steps down to 1, 50k updates per round and 100k for the 2- and
   # 1-step rounds, lr 1e-4 annealed linearly to 0 within each round, truncated-SNR loss, no EMA.
   # The paper does not state the stage-one update count; 50k is ours.
-  config.pipeline = ("teacher", "stage_one", "distill_deterministic", "distill_stochastic", "evaluate")
+  # Every row of the paper's tables: the w-conditioned students (D and S), the single-w baseline at each w of
+  # Table 1 (and 2), the naive two-student baseline (arXiv Table 3), encoder distillation (style transfer,
+  # Figs. 3-4 and 12: `--mode=style_transfer` on its students); the teacher's DDIM and DDPM rows at every step
+  # count (Fig. 2). `python -m distill.main --config=... --mode=plan` lists them without training.
+  config.pipeline = ("teacher", "stage_one", "distill_deterministic", "distill_stochastic", "single_w", "two_student",
+                     "encoder", "evaluate")
+  config.baselines.single_w = (0.0, 0.3, 1.0, 2.0, 4.0)
   d = config.distill
   d.w_min, d.w_max, d.dropout, d.batch_size = 0.0, 4.0, 0.0, 2048
   d.stage_one_steps, d.stage_one_lr, d.stage_one_ema, d.stage_one_weighting = 50_000, 3e-4, 0.9999, "snr"

@@ -68,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
       max_reference=50000,              # reference images from the training split (FID statistics, P/R)
       is_splits=10, pr_k=3,            # k of precision/recall (Kynkäänniemi et al.: 3)
       dc_k=5,                           # k of density/coverage (Naeem et al.: 5; SFD Table 10)
+      teacher_ddpm="all",               # teacher DDPM rows at every step count DDIM is scored at, or 'reference'
+                                        # (sample.num_steps only)
   ))
   return c
 
@@ -124,6 +126,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "pr_k", "dc_k"):
     _positive_int(c, f"eval.{f}")
   _choice(c, "eval.metric", ("auto", "classifier", "inception"))
+  _choice(c, "eval.teacher_ddpm", ("all", "reference"))
   registry.validate(c)
 
 

@@ -126,7 +126,8 @@ def run_stage(ctx: Context):
   students = [(n, d) for n, d in finished_students(ctx.workdir) if n != "teacher"]
   results_path = os.path.join(ctx.workdir, "results.json")
   evaluated = {"checkpoints": ["teacher"] + [name for name, _ in students], "w_values": list(e.w_values),
-               "per_class": e.per_class, "seed": c.seed, "metric": protocol.resolve_metric(c)}
+               "per_class": e.per_class, "seed": c.seed, "metric": protocol.resolve_metric(c),
+               "teacher_ddpm": e.teacher_ddpm}
   if epath.Path(results_path).exists():
     if writers.read_json(results_path).get("evaluated") == evaluated:
       print(f"[evaluate] {results_path} already covers these checkpoints; delete it to evaluate again")
@@ -146,12 +147,15 @@ def run_stage(ctx: Context):
                                  null_label=ctx.null_label, clip=c.sample.clip)
   student_steps = sorted({n for _, m in metas.values() for n in m.steps_scored})
   jobs = []  # (method, sampler, w, steps, nfe, sample fn, checkpoint, cost)
+  teacher_steps = sorted(set(student_steps) | {c.sample.num_steps})
+  ddpm_steps = teacher_steps if e.teacher_ddpm == "all" else [c.sample.num_steps]
   for w in e.w_values:
-    for steps in sorted(set(student_steps) | {c.sample.num_steps}):
+    for steps in teacher_steps:
       jobs.append(("teacher DDIM", "ddim", w, steps, 2 * steps, functools.partial(teacher_fn, num_steps=steps),
                    "teacher", {}))
-    jobs.append(("teacher DDPM", "ddpm", w, c.sample.num_steps, 2 * c.sample.num_steps,
-                 functools.partial(teacher_fn, num_steps=c.sample.num_steps, sampler="ddpm"), "teacher", {}))
+    for steps in ddpm_steps:
+      jobs.append(("teacher DDPM", "ddpm", w, steps, 2 * steps,
+                   functools.partial(teacher_fn, num_steps=steps, sampler="ddpm"), "teacher", {}))
     for name, (params, meta) in metas.items():
       if not meta.serves(w):
         continue  # a single-w student is scored at its own w only
