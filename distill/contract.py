@@ -44,6 +44,8 @@ class Method:
   quick: config -> None: shrinks its sections to a smoke run (`configs/*.py:quick`).
   data_batches: config fields ('teacher.batch_size') of batches its stages draw from the training set: each must
   not exceed the set's size (checked before anything is written, when the pipeline runs its stages).
+  plan: (config, stage name) -> [(stage directory name, StageMeta)]: what the stage would write, without
+  training (teacher fingerprints and other trained values left out); `--mode=plan` prints it.
   upgrade_meta: (stage name, old meta dict, the run's config.json dict) -> StageMeta or None, for stages written
   before the contract (None: not one of this method's).
   """
@@ -56,6 +58,7 @@ class Method:
   preflight: Callable[[Any], None] | None = None
   quick: Callable[[Any], None] | None = None
   data_batches: tuple[str, ...] = ()
+  plan: Callable[[Any, str], list] | None = None
   upgrade_meta: Callable[[str, dict, dict], "StageMeta | None"] | None = None
 
 
@@ -67,7 +70,7 @@ class StageMeta:
   method: the report's label ('guided PD', 'SFD', 'CD', …). sampler: the registered sampler that samples it
   ('' for a stage that is not sampled, e.g. an encoder). report_sampler: the report's sampler column.
   num_sampling_steps: the step count it was distilled for; eval_steps: the counts it is scored at (empty: that
-  one). w_range: [lo, hi] guidance it serves (lo == hi: one w). w_conditioned: it takes w as an input.
+  one). evals_per_step: network evaluations per sampling step (2 for a model guided at sampling by CFG). w_range: [lo, hi] guidance it serves (lo == hi: one w). w_conditioned: it takes w as an input.
   Cost of one update: batch_size examples, each costing teacher_evals_per_update teacher and
   student_evals_per_update student network evaluations. cost_parents: stages (names under the workdir) whose
   cost it builds on (a halving round: the round before it). scored: the evaluate stage scores it.
@@ -81,6 +84,7 @@ class StageMeta:
   batch_size: int
   teacher_evals_per_update: float
   student_evals_per_update: float = 1.0
+  evals_per_step: int = 1
   report_sampler: str = "deterministic"
   eval_steps: tuple[int, ...] = ()
   w_conditioned: bool = False

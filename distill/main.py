@@ -33,7 +33,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs
 _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
                                   "Resume a workdir whose saved config.json differs from this run's config.")
 
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "style_transfer", "evaluate"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "style_transfer", "evaluate", "plan"],
                           "train: run the config's pipeline; sample: sample a finished stage (--checkpoint); "
                           "style_transfer: encode with --encoder at --w_enc, decode with --decoder at --w_dec.")
 _ENCODER = flags.DEFINE_string("encoder", None, "style_transfer: a distilled encoder stage, e.g. runs/digits/encoder/N0004.")
@@ -146,6 +146,33 @@ def sample_main():
     fail(str(e))
   print(f"wrote {result['png']} and {result['npz']} ({result['steps']} {result['sampler']} steps, "
         f"{result['nfe_per_sample']} network evaluations per sample)")
+
+
+def plan_main():
+  """--mode=plan: every stage the config's pipeline would write and every row its evaluate stage would score
+  (method, sampler, w, steps, NFE), without training or reading data."""
+  from distill import configuration, registry
+  if _CONFIG.value is None:
+    fail("--config is required with --mode=plan, e.g. --config=configs/cifar10.py")
+  config = _CONFIG.value
+  try:
+    configuration.validate(config)
+    planned = registry.plan(config)
+  except (configuration.ConfigError, ValueError) as e:
+    fail(str(e))
+  print(f"pipeline: {', '.join(config.pipeline)}")
+  for stage, name, m in planned:
+    w = "any w" if m.w_range[1] == float("inf") else (
+        f"w = {m.w_range[0]:g}" if m.w_range[0] == m.w_range[1] else f"w in [{m.w_range[0]:g}, {m.w_range[1]:g}]")
+    scored = f"scored at {'/'.join(map(str, m.steps_scored))} steps" if m.scored else "not scored"
+    print(f"  {stage:<22} {name:<34} {m.method:<20} {m.sampler or '-':<11} {w:<16} "
+          f"{m.evals_per_step} NFE/step, {scored}")
+  if registry.EVALUATE in config.pipeline:
+    rows = registry.planned_rows(config, planned)
+    print(f"evaluate: {len(rows)} rows, {config.eval.per_class} samples per class each (method, sampler, w, steps, "
+          "NFE):")
+    for r in rows:
+      print(f"  {r['method']:<20} {r['sampler']:<13} w={r['w']:<4g} steps={r['steps']:<5} nfe={r['nfe']}")
 
 
 def evaluate_main():
@@ -351,6 +378,9 @@ def main(argv):
   if _MODE.value == "sample":
     logging.set_verbosity(logging.WARNING)
     return sample_main()
+  if _MODE.value == "plan":
+    logging.set_verbosity(logging.WARNING)
+    return plan_main()
   if _MODE.value == "evaluate":
     logging.set_verbosity(logging.WARNING)
     return evaluate_main()

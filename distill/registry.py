@@ -128,6 +128,41 @@ def quick(config) -> None:
       m.quick(config)
 
 
+def plan(config) -> list[tuple[str, str, contract.StageMeta]]:
+  """(pipeline stage, stage directory, record) of every stage config.pipeline would write, in order, without
+  training. ValueError naming a stage whose method registers no plan."""
+  out = []
+  for stage in config.pipeline:
+    if stage == EVALUATE:
+      continue
+    owner = stage_owner(stage)
+    if owner.plan is None:
+      raise ValueError(f"method {owner.name!r} registers no plan for its stage {stage!r}")
+    out += [(stage, name, meta) for name, meta in owner.plan(config, stage)]
+  return out
+
+
+def planned_rows(config, planned) -> list[dict]:
+  """The rows the evaluate stage would score for `planned` (`plan`'s output): the teacher's DDIM (and DDPM)
+  rows at every step count, then every scored stage at each eval.w_values it serves and each step count.
+  Each row: {method, sampler, w, steps, nfe, checkpoint}."""
+  e = config.eval
+  scored = [(name, m) for _, name, m in planned if m.scored]
+  steps = sorted({n for _, m in scored for n in m.steps_scored} | {int(config.sample.num_steps)})
+  ddpm = steps if e.teacher_ddpm == "all" else [int(config.sample.num_steps)]
+  rows = []
+  for w in e.w_values:
+    rows += [dict(method="teacher DDIM", sampler="ddim", w=w, steps=n, nfe=2 * n, checkpoint="teacher")
+             for n in steps]
+    rows += [dict(method="teacher DDPM", sampler="ddpm", w=w, steps=n, nfe=2 * n, checkpoint="teacher")
+             for n in ddpm]
+    for name, m in scored:
+      if m.serves(w):
+        rows += [dict(method=m.method, sampler=m.report_sampler, w=w, steps=n, nfe=n * m.evals_per_step,
+                      checkpoint=name) for n in m.steps_scored]
+  return rows
+
+
 def load_meta(stage_dir: str, meta: dict) -> contract.StageMeta:
   """The contract record of a loaded meta dict (contract.ContractError, one line, for one written before it)."""
   return contract.StageMeta.from_dict(meta, os.path.join(stage_dir, "final", "meta.json"))

@@ -121,7 +121,9 @@ def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k:
   order = np.random.default_rng(0).permutation(len(logits))
   is_mean, is_std = metrics.inception_score(logits[order], splits=min(is_splits, len(images)), from_logits=True)
   precision, recall = metrics.precision_recall(ref.features, feats, k=pr_k)
-  density, coverage = metrics.density_coverage(ref.features, feats, k=dc_k)
+  # Density/coverage need more than k reference points (tiny test references have fewer): left out then.
+  density, coverage = (metrics.density_coverage(ref.features, feats, k=dc_k) if len(ref.features) > dc_k
+                       else (None, None))
   return {"fid": fid.frechet_distance(mu, sigma, ref.mu, ref.sigma), "is": float(is_mean), "is_std": float(is_std),
           "precision": float(precision), "recall": float(recall), "density": density, "coverage": coverage,
           "num_samples": int(len(images)),

@@ -353,4 +353,5 @@ def quick(c) -> None:
 
 METHOD = contract.Method(name="consistency", order=40, stages={"consistency": run_consistency},
                          samplers={"consistency": consistency_sampler}, config=config_sections, validate=validate,
-                         quick=quick, data_batches=("consistency.batch_size",))
+                         quick=quick, data_batches=("consistency.batch_size",),
+                         plan=lambda config, stage: [("consistency", stage_meta(config))])

@@ -47,7 +47,7 @@ def stage_meta(config) -> contract.StageMeta:
   return contract.StageMeta(
       kind="cfg_teacher", method="teacher", sampler="cfg_ddim", num_sampling_steps=int(config.sample.num_steps),
       w_range=(0.0, float("inf")), batch_size=int(config.teacher.batch_size), teacher_evals_per_update=0.0,
-      student_evals_per_update=1.0, scored=False, extra={"parameterization": config.model.parameterization})
+      student_evals_per_update=1.0, evals_per_step=2, scored=False, extra={"parameterization": config.model.parameterization})
 
 
 def run_teacher(ctx: Context):
@@ -124,7 +124,7 @@ def upgrade_meta(name: str, meta: dict, run_config: dict):
   return contract.StageMeta(
       kind="cfg_teacher", method="teacher", sampler="cfg_ddim", num_sampling_steps=int(meta["num_sampling_steps"]),
       w_range=(0.0, float("inf")), batch_size=int(run_config["teacher"]["batch_size"]), teacher_evals_per_update=0.0,
-      scored=False,
+      evals_per_step=2, scored=False,
       extra={"parameterization": meta.get("parameterization", "v")})
 
 
@@ -132,4 +132,4 @@ METHOD = contract.Method(
     name="teacher", order=0, stages={"teacher": run_teacher},
     samplers={"cfg_ddim": cfg_sampler, "cfg_ddpm": cfg_sampler},
     config=config_sections, validate=validate, quick=quick, data_batches=("teacher.batch_size",),
-    upgrade_meta=upgrade_meta)
+    plan=lambda config, stage: [("teacher", stage_meta(config))], upgrade_meta=upgrade_meta)

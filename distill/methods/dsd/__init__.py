@@ -119,4 +119,4 @@ def quick(c) -> None:
 
 # training_dsd draws the teacher recipe's batches from the training set.
 METHOD = contract.Method(name="dsd", order=30, stages=STAGES, config=config_sections, validate=validate, quick=quick,
-                         data_batches=("teacher.batch_size",))
+                         data_batches=("teacher.batch_size",), plan=stages.plan)

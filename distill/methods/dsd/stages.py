@@ -103,9 +103,84 @@ def trajectory_batch_fn(plan, *, batch_size: int, image_shape, num_classes: int,
 # --- the start model -------------------------------------------------------------------------------------
 
 
+def start_kind(d) -> tuple[bool, int, list]:
+  """(w_conditioned, evaluations per guided call, cost_parents) of the start model config.dsd.init names."""
+  return (False, 2, []) if d.init == "teacher" else (True, 1, ["stage_one"])
+
+
+def fine_tuning_meta(d, mode: str, kind: str) -> contract.StageMeta:
+  """The one-stage record of schedule `kind` of stage type `mode` ('dsd', or 'tsd' with the start model frozen)."""
+  w_conditioned, evals_per_call, cost_parents = start_kind(d)
+  plan = schedule_plan(d, kind)
+  teacher_evals, student_evals = evals_per_update(plan, mode, evals_per_call)
+  fields = {"tsd_teacher": "start_model"} if mode == "tsd" else {}
+  return contract.StageMeta.of(**fields, **{
+      "kind": "dsd_student" if mode == "dsd" else "tsd_student", "sampler": "ddim" if w_conditioned else "cfg_ddim",
+      "num_sampling_steps": plan[-1][0] // 2, "eval_steps": sorted({int(n) for n in d.eval_steps}),
+      "w_range": [float(d.w_min), float(d.w_max)], "w_conditioned": w_conditioned, "evals_per_step": evals_per_call,
+      "method": kind if mode == "dsd" else f"TSD ({kind})", "report_sampler": "deterministic",
+      "stage_kind": mode, "schedule": kind, "init": d.init,
+      "plan": [[n, u] for n, u in plan], "updates_per_depth": dsd.updates_per_depth(plan),
+      "lr": float(d.lr), "lr_schedule_updates": int(d.updates), "batch_size": int(d.batch_size),
+      "teacher_evals_per_update": round(teacher_evals, 4), "student_evals_per_update": round(student_evals, 4),
+      "mean_replayed_steps": round(mean_replayed_steps(plan), 4), "cost_parents": cost_parents})
+
+
+def tsd_depth_name(d, kind: str, depth: int) -> str:
+  return f"tsd/{kind}/N{schedule_plan(d, kind)[depth][0]:04d}"
+
+
+def tsd_depth_meta(d, kind: str, depth: int, teacher_fingerprint: str = "") -> contract.StageMeta:
+  """The record of depth `depth` of TSD by depth: its teacher is the previous depth's student, whose cost it
+  builds on; only the last depth is scored."""
+  w_conditioned, evals_per_call, start_parents = start_kind(d)
+  plan = schedule_plan(d, kind)
+  teacher_evals, student_evals = evals_per_update([plan[depth]], "tsd", evals_per_call)
+  return contract.StageMeta.of(**{
+      "kind": "tsd_student", "sampler": "ddim" if w_conditioned else "cfg_ddim",
+      "num_sampling_steps": plan[depth][0] // 2, "eval_steps": sorted({int(k) for k in d.eval_steps}),
+      "w_range": [float(d.w_min), float(d.w_max)], "w_conditioned": w_conditioned, "evals_per_step": evals_per_call,
+      "method": f"TSD ({kind})", "report_sampler": "deterministic", "scored": depth == len(plan) - 1,
+      "stage_kind": "tsd", "schedule": kind, "init": d.init, "depth": depth, "tsd_teacher": "previous_depth",
+      "teacher_fingerprint": teacher_fingerprint, "plan": [[k, u] for k, u in plan],
+      "updates_per_depth": dsd.updates_per_depth(plan), "lr": float(d.lr), "lr_schedule_updates": int(d.updates),
+      "batch_size": int(d.batch_size), "teacher_evals_per_update": round(teacher_evals, 4),
+      "student_evals_per_update": round(student_evals, 4),
+      "mean_replayed_steps": round(mean_replayed_steps([plan[depth]]), 4),
+      "cost_parents": [tsd_depth_name(d, kind, depth - 1)] if depth else start_parents})
+
+
+def training_meta(c) -> contract.StageMeta:
+  """Training DSD's record: a CFG model (2 evaluations per step) scored like the teacher."""
+  d = c.dsd
+  w_values = tuple(c.eval.w_values) + tuple(c.sample.w_values)
+  return contract.StageMeta.of(**{
+      "kind": "training_dsd", "sampler": "cfg_ddim", "num_sampling_steps": c.sample.num_steps, "evals_per_step": 2,
+      # The paper judges training DSD by full-length sampling (128 steps, Fig. 3); the few-step counts too.
+      "eval_steps": sorted({int(n) for n in d.eval_steps} | {int(c.sample.num_steps)}),
+      "w_range": [0.0, float(max(w_values))], "w_conditioned": False, "parameterization": "v",
+      "method": "training-DSD", "report_sampler": "deterministic", "stage_kind": "training_dsd",
+      "alpha": float(d.alpha), "beta": float(d.beta), "distill_steps": int(d.training_distill_steps),
+      "batch_size": int(c.teacher.batch_size), "teacher_evals_per_update": 0.0, "student_evals_per_update": 2.0,
+      "cost_parents": []})
+
+
+def plan(config, stage: str) -> list[tuple[str, contract.StageMeta]]:
+  """The stages `stage` writes, with their records (teacher fingerprints left empty)."""
+  d = config.dsd
+  if stage == "dsd":
+    return [(f"dsd/{k}", fine_tuning_meta(d, "dsd", k)) for k in d.kinds]
+  if stage == "tsd" and d.tsd_teacher == "start_model":
+    return [(f"tsd/{k}", fine_tuning_meta(d, "tsd", k)) for k in d.tsd_kinds]
+  if stage == "tsd":
+    return [(tsd_depth_name(d, k, depth), tsd_depth_meta(d, k, depth))
+            for k in d.tsd_kinds for depth in range(len(schedule_plan(d, k)))]
+  return [("training_dsd", training_meta(config))]
+
+
 def start_model(ctx: Context):
-  """The model DSD/TSD fine-tune, per config.dsd.init. Returns (params, x_fn, w_conditioned, evals_per_call,
-  cost_parents); x_fn is cached on the context, so every stage built on it shares compiled steps."""
+  """(params, x_fn) of the model DSD/TSD fine-tune, per config.dsd.init (`start_kind` says what it is); x_fn is
+  cached on the context, so every stage built on it shares compiled steps."""
   d = ctx.config.dsd
   if d.init == "teacher":
     # The teacher's architecture with the students' dropout (distill.dropout): its parameters fit as they are.
@@ -113,12 +188,11 @@ def start_model(ctx: Context):
     key = ("dsd_guided_x", model)
     if key not in ctx.cache:
       ctx.cache[key] = cfg_x_fn(x_fn_of(ctx, model), ctx.null_label)
-    return teacher_params(ctx), ctx.cache[key], False, 2, []
+    return teacher_params(ctx), ctx.cache[key]
   params, meta = load_stage(ctx, "stage_one", needed_by="dsd.init='stage_one'")
   if not meta.w_conditioned:
     raise train.TrainingError(f"{ctx.stage_dir('stage_one')}: not a w-conditioned stage-one student")
-  model = student_model(ctx, w_embedding=True)
-  return params, x_fn_of(ctx, model), True, 1, ["stage_one"]
+  return params, x_fn_of(ctx, student_model(ctx, w_embedding=True))
 
 
 # --- fine-tuning stages: DSD and TSD -------------------------------------------------------------------
@@ -138,24 +212,13 @@ def fine_tuning_stage(ctx: Context, mode: str, kind: str) -> tuple[train.Stage, 
   """The train.Stage of schedule `kind` ('DSDI', ...) of stage type `mode` ('dsd' or 'tsd'), and its plan."""
   c = ctx.config
   d = c.dsd
-  params, x_fn, w_conditioned, evals_per_call, cost_parents = start_model(ctx)
+  params, x_fn = start_model(ctx)
   plan = schedule_plan(d, kind)
   per_depth = dsd.updates_per_depth(plan)
-  optimizer, schedule = optimizers.cosine_adam(float(d.lr), int(d.updates), float(d.lr_final_fraction), int(d.warmup_steps),
-                                    float(d.adam_b1), float(d.adam_b2), float(d.grad_clip))
-  teacher_evals, student_evals = evals_per_update(plan, mode, evals_per_call)
-  last_steps = plan[-1][0] // 2
-  fields = {"tsd_teacher": "start_model"} if mode == "tsd" else {}
-  meta = contract.StageMeta.of(**fields, **{"kind": "dsd_student" if mode == "dsd" else "tsd_student",
-          "sampler": "ddim" if w_conditioned else "cfg_ddim",
-          "num_sampling_steps": last_steps, "eval_steps": sorted({int(n) for n in d.eval_steps}),
-          "w_range": [float(d.w_min), float(d.w_max)], "w_conditioned": w_conditioned,
-          "method": kind if mode == "dsd" else f"TSD ({kind})", "report_sampler": "deterministic",
-          "stage_kind": mode, "schedule": kind, "init": d.init,
-          "plan": [[n, u] for n, u in plan], "updates_per_depth": per_depth,
-          "lr": float(d.lr), "lr_schedule_updates": int(d.updates), "batch_size": int(d.batch_size),
-          "teacher_evals_per_update": round(teacher_evals, 4), "student_evals_per_update": round(student_evals, 4),
-          "mean_replayed_steps": round(mean_replayed_steps(plan), 4), "cost_parents": cost_parents})
+  optimizer, schedule = optimizers.cosine_adam(float(d.lr), int(d.updates), float(d.lr_final_fraction),
+                                               int(d.warmup_steps), float(d.adam_b1), float(d.adam_b2),
+                                               float(d.grad_clip))
+  meta = fine_tuning_meta(d, mode, kind)
   stage = train.Stage(
       name=f"{mode}/{kind}", loss_fn=_loss(ctx, mode, x_fn), init_params=params, optimizer=optimizer,
       num_steps=sum(per_depth),
@@ -185,7 +248,7 @@ def run_dsd(ctx: Context) -> dict:
   return _run_fine_tuning(ctx, "dsd")
 
 
-def tsd_depth_stage(ctx: Context, kind: str, depth: int, params, parents: list) -> tuple[train.Stage, list]:
+def tsd_depth_stage(ctx: Context, kind: str, depth: int, params) -> tuple[train.Stage, list]:
   """TSD as progressive distillation (dsd.tsd_teacher='previous_depth'): depth `depth` of schedule `kind` as its
   own stage WORKDIR/tsd/<KIND>/N<N_depth>, whose student starts from, and whose frozen teacher is, `params` —
   the previous depth's student (the start model at depth 0). Batches and the learning rate continue the
@@ -193,29 +256,16 @@ def tsd_depth_stage(ctx: Context, kind: str, depth: int, params, parents: list) 
   Adam's moments restart with each depth, as they do in each halving round. Returns (stage, its depth's plan)."""
   c = ctx.config
   d = c.dsd
-  _, x_fn, w_conditioned, evals_per_call, start_parents = start_model(ctx)
+  x_fn = start_model(ctx)[1]
   plan = schedule_plan(d, kind)
   per_depth = dsd.updates_per_depth(plan)
   offset, n = sum(per_depth[:depth]), plan[depth][0]
-  last = depth == len(plan) - 1
   cosine = optimizers.cosine_schedule(float(d.lr), int(d.updates), final_fraction=float(d.lr_final_fraction),
                                       warmup_steps=int(d.warmup_steps))
   schedule = lambda step: cosine(step + offset)
   optimizer = optax.chain(optax.clip_by_global_norm(float(d.grad_clip)),
                           optax.adam(schedule, b1=float(d.adam_b1), b2=float(d.adam_b2)))
-  teacher_evals, student_evals = evals_per_update([plan[depth]], "tsd", evals_per_call)
-  meta = contract.StageMeta.of(**{
-      "kind": "tsd_student", "sampler": "ddim" if w_conditioned else "cfg_ddim",
-      "num_sampling_steps": n // 2, "eval_steps": sorted({int(k) for k in d.eval_steps}),
-      "w_range": [float(d.w_min), float(d.w_max)], "w_conditioned": w_conditioned,
-      "method": f"TSD ({kind})", "report_sampler": "deterministic", "scored": last,
-      "stage_kind": "tsd", "schedule": kind, "init": d.init, "depth": depth, "tsd_teacher": "previous_depth",
-      "teacher_fingerprint": train.fingerprint(params), "plan": [[k, u] for k, u in plan],
-      "updates_per_depth": per_depth, "lr": float(d.lr), "lr_schedule_updates": int(d.updates),
-      "batch_size": int(d.batch_size), "teacher_evals_per_update": round(teacher_evals, 4),
-      "student_evals_per_update": round(student_evals, 4),
-      "mean_replayed_steps": round(mean_replayed_steps([plan[depth]]), 4),
-      "cost_parents": parents if depth else start_parents})
+  meta = tsd_depth_meta(d, kind, depth, train.fingerprint(params))
   whole = trajectory_batch_fn(plan, batch_size=d.batch_size, image_shape=ctx.image_shape,
                               num_classes=c.data.num_classes, w_min=d.w_min, w_max=d.w_max, seed=c.seed)
   stage = train.Stage(
@@ -232,13 +282,11 @@ def _run_tsd_by_depth(ctx: Context) -> dict:
   out = {}
   for kind in ctx.config.dsd.tsd_kinds:
     params = start_model(ctx)[0]
-    parents: list = []
     for depth in range(len(schedule_plan(ctx.config.dsd, kind))):
-      stage, plan = tsd_depth_stage(ctx, kind, depth, params, parents)
-      print(f"[{stage.name}] depth {depth} (N, trajectories): {plan}; {stage.num_steps} updates, teacher = "
-            f"{'the start model' if depth == 0 else parents[0]}")
+      stage, plan = tsd_depth_stage(ctx, kind, depth, params)
+      teacher = tsd_depth_name(ctx.config.dsd, kind, depth - 1) if depth else "the start model"
+      print(f"[{stage.name}] depth {depth} (N, trajectories): {plan}; {stage.num_steps} updates, teacher: {teacher}")
       params, meta = run_stage(ctx, stage)
-      parents = [stage.name]
     _grid(ctx, stage.name, params, meta)
     out[kind] = (params, meta)
   return out
@@ -277,16 +325,8 @@ def training_stage(ctx: Context) -> train.Stage:
   loss_fn = dsd.training_loss(v_function(model), logsnr_fn=ctx.logsnr_fn, distill_steps=d.training_distill_steps,
                               alpha=d.alpha, beta=d.beta, weighting=d.training_weighting, p_uncond=tc.p_uncond,
                               null_label=ctx.null_label)
-  optimizer, schedule = optimizers.adam_with_warmup(tc.lr, tc.warmup_steps, tc.grad_clip)
-  w_values = tuple(c.eval.w_values) + tuple(c.sample.w_values)
-  meta = contract.StageMeta.of(**{"kind": "training_dsd", "sampler": "cfg_ddim", "num_sampling_steps": c.sample.num_steps,
-          # The paper judges training DSD by full-length sampling (128 steps, Fig. 3); the few-step counts too.
-          "eval_steps": sorted({int(n) for n in d.eval_steps} | {int(c.sample.num_steps)}),
-          "w_range": [0.0, float(max(w_values))], "w_conditioned": False, "parameterization": "v",
-          "method": "training-DSD", "report_sampler": "deterministic", "stage_kind": "training_dsd",
-          "alpha": float(d.alpha), "beta": float(d.beta), "distill_steps": int(d.training_distill_steps),
-          "batch_size": int(tc.batch_size), "teacher_evals_per_update": 0.0, "student_evals_per_update": 2.0,
-          "cost_parents": []})
+  optimizer, schedule = optimizers.adam_with_warmup(tc.lr, tc.warmup_steps, tc.grad_clip, tc.weight_decay)
+  meta = training_meta(c)
   return train.Stage(
       name="training_dsd", loss_fn=loss_fn, init_params=init_params(ctx, model),
       optimizer=optimizer, num_steps=d.training_steps or tc.num_steps,

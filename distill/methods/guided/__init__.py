@@ -113,7 +113,7 @@ def upgrade_meta(name: str, meta: dict, run_config: dict):
       num_sampling_steps=int(meta["num_sampling_steps"]), w_range=tuple(meta["w_range"]),
       w_conditioned=bool(meta.get("w_conditioned")), batch_size=int(meta.get("batch_size", run_config["distill"]["batch_size"])),
       teacher_evals_per_update=4.0 if pair else 2.0, student_evals_per_update=2.0 if pair else 1.0,
-      cost_parents=parents, scored=kind != "encoder",
+      evals_per_step=2 if pair else 1, cost_parents=parents, scored=kind != "encoder",
       extra={k: v for k, v in meta.items() if k not in known})
 
 
@@ -121,4 +121,4 @@ METHOD = contract.Method(
     name="guided", order=10, stages=STAGES,
     samplers={"ddim": stages.student_sampler, "stochastic": stages.student_sampler},
     config=config_sections, validate=validate, quick=quick, data_batches=("distill.batch_size",),
-    upgrade_meta=upgrade_meta)
+    plan=stages.plan, upgrade_meta=upgrade_meta)

@@ -36,12 +36,7 @@ def run_stage_one_into(ctx: Context, name: str, w_min: float, w_max: float, w_co
                                   null_label=ctx.null_label, w_min=w_min, w_max=w_max,
                                   weighting=d.stage_one_weighting)
   optimizer, schedule = optimizers.adam_with_warmup(d.stage_one_lr, d.stage_one_warmup, d.grad_clip)
-  # Its target is the CFG teacher's (conditional, unconditional) pair: 2 teacher evaluations per example.
-  meta = contract.StageMeta(
-      kind="w_student" if w_conditioned else "single_w_student", method=method, sampler="ddim",
-      num_sampling_steps=d.start_steps, w_range=(w_min, w_max), w_conditioned=w_conditioned,
-      batch_size=d.batch_size, teacher_evals_per_update=2.0, student_evals_per_update=1.0,
-      extra={"round": 0, "stage_kind": "stage_one"})
+  meta = stage_one_meta(d, w_min, w_max, w_conditioned, method)
   stage = _training_stage(ctx, name, loss_fn, init_params(ctx, student, t_params), {"teacher": t_params},
                           d.stage_one_steps, optimizer, schedule, d.stage_one_ema)
   params, meta = run_stage(ctx, stage, meta)
@@ -74,7 +69,6 @@ def run_rounds(ctx: Context, name: str, kind: str, teacher_p, student_m, w_min, 
     kw["null_label"] = ctx.null_label
   student_x = x_fn_of(ctx, student_m)
   loss_fn = ROUND_LOSSES[kind](student_x, student_x, **kw)  # rounds reuse one compiled step
-  pair = kind == "two_student"
   for k, n in enumerate(progressive.round_plan(start_steps, d.end_steps), start=1):
     num_updates = d.final_round_steps if n <= 2 else d.round_steps
     if kind == "stochastic" and n == 1:
@@ -84,16 +78,8 @@ def run_rounds(ctx: Context, name: str, kind: str, teacher_p, student_m, w_min, 
       num_updates = 0
     optimizer, schedule = optimizers.annealed_adam(d.lr, num_updates, d.grad_clip)
     round_name = f"{name}/N{n:04d}"
-    # Two teacher DDIM steps per example (each a pair's 2 evaluations for the two-student baseline).
-    meta = contract.StageMeta(
-        kind="two_student" if pair else ("w_student" if student_m.w_embedding else "single_w_student"),
-        method=method, sampler={"stochastic": "stochastic", "encoder": ""}.get(kind, "ddim"),
-        report_sampler="stochastic" if kind == "stochastic" else "deterministic",
-        num_sampling_steps=n, w_range=(w_min, w_max), w_conditioned=bool(student_m.w_embedding),
-        batch_size=d.batch_size, teacher_evals_per_update=4.0 if pair else 2.0,
-        student_evals_per_update=2.0 if pair else 1.0, cost_parents=(parent,) if parent else (),
-        scored=kind != "encoder",
-        extra={"round": k, "stage_kind": kind, "teacher_steps": 2 * n, "teacher_fingerprint": teacher_fingerprint})
+    meta = round_meta(d, kind, k, n, w_min, w_max, bool(student_m.w_embedding), method, parent,
+                      teacher_fingerprint)
     stage = _training_stage(ctx, round_name, loss_fn, teacher_p, {"teacher": teacher_p, "num_steps": jnp.int32(n)},
                             num_updates, optimizer, schedule, None)
     params, meta = run_stage(ctx, stage, meta)
@@ -102,6 +88,58 @@ def run_rounds(ctx: Context, name: str, kind: str, teacher_p, student_m, w_min, 
     teacher_p, parent = params, round_name
     teacher_fingerprint = train.fingerprint(teacher_p)
   return teacher_p
+
+
+def stage_one_meta(d, w_min: float, w_max: float, w_conditioned: bool, method: str) -> contract.StageMeta:
+  """Stage one's record (d: config.distill). Its target is the CFG teacher's (conditional, unconditional) pair:
+  2 teacher evaluations per example."""
+  return contract.StageMeta(
+      kind="w_student" if w_conditioned else "single_w_student", method=method, sampler="ddim",
+      num_sampling_steps=d.start_steps, w_range=(w_min, w_max), w_conditioned=w_conditioned,
+      batch_size=d.batch_size, teacher_evals_per_update=2.0, student_evals_per_update=1.0,
+      extra={"round": 0, "stage_kind": "stage_one"})
+
+
+def round_meta(d, kind: str, k: int, n: int, w_min: float, w_max: float, w_conditioned: bool, method: str,
+               parent: str | None, teacher_fingerprint: str = "") -> contract.StageMeta:
+  """Round k's record (an n-step student; d: config.distill): two teacher DDIM steps per example, each a pair's
+  2 evaluations for the two-student baseline, which also samples with 2 per step."""
+  pair = kind == "two_student"
+  return contract.StageMeta(
+      kind="two_student" if pair else ("w_student" if w_conditioned else "single_w_student"),
+      method=method, sampler={"stochastic": "stochastic", "encoder": ""}.get(kind, "ddim"),
+      report_sampler="stochastic" if kind == "stochastic" else "deterministic",
+      num_sampling_steps=n, w_range=(w_min, w_max), w_conditioned=w_conditioned,
+      batch_size=d.batch_size, teacher_evals_per_update=4.0 if pair else 2.0,
+      student_evals_per_update=2.0 if pair else 1.0, evals_per_step=2 if pair else 1,
+      cost_parents=(parent,) if parent else (), scored=kind != "encoder",
+      extra={"round": k, "stage_kind": kind, "teacher_steps": 2 * n, "teacher_fingerprint": teacher_fingerprint})
+
+
+def plan(config, stage: str) -> list[tuple[str, contract.StageMeta]]:
+  """The stages `stage` writes, with their records (teacher fingerprints left empty)."""
+  d, b = config.distill, config.baselines
+
+  def rounds(name, kind, w_min, w_max, w_conditioned, method, start, parent):
+    return [(f"{name}/N{n:04d}", round_meta(d, kind, k, n, w_min, w_max, w_conditioned, method,
+                                            parent if k == 1 else f"{name}/N{2 * n:04d}"))
+            for k, n in enumerate(progressive.round_plan(start or d.start_steps, d.end_steps), start=1)]
+
+  if stage == "stage_one":
+    return [(STAGE_ONE, stage_one_meta(d, d.w_min, d.w_max, True, "stage one"))]
+  if stage in ("distill_deterministic", "distill_stochastic", "encoder"):
+    kind = {"distill_deterministic": "deterministic", "distill_stochastic": "stochastic"}.get(stage, "encoder")
+    start = d.encoder_start_steps if stage == "encoder" else 0
+    return rounds(stage, kind, d.w_min, d.w_max, True, "encoder" if kind == "encoder" else "guided PD", start,
+                  STAGE_ONE)
+  if stage == "two_student":
+    return rounds("two_student", "two_student", d.w_min, d.w_max, True, "two-student", b.start_steps, None)
+  out = []
+  for w in b.single_w:
+    name, label = f"single_w/w{float(w):g}", f"single-w (w={float(w):g})"
+    out.append((f"{name}/stage_one", stage_one_meta(d, float(w), float(w), False, label)))
+    out += rounds(name, "deterministic", float(w), float(w), False, label, b.start_steps, f"{name}/stage_one")
+  return out
 
 
 def run_stage_one(ctx: Context):
