@@ -28,7 +28,7 @@ def find_run(stage_dir: str) -> tuple[str, ml_collections.ConfigDict]:
   while True:
     config_path = os.path.join(path, "config.json")
     if epath.Path(config_path).is_file():
-      return path, ml_collections.ConfigDict(json.loads(epath.Path(config_path).read_text()))
+      return path, _tuplify(ml_collections.ConfigDict(json.loads(epath.Path(config_path).read_text())))
     parent = os.path.dirname(path)
     if parent == path or writers.is_url(parent) != writers.is_url(path):  # '/', or above gs://bucket
       raise SamplingError(f"--checkpoint={stage_dir!r}: no config.json in it or any parent; point at a stage "
@@ -68,7 +68,6 @@ def checkpoint_sampler(stage_dir: str, *, steps: int | None = None, sampler: str
   `force`). Returns (context, fn, steps, sampler, network evaluations per sample)."""
   _check_finished(stage_dir, "--checkpoint")
   workdir, config = find_run(stage_dir)
-  config = _tuplify(config)
   params, raw = load_stage(stage_dir, "--checkpoint")
   try:
     meta = registry.load_meta(stage_dir, raw)
@@ -155,8 +154,8 @@ def style_transfer(encoder_dir: str, decoder_dir: str, *, w_enc: float = 0.0, w_
   if dec_meta.kind == "cfg_teacher" or not dec_meta.sampler:
     raise SamplingError(f"--decoder={decoder_dir!r}: needs a distilled student (a stage_one, distill_* or "
                         "single_w stage)")
-  enc_ctx = Context(_tuplify(enc_config), enc_workdir)
-  dec_ctx = Context(_tuplify(dec_config), dec_workdir)
+  enc_ctx = Context(enc_config, enc_workdir)
+  dec_ctx = Context(dec_config, dec_workdir)
   if enc_ctx.image_shape != dec_ctx.image_shape:
     raise SamplingError(f"--decoder: image shape {dec_ctx.image_shape} differs from the encoder's {enc_ctx.image_shape}")
   source = data_lib.make_source(enc_config.data, "test")

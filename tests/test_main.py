@@ -70,7 +70,11 @@ def test_quick_pipeline_end_to_end_chains_rounds_and_rerun_skips(tmp_path):
   from distill import train
 
   workdir = tmp_path / "wd"
-  args = ["--config=configs/digits.py:quick", f"--workdir={workdir}", "--config.teacher.num_steps=40",
+  # Guided distillation's stages (`:quick` alone runs every method's; README "Measured" has that run).
+  pipeline = ("teacher", "stage_one", "distill_deterministic", "distill_stochastic", "single_w", "two_student",
+              "encoder", "evaluate")
+  args = ["--config=configs/digits.py:quick", f"--workdir={workdir}", f"--config.pipeline={pipeline!r}",
+          "--config.teacher.num_steps=40",
           "--config.teacher.log_every=10", "--config.teacher.ckpt_every=20", "--config.eval.classifier_steps=300",
           "--config.distill.stage_one_steps=20", "--config.distill.start_steps=4", "--config.eval.per_class=5"]
   proc = run_main(*args)
@@ -96,6 +100,15 @@ def test_quick_pipeline_end_to_end_chains_rounds_and_rerun_skips(tmp_path):
       assert meta["num_sampling_steps"] == n and meta["teacher_steps"] == 2 * n
       assert meta["teacher_fingerprint"] == train.fingerprint(train.load_final_params(previous)[0]), stage
       previous = stage
+  # --mode=plan's records are the ones the stages wrote (trained values aside).
+  from distill import contract, evaluate, registry, sampling
+  _, config = sampling.find_run(str(workdir / "teacher"))  # the run's config.json
+  planned = registry.plan(config)
+  assert {name for _, name, _ in planned} == {n for n, _ in evaluate.finished_students(str(workdir))}
+  for _, name, want in planned:
+    got = contract.StageMeta.from_dict(train.load_final_params(str(workdir / name))[1])
+    strip = lambda m: m.replace(extra={k: v for k, v in m.extra.items() if k != "teacher_fingerprint"})
+    assert strip(got) == strip(want), name
   # Alg. 3 at N = 1 teaches the teacher's own x̂(z_1): that round's student is its teacher, not trained.
   stochastic_1, meta_1 = train.load_final_params(str(workdir / "distill_stochastic" / "N0001"))
   assert meta_1["num_steps"] == 0
