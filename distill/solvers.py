@@ -72,6 +72,21 @@ def ve_denoiser(denoiser: Denoiser) -> VEDenoiser:
   return fn
 
 
+def dynamic_threshold(x_hat, p: float = 0.995):
+  """Imagen's dynamic thresholding of a denoised x̂ [B, ...]: s = the p-quantile of |x̂| per example, at least 1;
+  x̂ clipped to [−s, s] and divided by s. The SFD authors' DPM-Solver++ applies it with p = 0.995 to every x̂
+  (`dynamic_thresholding_fn` in their solver_utils.py)."""
+  flat = jnp.abs(x_hat).reshape(x_hat.shape[0], -1)
+  s = jnp.maximum(jnp.quantile(flat, p, axis=1), 1.0)
+  s = s.reshape((-1,) + (1,) * (x_hat.ndim - 1))
+  return jnp.clip(x_hat, -s, s) / s
+
+
+def thresholded(D: VEDenoiser, p: float) -> VEDenoiser:
+  """D with `dynamic_threshold` applied to every x̂ it returns."""
+  return lambda x, sigma: dynamic_threshold(D(x, sigma), p)
+
+
 def edm_grid(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
              to_zero: bool = False) -> np.ndarray:
   """`schedules.edm_sigmas` as a solver grid: [N+1] float64 from σ_max down to σ_min; with `to_zero` [N+2], one

@@ -253,3 +253,18 @@ def test_grids_are_checked():
     jax.jit(lambda s: solvers.solve(solvers.EULER, DEN, X_INIT, s).x)(jnp.array([2.0, 1.0]))
   with pytest.raises(ValueError, match="unknown"):
     solvers.get_solver("rk4")
+
+
+def test_dynamic_threshold_against_the_definition():
+  """s = max(quantile_p |x̂|, 1) per example (numpy's linear-interpolation quantile, as torch.quantile); x̂
+  clipped to ±s then divided by s. An example already inside [−1, 1] is returned as it is."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 4, 4, 2)).astype(np.float32) * np.array([0.2, 1.5, 4.0], np.float32)[:, None, None, None]
+  got = np.asarray(solvers.dynamic_threshold(jnp.asarray(x), 0.995))
+  for i in range(3):
+    s = max(float(np.quantile(np.abs(x[i]).ravel(), 0.995)), 1.0)
+    np.testing.assert_allclose(got[i], np.clip(x[i], -s, s) / s, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(got[0], x[0])  # |x| < 1 everywhere: s = 1, nothing changes
+  assert np.abs(got).max() <= 1.0 + 1e-6
+  D = solvers.thresholded(lambda x, sigma: 3.0 * x, 0.5)
+  np.testing.assert_allclose(np.asarray(D(jnp.asarray(x), 1.0)), np.asarray(solvers.dynamic_threshold(3.0 * x, 0.5)))
