@@ -1,10 +1,12 @@
-"""SFD's pure pieces against the exact Gaussian-mixture teacher: grids, teacher trajectories, AFS, losses."""
+"""SFD's pure pieces against the exact Gaussian-mixture teacher: grids, teacher trajectories, AFS, the sampler and
+the losses, checked against float64 loops written here."""
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.special import logsumexp
 
 from distill import samplers, schedules, solvers
 from distill.methods.sfd import core as sfd
@@ -27,11 +29,42 @@ def teacher_denoiser(params=TEACHER_PARAMS):
   return samplers.conditional_denoiser(lambda z, l, y, w: x_fn(params, z, l, y, w), LABELS)
 
 
-def global_batch(step_index, teacher=None):
-  batch = {"noise": NOISE, "label": LABELS, "step_index": jnp.int32(step_index)}
-  if teacher is not None:
-    batch["teacher"] = teacher
-  return batch
+def global_batch(step_index, teacher):
+  """A global-loss batch; teacher: [B, N+1, ...] (batch-major), N read from its shape."""
+  return {"noise": NOISE, "label": LABELS, "step_index": jnp.int32(step_index),
+          "num_steps": jnp.int32(teacher.shape[1] - 1), "teacher": teacher}
+
+
+def teacher_states(n, solver=solvers.DPMPP_3M, k=4):
+  """The teacher's states at the student grid points of N = n, batch-major [B, n+1, ...]."""
+  run = jax.jit(lambda x: sfd.teacher_trajectory(solver, teacher_denoiser(), x, sfd.student_grid(n), k)[0])
+  return jnp.moveaxis(run(80.0 * NOISE), 0, 1)
+
+
+# --- independent float64 references -----------------------------------------------------------------------------
+
+
+def np_ve_denoise(x, sigma, labels):
+  """E[data | x = data + σε, class] for GMM in float64, written in the VE view directly (the mixture's x̂)."""
+  x = np.asarray(x, np.float64)
+  mu, s2 = GMM.means.astype(np.float64), GMM.stds.astype(np.float64) ** 2
+  var = s2 + sigma**2                                                   # [K]
+  logp = np.log(GMM.weights)[None] - 0.5 * ((x[:, None] - mu[None]) ** 2).sum(-1) / var - np.log(var)  # d = 2
+  logp = np.where(GMM.classes[None] == np.asarray(labels)[:, None], logp, -np.inf)
+  r = np.exp(logp - logsumexp(logp, axis=1, keepdims=True))
+  post = mu[None] + (s2 / var)[None, :, None] * (x[:, None] - mu[None])
+  return np.einsum("bk,bkd->bd", r, post)
+
+
+def np_euler(x_hat_fn, x, sigmas, afs):
+  """Alg. 8 as a float64 loop: ε̂ = x/√(1 + σ²) for the first step under AFS, else ε̂ = (x − x̂(x, σ))/σ;
+  x ← x + (σ' − σ)·ε̂."""
+  x = np.asarray(x, np.float64)
+  for i in range(len(sigmas) - 1):
+    s, t = float(sigmas[i]), float(sigmas[i + 1])
+    eps = x / np.sqrt(1.0 + s * s) if afs and i == 0 else (x - x_hat_fn(x, s)) / s
+    x = x + (t - s) * eps
+  return x
 
 
 # --- grids and the teacher ------------------------------------------------------------------------------------
@@ -44,6 +77,11 @@ def test_student_grid_is_the_edm_grid_and_refinement_gives_the_teachers_grid():
   assert fine.shape == (13,)
   np.testing.assert_array_equal(fine[::4], sfd.student_grid(3))
   np.testing.assert_allclose(fine, sfd.student_grid(12), rtol=1e-6)  # the ρ-grid of N·K steps (SFD code)
+  # A traced interval (Alg. 3's teacher at a sampled grid point) is refined by the same formula, in float32.
+  grid = sfd.student_grid(3)
+  traced = jax.jit(lambda a, b: sfd.refine_grid((a, b), 4))(jnp.float32(grid[1]), jnp.float32(grid[2]))
+  np.testing.assert_allclose(traced, fine[4:9], rtol=1e-6)
+  np.testing.assert_array_equal(traced[::4], np.float32(grid[1:3]))
 
 
 def test_teacher_trajectory_is_the_solver_on_the_refined_grid():
@@ -88,16 +126,26 @@ def test_analytical_first_step_by_hand():
   np.testing.assert_allclose(x - solvers.afs_denoised(x, 80.0), 80.0 * z, rtol=1e-6)
 
 
-def test_student_sampler_takes_n_minus_one_evaluations_with_afs():
-  grid = sfd.student_grid(3)
-  out = sfd.sample(teacher_denoiser(), 80.0 * NOISE, grid, afs=True)
-  assert out.nfe == 2
-  den = solvers.ve_denoiser(teacher_denoiser())
-  x = sfd.analytical_first_step(80.0 * NOISE, grid[0], grid[1])
-  for i in (1, 2):
-    x = sfd.student_step(den(x, grid[i]), x, grid[i], grid[i + 1])
-  np.testing.assert_allclose(out.x, x, atol=1e-5)
-  assert sfd.sample(teacher_denoiser(), 80.0 * NOISE, grid, afs=False).nfe == 3
+def test_student_sampler_is_the_float64_euler_loop_and_takes_n_minus_one_evaluations_with_afs():
+  den, calls = solvers.ve_denoiser(teacher_denoiser()), []
+
+  def counted(x, sigma):
+    jax.debug.callback(lambda: calls.append(1))
+    return den(x, sigma)
+
+  table = sfd.grid_table(5)  # N traced: the grid a row of the table, one compilation for every N
+  run = jax.jit(lambda x, n, stop, afs: sfd.sample(counted, x, jnp.asarray(table)[n], stop, afs),
+                static_argnames="afs")
+  for afs in (True, False):
+    for n in (3, 5):
+      calls.clear()
+      got = run(80.0 * NOISE, n, n, afs)
+      jax.effects_barrier()
+      assert len(calls) == (n - 1 if afs else n)
+      want = np_euler(lambda x, s: np_ve_denoise(x, s, LABELS), 80.0 * NOISE, sfd.student_grid(n), afs)
+      np.testing.assert_allclose(got, want, atol=1e-5)
+    # Stopped one step early it is another state (the global loss's rollout to x_{N−1}): the check can fail.
+    assert np.max(np.abs(np.asarray(run(80.0 * NOISE, 5, 4, afs)) - want)) > 1e-2
 
 
 def test_distances_match_their_closed_forms():
@@ -115,29 +163,33 @@ def test_distances_match_their_closed_forms():
   with pytest.raises(ValueError, match="unknown metric"):
     sfd.distance(a, b, "lpips")
   with pytest.raises(ValueError, match="unknown metric"):
-    sfd.global_loss(x_fn, x_fn, num_steps=3, metric="l3")
+    sfd.global_loss(x_fn, max_steps=3, metric="l3")
 
 
 # --- losses ---------------------------------------------------------------------------------------------------
 
 
 def test_a_student_equal_to_the_teacher_with_k1_has_zero_loss():
-  frozen = {"teacher": TEACHER_PARAMS}
-  common = dict(num_steps=3, solver="euler", k=1)
-  local = jax.jit(sfd.local_loss(x_fn, x_fn, **common))
-  glob = jax.jit(sfd.global_loss(x_fn, x_fn, afs=False, **common))
-  whole = jax.jit(sfd.trajectory_loss(x_fn, x_fn, afs=False, **common))
+  n, grid, den = 3, sfd.student_grid(3), teacher_denoiser()
+  local = jax.jit(sfd.local_loss(x_fn, max_steps=n))
+  glob = jax.jit(sfd.global_loss(x_fn, max_steps=n, afs=False))
+  whole = jax.jit(sfd.trajectory_loss(x_fn, afs=False))
   x0 = jnp.asarray(GMM.sample(np.random.default_rng(1), np.asarray(LABELS)))
-  for seed in range(3):  # draws different student steps
-    loss, _ = local(TEACHER_PARAMS, frozen, {"image": x0, "label": LABELS}, jax.random.PRNGKey(seed))
+  euler_target = jax.jit(lambda x, s, t: sfd.local_teacher_target(solvers.EULER, den, x, s, t, 1))
+  for k in range(n):  # every student step, from data noised to σ_k
+    x = x0 + jnp.float32(grid[k]) * jax.random.normal(jax.random.PRNGKey(k), x0.shape)
+    batch = {"state": x, "label": LABELS, "step_index": jnp.int32(k), "num_steps": jnp.int32(n),
+             "target": euler_target(x, jnp.float32(grid[k]), jnp.float32(grid[k + 1]))}
+    loss, _ = local(TEACHER_PARAMS, {}, batch, jax.random.PRNGKey(0))
     assert float(loss) < 1e-6, float(loss)
-  for k in range(3):
-    loss, metrics = glob(TEACHER_PARAMS, frozen, global_batch(k), jax.random.PRNGKey(0))
+  teacher = teacher_states(n, solvers.EULER, 1)
+  for k in range(n):
+    loss, metrics = glob(TEACHER_PARAMS, {}, global_batch(k, teacher), jax.random.PRNGKey(0))
     assert float(loss) < 1e-5 and int(metrics["student_step"]) == k, (k, float(loss))
-  assert float(whole(TEACHER_PARAMS, frozen, global_batch(0), jax.random.PRNGKey(0))[0]) < 1e-5
+  assert float(whole(TEACHER_PARAMS, {}, global_batch(0, teacher), jax.random.PRNGKey(0))[0]) < 1e-5
   # With AFS the student's first step is analytic: a gap opens that the later steps are trained to close.
-  glob_afs = jax.jit(sfd.global_loss(x_fn, x_fn, afs=True, **common))
-  assert float(glob_afs(TEACHER_PARAMS, frozen, global_batch(1), jax.random.PRNGKey(0))[0]) > 1e-3
+  glob_afs = jax.jit(sfd.global_loss(x_fn, max_steps=n, afs=True))
+  assert float(glob_afs(TEACHER_PARAMS, {}, global_batch(1, teacher), jax.random.PRNGKey(0))[0]) > 1e-3
 
 
 STUDENT_PARAMS = {"scale": jnp.asarray(1.1), "shift": jnp.asarray([0.05, -0.02])}
@@ -145,45 +197,40 @@ STUDENT_PARAMS = {"scale": jnp.asarray(1.1), "shift": jnp.asarray([0.05, -0.02])
 
 def test_gradients_flow_only_through_the_students_prediction():
   n, k = 3, 2
-  loss_fn = sfd.global_loss(x_fn, x_fn, num_steps=n, metric="l2", afs=True)
-  frozen = {"teacher": TEACHER_PARAMS}
-  batch = global_batch(k)
-  grads, teacher_grads = jax.jit(jax.grad(lambda p, f: loss_fn(p, f, batch, jax.random.PRNGKey(0))[0],
-                                          argnums=(0, 1)))(STUDENT_PARAMS, frozen)
+  loss_fn = sfd.global_loss(x_fn, max_steps=n, metric="l2", afs=True)
+  teacher = teacher_states(n)
+  batch = global_batch(k, teacher)
+  grads, noise_grad, teacher_grad = jax.jit(jax.grad(
+      lambda p, noise, t: loss_fn(p, {}, dict(batch, noise=noise, teacher=t), jax.random.PRNGKey(0))[0],
+      argnums=(0, 1, 2)))(STUDENT_PARAMS, NOISE, teacher)
 
-  # The same gradient by hand, the student's state x_k a constant: x' = (1 − r)·(scale·G + shift) + r·x_k.
+  # The same gradient by hand in float64, the student's state x_k a constant:
+  # x' = (1 − r)·(scale·G + shift) + r·x_k.
   grid = sfd.student_grid(n)
-  student = solvers.ve_denoiser(teacher_denoiser(STUDENT_PARAMS))
-  x = sfd.analytical_first_step(80.0 * NOISE, grid[0], grid[1])
-  x = sfd.student_step(student(x, grid[1]), x, grid[1], grid[2])  # x_2, the student's own rollout
-  target = sfd.teacher_trajectory(solvers.DPMPP_3M, teacher_denoiser(), 80.0 * NOISE, grid, 4)[0][k + 1]
-  g = solvers.ve_denoiser(teacher_denoiser())(x, grid[k])  # the mixture's x̂ at (x_k, σ_k)
+  scale, shift = float(STUDENT_PARAMS["scale"]), np.asarray(STUDENT_PARAMS["shift"], np.float64)
+  student = lambda x, s: scale * np_ve_denoise(x, s, LABELS) + shift
+  x = np_euler(student, 80.0 * np.asarray(NOISE, np.float64), grid[:k + 1], afs=True)  # x_2, its own rollout
+  target = np.asarray(teacher, np.float64)[:, k + 1]
+  g = np_ve_denoise(x, grid[k], LABELS)  # the mixture's x̂ at (x_k, σ_k)
   r = grid[k + 1] / grid[k]
-  resid = (1 - r) * (STUDENT_PARAMS["scale"] * g + STUDENT_PARAMS["shift"]) + r * x - target
+  resid = (1 - r) * (scale * g + shift) + r * x - target
   d = resid.shape[1]
   np.testing.assert_allclose(grads["shift"], np.mean(2 / d * resid * (1 - r), axis=0), rtol=2e-3, atol=1e-7)
   np.testing.assert_allclose(grads["scale"], np.mean(np.sum(2 / d * resid * (1 - r) * g, axis=1)), rtol=2e-3)
-  assert all(float(jnp.max(jnp.abs(v))) == 0.0 for v in jax.tree.leaves(teacher_grads))
+  # Neither the noise (through the student's detached rollout) nor the teacher's states carry a gradient.
+  assert float(jnp.max(jnp.abs(noise_grad))) == 0.0 and float(jnp.max(jnp.abs(teacher_grad))) == 0.0
 
 
 def test_trajectory_loss_gradient_is_the_mean_of_the_per_step_gradients():
   n = 3
-  frozen = {"teacher": TEACHER_PARAMS}
-  grid = sfd.student_grid(n)
-  teacher = jax.jit(lambda x: sfd.teacher_trajectory(solvers.DPMPP_3M, teacher_denoiser(), x, grid, 4)[0])(
-      80.0 * NOISE)
-  per_step = sfd.global_loss(x_fn, x_fn, afs=True)  # N read from batch['teacher']
-  whole = sfd.trajectory_loss(x_fn, x_fn, afs=True)
-  grad = lambda fn, batch: jax.grad(lambda p: fn(p, frozen, batch, jax.random.PRNGKey(0))[0])(STUDENT_PARAMS)
+  teacher = teacher_states(n)
+  per_step = sfd.global_loss(x_fn, max_steps=n, afs=True)
+  whole = sfd.trajectory_loss(x_fn, afs=True)  # N read from batch['teacher']
+  grad = lambda fn, batch: jax.grad(lambda p: fn(p, {}, batch, jax.random.PRNGKey(0))[0])(STUDENT_PARAMS)
   step_grads = [jax.jit(lambda b: grad(per_step, b))(global_batch(k, teacher)) for k in (1, 2)]
   whole_grad = jax.jit(lambda b: grad(whole, b))(global_batch(0, teacher))
   for key in STUDENT_PARAMS:
     np.testing.assert_allclose(whole_grad[key], (step_grads[0][key] + step_grads[1][key]) / 2, rtol=1e-4, atol=1e-8)
-  # A batch without the teacher trajectory recomputes it: the same loss.
-  recomputed = sfd.global_loss(x_fn, x_fn, num_steps=n, afs=True)
-  a = jax.jit(lambda b: per_step(STUDENT_PARAMS, frozen, b, jax.random.PRNGKey(0))[0])(global_batch(2, teacher))
-  b = jax.jit(lambda b: recomputed(STUDENT_PARAMS, frozen, b, jax.random.PRNGKey(0))[0])(global_batch(2))
-  np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
 def test_sfd_v_student_receives_its_step_count():
@@ -193,15 +240,12 @@ def test_sfd_v_student_receives_its_step_count():
     seen.append(steps)
     return x_fn(params, z, logsnr, labels, w)
 
-  loss_fn = sfd.trajectory_loss(x_fn_steps, x_fn, step_condition=True, afs=True)
-  grid = sfd.student_grid(4)
-  teacher = sfd.teacher_trajectory(solvers.DPMPP_3M, teacher_denoiser(), 80.0 * NOISE, grid, 4)[0]
-  jax.eval_shape(lambda p: loss_fn(p, {"teacher": TEACHER_PARAMS}, global_batch(0, teacher), jax.random.PRNGKey(0)),
-                 STUDENT_PARAMS)
+  loss_fn = sfd.trajectory_loss(x_fn_steps, step_condition=True, afs=True)
+  teacher = teacher_states(4)
+  jax.eval_shape(lambda p: loss_fn(p, {}, global_batch(0, teacher), jax.random.PRNGKey(0)), STUDENT_PARAMS)
   assert seen and all(s.shape == (B,) and s.dtype == jnp.int32 for s in seen)
   with pytest.raises(ValueError, match="no step to train"):
-    jax.eval_shape(lambda p: loss_fn(p, {"teacher": TEACHER_PARAMS}, global_batch(0, teacher[:2]),
-                                     jax.random.PRNGKey(0)), STUDENT_PARAMS)
+    jax.eval_shape(lambda p: loss_fn(p, {}, global_batch(0, teacher[:, :2]), jax.random.PRNGKey(0)), STUDENT_PARAMS)
 
 
 def test_trajectory_plan_walks_each_trajectory_step_by_step():

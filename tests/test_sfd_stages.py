@@ -1,5 +1,6 @@
-"""SFD stages (distill/methods/sfd/stages.py): the trajectory batches, the padded global loss against sfd.global_loss,
-the cost fields, the Alg. 8 sampler, a tiny end-to-end run of the three stages with resume, and the configs."""
+"""SFD stages (distill/methods/sfd/stages.py) and the losses they train with: the global and local losses and the
+Alg. 3 teacher targets against float64 loops, the trajectory batches, the cost fields, the Alg. 8 sampler, a tiny
+end-to-end run of the three stages with resume, and the configs."""
 import functools
 import importlib.util
 import json
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scipy.special import logsumexp
 
 from distill import configuration, context, contract, models, optimizers, samplers, solvers, train
 from distill.methods.sfd import core as sfd
@@ -57,24 +59,121 @@ def direct_states(noise, labels, n, teacher_w=None):
   return direct_teacher(noise, labels, n, teacher_w)[0]
 
 
-# --- the padded global loss is sfd.global_loss -----------------------------------------------------------------
+# --- independent float64 references -----------------------------------------------------------------------------
+
+
+def np_ve_denoise(x, sigma, labels):
+  """E[data | x = data + σε, class] for GMM in float64, written in the VE view (label 3: unconditional)."""
+  x = np.asarray(x, np.float64)
+  b, d = x.shape[0], int(np.prod(SHAPE))
+  mu, s2 = GMM.means.reshape(-1, d).astype(np.float64), GMM.stds.astype(np.float64) ** 2
+  xf, var = x.reshape(b, d), s2 + sigma**2                                                     # var: [K]
+  logp = np.log(GMM.weights)[None] - 0.5 * ((xf[:, None] - mu[None]) ** 2).sum(-1) / var - 0.5 * d * np.log(var)
+  labels = np.asarray(labels)
+  logp = np.where((GMM.classes[None] == labels[:, None]) | (labels[:, None] == GMM.num_classes), logp, -np.inf)
+  r = np.exp(logp - logsumexp(logp, axis=1, keepdims=True))
+  post = mu[None] + (s2 / var)[None, :, None] * (xf[:, None] - mu[None])
+  return np.einsum("bk,bkd->bd", r, post).reshape(x.shape)
+
+
+def np_teacher(labels, teacher_w=None):
+  """The exact mixture teacher as a float64 VE denoiser D(x, σ): conditional, or CFG (1 + w)·D_c − w·D_∅."""
+  if teacher_w is None:
+    return lambda x, s: np_ve_denoise(x, s, labels)
+  null = np.full(len(labels), 3)
+  return lambda x, s: (1 + teacher_w) * np_ve_denoise(x, s, labels) - teacher_w * np_ve_denoise(x, s, null)
+
+
+def np_solve(name, D, x, sigmas):
+  """Euler, Heun (EDM Alg. 1) and DPM-Solver++(3M) (fresh history, orders 1, 2, 3, …, lowered at the end) as
+  float64 loops; returns the states at every grid point [N+1, B, ...]."""
+  x, n, hist, out = np.asarray(x, np.float64), len(sigmas) - 1, [], []
+  out.append(x)
+  for i in range(n):
+    s, t = float(sigmas[i]), float(sigmas[i + 1])
+    d0 = D(x, s)
+    if name == "euler":
+      x = x + (t - s) * (x - d0) / s
+    elif name == "heun":
+      d = (x - d0) / s
+      xe = x + (t - s) * d
+      x = x + (t - s) * 0.5 * (d + (xe - D(xe, t)) / t)
+    else:
+      order = min(i + 1, 3, n - i)
+      lam = lambda v: -np.log(v)
+      h = lam(t) - lam(s)
+      p1 = np.expm1(-h)
+      p2 = p1 / h + 1
+      p3 = p2 / h - 0.5
+      new = (t / s) * x - p1 * d0
+      if order >= 2:
+        s1, dm1 = hist[-1]
+        r0 = (lam(s) - lam(s1)) / h
+        d10 = (d0 - dm1) / r0
+        new = new - 0.5 * p1 * d10
+      if order == 3:
+        s2, dm2 = hist[-2]
+        r1 = (lam(s1) - lam(s2)) / h
+        d11 = (dm1 - dm2) / r1
+        d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
+        new = (t / s) * x - p1 * d0 + p2 * d1 - p3 * (d10 - d11) / (r0 + r1)
+      x = new
+    hist.append((s, d0))
+    out.append(x)
+  return np.stack(out)
+
+
+def np_local_target(x, labels, sigma, sigma_next, teacher_w=None, solver="dpmpp_3m", k=4, rho=7.0):
+  """Alg. 3's target in float64: k solver steps from x at σ to σ', uniform in σ^(1/ρ), fresh history."""
+  fine = (sigma ** (1 / rho) + np.arange(k + 1) / k * (sigma_next ** (1 / rho) - sigma ** (1 / rho))) ** rho
+  fine[0], fine[-1] = sigma, sigma_next
+  return np_solve(solver, np_teacher(labels, teacher_w), x, fine)[-1]
+
+
+def np_student(params, x, sigma, labels, steps=None):
+  """x_fn's x̂ in float64 at the VE state x: scale·E[data | x] + shift (+ step_gain·N told N)."""
+  p = {key: np.asarray(v, np.float64) for key, v in params.items()}
+  return p["scale"] * np_ve_denoise(x, sigma, labels) + p["shift"] + (0.0 if steps is None else p["step_gain"] * steps)
+
+
+def np_step_loss_l1(params, x, sigma, sigma_next, target, labels, steps=None):
+  """mean_B mean |x + (σ' − σ)(x − x̂)/σ − target| and its gradient in params, by hand in float64 (x, target
+  constants: ∂x'/∂x̂ = 1 − σ'/σ)."""
+  g = np_ve_denoise(x, sigma, labels)
+  x_hat = np_student(params, x, sigma, labels, steps)
+  resid = x + (sigma_next - sigma) * (x - x_hat) / sigma - np.asarray(target, np.float64)
+  dl = np.sign(resid) * (1 - sigma_next / sigma) / resid.size  # ∂loss/∂x̂
+  grad = {"scale": np.sum(dl * g), "shift": np.sum(dl, axis=0), "step_gain": np.sum(dl) * (steps or 0)}
+  return np.mean(np.abs(resid)), grad
+
+
+def np_global_loss(params, noise, labels, teacher, n, k, afs):
+  """Alg. 4/5/6 at step k of grid N = n in float64: the student's rollout (AFS, then its own Euler steps) to x_k,
+  then `np_step_loss_l1` onto teacher[k + 1]; the student told N."""
+  grid = sfd.student_grid(n)
+  x = sfd.SIGMA_MAX * np.asarray(noise, np.float64)
+  for i in range(k):
+    s, t = grid[i], grid[i + 1]
+    eps = x / np.sqrt(1.0 + s * s) if afs and i == 0 else (x - np_student(params, x, s, labels, n)) / s
+    x = x + (t - s) * eps
+  return np_step_loss_l1(params, x, grid[k], grid[k + 1], teacher[k + 1], labels, n)
+
+
+# --- the global loss (Alg. 4/5/6): one compilation for every N -------------------------------------------------
 
 
 @pytest.mark.parametrize("afs", [True, False])
-def test_padded_global_loss_equals_sfd_global_loss_for_every_n_and_step(afs):
-  max_steps = 5
-  padded = stages.padded_global_loss(x_fn, max_steps=max_steps, metric="l1", afs=afs, step_condition=True)
-  value_and_grad = lambda fn: jax.jit(jax.value_and_grad(lambda p, b: fn(p, {}, b, jax.random.PRNGKey(0))[0]))
-  mine = value_and_grad(padded)  # one compilation for every N and k
+def test_global_loss_is_the_float64_rollout_and_step_for_every_n_and_k_with_one_compilation(afs):
+  max_steps, traces = 5, []
+  loss = sfd.global_loss(x_fn, max_steps=max_steps, metric="l1", afs=afs, step_condition=True)
+  mine = jax.jit(jax.value_and_grad(lambda p, b: (traces.append(1), loss(p, {}, b, jax.random.PRNGKey(0))[0])[1]))
   noise, labels = inputs()
   for n in (2, 5):
     states = direct_states(noise, labels, n)
-    ref = value_and_grad(sfd.global_loss(x_fn, x_fn, afs=afs, step_condition=True))
     batch_major = jnp.moveaxis(states, 0, 1)
     padded_states = jnp.concatenate([batch_major] + [batch_major[:, -1:]] * (max_steps - n), axis=1)
     for k in range(1 if afs else 0, n):
-      want, want_grad = ref(STUDENT_PARAMS, {"noise": noise, "label": labels, "step_index": jnp.int32(k),
-                                             "teacher": states})
+      want, want_grad = np_global_loss(STUDENT_PARAMS, noise, labels, np.asarray(states), n, k, afs)
       batch = {"noise": noise, "label": labels, "step_index": jnp.int32(k), "num_steps": jnp.int32(n),
                "teacher": padded_states}
       got, got_grad = mine(STUDENT_PARAMS, batch)
@@ -84,20 +183,14 @@ def test_padded_global_loss_equals_sfd_global_loss_for_every_n_and_step(afs):
     # A wrong N (another grid, another step count for the student) is another loss: the check can fail.
     wrong, _ = mine(STUDENT_PARAMS, dict(batch, num_steps=jnp.int32(n - 1 if n > 2 else 3)))
     assert abs(float(wrong) - float(got)) > 1e-4
+  assert len(traces) == 1
 
 
 # --- the local form (Alg. 3) ----------------------------------------------------------------------------------
 
 
-def direct_local_target(x, labels, sigma, sigma_next, teacher_w=None, solver=solvers.DPMPP_3M):
-  model_fn = lambda z, l, y, w: x_fn(TEACHER_PARAMS, z, l, y, w)
-  den = (samplers.conditional_denoiser(model_fn, labels) if teacher_w is None
-         else samplers.guided_denoiser(model_fn, labels, teacher_w, 3))
-  return sfd.local_teacher_target(solver, den, x, sigma, sigma_next, 4)
-
-
 @pytest.mark.parametrize("teacher_w,solver", [(None, "dpmpp_3m"), (1.5, "heun")])
-def test_local_targets_are_sfd_local_teacher_target_at_every_grid_point_with_one_compilation(teacher_w, solver):
+def test_local_targets_are_the_float64_solver_at_every_grid_point_with_one_compilation(teacher_w, solver):
   noise, labels = inputs()
   teacher = spec(teacher_w, solver=solver)
   before = stages.local_targets._cache_size()
@@ -105,27 +198,23 @@ def test_local_targets_are_sfd_local_teacher_target_at_every_grid_point_with_one
     grid = sfd.student_grid(n)
     x = noise * grid[k] + 0.3
     got = stages.local_targets(TEACHER_PARAMS, x, labels, jnp.float32(grid[k]), jnp.float32(grid[k + 1]), spec=teacher)
-    want = direct_local_target(x, labels, float(grid[k]), float(grid[k + 1]), teacher_w, solvers.get_solver(solver))
+    want = np_local_target(x, labels, float(grid[k]), float(grid[k + 1]), teacher_w, solver)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * max(1.0, grid[k]))
     # K solver steps are not one step: the check can tell the refinement apart.
-    one = sfd.local_teacher_target(solvers.EULER, samplers.conditional_denoiser(
-        lambda z, l, y, w: x_fn(TEACHER_PARAMS, z, l, y, w), labels), x, float(grid[k]), float(grid[k + 1]), 1)
-    assert np.max(np.abs(np.asarray(got) - np.asarray(one))) > 1e-3
+    one = np_solve("euler", np_teacher(labels), x, [grid[k], grid[k + 1]])[-1]
+    assert np.max(np.abs(np.asarray(got) - one)) > 1e-3
   assert stages.local_targets._cache_size() == before + 1
 
 
-def test_padded_local_loss_equals_sfd_local_loss():
-  """sfd.local_loss draws (k, ε) from its rng; fed the same draws, the stage's loss gives the same value and
-  gradient for every grid N in one compilation."""
-  padded = stages.padded_local_loss(x_fn, max_steps=6, metric="l1")
-  mine = jax.jit(jax.value_and_grad(lambda p, b, r: padded(p, {}, b, r)[0]))
+def test_local_loss_is_the_float64_step_for_every_n_with_one_compilation():
+  """Alg. 3 at drawn (k, ε): the student's one Euler step from data noised to σ_k onto the served teacher target,
+  value and gradient against float64 by hand, for every grid N in one compilation."""
+  loss, traces = sfd.local_loss(x_fn, max_steps=6, metric="l1"), []
+  mine = jax.jit(jax.value_and_grad(lambda p, b, r: (traces.append(1), loss(p, {}, b, r)[0])[1]))
   x0, labels = inputs(3)
   x0 = jnp.tanh(x0)
   for n in (2, 6):
     grid = sfd.student_grid(n)
-    ref_loss = sfd.local_loss(x_fn, x_fn, num_steps=n, solver="dpmpp_3m", k=4, metric="l1")
-    ref = jax.jit(jax.value_and_grad(lambda p, r: ref_loss(p, {"teacher": TEACHER_PARAMS},
-                                                           {"image": x0, "label": labels}, r)[0]))
     for seed in range(3):
       rng = jax.random.PRNGKey(seed)
       k_step, k_eps, k_dropout = jax.random.split(rng, 3)
@@ -136,22 +225,23 @@ def test_padded_local_loss_equals_sfd_local_loss():
       batch = {"state": x, "label": labels, "step_index": jnp.int32(k), "num_steps": jnp.int32(n),
                "target": target}
       got, got_grad = mine(STUDENT_PARAMS, batch, k_dropout)
-      want, want_grad = ref(STUDENT_PARAMS, rng)
+      want, want_grad = np_step_loss_l1(STUDENT_PARAMS, x, grid[k], grid[k + 1], target, labels)
       np.testing.assert_allclose(got, want, rtol=1e-4)
       for key in STUDENT_PARAMS:
         np.testing.assert_allclose(got_grad[key], want_grad[key], rtol=1e-3, atol=1e-6)
     wrong, _ = mine(STUDENT_PARAMS, dict(batch, step_index=jnp.int32((k + 1) % n)), k_dropout)
     assert abs(float(wrong) - float(got)) > 1e-4
+  assert len(traces) == 1
 
 
 def test_local_plan_batches_and_costs():
-  glob = stages.make_plan("global", 10, [3, 4, 5, 6], afs=True, seed=2)
-  plan = stages.make_plan("local", 10, [3, 4, 5, 6], afs=True, seed=2)
+  glob = sfd.make_plan("global", 10, [3, 4, 5, 6], afs=True, seed=2)
+  plan = sfd.make_plan("local", 10, [3, 4, 5, 6], afs=True, seed=2)
   updates = len(glob["step_index"])
   assert len(plan["step_index"]) == updates and plan["trajectory"].tolist() == list(range(updates))
   assert set(plan["num_steps"].tolist()) <= {3, 4, 5, 6}
   assert np.all(plan["step_index"] >= 1) and np.all(plan["step_index"] < plan["num_steps"])  # AFS: k ≥ 1
-  big = stages.make_plan("local", 400, [4], afs=False, seed=0)
+  big = sfd.make_plan("local", 400, [4], afs=False, seed=0)
   assert set(big["step_index"].tolist()) == {0, 1, 2, 3}
   # Costs: K teacher steps from a fresh start per update (a CFG call counts 2), one student evaluation.
   for w, per_call in ((None, 1), (1.0, 2)):
@@ -172,8 +262,7 @@ def test_local_plan_batches_and_costs():
     grid = sfd.student_grid(n)
     eps = (got["state"] - (x0 + step)) / grid[k]
     assert abs(float(np.std(eps)) - 1.0) < 0.5 and abs(float(np.mean(eps))) < 0.5
-    want = direct_local_target(jnp.asarray(got["state"]), jnp.asarray(got["label"]), float(grid[k]),
-                               float(grid[k + 1]))
+    want = np_local_target(got["state"], got["label"], float(grid[k]), float(grid[k + 1]))
     np.testing.assert_allclose(got["target"], want, rtol=1e-4, atol=1e-4 * grid[k])
     again = batches(step)  # a pure function of the step (resume)
     for key in got:
@@ -200,7 +289,7 @@ def random_lpips_state_dicts(widths=None, seed=0):
   return trunk, lin
 
 
-def test_lpips_metric_in_the_padded_losses_is_the_reference_losses_with_lpips():
+def test_lpips_metric_of_the_stages_is_the_losses_with_a_directly_built_lpips():
   from distill.evaluation import lpips
   trunk, lin = random_lpips_state_dicts(widths=(8, 8, 8, 8, 8))
   model = lpips.from_state_dicts("alex", trunk, lin, widths=(8, 8, 8, 8, 8))
@@ -210,20 +299,19 @@ def test_lpips_metric_in_the_padded_losses_is_the_reference_losses_with_lpips():
   states = direct_states(noise, labels, 3)
   batch = {"noise": noise, "label": labels, "step_index": jnp.int32(2), "num_steps": jnp.int32(3),
            "teacher": jnp.moveaxis(states, 0, 1)}
-  padded = stages.padded_global_loss(x_fn, max_steps=3, metric="lpips", lpips_resize=32)
+  padded = sfd.global_loss(x_fn, max_steps=3, metric=stages.lpips_metric("lpips", "alex", 32))
   got = float(padded(STUDENT_PARAMS, frozen, batch, jax.random.PRNGKey(0))[0])
-  ref = sfd.global_loss(x_fn, x_fn, afs=True, metric=metric)
-  want = float(ref(STUDENT_PARAMS, {}, {"noise": noise, "label": labels, "step_index": jnp.int32(2),
-                                        "teacher": states}, jax.random.PRNGKey(0))[0])
-  l1 = float(stages.padded_global_loss(x_fn, max_steps=3)(STUDENT_PARAMS, {}, batch, jax.random.PRNGKey(0))[0])
+  ref = sfd.global_loss(x_fn, max_steps=3, afs=True, metric=lambda frozen: metric)
+  want = float(ref(STUDENT_PARAMS, {}, batch, jax.random.PRNGKey(0))[0])
+  l1 = float(sfd.global_loss(x_fn, max_steps=3)(STUDENT_PARAMS, {}, batch, jax.random.PRNGKey(0))[0])
   assert got == pytest.approx(want, rel=1e-5) and abs(got - l1) > 1e-3 and got > 0
   # The local form: the same distance between the student's step and the target it is served.
   x = noise * 2.0
   target = x * 0.9
-  local = stages.padded_local_loss(x_fn, max_steps=3, metric="lpips", lpips_resize=32)
+  local = sfd.local_loss(x_fn, max_steps=3, metric=stages.lpips_metric("lpips", "alex", 32))
   lb = {"state": x, "label": labels, "step_index": jnp.int32(1), "num_steps": jnp.int32(3), "target": target}
   grid = sfd.student_grid(3)
-  x_hat = sfd.student_x_hat(x_fn, STUDENT_PARAMS, x, grid[1], labels, None, 3, False)
+  x_hat = sfd.student_x_hat(x_fn, STUDENT_PARAMS, x, grid[1], labels)
   want = float(jnp.mean(metric(sfd.student_step(x_hat, x, grid[1], grid[2]), target)))
   assert float(local(STUDENT_PARAMS, frozen, lb, jax.random.PRNGKey(0))[0]) == pytest.approx(want, rel=1e-5)
   # Gradients flow through LPIPS into the student.
@@ -272,7 +360,7 @@ def test_tiny_sfd_stage_with_lpips_from_weight_files(tmp_path):
 
 
 def test_batches_serve_one_trajectory_to_its_updates_and_run_the_teacher_once():
-  plan = stages.make_plan("global", 3, [3], afs=True, seed=0)
+  plan = sfd.make_plan("global", 3, [3], afs=True, seed=0)
   assert plan["trajectory"].tolist() == [0, 0, 1, 1, 2, 2] and plan["step_index"].tolist() == [1, 2, 1, 2, 1, 2]
   batches = stages.TrajectoryBatches(plan, stages.local_teacher_fn(spec(), TEACHER_PARAMS), seed=0, stream=7,
                                      batch_size=B, image_shape=SHAPE, num_classes=3, label_dropout=0.0)
@@ -310,13 +398,13 @@ def test_label_dropout_draws_the_null_class():
 
 
 def test_global_plan_is_a_prefix_of_trajectory_plan_and_counts_trajectories():
-  plan = stages.make_plan("global", 10, [3, 4, 5, 6], afs=True, seed=2)
+  plan = sfd.make_plan("global", 10, [3, 4, 5, 6], afs=True, seed=2)
   assert len(np.unique(plan["trajectory"])) == 10
   full = sfd.trajectory_plan(len(plan["step_index"]), [3, 4, 5, 6], afs=True, seed=2)
   assert all(np.array_equal(plan[k], full[k]) for k in plan)
   starts = np.flatnonzero(np.diff(plan["trajectory"], prepend=-1))
   assert len(plan["step_index"]) == int(np.sum(plan["num_steps"][starts] - 1))  # N − 1 updates per trajectory
-  whole = stages.make_plan("trajectory", 10, [3, 4, 5, 6], afs=True, seed=2)
+  whole = sfd.make_plan("trajectory", 10, [3, 4, 5, 6], afs=True, seed=2)
   np.testing.assert_array_equal(whole["num_steps"], plan["num_steps"][starts])  # the same N sequence
 
 
@@ -332,15 +420,15 @@ def test_cost_fields_count_teacher_evaluations_per_update():
   for nfe in (2, 5):  # SFD at NFE n: grid n + 1, n updates per trajectory, the k-th with k student evaluations
     n = nfe + 1
     for w, per_call in ((None, 1), (1.0, 2)):
-      plan = stages.make_plan("global", 4, [n], afs=True, seed=0)
+      plan = sfd.make_plan("global", 4, [n], afs=True, seed=0)
       costs = stages.plan_costs(plan, "global", True, lambda m, w=w: stages.teacher_evals(spec(teacher_w=w), m))
       assert costs["teacher_evals_per_update"] == pytest.approx(per_call * 4 * n / nfe)
       assert costs["student_evals_per_update"] == pytest.approx((nfe + 1) / 2)
-    whole = stages.plan_costs(stages.make_plan("trajectory", 4, [n], afs=True, seed=0), "trajectory", True,
+    whole = stages.plan_costs(sfd.make_plan("trajectory", 4, [n], afs=True, seed=0), "trajectory", True,
                               lambda m: stages.teacher_evals(spec(), m))
     assert whole == {"teacher_evals_per_update": 4 * n, "student_evals_per_update": nfe}
   # SFD-v: every trajectory's N·K over all updates, by brute force.
-  plan = stages.make_plan("global", 7, [3, 4, 5, 6], afs=True, seed=1)
+  plan = sfd.make_plan("global", 7, [3, 4, 5, 6], afs=True, seed=1)
   total = sum(4 * int(plan["num_steps"][np.flatnonzero(plan["trajectory"] == j)[0]]) for j in range(7))
   costs = stages.plan_costs(plan, "global", True, lambda m: stages.teacher_evals(spec(), m))
   assert costs["teacher_evals_per_update"] == pytest.approx(total / len(plan["step_index"]))
@@ -355,14 +443,19 @@ def test_second_stage_teacher_is_the_sfd_models_own_sampler_on_the_refined_grid(
   assert states.shape == (B, 3) + SHAPE
   # The SFD-v model sampled at NFE 5 (grid 6, AFS, step condition 6) ends where the teacher's trajectory ends,
   # and its grid's 3rd point is the one-NFE student's middle point.
-  model_fn = lambda z, l, y, w: x_fn(STUDENT_PARAMS, z, l, y, w, steps=jnp.full(y.shape, 6, jnp.int32))
   fine = sfd.student_grid(6)
   np.testing.assert_array_equal(fine[::3], sfd.student_grid(2))
-  out = sfd.sample(samplers.conditional_denoiser(model_fn, labels), sfd.SIGMA_MAX * noise, fine, afs=True)
-  assert out.nfe == 5
-  np.testing.assert_allclose(states[:, -1], out.x, rtol=1e-5, atol=1e-5)
-  half = sfd.sample(samplers.conditional_denoiser(model_fn, labels), sfd.SIGMA_MAX * noise, fine[:4], afs=True)
-  np.testing.assert_allclose(states[:, 1], half.x, rtol=1e-5, atol=1e-5)
+  assert stages.teacher_evals(teacher, 2) == 5
+  # That model's Euler sampler with AFS, in float64: AFS, then its own x̂ told N = 6.
+  x = sfd.SIGMA_MAX * np.asarray(noise, np.float64)
+  sampled = [x]
+  for i in range(6):
+    s, t = fine[i], fine[i + 1]
+    eps = x / np.sqrt(1.0 + s * s) if i == 0 else (x - np_student(STUDENT_PARAMS, x, s, labels, 6)) / s
+    x = x + (t - s) * eps
+    sampled.append(x)
+  np.testing.assert_allclose(states[:, -1], sampled[6], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(states[:, 1], sampled[3], rtol=1e-5, atol=1e-5)
 
 
 def test_tenfold_drop_is_adam_with_the_lr_divided_by_10_halfway_and_one_program_for_every_length():
@@ -500,11 +593,12 @@ def test_tiny_sfd_stage_in_the_local_form_trains_on_data(tmp_path):
   assert os.path.isfile(os.path.join(wd, "sfd/w1-local/N0002/samples.png"))
   # On updates it was not trained on (another stream), the student's one Euler step lands nearer the teacher's
   # K-step target than the teacher's own Euler step (its init) does.
-  plan = stages.make_plan("local", 6, [3], afs=True, seed=9)
+  plan = sfd.make_plan("local", 6, [3], afs=True, seed=9)
   held_out = stages.LocalBatches(plan, context.batch_fn(ctx.train_source, 8, 9),
                                  stages.local_target_fn(stages._teacher_spec(ctx, 1.0), t_params), seed=9, stream=3,
                                  batch_size=8, num_classes=3, label_dropout=0.0,
-                                 sigmas_of_n=lambda n: stages.student_sigmas(c, n))
+                                 sigmas_of_n=lambda n: sfd.student_grid(n, c.sfd.sigma_min, c.sfd.sigma_max,
+                                                                        c.sfd.rho))
   loss = stages.loss_of(ctx, context.x_fn_of(ctx, context.student_model(ctx, step_embedding=False)), "local",
                         False)
   mean_loss = lambda p: np.mean([float(loss(p, {}, held_out(i), jax.random.PRNGKey(0))[0]) for i in range(12)])

@@ -1,8 +1,10 @@
 """SFD, SFD-v and the one-NFE second stage (Zhou et al. 2024, "Simple and Fast Distillation of Diffusion
 Models"): a student whose few Euler steps on the EDM grid land where the teacher's solver lands.
 
-  core.py     grids, teacher trajectories, AFS, the step losses, the SFD-v plan, Alg. 8's sampler
-  stages.py   the pipeline stages 'sfd', 'sfd_v', 'sfd_one_nfe' and the 'sfd' student sampler
+  core.py     the pure pieces, each once: grids, teacher trajectories and targets, AFS, Alg. 8's sampler, the
+              global / local / trajectory losses (N traced where the stages need one compilation), the plans
+  stages.py   the pipeline stages 'sfd', 'sfd_v', 'sfd_one_nfe' built on them: teacher specs, batch functions,
+              the registered 'sfd' sampler
 
 Config section: `sfd`. With sfd.metric='lpips' the LPIPS weight files are loaded before anything is written.
 """
@@ -67,7 +69,7 @@ def validate(c) -> None:
       fail("sfd.lpips.resize", v, "must be 0 (no resize) or an integer >= 32 (the trunk needs >= 31 pixels)")
     if c.sfd.loss_form == "trajectory":
       fail("sfd.loss_form", "trajectory", "sfd.metric='lpips' runs with the 'global' and 'local' forms only")
-  choice(c, "sfd.loss_form", ("global", "trajectory", "local"))
+  choice(c, "sfd.loss_form", core.LOSS_FORMS)
   choice(c, "sfd.one_nfe_from", ("sfd", "sfd_v"))
   for f in ("afs", "cfg_student"):
     boolean(c, f"sfd.{f}")

@@ -7,31 +7,36 @@ no step to 0: Table 6, DESIGN §6) and learns to land where the teacher's solver
 Indexing: the paper counts n = N−1 … 0 from noise to data; here student step k = 0 … N−1 goes from
 sigmas[k] to sigmas[k+1] (k = N − 1 − n), and a trajectory [N+1, B, ...] starts with the noise at index 0.
 
-  student_grid, refine_grid   the student grid [N+1] and the teacher's grid [N·K+1]. As in the SFD code, the
-                              teacher runs the ρ-polynomial grid with N·K steps, whose every K-th point is the
-                              student grid: refining each interval K-fold uniformly in σ^(1/ρ) gives exactly that
+The losses and the sampler take N as a traced value: a grid N is row N of `grid_table`, so one compilation
+serves every N ≤ max_steps (a shape-N form compiles once per N, ~40 s each for the digits U-Net on 2 cores).
+
+  student_grid, grid_table    the student grid [N+1] (`solvers.edm_grid` at SFD's σ range) and all of them
+                              up to max_steps as the rows of one padded table (the traced form)
+  refine_grid                 the teacher's grid [N·K+1]: each interval cut K-fold uniformly in σ^(1/ρ). As in
+                              the SFD code, on the ρ-grid of N steps it gives the ρ-grid of N·K steps
+  denoiser                    a network (teacher or student) as a `samplers.Denoiser`: conditional, or CFG at w
   teacher_trajectory          Alg. 4, line 5 for every n at once: one solver run over the refined grid (a
                               multistep teacher keeps its history across student steps), read every K-th point
   local_teacher_target        Alg. 3, line 6: Solver(x_{n+1}, t_{n+1}, t_n, K) from a given state, fresh history
   analytical_first_step       Alg. 5 (AFS): ε̂ = x_N/√(1 + t_N²), x_{N−1} = x_N + (t_{N−1} − t_N)ε̂; no network
   student_step, step_loss     Eq. 6 and d(x_n^ψ, x̃_n) at one step, the student's input state detached
   distance                    'l1' (the paper's choice), 'l2', 'pseudo_huber' (Fig. 4c, Table 1)
-  local_loss                  Alg. 3 as a trainer LossFn (one update per call; natural fit)
+  sample                      Alg. 8: Euler over the grid, the first step analytic under AFS (N − 1 evaluations);
+                              stopped at step k it is the student's rollout of the global loss
   global_loss                 Alg. 4 / 5 / 6 as a LossFn for ONE student step k of a trajectory (batch-driven)
+  local_loss                  Alg. 3 as a LossFn: one student step from a served state onto a served target
   trajectory_loss             Alg. 4 / 5 with the N per-step losses of one trajectory averaged, one update
-  trajectory_plan             which (trajectory, N, k) each trainer step serves; SFD-v draws N ~ U(L) (Alg. 6)
-  sample                      Alg. 8: N Euler steps, the first analytic under AFS (N − 1 evaluations)
+  trajectory_plan, make_plan  which (trajectory, N, k) each trainer update serves; SFD-v draws N ~ U(L) (Alg. 6)
 
-Models are x-functions (see `distill.losses`): x_fn(params, z, logsnr, labels, w, *, train, rng)
--> x̂, called on VP inputs (z = α x, λ = −2 log σ). An SFD-v student (Alg. 6, App. D.1) also takes
-steps=[B] int32, the student's step count N (the grid's intervals, the AFS step included; the SFD code
-passes N + 1, its count of grid points). The teacher is x̂_θ(z) conditional (w=None, SFD §3.4: distil
-at guidance scale 1, i.e. our w = 0, and guide the student at sampling) or classifier-free guided at a
-fixed w (two evaluations per call).
+Models are x-functions (see `distill.losses`): x_fn(params, z, logsnr, labels, w, *, train, rng) -> x̂, called on
+VP inputs (z = α x, λ = −2 log σ). An SFD-v student (Alg. 6, App. D.1) also takes steps=[B] int32, the student's
+step count N (the grid's intervals, the AFS step included; the SFD code passes N + 1, its count of grid points).
+The teacher is x̂_θ(z) conditional (SFD §3.4: distil at guidance scale 1, i.e. our w = 0, and guide the student
+at sampling) or classifier-free guided at a fixed w (two evaluations per call); its states come in the batch.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,52 +46,100 @@ from distill import samplers, solvers
 from distill.losses import LossFn, XFn
 
 DISTANCES = ("l1", "l2", "pseudo_huber")
+LOSS_FORMS = ("global", "trajectory", "local")
 SIGMA_MIN, SIGMA_MAX, RHO, TEACHER_SUBSTEPS = 0.006, 80.0, 7.0, 4  # Table 6 (pixel-space models)
 
 
-# --- grids and the teacher -----------------------------------------------------------------------------------
+# --- grids ----------------------------------------------------------------------------------------------------
 
 
 def student_grid(num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
                  rho: float = RHO) -> np.ndarray:
-  """EDM ρ-polynomial grid [N+1] float64 from σ_max down to σ_min (no trailing 0). Concrete even when called
-  while tracing (the losses build it from a static N inside the jitted step)."""
+  """The student's grid: `solvers.edm_grid` [N+1] float64 from σ_max down to σ_min (no trailing 0) with SFD's
+  defaults. Concrete even when called while tracing."""
   return solvers.edm_grid(num_steps, sigma_min, sigma_max, rho)
 
 
-def refine_grid(sigmas, k: int, rho: float = RHO) -> np.ndarray:
-  """Each interval of a decreasing grid [N+1] cut into k, uniformly in σ^(1/ρ): [N·k+1] float64, with
-  refine_grid(sigmas, k)[::k] == sigmas. On an EDM ρ-grid it is the ρ-grid of N·k steps. (For a VP grid
-  uniform in t, build the fine grid with `solvers.vp_sigmas(N·k, …)` and take every k-th point instead.)"""
-  coarse = solvers.check_grid(sigmas)
-  s = coarse ** (1.0 / rho)
-  frac = np.arange(k) / k
-  fine = np.append((s[:-1, None] + frac[None, :] * (s[1:] - s[:-1])[:, None]).reshape(-1), s[-1]) ** rho
-  fine[::k] = coarse  # exactly, not through the round trip of the power
+def grid_table(max_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+               rho: float = RHO) -> np.ndarray:
+  """[max_steps+1, max_steps+1] float32: row n (1 ≤ n ≤ max_steps) is student_grid(n) padded with ones, so
+  jnp.asarray(table)[n] is the grid of a traced N (row 0 is all ones, never read)."""
+  table = np.ones((max_steps + 1, max_steps + 1), np.float32)
+  for n in range(1, max_steps + 1):
+    table[n, :n + 1] = student_grid(n, sigma_min, sigma_max, rho)
+  return table
+
+
+def refine_grid(sigmas, k: int, rho: float = RHO):
+  """Each interval of a decreasing grid [N+1] cut into k, uniformly in σ^(1/ρ): [N·k+1], with
+  refine_grid(sigmas, k)[::k] == sigmas exactly. On an EDM ρ-grid it is the ρ-grid of N·k steps. (For a VP grid
+  uniform in t, build the fine grid with `solvers.vp_sigmas(N·k, …)` and take every k-th point instead.)
+
+  A concrete grid (numpy, a list of numbers) gives a checked float64 numpy grid, as `solvers.integrate` wants; a
+  sequence of jax scalars (e.g. a traced (σ, σ'), Alg. 3's interval at a sampled grid point) gives a float32 jax
+  grid by the same formula, for `solvers.integrate_traced`."""
+  if any(isinstance(v, jax.Array) for v in sigmas):
+    coarse, xp, frac = list(sigmas), jnp, jnp.arange(k + 1, dtype=jnp.float32) / k
+    s = [c ** (1.0 / rho) for c in coarse]
+  else:
+    coarse, xp, frac = solvers.check_grid(sigmas), np, np.arange(k + 1) / k
+    s = coarse ** (1.0 / rho)
+  n = len(coarse) - 1
+  # interval i: its k points from σ_i on, the last interval also its end point
+  fine = xp.concatenate([s[i] + frac[:k + (i == n - 1)] * (s[i + 1] - s[i]) for i in range(n)]) ** rho
+  if xp is np:
+    fine[::k] = coarse  # the grid's own points exactly, not through the round trip of the power
+    return fine
+  for i, c in enumerate(coarse):
+    fine = fine.at[i * k].set(c)
   return fine
 
 
+# --- the networks as denoisers and the teacher ---------------------------------------------------------------
+
+
+def denoiser(x_fn: XFn, params, labels, w=None, null_label: int | None = None, steps=None) -> samplers.Denoiser:
+  """The x-function at fixed labels [B] as a `samplers.Denoiser`, called x_fn(params, z, λ, labels, None) (no w
+  input): conditional for w None; else classifier-free guided (1 + w)·x̂_c − w·x̂_∅ at w (scalar or [B]), two
+  evaluations per call, the unconditional rows labelled null_label. steps (an int, traced or not): the step count
+  told to a step-conditioned (SFD-v) model as steps=[rows] int32."""
+  def model_fn(z, logsnr, y, w_):
+    del w_
+    extra = {"steps": jnp.full(y.shape, steps, jnp.int32)} if steps is not None else {}
+    return x_fn(params, z, logsnr, y, None, **extra)
+
+  if w is None:
+    return samplers.conditional_denoiser(model_fn, labels)
+  if null_label is None:
+    raise ValueError("sfd: a guided denoiser (w is not None) needs null_label")
+  return samplers.guided_denoiser(model_fn, labels, jnp.broadcast_to(jnp.asarray(w, jnp.float32), labels.shape),
+                                  null_label)
+
+
 def teacher_trajectory(solver: solvers.Solver, teacher: samplers.Denoiser, x_init, sigmas, k: int,
-                       rho: float = RHO):
+                       rho: float = RHO, afs: bool = False):
   """The teacher's states at the student grid points (Alg. 4–6, the x̃_n of every n).
 
-  x_init: [B, ...] VE noise at sigmas[0] (σ_max·ε); sigmas: the student grid [N+1]; k: teacher sub-steps per
-  student step (K). One `solver` run over refine_grid(sigmas, k, rho), so a multistep teacher carries its
-  history across student steps and lowers its order only at the end of the whole run, as the SFD code does.
+  x_init: [B, ...] VE noise at sigmas[0] (σ_max·ε); sigmas: the student grid [N+1] (concrete); k: teacher
+  sub-steps per student step (K). One `solver` run over refine_grid(sigmas, k, rho), so a multistep teacher carries
+  its history across student steps and lowers its order only at the end of the whole run, as the SFD code does;
+  afs: the run's first step analytic (a distilled SFD model as the teacher, Alg. 7).
   Returns (states [N+1, B, ...] (x_init first), nfe), not differentiated.
   """
-  fine = refine_grid(sigmas, k, rho)
-  traj, nfe = solvers.solve_trajectory(solver, teacher, x_init, fine)
+  traj, nfe = solvers.solve_trajectory(solver, teacher, x_init, refine_grid(sigmas, k, rho), afs=afs)
   return jax.lax.stop_gradient(traj[::k]), nfe
 
 
-def local_teacher_target(solver: solvers.Solver, teacher: samplers.Denoiser, x, sigma: float, sigma_next: float,
-                         k: int, rho: float = RHO):
-  """Alg. 3's target: k solver steps from state x at sigma to sigma_next (fresh history), not differentiated."""
-  return jax.lax.stop_gradient(solvers.solve(solver, teacher, x, refine_grid([sigma, sigma_next], k, rho)).x)
+def local_teacher_target(solver: solvers.Solver, teacher: samplers.Denoiser, x, sigma, sigma_next, k: int,
+                         rho: float = RHO):
+  """Alg. 3's target: k solver steps from state x [B, ...] at sigma to sigma_next (fresh history), on the interval
+  refined as `refine_grid` does, not differentiated. sigma, sigma_next: scalars, Python or traced (one compilation
+  serves every grid point)."""
+  fine = refine_grid((jnp.asarray(sigma, jnp.float32), jnp.asarray(sigma_next, jnp.float32)), k, rho)
+  return jax.lax.stop_gradient(solvers.integrate_traced(solver, solvers.ve_denoiser(teacher), x, fine)[0])
 
 
-# --- one student step --------------------------------------------------------------------------------------
+# --- one student step and the sampler ------------------------------------------------------------------------
 
 
 def analytical_first_step(x, sigma, sigma_next):
@@ -100,13 +153,37 @@ def student_step(x_hat, x, sigma, sigma_next):
   return solvers.euler_update(x, x_hat, sigma, sigma_next)
 
 
+def student_x_hat(student_x: XFn, params, x, sigma, labels, steps=None, **kwargs):
+  """The student's x̂ at VE state x [B, ...], σ scalar (Python or traced), via its VP x-function, called with
+  w = 0 (the student has no w input) and, for an SFD-v student, steps=[B] int32 the grid's N."""
+  z, logsnr = solvers.ve_to_vp(x, sigma)
+  w_b = jnp.full(labels.shape, 0.0, jnp.float32)
+  extra = {"steps": jnp.full(labels.shape, steps, jnp.int32)} if steps is not None else {}
+  return student_x(params, z, logsnr, labels, w_b, **extra, **kwargs)
+
+
+def sample(x_hat_fn: Callable, x_init, sigmas, num_steps, afs: bool = True):
+  """Alg. 8: the state after student steps 0 … num_steps − 1 of Euler over sigmas, the first analytic under AFS
+  (num_steps − 1 evaluations). x_hat_fn(x, σ) -> x̂ (the student's); x_init: [B, ...] VE noise at sigmas[0]
+  (σ_max·ε); sigmas: the grid, or a longer padded row of `grid_table` (only [0 … num_steps] read); num_steps: an
+  int or a traced int32 (with AFS ≥ 1). The full grid N samples; stopped at k < N it is the student's own rollout
+  to x_k (the global loss's input)."""
+  first = 1 if afs else 0
+  x = analytical_first_step(x_init, sigmas[0], sigmas[1]) if afs else x_init
+  return jax.lax.fori_loop(first, num_steps, lambda i, x: student_step(x_hat_fn(x, sigmas[i]), x, sigmas[i],
+                                                                         sigmas[i + 1]), x)
+
+
+# --- distances and the loss of one step ----------------------------------------------------------------------
+
+
 def distance(a, b, metric: str = "l1", huber_c: float | None = None):
   """d(a, b) per example: a, b [B, ...] -> [B].
 
   'l1': mean |a − b|; 'l2': mean (a − b)² (the squared L2 of the paper, per pixel); 'pseudo_huber':
   √(‖a − b‖² + c²) − c over the whole example, c = 0.00054·√d by default (improved consistency training, the
   paper's ref. [49]; the SFD paper does not state its c). Means are over the d = prod(a.shape[1:]) entries.
-  A callable metric is called as metric(a, b) -> [B] (LPIPS: `distill.stages.sfd.lpips_metric`).
+  A callable metric is called as metric(a, b) -> [B] (LPIPS: `distill.methods.sfd.stages.lpips_metric`).
   """
   if callable(metric):
     return metric(a, b)
@@ -133,173 +210,123 @@ def step_loss(x_hat, x, sigma, sigma_next, target, metric: str = "l1"):
   return distance(x_next, target, metric), jax.lax.stop_gradient(x_next)
 
 
-# --- trainer losses -----------------------------------------------------------------------------------------
+def _metric_of(metric):
+  """frozen -> the step_loss metric. metric: a DISTANCES name (checked here, when the loss is built), or a
+  function of the trainer's frozen tree returning a callable d(a, b) -> [B] (a distance with parameters:
+  LPIPS, `stages.lpips_metric`)."""
+  if callable(metric):
+    return metric
+  distance(jnp.zeros((1, 1)), jnp.zeros((1, 1)), metric)
+  return lambda frozen: metric
 
 
-def _teacher_denoiser(teacher_x: XFn, teacher_params, labels, w, null_label: int | None) -> samplers.Denoiser:
-  model_fn = lambda z, logsnr, y, w_: teacher_x(teacher_params, z, logsnr, y, w_)
-  if w is None:
-    return samplers.conditional_denoiser(model_fn, labels, jnp.zeros(labels.shape, jnp.float32))
-  if null_label is None:
-    raise ValueError("sfd: a guided teacher (teacher_w is not None) needs null_label")
-  return samplers.guided_denoiser(model_fn, labels, w, null_label)
+# --- trainer losses (N traced: one compilation for every grid N ≤ max_steps) --------------------------------
 
 
-def student_x_hat(student_x: XFn, params, x, sigma, labels, w, num_steps, step_condition: bool, **kwargs):
-  """The student's x̂ at VE state x [B, ...], σ scalar (Python or traced), via its VP x-function."""
-  z, logsnr = solvers.ve_to_vp(x, sigma)
-  w_b = jnp.full(labels.shape, 0.0 if w is None else w, jnp.float32)
-  extra = {"steps": jnp.full(labels.shape, num_steps, jnp.int32)} if step_condition else {}
-  return student_x(params, z, logsnr, labels, w_b, **extra, **kwargs)
-
-
-def _check(metric: str, k: int):
-  if not callable(metric):
-    distance(jnp.zeros((1, 1)), jnp.zeros((1, 1)), metric)  # fail at construction, not in the first step
-  if k < 1:
-    raise ValueError(f"sfd: teacher sub-steps k={k} must be >= 1")
-
-
-def local_loss(student_x: XFn, teacher_x: XFn, *, num_steps: int, solver: str = "dpm_solver_2s",
-               k: int = TEACHER_SUBSTEPS, metric: str = "l1", sigma_min: float = SIGMA_MIN,
-               sigma_max: float = SIGMA_MAX, rho: float = RHO, teacher_w: float | None = None,
-               null_label: int | None = None) -> LossFn:
-  """Alg. 3 (vanilla trajectory distillation). loss_fn(params, frozen, batch, rng); frozen = {'teacher': params};
-  batch: image [B, ...] (x_0), label [B].
-
-  One student step k ~ U{0..N−1} per call (shared by the batch, as the paper samples n per iteration):
-  x = x_0 + σ_k ε, target = Solver(x, σ_k → σ_{k+1}, K sub-steps), loss = mean_B d(Euler_ψ(x), target). The
-  teacher runs in a `lax.switch` over the N static sub-grids, so only the drawn step costs teacher calls.
-  A multistep teacher restarts its history at σ_k (why the paper pairs Alg. 3 with one-step solvers).
-  """
-  _check(metric, k)
-  teacher_solver = solvers.get_solver(solver)
-  grid = student_grid(num_steps, sigma_min, sigma_max, rho)
-
-  def loss_fn(params, frozen, batch, rng):
-    x0, labels = batch["image"], batch["label"]
-    k_step, k_eps, k_dropout = jax.random.split(rng, 3)
-    step = jax.random.randint(k_step, (), 0, num_steps)
-    sigma, sigma_next = jnp.asarray(grid, jnp.float32)[step], jnp.asarray(grid, jnp.float32)[step + 1]
-    x = x0 + sigma * jax.random.normal(k_eps, x0.shape, x0.dtype)
-    teacher = _teacher_denoiser(teacher_x, frozen["teacher"], labels, teacher_w, null_label)
-    branches = [lambda x, i=i: local_teacher_target(teacher_solver, teacher, x, grid[i], grid[i + 1], k, rho)
-                for i in range(num_steps)]
-    target = jax.lax.switch(step, branches, x)
-    x_hat = student_x_hat(student_x, params, x, sigma, labels, teacher_w, num_steps, False, train=True,
-                           rng=k_dropout)
-    d, _ = step_loss(x_hat, x, sigma, sigma_next, target, metric)
-    return jnp.mean(d), {"distance": jnp.mean(d), "student_step": step.astype(jnp.float32)}
-
-  return loss_fn
-
-
-def _trajectory_setup(batch, num_steps, teacher_solver, teacher_x, frozen, labels, teacher_w, null_label, k,
-                      grid_fn, rho):
-  """(N, grid [N+1] numpy, x_init [B, ...], teacher states [N+1, B, ...]) for the global losses."""
-  if "teacher" in batch:
-    n = batch["teacher"].shape[0] - 1
-    if num_steps is not None and n != num_steps:
-      raise ValueError(f"sfd: batch['teacher'] has {n} steps, the loss was built for num_steps={num_steps}")
-  elif num_steps is None:
-    raise ValueError("sfd: without batch['teacher'] the loss needs num_steps")
-  else:
-    n = num_steps
-  grid = grid_fn(n)
-  x_init = float(grid[0]) * batch["noise"]
-  if "teacher" in batch:
-    states = jax.lax.stop_gradient(batch["teacher"])
-  else:
-    teacher = _teacher_denoiser(teacher_x, frozen["teacher"], labels, teacher_w, null_label)
-    states, _ = teacher_trajectory(teacher_solver, teacher, x_init, grid, k, rho)
-  return n, grid, x_init, states
-
-
-def global_loss(student_x: XFn, teacher_x: XFn, *, num_steps: int | None = None, solver: str = "dpmpp_3m",
-                k: int = TEACHER_SUBSTEPS, metric: str = "l1", afs: bool = True, step_condition: bool = False,
-                sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
-                teacher_w: float | None = None, null_label: int | None = None) -> LossFn:
+def global_loss(student_x: XFn, *, max_steps: int, metric="l1", afs: bool = True, step_condition: bool = False,
+                sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> LossFn:
   """Alg. 4 (SFD), with AFS Alg. 5, with step_condition Alg. 6 (SFD-v): the loss of ONE student step k of one
   trajectory, so that N consecutive trainer updates (N − 1 with AFS) walk one trajectory as the paper does.
+  loss_fn(params, frozen, batch, rng); trajectories of any grid N ≤ max_steps in one compiled step.
 
-  batch: noise [B, ...] ε (x_0 = σ_max·ε; the SAME for the calls of one trajectory), label [B],
-  step_index int32 scalar k (≥ 1 under AFS; see `trajectory_plan`), and optionally teacher [N+1, B, ...] —
-  `teacher_trajectory` of that noise, computed once per trajectory by the batch pipeline. Without it the
-  teacher trajectory is recomputed in every call (N·K teacher evaluations per update instead of per trajectory).
-  N is batch['teacher'].shape[0] − 1 (so SFD-v batches of several N retrace once per N) or `num_steps`.
+  batch: noise [B, ...] ε (x_init = σ_max·ε; the SAME for the updates of one trajectory), label [B], step_index k
+  and num_steps N int32 scalars (k clipped to [1 under AFS else 0, N − 1]; see `trajectory_plan`), teacher
+  [B, ≥ N+1, ...] the teacher's states at the trajectory's grid points 0..N (batch-major, padded beyond N;
+  `teacher_trajectory` of that noise, computed once per trajectory by the batch pipeline).
 
-  The student's state x_k is its own rollout from x_0 with the current parameters (AFS first, then Euler,
-  eval mode, no gradient) — the paper reuses the output of its previous update's forward pass, one update
-  older; the rollout costs k extra student evaluations. Loss: mean_B d(Euler_ψ(x_k → σ_{k+1}), x̃_{k+1}).
+  The student's state x_k is its own rollout with the current parameters (`sample` stopped at k: AFS first, then
+  Euler, eval mode, no gradient) — the paper reuses the output of its previous update's forward pass, one update
+  older; the rollout costs k − 1 extra student evaluations under AFS. Loss: mean_B d(Euler_ψ(x_k → σ_{k+1}),
+  x̃_{k+1}); metric: see `_metric_of`.
   """
-  _check(metric, k)
-  teacher_solver = solvers.get_solver(solver)
-  grid_fn = lambda n: student_grid(n, sigma_min, sigma_max, rho)
+  metric_of = _metric_of(metric)
+  table = grid_table(max_steps, sigma_min, sigma_max, rho)
+  first = 1 if afs else 0
 
   def loss_fn(params, frozen, batch, rng):
     labels = batch["label"]
-    n, grid, x_init, states = _trajectory_setup(batch, num_steps, teacher_solver, teacher_x, frozen, labels,
-                                                teacher_w, null_label, k, grid_fn, rho)
-    sig = jnp.asarray(grid, jnp.float32)
-    step = jnp.asarray(batch["step_index"], jnp.int32)
-    step = jnp.clip(step, 1 if afs else 0, n - 1)
+    n = jnp.asarray(batch["num_steps"], jnp.int32)
+    sig = jnp.asarray(table)[n]
+    step = jnp.clip(jnp.asarray(batch["step_index"], jnp.int32), first, n - 1)
+    steps = n if step_condition else None
     frozen_params = jax.lax.stop_gradient(params)
-
-    def rollout(i, x):
-      x_hat = student_x_hat(student_x, frozen_params, x, sig[i], labels, teacher_w, n, step_condition)
-      return student_step(x_hat, x, sig[i], sig[i + 1])
-
-    if afs:
-      x = jax.lax.fori_loop(1, step, rollout, analytical_first_step(x_init, grid[0], grid[1]))
-    else:
-      x = jax.lax.fori_loop(0, step, rollout, x_init)
-    x_hat = student_x_hat(student_x, params, x, sig[step], labels, teacher_w, n, step_condition, train=True,
-                           rng=rng)
-    d, _ = step_loss(x_hat, x, sig[step], sig[step + 1], states[step + 1], metric)
+    rollout_x_hat = lambda x, sigma: student_x_hat(student_x, frozen_params, x, sigma, labels, steps)
+    x = sample(rollout_x_hat, jax.lax.stop_gradient(sig[0] * batch["noise"]), sig, step, afs)  # no gradient
+    x_hat = student_x_hat(student_x, params, x, sig[step], labels, steps, train=True, rng=rng)
+    target = jnp.take(batch["teacher"], step + 1, axis=1)
+    d, _ = step_loss(x_hat, x, sig[step], sig[step + 1], target, metric_of(frozen))
     return jnp.mean(d), {"distance": jnp.mean(d), "student_step": step.astype(jnp.float32)}
 
   return loss_fn
 
 
-def trajectory_loss(student_x: XFn, teacher_x: XFn, *, num_steps: int | None = None, solver: str = "dpmpp_3m",
-                    k: int = TEACHER_SUBSTEPS, metric: str = "l1", afs: bool = True, step_condition: bool = False,
-                    sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
-                    teacher_w: float | None = None, null_label: int | None = None) -> LossFn:
+def local_loss(student_x: XFn, *, max_steps: int, metric="l1", step_condition: bool = False,
+               sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> LossFn:
+  """Alg. 3 (vanilla trajectory distillation), N and k traced: one compilation for every grid N ≤ max_steps.
+  batch: state [B, ...] x_k = x_0 + σ_k ε (data noised to the drawn grid point), label [B], step_index k and
+  num_steps N int32 scalars, target [B, ...] = Solver(x_k, σ_k → σ_{k+1}, K sub-steps) (`local_teacher_target`;
+  a multistep teacher restarts its history at σ_k, why the paper pairs Alg. 3 with one-step solvers).
+  Loss: mean_B d(Euler_ψ(x_k → σ_{k+1}), target); metric: see `_metric_of`."""
+  metric_of = _metric_of(metric)
+  table = grid_table(max_steps, sigma_min, sigma_max, rho)
+
+  def loss_fn(params, frozen, batch, rng):
+    n = jnp.asarray(batch["num_steps"], jnp.int32)
+    step = jnp.asarray(batch["step_index"], jnp.int32)
+    sig = jnp.asarray(table)[n]
+    x = batch["state"]
+    x_hat = student_x_hat(student_x, params, x, sig[step], batch["label"], n if step_condition else None,
+                          train=True, rng=rng)
+    d, _ = step_loss(x_hat, x, sig[step], sig[step + 1], batch["target"], metric_of(frozen))
+    return jnp.mean(d), {"distance": jnp.mean(d), "student_step": step.astype(jnp.float32)}
+
+  return loss_fn
+
+
+def trajectory_loss(student_x: XFn, *, metric="l1", afs: bool = True, step_condition: bool = False,
+                    sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> LossFn:
   """Alg. 4 / 5 / 6 compressed to one update per trajectory: the mean over the trained steps of
   d(Euler_ψ(x_k), x̃_{k+1}), each step's input x_k the student's own previous output, detached. Its gradient is
   the mean of the paper's N per-step gradients, all taken at the same parameters (the paper applies each
-  before the next step). batch: noise [B, ...], label [B], optionally teacher [N+1, B, ...] (as `global_loss`).
-  """
-  _check(metric, k)
-  teacher_solver = solvers.get_solver(solver)
-  grid_fn = lambda n: student_grid(n, sigma_min, sigma_max, rho)
+  before the next step). batch: noise [B, ...], label [B], teacher [B, N+1, ...] (batch-major, unpadded: N is
+  its shape, one compilation per N)."""
+  metric_of = _metric_of(metric)
 
   def loss_fn(params, frozen, batch, rng):
     labels = batch["label"]
-    n, grid, x_init, states = _trajectory_setup(batch, num_steps, teacher_solver, teacher_x, frozen, labels,
-                                                teacher_w, null_label, k, grid_fn, rho)
+    states = jax.lax.stop_gradient(jnp.moveaxis(batch["teacher"], 1, 0))
+    n = states.shape[0] - 1
     first = 1 if afs else 0
     if n <= first:
       raise ValueError(f"sfd: N={n} steps with afs={afs} leaves no step to train")
+    grid = student_grid(n, sigma_min, sigma_max, rho)
+    x_init = float(grid[0]) * batch["noise"]
     x = analytical_first_step(x_init, grid[0], grid[1]) if afs else x_init
     sig = jnp.asarray(grid, jnp.float32)
+    steps = n if step_condition else None
 
     def body(x, inputs):
       i, key, target = inputs
-      x_hat = student_x_hat(student_x, params, x, sig[i], labels, teacher_w, n, step_condition, train=True,
-                             rng=key)
-      d, x_next = step_loss(x_hat, x, sig[i], sig[i + 1], target, metric)
+      x_hat = student_x_hat(student_x, params, x, sig[i], labels, steps, train=True, rng=key)
+      d, x_next = step_loss(x_hat, x, sig[i], sig[i + 1], target, metric_of(frozen))
       return x_next, jnp.mean(d)
 
-    steps = jnp.arange(first, n)
     keys = jax.random.split(rng, n - first)
-    _, d = jax.lax.scan(body, x, (steps, keys, states[first + 1:]))
+    _, d = jax.lax.scan(body, x, (jnp.arange(first, n), keys, states[first + 1:]))
     return jnp.mean(d), {"distance": jnp.mean(d), "last_step_distance": d[-1]}
 
   return loss_fn
 
 
-# --- schedule of trajectories and sampling --------------------------------------------------------------------
+# --- which trajectory and step each update serves -----------------------------------------------------------
+
+
+def _first_trained_step(step_counts, afs: bool) -> tuple[list[int], int]:
+  counts = [int(n) for n in step_counts]
+  first = 1 if afs else 0
+  if not counts or min(counts) <= first:
+    raise ValueError(f"sfd plan: step_counts={step_counts} must be >= {first + 1} (afs={afs})")
+  return counts, first
 
 
 def trajectory_plan(total_updates: int, step_counts: Sequence[int], afs: bool = True, seed: int = 0) -> dict:
@@ -309,10 +336,7 @@ def trajectory_plan(total_updates: int, step_counts: Sequence[int], afs: bool = 
   takes N updates (k = 0..N−1), or N − 1 under AFS (k = 1..N−1). A pure function of its arguments, so a
   resumed run serves the same batches. Returns {'trajectory', 'num_steps', 'step_index'}: [total_updates] int.
   """
-  counts = [int(n) for n in step_counts]
-  first = 1 if afs else 0
-  if not counts or min(counts) <= first:
-    raise ValueError(f"trajectory_plan: step_counts={step_counts} must be >= {first + 1} (afs={afs})")
+  counts, first = _first_trained_step(step_counts, afs)
   rng = np.random.default_rng(seed)
   traj, num, idx = [], [], []
   j = 0
@@ -326,7 +350,34 @@ def trajectory_plan(total_updates: int, step_counts: Sequence[int], afs: bool = 
   return {"trajectory": cut(traj), "num_steps": cut(num), "step_index": cut(idx)}
 
 
-def sample(student: samplers.Denoiser, x_init, sigmas, afs: bool = True) -> samplers.Samples:
-  """Alg. 8: Euler over the student grid (the first step analytic under AFS). x_init: [B, ...] VE noise at
-  sigmas[0] (σ_max·ε). Returns Samples(x at sigmas[-1], nfe = N, or N − 1 with AFS)."""
-  return solvers.solve(solvers.EULER, student, x_init, sigmas, afs=afs)
+def make_plan(form: str, num_trajectories: int, step_counts, afs: bool, seed: int) -> dict:
+  """Which trajectory, grid N and student step k every update of a loss form serves. {'trajectory',
+  'num_steps', 'step_index'}: [U] int32, U the number of updates. 'global': `trajectory_plan` cut after
+  num_trajectories trajectories (N − 1 updates each under AFS). 'trajectory': one update per trajectory, N
+  drawn from step_counts as trajectory_plan draws it (the same N sequence for the same seed). 'local':
+  `local_plan` with as many updates as the global plan."""
+  if form not in LOSS_FORMS:
+    raise ValueError(f"sfd: unknown loss form {form!r}; allowed: {LOSS_FORMS}")
+  counts, first = _first_trained_step(step_counts, afs)
+  if form == "global":
+    plan = trajectory_plan(num_trajectories * max(counts), counts, afs=afs, seed=seed)
+    used = int(np.sum(plan["trajectory"] < num_trajectories))  # trajectory_plan is sequential: a prefix
+    return {key: v[:used] for key, v in plan.items()}
+  if form == "local":
+    return local_plan(make_plan("global", num_trajectories, counts, afs, seed), counts, afs, seed)
+  rng = np.random.default_rng(seed)
+  num = [counts[rng.integers(len(counts))] for _ in range(num_trajectories)]
+  return {"trajectory": np.arange(num_trajectories, dtype=np.int32), "num_steps": np.asarray(num, np.int32),
+          "step_index": np.zeros(num_trajectories, np.int32)}
+
+
+def local_plan(global_plan: dict, step_counts, afs: bool, seed: int) -> dict:
+  """Alg. 3's plan with as many updates as `global_plan`: update u draws its own data (trajectory = u), a grid N
+  uniformly from step_counts and a student step k ~ U{first … N − 1} (first = 1 under AFS: the analytic step
+  is never trained)."""
+  counts, first = _first_trained_step(step_counts, afs)
+  updates = len(global_plan["step_index"])
+  rng = np.random.default_rng([seed, 3])
+  num = np.asarray(counts, np.int32)[rng.integers(len(counts), size=updates)]
+  return {"trajectory": np.arange(updates, dtype=np.int32), "num_steps": num,
+          "step_index": rng.integers(first, num).astype(np.int32)}

@@ -1,7 +1,8 @@
 """SFD, SFD-v and the one-NFE second stage (Zhou et al. 2024, Alg. 4–8) as pipeline stages.
 
-The pure pieces (grids, teacher trajectories, AFS, the global and trajectory losses, the SFD-v plan) live in
-`distill.methods.sfd.core`; this module turns them into `train.Stage`s on the run's CFG teacher.
+The pure pieces (grids, teacher trajectories, AFS, the three losses, the plans, Alg. 8's sampler) live in
+`distill.methods.sfd.core`; this module turns them into `train.Stage`s on the run's CFG teacher: the teacher
+specs, the batch functions, the stages and the registered 'sfd' sampler.
 
     WORKDIR/sfd/<variant>/N{nfe:04d}     one SFD student per entry of sfd.nfe           (stage 'sfd')
     WORKDIR/sfd_v/<variant>              one step-conditioned student for all of sfd.v_nfe  (stage 'sfd_v')
@@ -27,9 +28,9 @@ A loss form other than 'global' appends itself to both: directories 'cfg-local',
 Training form (sfd.loss_form):
   global      the paper's Alg. 4/5/6: one optimizer step per student step. A trajectory of grid N takes N − 1
               consecutive updates under AFS, each the loss of `sfd.global_loss` at step k = 1 … N − 1 from the
-              student's own detached rollout (k − 1 extra forward evaluations), in `padded_global_loss`'s form
-              (N traced: one compilation serves every N). The teacher trajectory of the trajectory's noise is
-              computed ONCE, by the batch function, and served to all its updates.
+              student's own detached rollout (k − 1 extra forward evaluations), N traced: one compilation serves
+              every N. The teacher trajectory of the trajectory's noise is computed ONCE, by the batch function,
+              and served to all its updates.
   trajectory  `sfd.trajectory_loss`: the N − 1 step losses of a trajectory averaged into one update (gradients
               all at the same parameters). On the 2-core CPU its scanned backward pass measured 9 s (N = 3)
               and 24 s (N = 6) per update for the digits U-Net, against 0.16–0.6 s per global update: the
@@ -61,20 +62,13 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from distill import contract, diffusion, optimizers, parallel, samplers, solvers, train
-from distill.context import (Context, batch_fn, init_params, load_stage, run_stage, sample_in_chunks, student_model,
+from distill import contract, optimizers, parallel, samplers, solvers, train
+from distill.context import (Context, batch_fn, init_params, load_stage, run_stage, student_model,
                              teacher_model, teacher_params, write_student_grid, x_fn_of)
 from distill.methods.sfd import core as sfd
 
-LOSS_FORMS = ("global", "trajectory", "local")
-
-
-# --- models ---------------------------------------------------------------------------------------------------
-
-
-# --- variants, grids, plans ------------------------------------------------------------------------------------
+# --- variants and costs -----------------------------------------------------------------------------------------
 
 
 class Variant(NamedTuple):
@@ -108,49 +102,6 @@ def variants(config) -> list[Variant]:
 def grid_steps(nfe: int, afs: bool) -> int:
   """Euler intervals of an NFE-n student: n + 1 with AFS (its first step costs no evaluation), else n."""
   return int(nfe) + (1 if afs else 0)
-
-
-def student_sigmas(config, n: int) -> np.ndarray:
-  s = config.sfd
-  return sfd.student_grid(n, s.sigma_min, s.sigma_max, s.rho)
-
-
-def make_plan(form: str, num_trajectories: int, step_counts, afs: bool, seed: int) -> dict:
-  """Which trajectory, grid N and student step k every update serves. {'trajectory', 'num_steps',
-  'step_index'}: [U] int32, U the number of updates. 'global': `sfd.trajectory_plan` cut after
-  num_trajectories trajectories (N − 1 updates each under AFS). 'trajectory': one update per trajectory, N
-  drawn from step_counts as trajectory_plan draws it (the same N sequence for the same seed)."""
-  counts = [int(n) for n in step_counts]
-  if form == "global":
-    plan = sfd.trajectory_plan(num_trajectories * max(counts), counts, afs=afs, seed=seed)
-    used = int(np.sum(plan["trajectory"] < num_trajectories))  # trajectory_plan is sequential: a prefix
-    return {key: v[:used] for key, v in plan.items()}
-  if form == "local":
-    return local_plan(make_plan("global", num_trajectories, counts, afs, seed), counts, afs, seed)
-  if form != "trajectory":
-    raise ValueError(f"sfd: unknown loss form {form!r}; allowed: {LOSS_FORMS}")
-  first = 1 if afs else 0
-  if min(counts) <= first:
-    raise ValueError(f"make_plan: step_counts={step_counts} must be >= {first + 1} (afs={afs})")
-  rng = np.random.default_rng(seed)
-  num = [counts[rng.integers(len(counts))] for _ in range(num_trajectories)]
-  return {"trajectory": np.arange(num_trajectories, dtype=np.int32), "num_steps": np.asarray(num, np.int32),
-          "step_index": np.zeros(num_trajectories, np.int32)}
-
-
-def local_plan(global_plan: dict, step_counts, afs: bool, seed: int) -> dict:
-  """Alg. 3's plan with as many updates as `global_plan`: update u draws its own data (trajectory = u), a grid N
-  uniformly from step_counts and a student step k ~ U{first … N − 1} (first = 1 under AFS: the analytic step
-  is never trained)."""
-  counts = [int(n) for n in step_counts]
-  first = 1 if afs else 0
-  if min(counts) <= first:
-    raise ValueError(f"make_plan: step_counts={step_counts} must be >= {first + 1} (afs={afs})")
-  updates = len(global_plan["step_index"])
-  rng = np.random.default_rng([seed, 3])
-  num = np.asarray(counts, np.int32)[rng.integers(len(counts), size=updates)]
-  return {"trajectory": np.arange(updates, dtype=np.int32), "num_steps": num,
-          "step_index": rng.integers(first, num).astype(np.int32)}
 
 
 def solver_evals(solver: solvers.Solver, sigmas, afs: bool = False) -> int:
@@ -194,30 +145,21 @@ class TeacherSpec(NamedTuple):
   afs: bool = False            # the teacher's own first step analytic (a distilled SFD teacher, Alg. 7)
   step_count: bool = False     # the teacher takes the step count of its grid (an SFD-v teacher)
 
+  def student_grid(self, n: int) -> np.ndarray:
+    """The grid [n+1] of the student it teaches (`sfd.student_grid`); the teacher runs its K-fold refinement."""
+    return sfd.student_grid(n, self.sigma_min, self.sigma_max, self.rho)
 
-def teacher_sigmas(spec: TeacherSpec, n: int) -> np.ndarray:
-  """The teacher's grid for a student grid of n intervals: the ρ-grid of n·K intervals (`sfd.refine_grid`)."""
-  return sfd.refine_grid(sfd.student_grid(n, spec.sigma_min, spec.sigma_max, spec.rho), spec.k, spec.rho)
+  def denoiser(self, params, labels, n: int) -> samplers.Denoiser:
+    """The teacher at labels [B] (`sfd.denoiser`), told the step count n·K of its grid if it takes one."""
+    return sfd.denoiser(self.x_fn, params, labels, self.teacher_w, self.null_label,
+                        steps=self.k * n if self.step_count else None)
 
 
 def teacher_evals(spec: TeacherSpec, n: int) -> int:
   """Teacher network evaluations per example of one trajectory of a grid-n student (CFG counts 2)."""
   per_call = 1 if spec.teacher_w is None else 2
-  return per_call * solver_evals(solvers.get_solver(spec.solver), teacher_sigmas(spec, n), spec.afs)
-
-
-def _teacher_denoiser(spec: TeacherSpec, params, labels, n: int) -> samplers.Denoiser:
-  steps = spec.k * n if spec.step_count else None
-
-  def model_fn(z, logsnr, y, w):
-    del w
-    extra = {"steps": jnp.full(y.shape, steps, jnp.int32)} if steps is not None else {}
-    return spec.x_fn(params, z, logsnr, y, None, **extra)
-
-  if spec.teacher_w is None:
-    return samplers.conditional_denoiser(model_fn, labels)
-  return samplers.guided_denoiser(model_fn, labels, jnp.full(labels.shape, spec.teacher_w, jnp.float32),
-                                  spec.null_label)
+  fine = sfd.refine_grid(spec.student_grid(n), spec.k, spec.rho)
+  return per_call * solver_evals(solvers.get_solver(spec.solver), fine, spec.afs)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n"))
@@ -225,11 +167,10 @@ def teacher_states(params, noise, labels, *, spec: TeacherSpec, n: int):
   """The teacher's states at the student grid points: [B, n+1, ...] (batch-major, so the batch axis splits over
   devices), noise: [B, ...] N(0, I) (x_init = σ_max·noise), labels: [B]. One solver run over the refined grid,
   read every K-th point (`sfd.teacher_trajectory`; with spec.afs the run's first step is analytic)."""
-  sigmas = teacher_sigmas(spec, n)
-  den = _teacher_denoiser(spec, params, labels, n)
-  traj, _ = solvers.solve_trajectory(solvers.get_solver(spec.solver), den, float(sigmas[0]) * noise, sigmas,
-                                     afs=spec.afs)
-  return jnp.moveaxis(traj[::spec.k], 0, 1)
+  grid = spec.student_grid(n)
+  states, _ = sfd.teacher_trajectory(solvers.get_solver(spec.solver), spec.denoiser(params, labels, n),
+                                     float(grid[0]) * noise, grid, spec.k, spec.rho, afs=spec.afs)
+  return jnp.moveaxis(states, 0, 1)
 
 
 def trajectory_inputs(seed: int, stream: int, trajectory: int, batch_size: int, image_shape, num_classes: int,
@@ -310,16 +251,12 @@ def local_teacher_evals(spec: TeacherSpec) -> int:
 
 @functools.partial(jax.jit, static_argnames=("spec", "n"))
 def local_targets(params, x, labels, sigma, sigma_next, *, spec: TeacherSpec, n: int = 0):
-  """Alg. 3, line 6: the teacher's state at sigma_next after spec.k solver steps from x [B, ...] (VE) at sigma
-  (fresh history), on the interval refined uniformly in σ^(1/ρ) as `sfd.refine_grid` does. sigma, sigma_next:
-  traced scalars, so one compilation serves every grid point (n matters only for a step-count teacher, the
-  SFD-v model of a second stage; pass 0 otherwise). Equal to `sfd.local_teacher_target` (tested)."""
-  frac = jnp.arange(spec.k + 1, dtype=jnp.float32) / spec.k
-  lo, hi = sigma_next ** (1.0 / spec.rho), sigma ** (1.0 / spec.rho)
-  fine = (hi + frac * (lo - hi)) ** spec.rho
-  fine = fine.at[0].set(sigma).at[-1].set(sigma_next)
-  den = solvers.ve_denoiser(_teacher_denoiser(spec, params, labels, n))
-  return solvers.integrate_traced(solvers.get_solver(spec.solver), den, x, fine)[0]
+  """Alg. 3, line 6 (`sfd.local_teacher_target`) with the spec's teacher: its state at sigma_next after spec.k
+  solver steps from x [B, ...] (VE) at sigma (fresh history). sigma, sigma_next: traced scalars, so one
+  compilation serves every grid point (n matters only for a step-count teacher, the SFD-v model of a second
+  stage; pass 0 otherwise)."""
+  return sfd.local_teacher_target(solvers.get_solver(spec.solver), spec.denoiser(params, labels, n), x, sigma,
+                                  sigma_next, spec.k, spec.rho)
 
 
 class LocalBatches:
@@ -363,21 +300,12 @@ def local_target_fn(spec: TeacherSpec, params):
 # --- losses and optimizer -----------------------------------------------------------------------------------
 
 
-def grid_table(max_steps: int, sigma_min: float, sigma_max: float, rho: float) -> np.ndarray:
-  """[max_steps+1, max_steps+1] float32: row n (1 ≤ n ≤ max_steps) is `sfd.student_grid(n)` padded with ones."""
-  table = np.ones((max_steps + 1, max_steps + 1), np.float32)
-  for n in range(1, max_steps + 1):
-    table[n, :n + 1] = sfd.student_grid(n, sigma_min, sigma_max, rho)
-  return table
-
-
 def lpips_metric(metric: str, net: str = "alex", resize: int = 0):
-  """frozen -> the `sfd.step_loss` metric: the name itself, or for 'lpips' d(a, b) = LPIPS(a, b) [B] with the
-  parameters in frozen['lpips'] (`load_lpips_params`), both states bilinearly resized to `resize` first (0: as
-  they are). An unknown name fails here, when the loss is built, not in its first step."""
+  """The `metric` argument of the sfd losses for sfd.metric: the name itself (checked by the loss), or for
+  'lpips' frozen -> d(a, b) = LPIPS(a, b) [B] with the parameters in frozen['lpips'] (`load_lpips_params`),
+  both states bilinearly resized to `resize` first (0: as they are)."""
   if metric != "lpips":
-    sfd.distance(jnp.zeros((1, 1)), jnp.zeros((1, 1)), metric)
-    return lambda frozen: metric
+    return metric
   from distill.evaluation import lpips  # only runs that ask for it import the trunk code
   return lambda frozen: functools.partial(lpips.lpips_distance, lpips.LPIPS(net, frozen["lpips"]),
                                           resize_to=resize or None)
@@ -390,77 +318,6 @@ def load_lpips_params(net: str, trunk: str, lin: str):
   return lpips.load_lpips(net, os.path.expanduser(trunk), os.path.expanduser(lin)).params
 
 
-def padded_global_loss(student_x, *, max_steps: int, metric: str = "l1", afs: bool = True,
-                       step_condition: bool = False, sigma_min: float = sfd.SIGMA_MIN,
-                       sigma_max: float = sfd.SIGMA_MAX, rho: float = sfd.RHO, lpips_net: str = "alex",
-                       lpips_resize: int = 0) -> train.LossFn:
-  """`sfd.global_loss` (Alg. 4/5/6, the loss of ONE student step k of a trajectory) for trajectories of any grid
-  N ≤ max_steps in one compiled step: N is a traced batch entry and the grid a row of `grid_table`, where
-  sfd.global_loss makes N a shape (one compilation per N, ~40 s each for the digits U-Net on 2 cores).
-  The same loss and gradient (tests/test_sfd_stages.py checks both against sfd.global_loss).
-
-  batch: noise [B, ...] (x_init = σ_max·noise), label [B], step_index and num_steps int32 scalars, teacher
-  [B, max_steps+1, ...] the teacher's states at the trajectory's grid points 0..N (batch-major, padded).
-  The student's state x_k is its own rollout with the current parameters (eval mode, no gradient): AFS, then
-  Euler to step k. Loss: mean_B d(Euler_ψ(x_k → σ_{k+1}), x̃_{k+1}); metric 'lpips' reads the LPIPS
-  parameters from frozen['lpips'] (`lpips_metric`).
-  """
-  distance = lpips_metric(metric, lpips_net, lpips_resize)
-  table = grid_table(max_steps, sigma_min, sigma_max, rho)
-  first = 1 if afs else 0
-
-  def loss_fn(params, frozen, batch, rng):
-    labels = batch["label"]
-    n = jnp.asarray(batch["num_steps"], jnp.int32)
-    sig = jnp.asarray(table)[n]
-    step = jnp.clip(jnp.asarray(batch["step_index"], jnp.int32), first, n - 1)
-    x_init = sig[0] * batch["noise"]
-    frozen_params = jax.lax.stop_gradient(params)
-
-    def rollout(i, x):
-      x_hat = sfd.student_x_hat(student_x, frozen_params, x, sig[i], labels, None, n, step_condition)
-      return sfd.student_step(x_hat, x, sig[i], sig[i + 1])
-
-    x = sfd.analytical_first_step(x_init, sig[0], sig[1]) if afs else x_init
-    x = jax.lax.fori_loop(first, step, rollout, x)
-    x_hat = sfd.student_x_hat(student_x, params, x, sig[step], labels, None, n, step_condition, train=True,
-                               rng=rng)
-    target = jnp.take(batch["teacher"], step + 1, axis=1)
-    d, _ = sfd.step_loss(x_hat, x, sig[step], sig[step + 1], target, distance(frozen))
-    return jnp.mean(d), {"distance": jnp.mean(d), "student_step": step.astype(jnp.float32)}
-
-  return loss_fn
-
-
-def padded_local_loss(student_x, *, max_steps: int, metric: str = "l1", step_condition: bool = False,
-                      sigma_min: float = sfd.SIGMA_MIN, sigma_max: float = sfd.SIGMA_MAX,
-                      rho: float = sfd.RHO, lpips_net: str = "alex", lpips_resize: int = 0) -> train.LossFn:
-  """Alg. 3's loss (as `sfd.local_loss`) with the sampled state and the teacher target served by the batch
-  (`LocalBatches`), N and k traced: one compilation for every grid. batch: state [B, ...] x_k, label [B],
-  step_index k and num_steps N int32 scalars, target [B, ...]. Loss: mean_B d(Euler_ψ(x_k → σ_{k+1}), target)."""
-  distance = lpips_metric(metric, lpips_net, lpips_resize)
-  table = grid_table(max_steps, sigma_min, sigma_max, rho)
-
-  def loss_fn(params, frozen, batch, rng):
-    n = jnp.asarray(batch["num_steps"], jnp.int32)
-    step = jnp.asarray(batch["step_index"], jnp.int32)
-    sig = jnp.asarray(table)[n]
-    x = batch["state"]
-    x_hat = sfd.student_x_hat(student_x, params, x, sig[step], batch["label"], None, n, step_condition,
-                               train=True, rng=rng)
-    d, _ = sfd.step_loss(x_hat, x, sig[step], sig[step + 1], batch["target"], distance(frozen))
-    return jnp.mean(d), {"distance": jnp.mean(d), "student_step": step.astype(jnp.float32)}
-
-  return loss_fn
-
-
-def _batch_major(loss_fn):
-  """sfd.trajectory_loss reads batch['teacher'] as [N+1, B, ...]; batches carry it batch-major [B, N+1, ...]."""
-  def wrapped(params, frozen, batch, rng):
-    return loss_fn(params, frozen, dict(batch, teacher=jnp.moveaxis(batch["teacher"], 1, 0)), rng)
-  return wrapped
-
-
 def max_grid_steps(config) -> int:
   """The largest student grid of the run's SFD stages (the padded loss's table size)."""
   s = config.sfd
@@ -469,9 +326,9 @@ def max_grid_steps(config) -> int:
 
 def loss_of(ctx: Context, student_x, form: str, step_condition: bool):
   """The loss of a student: one function per (student, form, settings) in the process, so every student of one
-  architecture shares a compiled step ('global': every N too; 'trajectory': `sfd.trajectory_loss`, one
-  compilation per N). The student has no w input, so the guidance variant does not enter the loss (its teacher
-  states come in the batch)."""
+  architecture shares a compiled step ('global', 'local': every N too; 'trajectory': one compilation per N).
+  The student has no w input, so the guidance variant does not enter the loss (its teacher states come in the
+  batch)."""
   s = ctx.config.sfd
   return _loss(student_x, form, step_condition, max_grid_steps(ctx.config), s.metric, bool(s.afs),
                float(s.sigma_min), float(s.sigma_max), float(s.rho), s.lpips.net, int(s.lpips.resize))
@@ -480,15 +337,13 @@ def loss_of(ctx: Context, student_x, form: str, step_condition: bool):
 @functools.lru_cache(maxsize=32)
 def _loss(student_x, form, step_condition, max_steps, metric, afs, sigma_min, sigma_max, rho, lpips_net,
           lpips_resize):
-  grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, lpips_net=lpips_net, lpips_resize=lpips_resize)
+  common = dict(metric=lpips_metric(metric, lpips_net, lpips_resize), step_condition=step_condition,
+                sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
   if form == "global":
-    return padded_global_loss(student_x, max_steps=max_steps, metric=metric, afs=afs, step_condition=step_condition,
-                              **grid)
+    return sfd.global_loss(student_x, max_steps=max_steps, afs=afs, **common)
   if form == "local":
-    return padded_local_loss(student_x, max_steps=max_steps, metric=metric, step_condition=step_condition, **grid)
-  grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
-  return _batch_major(sfd.trajectory_loss(student_x, None, metric=metric, afs=afs, step_condition=step_condition,
-                                          **grid))
+    return sfd.local_loss(student_x, max_steps=max_steps, **common)
+  return sfd.trajectory_loss(student_x, afs=afs, **common)
 
 
 # --- one student ------------------------------------------------------------------------------------------
@@ -501,7 +356,7 @@ def train_student(ctx: Context, name: str, *, model, init, spec: TeacherSpec, te
   Null-label rows (sfd.label_dropout) only for CFG-sampled students (meta['guided_sampling'])."""
   c = ctx.config
   s = c.sfd
-  plan = make_plan(form, num_trajectories, step_counts, s.afs, c.seed)
+  plan = sfd.make_plan(form, num_trajectories, step_counts, s.afs, c.seed)
   num_updates = len(plan["step_index"])
   label_dropout = s.label_dropout if meta["guided_sampling"] else 0.0
   stream = zlib.crc32(name.encode())
@@ -510,7 +365,7 @@ def train_student(ctx: Context, name: str, *, model, init, spec: TeacherSpec, te
     batches = LocalBatches(plan, batch_fn(ctx.train_source, s.batch_size, c.seed),
                            local_target_fn(spec, teacher_params), seed=c.seed, stream=stream,
                            batch_size=s.batch_size, num_classes=c.data.num_classes, label_dropout=label_dropout,
-                           sigmas_of_n=functools.partial(student_sigmas, c))
+                           sigmas_of_n=spec.student_grid)
   else:
     costs = plan_costs(plan, form, s.afs, lambda n: teacher_evals(spec, n))
     batches = TrajectoryBatches(plan, local_teacher_fn(spec, teacher_params), seed=c.seed, stream=stream,
@@ -641,25 +496,15 @@ def run_second_stage(ctx: Context):
 @functools.partial(jax.jit, static_argnames=("x_fn", "afs", "guided", "step_condition", "null_label"))
 def euler_sample(params, z, labels, w, *, num_steps, sigma_table, x_fn, afs: bool, guided: bool,
                  step_condition: bool, null_label: int):
-  """Alg. 8: x [B,H,W,C] in [−1, 1] from VP noise z [B,H,W,C] (x_init = σ_max·z), labels [B], w [B] (used only
-  when guided: CFG on the student, 2 evaluations per step). num_steps: the grid's N (traced: one compilation
-  serves every N), its σs row N of sigma_table (`grid_table`); AFS takes the first step. The final state at
-  σ_min is clipped; the steps are not (training rolled out unclipped). Equals `sfd.sample` on that grid."""
+  """`sfd.sample` (Alg. 8) of the student x_fn, jitted: x [B,H,W,C] in [−1, 1] from VP noise z [B,H,W,C]
+  (x_init = σ_max·z), labels [B], w [B] (used only when guided: CFG on the student, 2 evaluations per step).
+  num_steps: the grid's N (traced: one compilation serves every N), its σs row N of sigma_table
+  (`sfd.grid_table`). The final state at σ_min is clipped; the steps are not (training rolled out unclipped)."""
   n = jnp.asarray(num_steps, jnp.int32)
   sig = jnp.asarray(sigma_table)[n]
-
-  def model_fn(zz, logsnr, y, w_):
-    del w_
-    extra = {"steps": jnp.full(y.shape, n, jnp.int32)} if step_condition else {}
-    return x_fn(params, zz, logsnr, y, None, **extra)
-
-  den = solvers.ve_denoiser(samplers.guided_denoiser(model_fn, labels, w, null_label) if guided
-                            else samplers.conditional_denoiser(model_fn, labels))
-  x = sig[0] * z
-  if afs:
-    x = sfd.analytical_first_step(x, sig[0], sig[1])
-  x = jax.lax.fori_loop(1 if afs else 0, n, lambda i, x: sfd.student_step(den(x, sig[i]), x, sig[i], sig[i + 1]), x)
-  return jnp.clip(x, -1.0, 1.0)
+  den = solvers.ve_denoiser(sfd.denoiser(x_fn, params, labels, w if guided else None, null_label,
+                                         steps=n if step_condition else None))
+  return jnp.clip(sfd.sample(den, sig[0] * z, sig, n, afs), -1.0, 1.0)
 
 
 def sample_fn(ctx: Context, params, meta: contract.StageMeta, num_steps: int, sampler: str = "sfd"):
@@ -671,7 +516,7 @@ def sample_fn(ctx: Context, params, meta: contract.StageMeta, num_steps: int, sa
   afs = bool(e["afs"])
   n = grid_steps(nfe, afs)
   size = max(n, max_grid_steps(ctx.config)) if "sfd" in ctx.config else n
-  table = grid_table(size, e["sigma_min"], e["sigma_max"], e["rho"])
+  table = sfd.grid_table(size, e["sigma_min"], e["sigma_max"], e["rho"])
   step_condition = bool(e["step_condition"])
   model = student_model(ctx, step_embedding=step_condition)
   guided = bool(e["guided_sampling"])
