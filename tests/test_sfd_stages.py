@@ -542,7 +542,7 @@ def test_tiny_sfd_stage_trains_resumes_bit_identically_and_samples(tmp_path, mon
   params, meta = train.load_final_params(os.path.join(a, "sfd/cfg/N0002"))
   meta = contract.StageMeta.from_dict(meta)
   noise, labels = stages.trajectory_inputs(5, 99, 0, 64, (4, 4, 1), 3, 0.0)
-  target = np.asarray(stages.teacher_states(t_params, noise, labels, spec=stages._teacher_spec(ctx, None), n=3))
+  target = np.asarray(stages.teacher_states(t_params, noise, labels, spec=stages.teacher_spec(ctx.config, context.x_fn_of(ctx, context.teacher_model(ctx)), None), n=3))
   fn, nfe = stages.sample_fn(ctx, params, meta, 2)
   fn0, _ = stages.sample_fn(ctx, t_params, meta, 2)
   w0 = jnp.zeros((64,), jnp.float32)
@@ -595,7 +595,7 @@ def test_tiny_sfd_stage_in_the_local_form_trains_on_data(tmp_path):
   # K-step target than the teacher's own Euler step (its init) does.
   plan = sfd.make_plan("local", 6, [3], afs=True, seed=9)
   held_out = stages.LocalBatches(plan, context.batch_fn(ctx.train_source, 8, 9),
-                                 stages.local_target_fn(stages._teacher_spec(ctx, 1.0), t_params), seed=9, stream=3,
+                                 stages.local_target_fn(stages.teacher_spec(ctx.config, context.x_fn_of(ctx, context.teacher_model(ctx)), 1.0), t_params), seed=9, stream=3,
                                  batch_size=8, num_classes=3, label_dropout=0.0,
                                  sigmas_of_n=lambda n: sfd.student_grid(n, c.sfd.sigma_min, c.sfd.sigma_max,
                                                                         c.sfd.rho))
@@ -712,3 +712,65 @@ def test_bad_sfd_fields_are_named(field, value, needle):
 def test_a_config_without_any_sfd_variant_is_refused():
   with pytest.raises(configuration.ConfigError, match="no SFD variant"):
     tiny_config(cfg_student=False)
+
+
+def test_teacher_threshold_clips_every_teacher_prediction():
+  """sfd.teacher_threshold: the teacher's x̂ goes through solvers.dynamic_threshold before the solver uses it
+  (a teacher whose x̂ leaves [−1, 1] gives other states); 0 leaves the teacher as it is."""
+  big_x = lambda params, z, logsnr, labels, w, **kw: 3.0 * jnp.tanh(z)  # |x̂| up to 3
+  plain = stages.TeacherSpec(big_x, "dpmpp_3m", 2, None, 10, 0.006, 80.0, 7.0)
+  clipped = plain._replace(threshold=0.995)
+  noise = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 1))
+  labels = jnp.array([1, 2])
+  den = clipped.denoiser(None, labels, 3)
+  z, lam = jnp.ones((2, 4, 4, 1)) * 0.5, jnp.zeros(2)
+  np.testing.assert_allclose(np.asarray(den(z, lam)),
+                             np.asarray(solvers.dynamic_threshold(big_x(None, z, lam, labels, None), 0.995)), atol=1e-6)
+  a = np.asarray(stages.teacher_states(None, noise, labels, spec=plain, n=3))
+  b = np.asarray(stages.teacher_states(None, noise, labels, spec=clipped, n=3))
+  # The last state, at σ_min = 0.006, is x̂ plus σ_min-sized noise: within ~1 with thresholding, ~3 without.
+  assert np.abs(a - b).max() > 0.1 and np.abs(b[:, -1]).max() < 1.1 < 2.5 < np.abs(a[:, -1]).max()
+
+
+def test_one_nfe_loss_adds_lpips_when_its_weights_are_given():
+  """§4.2: the one-NFE stage trains with L1 + LPIPS; with a tiny random-weight LPIPS the 'l1+lpips' loss is the
+  'l1' loss plus the mean LPIPS distance of the same student step and target. Without weight files, L1 alone."""
+  from distill import configuration
+  from distill.evaluation import lpips
+  trunk, lin = random_lpips_state_dicts(widths=(8, 8, 8, 8, 8))
+  model = lpips.from_state_dicts("alex", trunk, lin, widths=(8, 8, 8, 8, 8))
+  frozen = {"lpips": model.params}
+  c = configuration.base_config()
+  assert stages.stage_metric(c, one_nfe=True) == "l1"
+  c.sfd.lpips.trunk, c.sfd.lpips.lin = "trunk.npz", "lin.npz"
+  assert stages.stage_metric(c, one_nfe=True) == "l1+lpips" and stages.stage_metric(c) == "l1"
+  c.sfd.one_nfe_lpips = False
+  assert stages.stage_metric(c, one_nfe=True) == "l1"
+  x_fn = lambda p, z, logsnr, labels, w, **kw: jnp.tanh(p * z)
+  batch = {"noise": jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3)), "label": jnp.array([0, 1]),
+           "step_index": jnp.int32(1), "num_steps": jnp.int32(2),
+           "teacher": jax.random.uniform(jax.random.PRNGKey(2), (2, 3, 32, 32, 3), minval=-1, maxval=1)}
+  rng = jax.random.PRNGKey(3)
+  both = sfd.global_loss(x_fn, max_steps=2, metric=stages.lpips_metric("l1+lpips", "alex", 32))(0.7, frozen, batch, rng)
+  l1 = sfd.global_loss(x_fn, max_steps=2, metric="l1")(0.7, frozen, batch, rng)
+  lp = sfd.global_loss(x_fn, max_steps=2, metric=stages.lpips_metric("lpips", "alex", 32))(0.7, frozen, batch, rng)
+  assert float(lp[0]) > 1e-4
+  np.testing.assert_allclose(float(both[0]), float(l1[0]) + float(lp[0]), rtol=1e-5)
+
+
+def test_paper_configs_distil_at_w0_with_one_evaluation_per_step():
+  """SFD Tables 2-3 sample an unguided student: the CIFAR-10 and ImageNet 64 configs' SFD rows cost 1 network
+  evaluation per step at w = 0 (no CFG on the student), and train on no null-label rows."""
+  import importlib.util
+  from distill import registry
+  for name in ("cifar10", "imagenet64"):
+    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.pipeline = ("teacher", "sfd", "sfd_v", "sfd_one_nfe", "evaluate")
+    planned = registry.plan(c)
+    rows = [r for r in registry.planned_rows(c, planned) if r["method"].startswith("SFD")]
+    assert rows and all(r["w"] == 0.0 and r["nfe"] == r["steps"] for r in rows), name
+    assert all(not m.extra["guided_sampling"] and m.w_range == (0.0, 0.0) for _, _, m in planned if m.kind == "sfd_student")
+    assert c.sfd.teacher_threshold == 0.995

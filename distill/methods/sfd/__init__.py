@@ -28,6 +28,9 @@ def config_sections():
       nfe=(2, 3, 4, 5),                 # 'sfd': one student per entry
       v_nfe=(2, 3, 4, 5),               # 'sfd_v': the list L of Alg. 6, one step-conditioned student
       solver="dpmpp_3m", k=4,           # teacher solver and its sub-steps per student step (K)
+      # > 0: dynamic thresholding of every teacher x̂ at this quantile. The paper does not mention it; the SFD
+      # code's DPM-Solver++ applies it at 0.995 (solver_utils.dynamic_thresholding_fn). 0: off (our default).
+      teacher_threshold=0.0,
       metric="l1",                      # 'l1' | 'l2' | 'pseudo_huber' | 'lpips' (weights from sfd.lpips files)
       lpips=ml_collections.ConfigDict(dict(
           net="alex",                   # 'alex' | 'vgg': the LPIPS trunk
@@ -46,12 +49,15 @@ def config_sections():
       one_nfe_from="sfd_v",             # 'sfd_one_nfe' starts from, and learns from, this stage's model
       one_nfe_k=3,                      # its teacher's Euler steps per student step: the source model at NFE 2K − 1
       one_nfe_lr=5e-4, one_nfe_trajectories=2_000_000,
+      one_nfe_lpips=True,               # the one-NFE stage adds LPIPS to sfd.metric when sfd.lpips files are given (§4.2)
       log_every=100, ckpt_every=250,
   ))}
 
 
 def validate(c) -> None:
   """The c.sfd section (SFD / SFD-v / one-NFE second stage)."""
+  number(c, "sfd.teacher_threshold", 0.0, 1.0, hi_open=True)
+  boolean(c, "sfd.one_nfe_lpips")
   for f in ("nfe", "v_nfe"):
     v = tuple(get(c, f"sfd.{f}"))
     if not v or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in v) or len(set(v)) != len(v):
@@ -100,9 +106,10 @@ def validate(c) -> None:
 
 
 def preflight(c) -> None:
-  """sfd.metric='lpips': both weight files load and fit sfd.lpips.net, before anything is written (the stage
-  reuses what is loaded here)."""
-  if c.sfd.metric != "lpips":
+  """When a stage trains with LPIPS (sfd.metric='lpips', or the one-NFE stage's L1 + LPIPS): both weight files
+  load and fit sfd.lpips.net, before anything is written (the stage reuses what is loaded here)."""
+  one_nfe = "sfd_one_nfe" in c.pipeline and "lpips" in stages.stage_metric(c, one_nfe=True)
+  if c.sfd.metric != "lpips" and not one_nfe:
     return
   try:
     stages.load_lpips_params(c.sfd.lpips.net, c.sfd.lpips.trunk, c.sfd.lpips.lin)
@@ -121,4 +128,4 @@ def quick(c) -> None:
 
 METHOD = contract.Method(
     name="sfd", order=20, stages=STAGES, samplers={"sfd": stages.sample_fn},
-    config=config_sections, validate=validate, preflight=preflight, quick=quick)
+    config=config_sections, validate=validate, preflight=preflight, quick=quick, plan=stages.plan)

@@ -144,6 +144,7 @@ class TeacherSpec(NamedTuple):
   rho: float
   afs: bool = False            # the teacher's own first step analytic (a distilled SFD teacher, Alg. 7)
   step_count: bool = False     # the teacher takes the step count of its grid (an SFD-v teacher)
+  threshold: float = 0.0       # > 0: dynamic thresholding of every x̂ at this quantile (`solvers.dynamic_threshold`)
 
   def student_grid(self, n: int) -> np.ndarray:
     """The grid [n+1] of the student it teaches (`sfd.student_grid`); the teacher runs its K-fold refinement."""
@@ -151,8 +152,12 @@ class TeacherSpec(NamedTuple):
 
   def denoiser(self, params, labels, n: int) -> samplers.Denoiser:
     """The teacher at labels [B] (`sfd.denoiser`), told the step count n·K of its grid if it takes one."""
-    return sfd.denoiser(self.x_fn, params, labels, self.teacher_w, self.null_label,
-                        steps=self.k * n if self.step_count else None)
+    den = sfd.denoiser(self.x_fn, params, labels, self.teacher_w, self.null_label,
+                       steps=self.k * n if self.step_count else None)
+    if not self.threshold:
+      return den
+    return samplers.Denoiser(lambda z, logsnr: solvers.dynamic_threshold(den(z, logsnr), self.threshold),
+                             den.evals_per_call)
 
 
 def teacher_evals(spec: TeacherSpec, n: int) -> int:
@@ -304,11 +309,26 @@ def lpips_metric(metric: str, net: str = "alex", resize: int = 0):
   """The `metric` argument of the sfd losses for sfd.metric: the name itself (checked by the loss), or for
   'lpips' frozen -> d(a, b) = LPIPS(a, b) [B] with the parameters in frozen['lpips'] (`load_lpips_params`),
   both states bilinearly resized to `resize` first (0: as they are)."""
-  if metric != "lpips":
+  if metric != "lpips" and not metric.endswith("+lpips"):
     return metric
   from distill.evaluation import lpips  # only runs that ask for it import the trunk code
-  return lambda frozen: functools.partial(lpips.lpips_distance, lpips.LPIPS(net, frozen["lpips"]),
-                                          resize_to=resize or None)
+  of_frozen = lambda frozen: functools.partial(lpips.lpips_distance, lpips.LPIPS(net, frozen["lpips"]),
+                                               resize_to=resize or None)
+  if metric == "lpips":
+    return of_frozen
+  base = metric.removesuffix("+lpips")  # 'l1+lpips': the SFD code's second-stage L1 + LPIPS, per example
+  return lambda frozen: lambda a, b: sfd.distance(a, b, base) + of_frozen(frozen)(a, b)
+
+
+def stage_metric(config, one_nfe: bool = False) -> str:
+  """The distance a stage trains with: sfd.metric; for the one-NFE stage (Alg. 7) sfd.metric + LPIPS when
+  sfd.one_nfe_lpips is set and the LPIPS weight files are given (§4.2: "combining L1 loss with LPIPS loss
+  yields better results"; the SFD code adds it at the student's last step, which is the one-NFE student's only
+  trained step)."""
+  s = config.sfd
+  if one_nfe and s.one_nfe_lpips and s.metric != "lpips" and s.lpips.trunk and s.lpips.lin:
+    return f"{s.metric}+lpips"
+  return s.metric
 
 
 @functools.lru_cache(maxsize=4)
@@ -324,13 +344,13 @@ def max_grid_steps(config) -> int:
   return max(grid_steps(n, s.afs) for n in tuple(s.nfe) + tuple(s.v_nfe) + (1,))
 
 
-def loss_of(ctx: Context, student_x, form: str, step_condition: bool):
+def loss_of(ctx: Context, student_x, form: str, step_condition: bool, metric: str | None = None):
   """The loss of a student: one function per (student, form, settings) in the process, so every student of one
   architecture shares a compiled step ('global', 'local': every N too; 'trajectory': one compilation per N).
   The student has no w input, so the guidance variant does not enter the loss (its teacher states come in the
   batch)."""
   s = ctx.config.sfd
-  return _loss(student_x, form, step_condition, max_grid_steps(ctx.config), s.metric, bool(s.afs),
+  return _loss(student_x, form, step_condition, max_grid_steps(ctx.config), metric or s.metric, bool(s.afs),
                float(s.sigma_min), float(s.sigma_max), float(s.rho), s.lpips.net, int(s.lpips.resize))
 
 
@@ -349,69 +369,144 @@ def _loss(student_x, form, step_condition, max_steps, metric, afs, sigma_min, si
 # --- one student ------------------------------------------------------------------------------------------
 
 
-def train_student(ctx: Context, name: str, *, model, init, spec: TeacherSpec, teacher_params,
-                  step_counts, num_trajectories: int, form: str, lr: float, meta: dict):
-  """Trains one SFD-family student at WORKDIR/name; returns (params, meta). step_counts: the grid Ns trajectories
-  draw from (one for SFD, the list for SFD-v); spec: its teacher; meta: the method's fields (costs added here).
-  Null-label rows (sfd.label_dropout) only for CFG-sampled students (meta['guided_sampling'])."""
+def student_meta(config, *, spec: TeacherSpec, step_counts, num_trajectories: int, form: str, lr: float,
+                 metric: str, fields: dict) -> contract.StageMeta:
+  """An SFD-family student's record: `fields` (the stage's own), its sampler settings and its cost."""
+  s = config.sfd
+  plan = sfd.make_plan(form, num_trajectories, step_counts, s.afs, config.seed)
+  evals = (lambda n: local_teacher_evals(spec)) if form == "local" else (lambda n: teacher_evals(spec, n))
+  return contract.StageMeta.of(
+      **fields, kind="sfd_student", sampler="sfd", report_sampler="deterministic", w_conditioned=False,
+      evals_per_step=2 if fields["guided_sampling"] else 1, batch_size=s.batch_size, loss_form=form,
+      trajectories=num_trajectories * s.batch_size, teacher_solver=spec.solver, teacher_substeps=spec.k,
+      teacher_threshold=spec.threshold, metric=metric, afs=bool(s.afs), sigma_min=s.sigma_min,
+      sigma_max=s.sigma_max, rho=s.rho, lr=float(lr), **plan_costs(plan, form, s.afs, evals))
+
+
+def train_student(ctx: Context, name: str, *, model, init, spec: TeacherSpec, teacher_params, step_counts,
+                  num_trajectories: int, form: str, lr: float, meta: contract.StageMeta):
+  """Trains one SFD-family student at WORKDIR/name with its record `meta` (`student_meta`); returns (params,
+  meta). step_counts: the grid Ns trajectories draw from (one for SFD, the list for SFD-v); spec: its teacher.
+  Null-label rows (sfd.label_dropout) only for CFG-sampled students (meta.extra['guided_sampling'])."""
   c = ctx.config
   s = c.sfd
   plan = sfd.make_plan(form, num_trajectories, step_counts, s.afs, c.seed)
   num_updates = len(plan["step_index"])
-  label_dropout = s.label_dropout if meta["guided_sampling"] else 0.0
+  label_dropout = s.label_dropout if meta.extra["guided_sampling"] else 0.0
   stream = zlib.crc32(name.encode())
   if form == "local":
-    costs = plan_costs(plan, form, s.afs, lambda n: local_teacher_evals(spec))
     batches = LocalBatches(plan, batch_fn(ctx.train_source, s.batch_size, c.seed),
                            local_target_fn(spec, teacher_params), seed=c.seed, stream=stream,
                            batch_size=s.batch_size, num_classes=c.data.num_classes, label_dropout=label_dropout,
                            sigmas_of_n=spec.student_grid)
   else:
-    costs = plan_costs(plan, form, s.afs, lambda n: teacher_evals(spec, n))
     batches = TrajectoryBatches(plan, local_teacher_fn(spec, teacher_params), seed=c.seed, stream=stream,
                                 batch_size=s.batch_size, image_shape=ctx.image_shape,
                                 num_classes=c.data.num_classes, label_dropout=label_dropout,
                                 pad_to=max_grid_steps(c) if form == "global" else None)
   optimizer, schedule = optimizers.adam_tenfold_drop(float(lr), num_updates)
-  meta = dict(meta, kind="sfd_student", sampler="sfd", report_sampler="deterministic", w_conditioned=False,
-              batch_size=s.batch_size, loss_form=form, trajectories=num_trajectories * s.batch_size,
-              teacher_solver=spec.solver, teacher_substeps=spec.k, metric=s.metric, afs=bool(s.afs),
-              sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho, lr=float(lr), **costs)
+  metric = meta.extra["metric"]
   student_x = x_fn_of(ctx, model)
-  frozen = {"lpips": load_lpips_params(s.lpips.net, s.lpips.trunk, s.lpips.lin)} if s.metric == "lpips" else {}
-  stage = train.Stage(name=name, loss_fn=loss_of(ctx, student_x, form, model.step_embedding),
+  frozen = {"lpips": load_lpips_params(s.lpips.net, s.lpips.trunk, s.lpips.lin)} if "lpips" in metric else {}
+  stage = train.Stage(name=name, loss_fn=loss_of(ctx, student_x, form, model.step_embedding, metric),
                       init_params=init, optimizer=optimizer, num_steps=num_updates, batch_fn=batches, seed=c.seed,
                       ema_decay=None, frozen=frozen, log_every=s.log_every, ckpt_every=s.ckpt_every,
                       images_per_step=s.batch_size, lr_schedule=schedule,
                       fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
-  params, meta = run_stage(ctx, stage, contract.StageMeta.of(**meta))
+  params, meta = run_stage(ctx, stage, meta)
   write_grid(ctx, name, params, meta)
   return params, meta
 
 
-def _teacher_spec(ctx: Context, teacher_w) -> TeacherSpec:
-  c = ctx.config
-  s = c.sfd
-  return TeacherSpec(x_fn_of(ctx, teacher_model(ctx)), s.solver, int(s.k), teacher_w, ctx.null_label,
-                     float(s.sigma_min), float(s.sigma_max), float(s.rho))
+def teacher_spec(config, x_fn, teacher_w) -> TeacherSpec:
+  """The first-stage teacher: the CFG teacher under sfd.solver with K = sfd.k sub-steps, at w = teacher_w."""
+  s = config.sfd
+  return TeacherSpec(x_fn, s.solver, int(s.k), teacher_w, config.data.num_classes, float(s.sigma_min),
+                     float(s.sigma_max), float(s.rho), threshold=float(s.teacher_threshold))
 
 
-def _w_range(ctx: Context, variant: Variant) -> list[float]:
-  c = ctx.config
+def one_nfe_spec(config, x_fn, step_condition: bool) -> TeacherSpec:
+  """Alg. 7's teacher: the source SFD model's own Euler sampler (AFS as trained), sfd.one_nfe_k steps per
+  student step."""
+  s = config.sfd
+  return TeacherSpec(x_fn, "euler", int(s.one_nfe_k), None, config.data.num_classes, float(s.sigma_min),
+                     float(s.sigma_max), float(s.rho), afs=bool(s.afs), step_count=step_condition)
+
+
+def _w_range(config, variant: Variant) -> list[float]:
   if variant.teacher_w is not None:
     return [variant.teacher_w, variant.teacher_w]
-  return [0.0, float(max([c.distill.w_max, *c.eval.w_values, *c.sample.w_values]))]
+  return [0.0, float(max([config.distill.w_max, *config.eval.w_values, *config.sample.w_values]))]
 
 
-def _common_meta(ctx, variant: Variant, method: str, stage_kind: str) -> dict:
+def _common_fields(config, variant: Variant, method: str, stage_kind: str) -> dict:
   return {"method": variant.method(method), "stage_kind": stage_kind, "guidance": variant.guidance,
           "teacher_w": variant.teacher_w, "guided_sampling": variant.guided_sampling,
-          "w_range": _w_range(ctx, variant), "cost_parents": []}
+          "w_range": _w_range(config, variant), "cost_parents": []}
 
 
-def _trajectory_batches(ctx, trajectories: int) -> int:
+def _trajectory_batches(config, trajectories: int) -> int:
   """Trajectory batches for a count of example trajectories (the paper's 'generated trajectories')."""
-  return max(1, -(-int(trajectories) // ctx.config.sfd.batch_size))
+  return max(1, -(-int(trajectories) // config.sfd.batch_size))
+
+
+def sfd_students(config, x_fn=None):
+  """[(name, spec, step_counts, num_trajectories, record)] of stage 'sfd': per variant and entry of sfd.nfe."""
+  s = config.sfd
+  out = []
+  for variant in variants(config):
+    spec = teacher_spec(config, x_fn, variant.teacher_w)
+    for nfe in s.nfe:
+      n = grid_steps(nfe, s.afs)
+      fields = dict(_common_fields(config, variant, "SFD", "sfd"), num_sampling_steps=int(nfe),
+                    eval_steps=[int(nfe)], grid_steps=n, step_condition=False)
+      trajectories = _trajectory_batches(config, s.trajectories)
+      meta = student_meta(config, spec=spec, step_counts=[n], num_trajectories=trajectories, form=s.loss_form,
+                          lr=s.lr, metric=stage_metric(config), fields=fields)
+      out.append((f"sfd/{variant.tag}/N{int(nfe):04d}", spec, [n], trajectories, meta))
+  return out
+
+
+def sfd_v_students(config, x_fn=None):
+  """The same for stage 'sfd_v': one step-conditioned student per variant over all of sfd.v_nfe."""
+  s = config.sfd
+  nfes = [int(n) for n in s.v_nfe]
+  out = []
+  for variant in variants(config):
+    spec = teacher_spec(config, x_fn, variant.teacher_w)
+    fields = dict(_common_fields(config, variant, "SFD-v", "sfd_v"), num_sampling_steps=max(nfes),
+                  eval_steps=sorted(nfes), grid_steps=grid_steps(max(nfes), s.afs), step_condition=True)
+    counts = [grid_steps(n, s.afs) for n in nfes]
+    trajectories = _trajectory_batches(config, s.trajectories * len(nfes))
+    meta = student_meta(config, spec=spec, step_counts=counts, num_trajectories=trajectories, form=s.loss_form,
+                        lr=s.lr, metric=stage_metric(config), fields=fields)
+    out.append((f"sfd_v/{variant.tag}", spec, counts, trajectories, meta))
+  return out
+
+
+def one_nfe_students(config, x_fn=None):
+  """The same for stage 'sfd_one_nfe' (Alg. 7): per variant, the source model (`one_nfe_source`) as teacher."""
+  s = config.sfd
+  step_condition = s.one_nfe_from == "sfd_v"
+  out = []
+  for variant in variants(config):
+    source, teacher_nfe = one_nfe_source(config, variant)
+    spec = one_nfe_spec(config, x_fn, step_condition)
+    n = grid_steps(1, s.afs)
+    fields = dict(_common_fields(config, variant, "SFD one-NFE", "sfd_one_nfe"), num_sampling_steps=1,
+                  eval_steps=[1], grid_steps=n, step_condition=step_condition, cost_parents=[source],
+                  teacher_nfe=teacher_nfe)
+    trajectories = _trajectory_batches(config, s.one_nfe_trajectories)
+    meta = student_meta(config, spec=spec, step_counts=[n], num_trajectories=trajectories, form=s.loss_form,
+                        lr=s.one_nfe_lr, metric=stage_metric(config, one_nfe=True), fields=fields)
+    out.append((f"sfd_one_nfe/{variant.tag}", spec, [n], trajectories, meta))
+  return out
+
+
+def plan(config, stage: str) -> list[tuple[str, contract.StageMeta]]:
+  """The students `stage` writes, with their records."""
+  students = {"sfd": sfd_students, "sfd_v": sfd_v_students, "sfd_one_nfe": one_nfe_students}[stage](config)
+  return [(name, meta) for name, _, _, _, meta in students]
 
 
 # --- stages -------------------------------------------------------------------------------------------------
@@ -420,38 +515,22 @@ def _trajectory_batches(ctx, trajectories: int) -> int:
 def run_sfd(ctx: Context):
   """SFD (Alg. 4 global form with AFS, Alg. 5): per variant, one student per NFE of sfd.nfe, each initialised
   from the CFG teacher and trained on sfd.trajectories teacher trajectories. WORKDIR/sfd/<variant>/N{nfe:04d}."""
-  c = ctx.config
-  s = c.sfd
   t_params = teacher_params(ctx)
   model = student_model(ctx)
-  for variant in variants(c):
-    spec = _teacher_spec(ctx, variant.teacher_w)
-    for nfe in s.nfe:
-      n = grid_steps(nfe, s.afs)
-      meta = dict(_common_meta(ctx, variant, "SFD", "sfd"), num_sampling_steps=int(nfe), eval_steps=[int(nfe)],
-                  grid_steps=n, step_condition=False)
-      train_student(ctx, f"sfd/{variant.tag}/N{int(nfe):04d}", model=model, init=t_params, spec=spec,
-                    teacher_params=t_params, step_counts=[n],
-                    num_trajectories=_trajectory_batches(ctx, s.trajectories), form=s.loss_form, lr=s.lr, meta=meta)
+  for name, spec, counts, trajectories, meta in sfd_students(ctx.config, x_fn_of(ctx, teacher_model(ctx))):
+    train_student(ctx, name, model=model, init=t_params, spec=spec, teacher_params=t_params, step_counts=counts,
+                  num_trajectories=trajectories, form=ctx.config.sfd.loss_form, lr=meta.extra["lr"], meta=meta)
 
 
 def run_sfd_v(ctx: Context):
   """SFD-v (Alg. 6): per variant, one step-conditioned student, N drawn per trajectory from the grids of
   sfd.v_nfe, sfd.trajectories per entry on average (Table 6 †). WORKDIR/sfd_v/<variant>."""
-  c = ctx.config
-  s = c.sfd
   t_params = teacher_params(ctx)
   model = student_model(ctx, step_embedding=True)
   init = init_params(ctx, model, t_params)
-  nfes = [int(n) for n in s.v_nfe]
-  for variant in variants(c):
-    spec = _teacher_spec(ctx, variant.teacher_w)
-    meta = dict(_common_meta(ctx, variant, "SFD-v", "sfd_v"), num_sampling_steps=max(nfes), eval_steps=sorted(nfes),
-                grid_steps=grid_steps(max(nfes), s.afs), step_condition=True)
-    train_student(ctx, f"sfd_v/{variant.tag}", model=model, init=init, spec=spec, teacher_params=t_params,
-                  step_counts=[grid_steps(n, s.afs) for n in nfes],
-                  num_trajectories=_trajectory_batches(ctx, s.trajectories * len(nfes)), form=s.loss_form, lr=s.lr,
-                  meta=meta)
+  for name, spec, counts, trajectories, meta in sfd_v_students(ctx.config, x_fn_of(ctx, teacher_model(ctx))):
+    train_student(ctx, name, model=model, init=init, spec=spec, teacher_params=t_params, step_counts=counts,
+                  num_trajectories=trajectories, form=ctx.config.sfd.loss_form, lr=meta.extra["lr"], meta=meta)
 
 
 def one_nfe_source(config, variant: Variant) -> tuple[str, int]:
@@ -467,27 +546,21 @@ def run_second_stage(ctx: Context):
   """Alg. 7, second-stage one-NFE distillation: per variant, a student initialised from a trained SFD (or
   SFD-v) model that is also its teacher — that model's own Euler sampler (AFS as trained) over the grid of
   sfd.one_nfe_k steps per student step, the SFD code's `is_second_stage`. The student takes one Euler step
-  (after AFS); lr sfd.one_nfe_lr (10× SFD's, App. D), sfd.one_nfe_trajectories. WORKDIR/sfd_one_nfe/<variant>."""
+  (after AFS); lr sfd.one_nfe_lr (10× SFD's, App. D), sfd.one_nfe_trajectories; distance `stage_metric`
+  (L1 + LPIPS when its weights are given). WORKDIR/sfd_one_nfe/<variant>."""
   c = ctx.config
   s = c.sfd
-  for variant in variants(c):
-    source, teacher_nfe = one_nfe_source(c, variant)
+  step_condition = s.one_nfe_from == "sfd_v"
+  model = student_model(ctx, step_embedding=step_condition)
+  for name, spec, counts, trajectories, meta in one_nfe_students(c, x_fn_of(ctx, model)):
+    source, teacher_nfe = meta.cost_parents[0], meta.extra["teacher_nfe"]
     src_params, src_meta = load_stage(ctx, source, needed_by="the 'sfd_one_nfe' stage")
-    step_condition = bool(src_meta.extra.get("step_condition", False))
-    if src_meta.kind != "sfd_student" or (step_condition and teacher_nfe not in src_meta.eval_steps) or (
-        not step_condition and src_meta.num_sampling_steps != teacher_nfe):
+    if (src_meta.kind != "sfd_student" or bool(src_meta.extra.get("step_condition")) != step_condition
+        or teacher_nfe not in src_meta.steps_scored):
       raise train.TrainingError(f"{ctx.stage_dir(source)}: not an SFD model trained for NFE {teacher_nfe} "
                                 f"(sfd.one_nfe_k={s.one_nfe_k}); kind={src_meta.kind!r}")
-    model = student_model(ctx, step_embedding=step_condition)
-    spec = TeacherSpec(x_fn_of(ctx, model), "euler", int(s.one_nfe_k), None, ctx.null_label, float(s.sigma_min),
-                       float(s.sigma_max), float(s.rho), afs=bool(s.afs), step_count=step_condition)
-    n = grid_steps(1, s.afs)
-    meta = dict(_common_meta(ctx, variant, "SFD one-NFE", "sfd_one_nfe"), num_sampling_steps=1, eval_steps=[1],
-                grid_steps=n, step_condition=step_condition, cost_parents=[source], teacher_nfe=teacher_nfe)
-    train_student(ctx, f"sfd_one_nfe/{variant.tag}", model=model, init=src_params, spec=spec,
-                  teacher_params=src_params, step_counts=[n],
-                  num_trajectories=_trajectory_batches(ctx, s.one_nfe_trajectories), form=s.loss_form,
-                  lr=s.one_nfe_lr, meta=meta)
+    train_student(ctx, name, model=model, init=src_params, spec=spec, teacher_params=src_params, step_counts=counts,
+                  num_trajectories=trajectories, form=s.loss_form, lr=s.one_nfe_lr, meta=meta)
 
 
 # --- sampling (Alg. 8) ----------------------------------------------------------------------------------------
