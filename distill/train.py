@@ -228,7 +228,7 @@ def make_train_step(loss_fn: LossFn, optimizer, ema_decay, skip_nonfinite: bool,
   def train_step(state, frozen, batch):
     rng = jax.random.fold_in(base_key, state["step"])
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, batch, rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree_utils.tree_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
