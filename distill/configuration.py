@@ -161,5 +161,5 @@ def shrink(c: ml_collections.ConfigDict) -> None:
   c.model.num_res_blocks = 1
   c.sample.num_steps = 16
   c.eval.agreement_steps, c.eval.agreement_per_class, c.eval.classifier_steps = 16, 10, 200
-  c.eval.w_values, c.eval.per_class = (0.0,), 10
+  c.eval.w_values, c.eval.per_class = (0.0, 1.0), 10  # w = 1: the single-w baseline's own w is scored too
   registry.quick(c)

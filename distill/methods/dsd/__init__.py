@@ -113,7 +113,7 @@ def validate(c) -> None:
 
 def quick(c) -> None:
   s = c.dsd
-  s.kinds, s.start_steps, s.end_steps, s.updates, s.batch_size = ("DSDN", "DSDI"), 8, 4, 8, 16
+  s.kinds, s.start_steps, s.end_steps, s.updates, s.batch_size = ("DSDN", "DSDI", "DSDGL", "DSDGEXP"), 8, 4, 12, 16
   s.eval_steps, s.log_every, s.ckpt_every, s.training_steps = (4,), 4, 8, 30
 
 
