@@ -70,7 +70,4 @@ def get_config(arg: str | None = None):
   guided = ("teacher", "stage_one", "distill_deterministic")
   pipelines = {"dsd": guided + ("dsd", "tsd", "training_dsd", "evaluate"),
                "sfd": guided + ("sfd", "sfd_v", "sfd_one_nfe", "evaluate")}
-  try:
-    return apply_variants(config, arg, pipelines)
-  except ValueError as e:
-    raise ValueError(f"configs/digits.py: {e}") from None
+  return apply_variants(config, arg, pipelines, source="configs/digits.py")

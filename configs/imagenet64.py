@@ -12,7 +12,7 @@ attention at 32/16/8 with head dim 64, FiLM, resampling in res blocks, dropout 0
 warm-up, grad clip 1.0, EMA 0.9999, batch 2048. 295.9M parameters with this code (`distill.models.param_count`).
 The data must be prepared by hand (see the README).
 """
-from distill.configuration import apply_variants, base_config
+from distill.configuration import PAPER_PIPELINES, apply_variants, base_config
 
 
 def get_config(arg: str | None = None):
@@ -90,19 +90,12 @@ def get_config(arg: str | None = None):
   # the paper does not mention it. Used here, as the code that produced the tables ran; 0.0 turns it off.
   f.teacher_threshold = 0.995
 
-  # Variants combine with ',': the SFD paper's and the DSD paper's pipelines on this teacher, and 'quick' (tiny
-  # sizes: a path check, not a result).
-  pipelines = {"sfd": ("teacher", "sfd", "sfd_v", "sfd_one_nfe", "evaluate"),
-               "dsd": ("teacher", "dsd", "tsd", "training_dsd", "evaluate")}
-  names = [a.strip() for a in (arg or "").split(",") if a.strip()]
-  try:
-    apply_variants(config, ",".join(n for n in names if n != "quick"), pipelines)
-  except ValueError as e:
-    raise ValueError(f"configs/imagenet64.py: {e}") from None
-  if "quick" in names:
+  def quick(config):  # tiny sizes: a path check, not a result
     m.ch, m.emb_ch, m.num_res_blocks = 32, 0, 1
     t.num_steps, t.batch_size, t.log_every, t.ckpt_every, t.warmup_steps = 20, 8, 5, 10, 5
     config.sample.num_steps = 4
     d.batch_size, d.stage_one_steps, d.stage_one_warmup, d.start_steps = 8, 10, 2, 4
     d.round_steps, d.final_round_steps, d.log_every, d.ckpt_every = 5, 5, 5, 5
-  return config
+
+  # Variants combine with ',': the SFD paper's and the DSD paper's pipelines on this teacher, and 'quick'.
+  return apply_variants(config, arg, PAPER_PIPELINES, quick=quick, source="configs/imagenet64.py")

@@ -135,23 +135,31 @@ def all_stages() -> tuple[str, ...]:
   return registry.stage_names()
 
 
-def apply_variants(config: ml_collections.ConfigDict, arg: str | None, pipelines: dict) -> ml_collections.ConfigDict:
+# The other papers' pipelines on a guided-distillation teacher (the paper configs' `:sfd` and `:dsd`).
+PAPER_PIPELINES = {"sfd": ("teacher", "sfd", "sfd_v", "sfd_one_nfe", "evaluate"),
+                   "dsd": ("teacher", "dsd", "tsd", "training_dsd", "evaluate")}
+
+
+def apply_variants(config: ml_collections.ConfigDict, arg: str | None, pipelines: dict, *, quick=None,
+                   source: str = "config") -> ml_collections.ConfigDict:
   """A config file's `:variant` argument, a comma-separated list that combines: each name in `pipelines` sets
   config.pipeline (the last one named wins), 'all' runs every registered stage, and 'quick' shrinks every
-  section to a smoke run (the framework's here, each method's by its own `quick`). 'quick' alone runs every
-  stage. Raises ValueError naming an unknown variant."""
+  section to a smoke run — with `quick` given, that function does it and the pipeline stays; otherwise the
+  framework's sections shrink here and each method's by its own `quick`, and 'quick' alone runs every stage.
+  Raises ValueError (naming `source`) on an unknown variant."""
   names = [a.strip() for a in (arg or "").split(",") if a.strip()]
   allowed = ("quick", "all", *pipelines)
   for name in names:
     if name not in allowed:
-      raise ValueError(f"unknown variant {name!r}; allowed: {', '.join(map(repr, allowed))} (combine with ',')")
+      raise ValueError(f"{source}: unknown variant {name!r}; allowed: {', '.join(map(repr, allowed))} "
+                       "(combine with ',')")
   chosen = [n for n in names if n != "quick"]
   if chosen:
     config.pipeline = all_stages() if chosen[-1] == "all" else tuple(pipelines[chosen[-1]])
-  elif "quick" in names:
+  elif "quick" in names and quick is None:
     config.pipeline = all_stages()
   if "quick" in names:
-    shrink(config)
+    (quick or shrink)(config)
   return config
 
 
