@@ -6,6 +6,8 @@ checkpoint or one file of samples.
     WORKDIR/fid_vs_steps.png    FID against steps per w (paper Fig. 2); fid_vs_is.png: the trade-off over w (Fig. 9)
     WORKDIR/eval_grids/         the first samples of every row, rows = classes
     WORKDIR/eval_reference/     cached reference statistics of the training split
+    WORKDIR/eval_cache/         one file of scores per row, keyed by what determines them (`row_key`): adding a
+                                stage to a run scores only its rows
 
 Every row uses the same noise and labels (`eval.per_class` per class, seed `seed + 2000`), so rows differ
 only by the model and sampler. The protocol (features, quantisation, splits) is in `evaluation/protocol.py`.
@@ -13,6 +15,7 @@ only by the model and sampler. The protocol (features, quantisation, splits) is 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import time
@@ -118,6 +121,22 @@ def _save_row_grid(path: str, x: np.ndarray, labels: np.ndarray, per_class: int,
   writers.save_image_grid(path, np.concatenate(rows), ncols=cols, upscale=max(1, 64 // image_size))
 
 
+# Bumped whenever sampling or scoring changes what a row's numbers are, so cached rows of older code are not reused.
+EVAL_CACHE_VERSION = 1
+
+
+def row_key(c, fingerprint: str, sampler: str, w: float, steps: int, metric: str, reference_images: int) -> str:
+  """The cache key of one row's scores: the model's parameter fingerprint and its sampler, w and steps, and
+  everything else the numbers depend on (noise seed and count, metric, reference, metric settings)."""
+  import hashlib
+  fields = {"version": EVAL_CACHE_VERSION, "fingerprint": fingerprint, "sampler": sampler, "w": float(w),
+            "steps": int(steps), "per_class": int(c.eval.per_class), "seed": int(c.seed), "metric": metric,
+            "reference_images": int(reference_images), "data": c.data.name, "image_size": int(c.data.image_size),
+            "is_splits": int(c.eval.is_splits), "pr_k": int(c.eval.pr_k), "dc_k": int(c.eval.dc_k),
+            "clip": bool(c.sample.clip), "classes": int(c.data.num_classes)}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def run_stage(ctx: Context):
   """The pipeline's 'evaluate' stage: the CFG teacher (DDIM at the reference step count and at every student
   step count, DDPM at the reference) and every finished student, at each w of eval.w_values."""
@@ -142,43 +161,62 @@ def run_stage(ctx: Context):
   loaded = load_students(ctx.workdir)
   costs = chain_costs({n: m for n, (_, m, _) in loaded.items()}, {n: raw for n, (_, _, raw) in loaded.items()})
   metas = {n: (p, m) for n, (p, m, _) in loaded.items() if m.scored}
+  prints = {n: train.fingerprint(p) for n, (p, _) in metas.items()}
   teacher_fn = functools.partial(cfg_sample, teacher_params(ctx), model=teacher_model(ctx),
                                  parameterization=c.model.parameterization, logsnr_fn=ctx.logsnr_fn,
                                  null_label=ctx.null_label, clip=c.sample.clip)
   student_steps = sorted({n for _, m in metas.values() for n in m.steps_scored})
-  jobs = []  # (method, sampler, w, steps, nfe, sample fn, checkpoint, cost)
+  jobs = []  # (method, sampler, w, steps, nfe, sample fn, checkpoint, cost, cache key)
+  teacher_print = train.fingerprint(teacher_params(ctx))
+  key = lambda fp, sampler, w, steps: row_key(c, fp, sampler, w, steps, net.metric, ref.num_images)
   teacher_steps = sorted(set(student_steps) | {c.sample.num_steps})
   ddpm_steps = teacher_steps if e.teacher_ddpm == "all" else [c.sample.num_steps]
   for w in e.w_values:
     for steps in teacher_steps:
       jobs.append(("teacher DDIM", "ddim", w, steps, 2 * steps, functools.partial(teacher_fn, num_steps=steps),
-                   "teacher", {}))
+                   "teacher", {}, key(teacher_print, "cfg_ddim", w, steps)))
     for steps in ddpm_steps:
       jobs.append(("teacher DDPM", "ddpm", w, steps, 2 * steps,
-                   functools.partial(teacher_fn, num_steps=steps, sampler="ddpm"), "teacher", {}))
+                   functools.partial(teacher_fn, num_steps=steps, sampler="ddpm"), "teacher", {},
+                   key(teacher_print, "cfg_ddpm", w, steps)))
     for name, (params, meta) in metas.items():
       if not meta.serves(w):
         continue  # a single-w student is scored at its own w only
       for steps in meta.steps_scored:
         fn, nfe = registry.sampler(ctx, params, meta, steps)
-        jobs.append((meta.method, meta.report_sampler, w, steps, nfe, fn, name, costs[name]))
+        jobs.append((meta.method, meta.report_sampler, w, steps, nfe, fn, name, costs[name],
+                     key(prints[name], meta.sampler, w, steps)))
 
   grid_dir = os.path.join(ctx.workdir, "eval_grids")
-  epath.Path(grid_dir).mkdir(parents=True, exist_ok=True)
-  rows, start = [], time.time()
-  for done, (method, sampler, w, steps, nfe, fn, checkpoint, cost) in enumerate(jobs, start=1):
+  cache_dir = os.path.join(ctx.workdir, "eval_cache")
+  for d in (grid_dir, cache_dir):
+    epath.Path(d).mkdir(parents=True, exist_ok=True)
+  cached = {j[-1] for j in jobs if epath.Path(cache_dir, j[-1] + ".json").exists()}
+  # The ETA weighs each row to score by its network evaluations (rows differ 30x in cost); cached rows cost 0.
+  todo_nfe = sum(j[4] for j in jobs if j[-1] not in cached)
+  hits = sum(j[-1] in cached for j in jobs)
+  if hits:
+    print(f"[evaluate] {hits} of {len(jobs)} rows are cached in {cache_dir}; scoring the other {len(jobs) - hits}")
+  rows, start, done_nfe = [], time.time(), 0
+  for done, (method, sampler, w, steps, nfe, fn, checkpoint, cost, row_id) in enumerate(jobs, start=1):
     t0 = time.time()
+    head = {"method": method, "sampler": sampler, "w": float(w), "steps": int(steps), "nfe": int(nfe)}
+    if row_id in cached:
+      rows.append({**head, **writers.read_json(os.path.join(cache_dir, row_id + ".json")), "seed": c.seed,
+                   "checkpoint": checkpoint, **cost})
+      continue
     x = sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
-    row = {"method": method, "sampler": sampler, "w": float(w), "steps": int(steps), "nfe": int(nfe),
-           **protocol.score(net, ref, x, is_splits=e.is_splits, pr_k=e.pr_k, dc_k=e.dc_k), "seed": c.seed,
-           "checkpoint": checkpoint, **cost}
+    scores = protocol.score(net, ref, x, is_splits=e.is_splits, pr_k=e.pr_k, dc_k=e.dc_k)
     if agreement_clf is not None:
-      row["class_agreement"] = classifier_lib.class_agreement(agreement_clf, x, np.asarray(labels), k)
+      scores["class_agreement"] = classifier_lib.class_agreement(agreement_clf, x, np.asarray(labels), k)
+    writers.atomic_write_json(os.path.join(cache_dir, row_id + ".json"), scores)
+    row = {**head, **scores, "seed": c.seed, "checkpoint": checkpoint, **cost}
     rows.append(row)
     tag = re.sub(r"[^A-Za-z0-9.+-]+", "_", method).strip("_") + f"_{sampler}_w{w:g}_{steps}"
     _save_row_grid(os.path.join(grid_dir, tag + ".png"), x, np.asarray(labels), e.per_class, k, ctx.image_shape[0])
     elapsed = time.time() - start
-    eta = elapsed / done * (len(jobs) - done)
+    done_nfe += nfe
+    eta = elapsed / done_nfe * (todo_nfe - done_nfe)
     print(f"[evaluate] {done}/{len(jobs)} {method:<18} {sampler:<13} w={w:<4g} steps={steps:<4} nfe={nfe:<4} "
           f"{report.metric_label(net.metric)} {row['fid']:8.3f}  {report.metric_label(net.metric, 'IS')} "
           f"{row['is']:6.2f}  P/R {row['precision']:.3f}/{row['recall']:.3f} ({time.time() - t0:.0f}s, "

@@ -234,3 +234,42 @@ def test_sampler_registry_dispatches_on_the_checkpoint_sampler(tmp_path):
     registry.sampler(ctx, params, _record("heun", 3))
   with pytest.raises(ValueError, match="samples with 'cfg_ddim' or 'cfg_ddpm', not 'stochastic'"):
     registry.sampler(ctx, params, _record("cfg_ddim", 3), name="stochastic")
+
+
+def test_adding_a_stage_scores_only_its_rows(tmp_path, monkeypatch):
+  """The evaluate stage caches each row's scores under what determines them (`evaluate.row_key`): after a
+  stage is added, only its rows are sampled; the cached rows come back equal; another seed scores anew."""
+  import jax.numpy as jnp
+  from distill import context, models, train
+  from distill.methods.guided import stages as guided_stages
+  from distill.methods.teacher import stage_meta
+  ctx = _tiny_ctx(tmp_path / "wd")
+  c = ctx.config
+  c.data.num_examples = 64
+  c.eval.per_class, c.eval.w_values, c.eval.classifier_steps, c.eval.class_agreement = 3, (0.0,), 20, False
+  c.sample.num_steps, c.sample.batch_size, c.distill.start_steps = 2, 32, 2
+  teacher = models.init_params(context.teacher_model(ctx), ctx.image_shape, 0)
+  train._save_final(str(tmp_path / "wd" / "teacher"), teacher, dict(stage_meta(c).to_dict(), num_steps=1))
+  student = models.init_params(context.student_model(ctx, w_embedding=True), ctx.image_shape, 1)
+  meta = guided_stages.stage_one_meta(c.distill, 0.0, 4.0, True, "stage one")
+  train._save_final(str(tmp_path / "wd" / "stage_one"), student, dict(meta.to_dict(), num_steps=1))
+  calls = []
+  real = evaluate.sample_in_chunks
+  monkeypatch.setattr(evaluate, "sample_in_chunks", lambda fn, *a: calls.append(1) or real(fn, *a))
+
+  evaluate.run_stage(ctx)
+  first = json.loads((tmp_path / "wd" / "results.json").read_text())["rows"]
+  assert len(calls) == len(first) == 3  # teacher DDIM and DDPM at 2 steps, stage one at 2
+  round_meta = guided_stages.round_meta(c.distill, "deterministic", 1, 2, 0.0, 4.0, True, "guided PD", "stage_one")
+  other = models.init_params(context.student_model(ctx, w_embedding=True), ctx.image_shape, 2)
+  train._save_final(str(tmp_path / "wd" / "distill_deterministic" / "N0002"), other,
+                    dict(round_meta.to_dict(), num_steps=1))
+  calls.clear()
+  evaluate.run_stage(ctx)
+  second = json.loads((tmp_path / "wd" / "results.json").read_text())["rows"]
+  assert len(calls) == 1 and len(second) == 4  # only the new round's row was sampled
+  assert second[:3] == first and second[3]["method"] == "guided PD"
+  c.seed = 1
+  calls.clear()
+  evaluate.run_stage(ctx)
+  assert len(calls) == 4  # other noise: every row scored anew

@@ -130,10 +130,17 @@ def test_quick_pipeline_end_to_end_chains_rounds_and_rerun_skips(tmp_path):
 
   again = run_main(*args)
   assert again.returncode == 0 and "already finished" in again.stdout
-  # Evaluating again from scratch (same checkpoints, noise and seed) gives the same numbers.
+  # Evaluating again from scratch (same checkpoints, noise and seed; the row cache removed) gives the same
+  # numbers, and so does the cached evaluation.
+  import shutil
   os.remove(workdir / "results.json")
+  shutil.rmtree(workdir / "eval_cache")
   reeval = run_main(*args, "--config.pipeline=('evaluate',)", "--allow_config_change")
   assert reeval.returncode == 0, reeval.stderr[-2000:]
+  assert json.loads((workdir / "results.json").read_text())["rows"] == rows
+  os.remove(workdir / "results.json")
+  cached = run_main(*args, "--config.pipeline=('evaluate',)", "--allow_config_change")
+  assert cached.returncode == 0 and "are cached" in cached.stdout, cached.stdout[-2000:]
   assert json.loads((workdir / "results.json").read_text())["rows"] == rows
   sample = run_main("--mode=sample", f"--checkpoint={workdir}/distill_deterministic/N0002", "--w=0,2", "--num=2")
   assert sample.returncode == 0 and (workdir / "distill_deterministic/N0002/sample_ddim_2steps_seed0.npz").exists()
