@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
       metric="auto",                    # 'inception' | 'classifier' | 'auto' (classifier for embedded data)
       inception_path="~/.cache/distill/inception_fid_2015-12-05.npz",  # convert_inception's output
       max_reference=50000,              # reference images from the training split (FID statistics, P/R)
+      reference_stats="",               # a published .npz (mu, sigma; pytorch-fid's or EDM's) to compute FID against
       is_splits=10, pr_k=3,            # k of precision/recall (Kynkäänniemi et al.: 3)
       dc_k=5,                           # k of density/coverage (Naeem et al.: 5; SFD Table 10)
       teacher_ddpm="all",               # teacher DDPM rows at every step count DDIM is scored at, or 'reference'
@@ -127,6 +128,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive_int(c, f"eval.{f}")
   _choice(c, "eval.metric", ("auto", "classifier", "inception"))
   _choice(c, "eval.teacher_ddpm", ("all", "reference"))
+  if not isinstance(c.eval.reference_stats, str):
+    _fail("eval.reference_stats", c.eval.reference_stats, "must be a path ('' = the training split's statistics)")
   registry.validate(c)
 
 

@@ -14,6 +14,7 @@ only by the model and sampler. The protocol (features, quantisation, splits) is 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -51,8 +52,17 @@ def reference(ctx: Context, net: protocol.FeatureNet) -> protocol.Reference:
   n = min(len(source), c.eval.max_reference)
   path = os.path.join(ctx.workdir, "eval_reference", f"{c.data.name}_{c.data.image_size}_{net.metric}_{n}.npz")
   chunk = 1000
-  return protocol.reference_stats(
+  ref = protocol.reference_stats(
       net, lambda: (source.get_batch(np.arange(i, min(i + chunk, n)))["image"] for i in range(0, n, chunk)), path)
+  if not c.eval.reference_stats:
+    return ref
+  # FID against the published statistics; precision/recall and density/coverage still need reference features,
+  # which come from the training split as before.
+  try:
+    mu, sigma = protocol.load_reference_stats(os.path.expanduser(c.eval.reference_stats), ref.mu.shape[0])
+  except ValueError as e:
+    raise EvaluationError(f"eval.reference_stats: {e}") from e
+  return dataclasses.replace(ref, mu=mu, sigma=sigma, stats_source=c.eval.reference_stats)
 
 
 def finished_students(workdir: str):
@@ -133,7 +143,8 @@ def row_key(c, fingerprint: str, sampler: str, w: float, steps: int, metric: str
             "steps": int(steps), "per_class": int(c.eval.per_class), "seed": int(c.seed), "metric": metric,
             "reference_images": int(reference_images), "data": c.data.name, "image_size": int(c.data.image_size),
             "is_splits": int(c.eval.is_splits), "pr_k": int(c.eval.pr_k), "dc_k": int(c.eval.dc_k),
-            "clip": bool(c.sample.clip), "classes": int(c.data.num_classes)}
+            "clip": bool(c.sample.clip), "classes": int(c.data.num_classes),
+            "reference_stats": c.eval.get("reference_stats", "")}
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -146,7 +157,7 @@ def run_stage(ctx: Context):
   results_path = os.path.join(ctx.workdir, "results.json")
   evaluated = {"checkpoints": ["teacher"] + [name for name, _ in students], "w_values": list(e.w_values),
                "per_class": e.per_class, "seed": c.seed, "metric": protocol.resolve_metric(c),
-               "teacher_ddpm": e.teacher_ddpm}
+               "teacher_ddpm": e.teacher_ddpm, "reference_stats": e.reference_stats}
   if epath.Path(results_path).exists():
     if writers.read_json(results_path).get("evaluated") == evaluated:
       print(f"[evaluate] {results_path} already covers these checkpoints; delete it to evaluate again")
@@ -226,7 +237,8 @@ def run_stage(ctx: Context):
 
 def write_outputs(workdir: str, rows, net: protocol.FeatureNet, ref: protocol.Reference, evaluated=None):
   """results.json, report.md and the two plots."""
-  notes = [f"Features: {net.description}; reference: {ref.num_images:,} training images.",
+  stats = f"FID against {ref.stats_source}; " if ref.stats_source else ""
+  notes = [f"Features: {net.description}; {stats}reference features: {ref.num_images:,} training images.",
            "Every row samples the same noise and labels; nfe counts network evaluations per sample."]
   result = {"rows": rows, "evaluated": evaluated, "metric": net.metric, "reference_images": ref.num_images,
             "protocol": protocol.__doc__.split("\n\n")[-1].strip()}

@@ -322,6 +322,22 @@ def _check_inception_weights(config):
         fail(f"eval.inception_path: {e}")
 
 
+def _check_reference_stats(config):
+  """eval.reference_stats, when the pipeline evaluates: a readable .npz with mu [F] and sigma [F, F] (its width
+  is checked against the metric's features when the evaluate stage runs)."""
+  path = os.path.expanduser(config.eval.reference_stats)
+  if not path or "evaluate" not in tuple(config.pipeline):
+    return
+  from distill import writers
+  from distill.evaluation import protocol
+  try:
+    with writers.read_npz(path) as d:
+      width = int(d["mu"].shape[0]) if "mu" in d.files else 0
+    protocol.load_reference_stats(path, width)
+  except Exception as e:  # noqa: BLE001 — a missing file, no pickle allowed, missing arrays, bad shapes
+    fail(f"eval.reference_stats={config.eval.reference_stats!r}: {_one_line(e)}")
+
+
 def _preflight(config):
   """Before anything is written: the pre-run checks (weight files, …) of the methods the pipeline runs."""
   from distill import registry, validation
@@ -409,6 +425,7 @@ def main(argv):
       fail(f"config.{field}={config[section][name]}: larger than the {len(train_source)} training examples of "
            f"data.name={config.data.name!r}")
   _check_inception_weights(config)
+  _check_reference_stats(config)
   _check_teacher_dir(config)
   _preflight(config)
 

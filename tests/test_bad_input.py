@@ -208,6 +208,10 @@ CASES = [
     case("batch_exceeds_data", [DIGITS, "--config.teacher.batch_size=4096"], "teacher.batch_size", "4096"),
     # Config files, variants, overrides and flags.
     case("variant_unknown", ["--config=configs/digits.py:nope"], "unknown variant 'nope'", "'quick'"),
+    case("reference_stats_missing", ["--config=configs/digits.py", "--config.eval.reference_stats={tmp}/none.npz"],
+         "eval.reference_stats=", "none.npz"),
+    case("reference_stats_not_npz", ["--config=configs/digits.py", "--config.eval.reference_stats={npz}"],
+         "eval.reference_stats=", "no mu", setup="npz_missing_labels"),
     case("config_file_missing", ["--config=configs/nope.py"], "configs/nope.py", "cannot load the config file"),
     case("config_syntax_error", ["--config={tmp}/broken.py"], "--config", "broken.py", "SyntaxError",
          setup="config_syntax_error"),

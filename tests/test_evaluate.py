@@ -273,3 +273,13 @@ def test_adding_a_stage_scores_only_its_rows(tmp_path, monkeypatch):
   calls.clear()
   evaluate.run_stage(ctx)
   assert len(calls) == 4  # other noise: every row scored anew
+  # FID against published statistics (eval.reference_stats): another key, every row rescored against them.
+  ref = np.load(next((tmp_path / "wd" / "eval_reference").glob("*.npz")))
+  width = ref["mu"].shape[0]
+  np.savez(tmp_path / "stats.npz", mu=np.zeros(width), sigma=np.eye(width))
+  c.eval.reference_stats = str(tmp_path / "stats.npz")
+  calls.clear()
+  evaluate.run_stage(ctx)
+  rows = json.loads((tmp_path / "wd" / "results.json").read_text())["rows"]
+  assert len(calls) == 4 and "stats.npz" in (tmp_path / "wd" / "report.md").read_text()
+  assert all(r["fid"] > 0 for r in rows) and rows[0]["fid"] != second[0]["fid"]

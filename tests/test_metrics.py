@@ -177,3 +177,21 @@ def test_density_coverage_closed_cases():
   assert 0.85 < density < 1.15 and 0.93 < coverage <= 1.0
   with pytest.raises(ValueError, match="widths"):
     metrics.density_coverage(real, real[:, :3])
+
+
+def test_published_reference_statistics_load_and_are_checked(tmp_path):
+  from distill.evaluation import protocol
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(6, 6))
+  good = tmp_path / "stats.npz"
+  np.savez(good, mu=np.arange(6.0), sigma=a @ a.T)
+  mu, sigma = protocol.load_reference_stats(str(good), 6)
+  np.testing.assert_array_equal(mu, np.arange(6.0))
+  np.savez(tmp_path / "nomu.npz", sigma=a @ a.T)
+  np.savez(tmp_path / "asym.npz", mu=np.zeros(6), sigma=a)
+  np.save(tmp_path / "pickled.npy", np.array([{"mu": 1}], dtype=object))
+  for path, width, needle in ((good, 2048, "do not fit this metric's 2048"), (tmp_path / "nomu.npz", 6, "no mu"),
+                              (tmp_path / "asym.npz", 6, "symmetric"), (tmp_path / "nope.npz", 6, "no such file"),
+                              (tmp_path / "pickled.npy", 6, "not a readable .npz")):
+    with pytest.raises(ValueError, match=needle):
+      protocol.load_reference_stats(str(path), width)

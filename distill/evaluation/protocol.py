@@ -83,6 +83,7 @@ class Reference:
   sigma: np.ndarray     # [F, F]
   features: np.ndarray  # [M, F]: for precision/recall
   num_images: int
+  stats_source: str = ""  # where mu/sigma come from, when not from `features` (eval.reference_stats)
 
 
 def reference_stats(net: FeatureNet, batches: Callable[[], Iterable[np.ndarray]], cache_path: str) -> Reference:
@@ -101,6 +102,32 @@ def reference_stats(net: FeatureNet, batches: Callable[[], Iterable[np.ndarray]]
   writers.atomic_write_bytes(cache_path, writers.npz_bytes(mu=mu, sigma=sigma, features=feats.astype(np.float32),
                                                            num_images=len(feats), metric=net.metric))
   return Reference(mu, sigma, feats, len(feats))
+
+
+def load_reference_stats(path: str, width: int) -> tuple[np.ndarray, np.ndarray]:
+  """(mu [F], sigma [F, F]) of a published reference-statistics file: the `.npz` with arrays 'mu' and 'sigma'
+  that pytorch-fid (`fid_statistics_*.npz`) and EDM (`fid-refs/*.npz`) distribute, read without pickles.
+  ValueError (one line) for a missing file, missing arrays, shapes that do not fit `width` features, or
+  values that are not finite or a covariance that is not symmetric."""
+  from etils import epath
+  from distill import writers
+  if not epath.Path(path).is_file():
+    raise ValueError(f"{path!r}: no such file")
+  try:
+    with writers.read_npz(path) as d:
+      missing = sorted({"mu", "sigma"} - set(d.files))
+      if missing:
+        raise ValueError(f"{path!r}: no {' or '.join(missing)} array (has {sorted(d.files)})")
+      mu, sigma = np.asarray(d["mu"], np.float64), np.asarray(d["sigma"], np.float64)
+  except (OSError, ValueError) as e:
+    if str(e).startswith(repr(path)):
+      raise
+    raise ValueError(f"{path!r}: not a readable .npz ({type(e).__name__}: {e})") from e
+  if mu.shape != (width,) or sigma.shape != (width, width):
+    raise ValueError(f"{path!r}: mu {mu.shape} and sigma {sigma.shape} do not fit this metric's {width} features")
+  if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))) or not np.allclose(sigma, sigma.T, atol=1e-6):
+    raise ValueError(f"{path!r}: mu/sigma must be finite and sigma symmetric")
+  return mu, sigma
 
 
 def resolve_metric(config) -> str:
