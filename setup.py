@@ -26,5 +26,8 @@ setup(
         "etils[epath]>=1.7",
     ],
     # gcs: gs:// workdirs (etils.epath reaches GCS through gcsfs; Orbax checkpoints use tensorstore's own driver).
-    extras_require={"test": ["pytest>=8,<10", "scipy>=1.13,<2"], "gcs": ["gcsfs>=2024.2"]},
+    # cuda12 / tpu: jax with its accelerator plugins (both resolve for jax 0.10.2).
+    extras_require={"test": ["pytest>=8,<10", "scipy>=1.13,<2"], "gcs": ["gcsfs>=2024.2"],
+                    "cuda12": ["jax[cuda12]>=0.10,<0.11"], "tpu": ["jax[tpu]>=0.10,<0.11"]},
+    license="Apache-2.0",
 )
