@@ -62,6 +62,9 @@ def get_config(arg: str | None = None):
   # statistics, Inception Score over 10 splits, the FID Inception (pytorch-fid's weight file, converted).
   config.eval.metric, config.eval.per_class, config.eval.max_reference, config.eval.is_splits = (
       "inception", 5000, 50000, 10)
+  # Bootstrap intervals off by default here: each resampling recomputes a 2048-d covariance of 50,000 samples
+  # and its eigendecomposition (minutes per row on a host); --config.eval.bootstrap=N turns them on.
+  config.eval.bootstrap = 0
 
   # Direct self-distillation (seed paper 004). The paper has no CIFAR-10 run: these are Table 3's values for its
   # conditional model (ImageNet-256, 400.92M parameters, 5,000 updates, lr 1e-7 → 1e-8 cosine, Adam

@@ -69,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
       reference_stats="",               # a published .npz (mu, sigma; pytorch-fid's or EDM's) to compute FID against
       is_splits=10, pr_k=3,            # k of precision/recall (Kynkäänniemi et al.: 3)
       dc_k=5,                           # k of density/coverage (Naeem et al.: 5; SFD Table 10)
+      bootstrap=100,                    # resamplings for every number's 95 % interval (0: none); each costs one
+                                        # FID (a 2048-d eigendecomposition with Inception features)
       teacher_ddpm="all",               # teacher DDPM rows at every step count DDIM is scored at, or 'reference'
                                         # (sample.num_steps only)
   ))
@@ -128,6 +130,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive_int(c, f"eval.{f}")
   _choice(c, "eval.metric", ("auto", "classifier", "inception"))
   _choice(c, "eval.teacher_ddpm", ("all", "reference"))
+  if isinstance(c.eval.bootstrap, bool) or not isinstance(c.eval.bootstrap, int) or c.eval.bootstrap < 0:
+    _fail("eval.bootstrap", c.eval.bootstrap, "must be an integer >= 0 (0: no intervals)")
   if not isinstance(c.eval.reference_stats, str):
     _fail("eval.reference_stats", c.eval.reference_stats, "must be a path ('' = the training split's statistics)")
   registry.validate(c)

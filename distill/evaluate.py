@@ -144,7 +144,7 @@ def row_key(c, fingerprint: str, sampler: str, w: float, steps: int, metric: str
             "reference_images": int(reference_images), "data": c.data.name, "image_size": int(c.data.image_size),
             "is_splits": int(c.eval.is_splits), "pr_k": int(c.eval.pr_k), "dc_k": int(c.eval.dc_k),
             "clip": bool(c.sample.clip), "classes": int(c.data.num_classes),
-            "reference_stats": c.eval.get("reference_stats", "")}
+            "reference_stats": c.eval.get("reference_stats", ""), "bootstrap": int(c.eval.get("bootstrap", 0))}
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -217,7 +217,8 @@ def run_stage(ctx: Context):
                    "checkpoint": checkpoint, **cost})
       continue
     x = sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
-    scores = protocol.score(net, ref, x, is_splits=e.is_splits, pr_k=e.pr_k, dc_k=e.dc_k)
+    scores = protocol.score(net, ref, x, is_splits=e.is_splits, pr_k=e.pr_k, dc_k=e.dc_k,
+                            bootstrap=e.bootstrap, seed=c.seed)
     if agreement_clf is not None:
       scores["class_agreement"] = classifier_lib.class_agreement(agreement_clf, x, np.asarray(labels), k)
     writers.atomic_write_json(os.path.join(cache_dir, row_id + ".json"), scores)
@@ -229,7 +230,8 @@ def run_stage(ctx: Context):
     done_nfe += nfe
     eta = elapsed / done_nfe * (todo_nfe - done_nfe)
     print(f"[evaluate] {done}/{len(jobs)} {method:<18} {sampler:<13} w={w:<4g} steps={steps:<4} nfe={nfe:<4} "
-          f"{report.metric_label(net.metric)} {row['fid']:8.3f}  {report.metric_label(net.metric, 'IS')} "
+          f"{report.metric_label(net.metric)} {row['fid']:8.3f}"
+          f"{' (%.3g–%.3g)' % tuple(row['fid_ci']) if row.get('fid_ci') else ''}  {report.metric_label(net.metric, 'IS')} "
           f"{row['is']:6.2f}  P/R {row['precision']:.3f}/{row['recall']:.3f} ({time.time() - t0:.0f}s, "
           f"ETA {writers.format_duration(eta)})")
   write_outputs(ctx.workdir, rows, net, ref, evaluated)
@@ -270,7 +272,8 @@ def evaluate_checkpoint(stage_dir: str, *, w_values=(0.0,), steps=None, sampler=
     x = sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
     rows.append({"checkpoint": writers.abspath(stage_dir), "sampler": sampler, "w": float(w), "steps": int(steps),
                  "nfe": int(nfe), "seed": seed, **protocol.score(net, ref, x, is_splits=c.eval.is_splits,
-                                                                    pr_k=c.eval.pr_k, dc_k=c.eval.dc_k)})
+                                                                    pr_k=c.eval.pr_k, dc_k=c.eval.dc_k,
+                                                                    bootstrap=c.eval.bootstrap, seed=seed)})
   out = out or os.path.join(stage_dir, f"eval_{sampler}_{steps}steps_seed{seed}.json")
   return dict(_standalone_outputs(ctx, rows, net, ref, out), path=out)
 
@@ -312,6 +315,6 @@ def evaluate_samples(config, workdir: str, samples_path: str, out: str | None = 
   ref = reference(ctx, net)
   row = {"samples": writers.abspath(samples_path),
          **protocol.score(net, ref, images, is_splits=config.eval.is_splits, pr_k=config.eval.pr_k,
-                          dc_k=config.eval.dc_k)}
+                          dc_k=config.eval.dc_k, bootstrap=config.eval.bootstrap, seed=config.seed)}
   out = out or os.path.splitext(samples_path)[0] + "_eval.json"
   return dict(_standalone_outputs(ctx, [row], net, ref, out), path=out)

@@ -161,3 +161,14 @@ def test_plots_write_png(rows, tmp_path):
 def test_importing_report_does_not_import_matplotlib():
   code = "import sys, distill.evaluation.report; assert 'matplotlib' not in sys.modules"
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_intervals_show_in_cells_and_overlap_counts_as_reaching_the_teacher():
+  rows = [row("teacher DDIM", "ddim", 0.0, 64, 8.0, fid_ci=[7.5, 8.6]),
+          row("guided PD", "deterministic", 0.0, 2, 8.3, fid_ci=[7.9, 8.8]),   # above, but the intervals overlap
+          row("single-w", "deterministic", 0.0, 2, 9.5, fid_ci=[8.7, 10.1])]  # above, intervals apart
+  table = "\n".join(report.metric_table(rows))
+  assert "8.3 (7.9–8.8)" in table and "8 (7.5–8.6)" in table
+  speed = report.speedup_table(rows)[-1]
+  assert "4 (D, 32×)" in speed and speed.rstrip(" |").endswith("not reached")  # the helper counts 2 NFE per step
+  assert "intervals overlap" in report.markdown_report(rows, title="t")

@@ -97,6 +97,13 @@ def knn_sq_radii(features: np.ndarray, k: int = 3, batch_size: int = 512) -> np.
 
 def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3,
                      batch_size: int = 512) -> tuple[float, float]:
+  """(precision, recall): the means of `precision_recall_indicators`; see there."""
+  fake_covered, real_covered = precision_recall_indicators(real_features, fake_features, k, batch_size)
+  return float(fake_covered.mean()), float(real_covered.mean())
+
+
+def precision_recall_indicators(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3,
+                                batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
   """Improved precision and recall (Kynkäänniemi et al. 2019).
 
   Each set's manifold is the union of balls around its points, of radius the distance to the
@@ -112,7 +119,8 @@ def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: in
       O(batch_size · max(N, M)) float64: about 0.5 GB at 50k × 50k with the default.
 
   Returns:
-    (precision, recall), each in [0, 1].
+    (fake_covered [M] bool: inside the real manifold; real_covered [N] bool: inside the fake one); precision
+    and recall are their means.
   """
   real = _features(real_features, "real_features")
   fake = _features(fake_features, "fake_features")
@@ -129,11 +137,18 @@ def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: in
     d = _sq_distances(real[start:stop], fake, fake_sq_norms)  # [block, M]
     fake_covered |= np.any(d <= real_radii[start:stop, None], axis=0)
     real_covered[start:stop] = np.any(d <= fake_radii[None, :], axis=1)
-  return float(fake_covered.mean()), float(real_covered.mean())
+  return fake_covered, real_covered
 
 
 def density_coverage(real_features: np.ndarray, fake_features: np.ndarray, k: int = 5,
                      batch_size: int = 512) -> tuple[float, float]:
+  """(density, coverage) from `density_coverage_indicators`; see there."""
+  holds, covered = density_coverage_indicators(real_features, fake_features, k, batch_size)
+  return float(holds.sum() / (k * len(holds))), float(covered.mean())
+
+
+def density_coverage_indicators(real_features: np.ndarray, fake_features: np.ndarray, k: int = 5,
+                                batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
   """Density and coverage (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics for Generative
   Models"; the SFD paper's Table 10 reports them).
 
@@ -147,7 +162,8 @@ def density_coverage(real_features: np.ndarray, fake_features: np.ndarray, k: in
       `precision_recall`.
 
   Returns:
-    (density, coverage).
+    (holds [M] int: real balls holding each fake; covered [N] bool: real balls holding a fake). Density is
+    holds.sum() / (k·M), coverage covered.mean().
   """
   real = _features(real_features, "real_features")
   fake = _features(fake_features, "fake_features")
@@ -162,4 +178,14 @@ def density_coverage(real_features: np.ndarray, fake_features: np.ndarray, k: in
     inside = _sq_distances(real[start:stop], fake, fake_sq_norms) <= real_radii[start:stop, None]  # [block, M]
     holds += inside.sum(axis=0)
     covered[start:stop] = inside.any(axis=1)
-  return float(holds.sum() / (k * len(fake))), float(covered.mean())
+  return holds, covered
+
+
+def percentile_interval(values, level: float = 0.95) -> list[float]:
+  """[lo, hi]: the central `level` percentile interval of bootstrap replicates (NaNs dropped)."""
+  v = np.asarray(values, np.float64)
+  v = v[np.isfinite(v)]
+  if not len(v):
+    return [float("nan"), float("nan")]
+  a = 100 * (1 - level) / 2
+  return [float(np.percentile(v, a)), float(np.percentile(v, 100 - a))]

@@ -138,20 +138,50 @@ def resolve_metric(config) -> str:
   return "classifier" if config.data.name in EMBEDDED else "inception"
 
 
-def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k: int = 3, dc_k: int = 5) -> dict:
+def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k: int = 3, dc_k: int = 5,
+          bootstrap: int = 0, seed: int = 0) -> dict:
   """FID, IS (mean and std over splits), precision and recall (k = pr_k), density and coverage (k = dc_k) of
-  `images` [N, H, W, C] in [−1, 1]."""
+  `images` [N, H, W, C] in [−1, 1]; with bootstrap = B > 0 a 95 % percentile interval of each (`<key>_ci`) from
+  B resamplings of the samples (`bootstrap_intervals`)."""
   feats, logits = net.outputs(images)
   mu, sigma = fid.gaussian_stats(feats)
   # IS splits are contiguous chunks; samples come class by class, so split a fixed random permutation (a
   # split holding one class would score ≈ 1 however good the samples are).
   order = np.random.default_rng(0).permutation(len(logits))
   is_mean, is_std = metrics.inception_score(logits[order], splits=min(is_splits, len(images)), from_logits=True)
-  precision, recall = metrics.precision_recall(ref.features, feats, k=pr_k)
+  fake_in, real_in = metrics.precision_recall_indicators(ref.features, feats, k=pr_k)
   # Density/coverage need more than k reference points (tiny test references have fewer): left out then.
-  density, coverage = (metrics.density_coverage(ref.features, feats, k=dc_k) if len(ref.features) > dc_k
-                       else (None, None))
-  return {"fid": fid.frechet_distance(mu, sigma, ref.mu, ref.sigma), "is": float(is_mean), "is_std": float(is_std),
-          "precision": float(precision), "recall": float(recall), "density": density, "coverage": coverage,
-          "num_samples": int(len(images)),
-          "metric": net.metric}
+  dc = metrics.density_coverage_indicators(ref.features, feats, k=dc_k) if len(ref.features) > dc_k else None
+  out = {"fid": fid.frechet_distance(mu, sigma, ref.mu, ref.sigma), "is": float(is_mean), "is_std": float(is_std),
+         "precision": float(fake_in.mean()), "recall": float(real_in.mean()),
+         "density": float(dc[0].sum() / (dc_k * len(feats))) if dc else None,
+         "coverage": float(dc[1].mean()) if dc else None, "num_samples": int(len(images)), "metric": net.metric}
+  if bootstrap:
+    out.update(bootstrap_intervals(feats, logits[order], ref, fake_in, real_in, dc, dc_k=dc_k,
+                                   is_splits=min(is_splits, len(images)), num=bootstrap, seed=seed))
+  return out
+
+
+def bootstrap_intervals(feats, logits, ref: Reference, fake_in, real_in, dc, *, dc_k: int, is_splits: int, num: int,
+                        seed: int = 0) -> dict:
+  """95 % percentile intervals from `num` bootstrap resamplings (with replacement, a fixed seed).
+
+  FID and IS recompute on resampled samples (features [M, F], logits [M, C]) against the fixed reference. The
+  nearest-neighbour metrics resample the per-point indicators of the side they average over: precision and
+  density the samples' (the real manifold held fixed), recall and coverage the reference points' (the
+  samples' manifold held fixed), so their intervals are conditional on the other set."""
+  rng = np.random.default_rng(seed)
+  m, n = len(feats), len(real_in)
+  reps = {k: [] for k in ("fid", "is", "precision", "recall", "density", "coverage")}
+  for _ in range(num):
+    i = rng.integers(0, m, m)
+    j = rng.integers(0, n, n)
+    mu, sigma = fid.gaussian_stats(feats[i])
+    reps["fid"].append(fid.frechet_distance(mu, sigma, ref.mu, ref.sigma))
+    reps["is"].append(metrics.inception_score(logits[i], splits=is_splits, from_logits=True)[0])
+    reps["precision"].append(fake_in[i].mean())
+    reps["recall"].append(real_in[j].mean())
+    if dc is not None:
+      reps["density"].append(dc[0][i].sum() / (dc_k * m))
+      reps["coverage"].append(dc[1][j].mean())
+  return {f"{k}_ci": metrics.percentile_interval(v) for k, v in reps.items() if v}

@@ -88,6 +88,17 @@ def _format(value: float | None, fmt: str) -> str:
   return MISSING if value is None else format(value, fmt)
 
 
+def _cell(row: Row | None, key: str, fmt: str) -> str:
+  """A row's value; with its bootstrap interval (`<key>_ci`) as "v (lo–hi)" to 3 significant figures."""
+  value = _value(row, key)
+  if value is None:
+    return MISSING
+  ci = row.get(f"{key}_ci")
+  if not ci or ci[0] is None or not all(math.isfinite(c) for c in ci):
+    return format(value, fmt)
+  return f"{value:.3g} ({ci[0]:.3g}–{ci[1]:.3g})"
+
+
 def _ordered_methods(rows: Sequence[Row]) -> list[str]:
   return list(dict.fromkeys(row["method"] for row in rows))
 
@@ -126,8 +137,9 @@ def metric_table(rows: Iterable[Row], key: str = "fid") -> list[str]:
       for n in steps:
         line = [method, str(n), " / ".join(_SAMPLER_SHORT[s] for s in group)]
         for w in ws:
-          values = [_value(cells.get((method, s, w, n)), key) for s in group]
-          line.append(MISSING if all(v is None for v in values) else " / ".join(_format(v, fmt) for v in values))
+          found = [cells.get((method, s, w, n)) for s in group]
+          line.append(MISSING if all(_value(r, key) is None for r in found) else
+                      " / ".join(_cell(r, key, fmt) for r in found))
         body.append(line)
   header = ["method", "steps", "sampler"] + [f"w = {_format_w(w)}" for w in ws]
   return _markdown_table(header, body)
@@ -137,9 +149,16 @@ def _is_teacher(row: Row) -> bool:
   return row["method"].lower().startswith("teacher")
 
 
-def _reached(row: Row, reference: float) -> bool:
-  fid = _value(row, "fid")
-  return fid is not None and math.isfinite(fid) and fid <= reference
+def _reached(row: Row, reference: Row) -> bool:
+  """FID at most the reference's, or, when both have bootstrap intervals, intervals that overlap (the two
+  cannot be told apart at this sample count)."""
+  fid, ref = _value(row, "fid"), _value(reference, "fid")
+  if fid is None or not math.isfinite(fid):
+    return False
+  if fid <= ref:
+    return True
+  ci, ref_ci = row.get("fid_ci"), reference.get("fid_ci")
+  return bool(ci and ref_ci and ci[0] is not None and ref_ci[1] is not None and ci[0] <= ref_ci[1])
 
 
 def speedup_table(rows: Iterable[Row]) -> list[str]:
@@ -159,7 +178,7 @@ def speedup_table(rows: Iterable[Row]) -> list[str]:
     line = [_format_w(w), f"{ref['method']}, {_steps(ref['steps'])}", f"{ref['fid']:.2f}", str(ref["nfe"])]
     for method in methods:
       own = [r for r in at_w if r["method"] == method]
-      hits = [r for r in own if _reached(r, ref["fid"])]
+      hits = [r for r in own if _reached(r, ref)]
       if not own:
         line.append(MISSING)
       elif not hits:
@@ -226,6 +245,9 @@ def markdown_report(rows: Iterable[Row], *, title: str, notes: Sequence[str] = (
     if any(_value(r, key) is not None for r in rows):
       lines += [f"## {metric_label(metric, name)} ({direction})", ""] + metric_table(rows, key) + [""]
   lines += [f"## Speed-up: fewest NFE reaching the teacher's {metric_label(metric)}", ""]
+  if any(r.get("fid_ci") for r in rows):
+    lines += ["A row reaches the reference when its FID is at most the reference's or their 95 % bootstrap "
+              "intervals overlap (cells of the tables above: value (interval)).", ""]
   if any(_is_teacher(r) for r in rows):
     lines += speedup_table(rows) + [""]
   else:
