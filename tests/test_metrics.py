@@ -198,7 +198,7 @@ def test_published_reference_statistics_load_and_are_checked(tmp_path):
 
 
 def test_bootstrap_intervals_cover_the_estimates_and_shrink_with_samples():
-  """protocol.score's 95 % intervals: every number has one, it holds the point estimate, precision's matches
+  """protocol.score's 95 % intervals: every number has one, centred on the estimate, precision's matches
   the binomial standard error of its indicators, FID's narrows with 10x the samples, and a fixed seed repeats."""
   from distill.evaluation import fid, protocol
   rng = np.random.default_rng(0)
@@ -216,7 +216,7 @@ def test_bootstrap_intervals_cover_the_estimates_and_shrink_with_samples():
   small, fake = scored(300)
   for key in ("fid", "is", "precision", "recall", "density", "coverage"):
     lo, hi = small[f"{key}_ci"]
-    assert lo <= small[key] <= hi and lo < hi, key
+    assert lo < small[key] < hi and small[key] - lo == pytest.approx(hi - small[key]), key
   p = small["precision"]
   half = (small["precision_ci"][1] - small["precision_ci"][0]) / 2
   assert half == pytest.approx(1.96 * np.sqrt(p * (1 - p) / 300), rel=0.3)

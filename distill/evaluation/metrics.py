@@ -181,11 +181,13 @@ def density_coverage_indicators(real_features: np.ndarray, fake_features: np.nda
   return holds, covered
 
 
-def percentile_interval(values, level: float = 0.95) -> list[float]:
-  """[lo, hi]: the central `level` percentile interval of bootstrap replicates (NaNs dropped)."""
-  v = np.asarray(values, np.float64)
+def normal_interval(estimate: float, replicates, z: float = 1.959964) -> list[float]:
+  """[lo, hi] = estimate ± z·(standard deviation of the bootstrap replicates), 95 % for the default z (NaN
+  replicates dropped). Not the percentile interval: resampling with replacement repeats samples, which biases
+  FID upwards (fewer distinct samples), so the replicates' percentiles can all lie above the estimate."""
+  v = np.asarray(replicates, np.float64)
   v = v[np.isfinite(v)]
-  if not len(v):
+  if len(v) < 2:
     return [float("nan"), float("nan")]
-  a = 100 * (1 - level) / 2
-  return [float(np.percentile(v, a)), float(np.percentile(v, 100 - a))]
+  half = z * float(np.std(v, ddof=1))
+  return [float(estimate) - half, float(estimate) + half]

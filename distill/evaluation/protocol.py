@@ -141,8 +141,8 @@ def resolve_metric(config) -> str:
 def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k: int = 3, dc_k: int = 5,
           bootstrap: int = 0, seed: int = 0) -> dict:
   """FID, IS (mean and std over splits), precision and recall (k = pr_k), density and coverage (k = dc_k) of
-  `images` [N, H, W, C] in [−1, 1]; with bootstrap = B > 0 a 95 % percentile interval of each (`<key>_ci`) from
-  B resamplings of the samples (`bootstrap_intervals`)."""
+  `images` [N, H, W, C] in [−1, 1]; with bootstrap = B > 0 a 95 % interval of each (`<key>_ci`): the estimate ±
+  1.96 standard deviations of B resamplings of the samples (`bootstrap_replicates`)."""
   feats, logits = net.outputs(images)
   mu, sigma = fid.gaussian_stats(feats)
   # IS splits are contiguous chunks; samples come class by class, so split a fixed random permutation (a
@@ -157,14 +157,16 @@ def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k:
          "density": float(dc[0].sum() / (dc_k * len(feats))) if dc else None,
          "coverage": float(dc[1].mean()) if dc else None, "num_samples": int(len(images)), "metric": net.metric}
   if bootstrap:
-    out.update(bootstrap_intervals(feats, logits[order], ref, fake_in, real_in, dc, dc_k=dc_k,
-                                   is_splits=min(is_splits, len(images)), num=bootstrap, seed=seed))
+    reps = bootstrap_replicates(feats, logits[order], ref, fake_in, real_in, dc, dc_k=dc_k,
+                                is_splits=min(is_splits, len(images)), num=bootstrap, seed=seed)
+    out.update({f"{k}_ci": metrics.normal_interval(out[k], v) for k, v in reps.items()})
   return out
 
 
-def bootstrap_intervals(feats, logits, ref: Reference, fake_in, real_in, dc, *, dc_k: int, is_splits: int, num: int,
-                        seed: int = 0) -> dict:
-  """95 % percentile intervals from `num` bootstrap resamplings (with replacement, a fixed seed).
+def bootstrap_replicates(feats, logits, ref: Reference, fake_in, real_in, dc, *, dc_k: int, is_splits: int,
+                         num: int, seed: int = 0) -> dict:
+  """{metric: [num] replicates} of `num` bootstrap resamplings (with replacement, a fixed seed); `score` turns
+  their spread into 95 % intervals (`metrics.normal_interval`).
 
   FID and IS recompute on resampled samples (features [M, F], logits [M, C]) against the fixed reference. The
   nearest-neighbour metrics resample the per-point indicators of the side they average over: precision and
@@ -184,4 +186,4 @@ def bootstrap_intervals(feats, logits, ref: Reference, fake_in, real_in, dc, *, 
     if dc is not None:
       reps["density"].append(dc[0][i].sum() / (dc_k * m))
       reps["coverage"].append(dc[1][j].mean())
-  return {f"{k}_ci": metrics.percentile_interval(v) for k, v in reps.items() if v}
+  return {k: v for k, v in reps.items() if v}
