@@ -16,7 +16,7 @@ config differs from the guided-distillation paper, the paper wins: its teachers 
 config predicts x with truncated-SNR weighting) and are class-conditional with CFG. 60.0M parameters with this code (`distill.models.param_count`).
 The data must be prepared as array_record (see the README: TFDS preparation needs TensorFlow).
 """
-from distill.configuration import PAPER_PIPELINES, apply_variants, base_config
+from distill.configuration import apply_variants, base_config
 
 
 def get_config(arg: str | None = None):
@@ -106,4 +106,4 @@ def get_config(arg: str | None = None):
     d.round_steps, d.final_round_steps, d.log_every, d.ckpt_every = 5, 5, 5, 5
 
   # Variants combine with ',': the SFD paper's and the DSD paper's pipelines on this teacher, and 'quick'.
-  return apply_variants(config, arg, PAPER_PIPELINES, quick=quick, source="configs/cifar10.py")
+  return apply_variants(config, arg, quick=quick, source="configs/cifar10.py")

@@ -12,7 +12,7 @@ attention at 32/16/8 with head dim 64, FiLM, resampling in res blocks, dropout 0
 warm-up, grad clip 1.0, EMA 0.9999, batch 2048. 295.9M parameters with this code (`distill.models.param_count`).
 The data must be prepared by hand (see the README).
 """
-from distill.configuration import PAPER_PIPELINES, apply_variants, base_config
+from distill.configuration import apply_variants, base_config
 
 
 def get_config(arg: str | None = None):
@@ -101,4 +101,4 @@ def get_config(arg: str | None = None):
     d.round_steps, d.final_round_steps, d.log_every, d.ckpt_every = 5, 5, 5, 5
 
   # Variants combine with ',': the SFD paper's and the DSD paper's pipelines on this teacher, and 'quick'.
-  return apply_variants(config, arg, PAPER_PIPELINES, quick=quick, source="configs/imagenet64.py")
+  return apply_variants(config, arg, quick=quick, source="configs/imagenet64.py")

@@ -142,19 +142,16 @@ def all_stages() -> tuple[str, ...]:
   return registry.stage_names()
 
 
-# The other papers' pipelines on a guided-distillation teacher (the paper configs' `:sfd` and `:dsd`).
-PAPER_PIPELINES = {"sfd": ("teacher", "sfd", "sfd_v", "sfd_one_nfe", "evaluate"),
-                   "dsd": ("teacher", "dsd", "tsd", "training_dsd", "evaluate")}
-
-
-def apply_variants(config: ml_collections.ConfigDict, arg: str | None, pipelines: dict, *, quick=None,
-                   source: str = "config") -> ml_collections.ConfigDict:
-  """A config file's `:variant` argument, a comma-separated list that combines: each name in `pipelines` sets
-  config.pipeline (the last one named wins), 'all' runs every registered stage, and 'quick' shrinks every
+def apply_variants(config: ml_collections.ConfigDict, arg: str | None, pipelines: dict | None = None, *,
+                   quick=None, source: str = "config") -> ml_collections.ConfigDict:
+  """A config file's `:variant` argument, a comma-separated list that combines: each name in `pipelines` (default:
+  the ones the methods offer, `registry.named_pipelines`) sets config.pipeline (the last one named wins), 'all'
+  runs every registered stage, and 'quick' shrinks every
   section to a smoke run — with `quick` given, that function does it and the pipeline stays; otherwise the
   framework's sections shrink here and each method's by its own `quick`, and 'quick' alone runs every stage.
   Raises ValueError (naming `source`) on an unknown variant."""
   names = [a.strip() for a in (arg or "").split(",") if a.strip()]
+  pipelines = registry.named_pipelines() if pipelines is None else pipelines
   allowed = ("quick", "all", *pipelines)
   for name in names:
     if name not in allowed:

@@ -44,6 +44,8 @@ class Method:
   quick: config -> None: shrinks its sections to a smoke run (`configs/*.py:quick`).
   data_batches: config fields ('teacher.batch_size') of batches its stages draw from the training set: each must
   not exceed the set's size (checked before anything is written, when the pipeline runs its stages).
+  pipelines: {variant name: pipeline} the method offers config files as `:variant` (its paper's stages on a
+  teacher), e.g. {'sfd': ('teacher', 'sfd', 'sfd_v', 'sfd_one_nfe', 'evaluate')}.
   plan: (config, stage name) -> [(stage directory name, StageMeta)]: what the stage would write, without
   training (teacher fingerprints and other trained values left out); `--mode=plan` prints it.
   upgrade_meta: (stage name, old meta dict, the run's config.json dict) -> StageMeta or None, for stages written
@@ -58,6 +60,7 @@ class Method:
   preflight: Callable[[Any], None] | None = None
   quick: Callable[[Any], None] | None = None
   data_batches: tuple[str, ...] = ()
+  pipelines: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
   plan: Callable[[Any, str], list] | None = None
   upgrade_meta: Callable[[str, dict, dict], "StageMeta | None"] | None = None
 

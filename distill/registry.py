@@ -121,6 +121,14 @@ def data_batch_fields(config) -> tuple[str, ...]:
   return tuple(f for m in methods() if set(m.stages) & set(config.pipeline) for f in m.data_batches)
 
 
+def named_pipelines() -> dict[str, tuple]:
+  """{variant: pipeline} of every method's `pipelines` (config files' `:variant` names)."""
+  out = {}
+  for m in methods():
+    out.update(m.pipelines)
+  return out
+
+
 def quick(config) -> None:
   """Every method's smoke-run shrink of its own sections."""
   for m in methods():
