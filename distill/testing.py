@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill import diffusion
 from distill.schedules import alpha_sigma
 
 
@@ -72,3 +74,32 @@ class GaussianMixture:
     """The `samplers.ModelFn` signature; w is ignored (the mixture is a plain CFG teacher)."""
     del w
     return self.denoise(z, logsnr, labels)
+
+
+class TinyStudent(nn.Module):
+  """A small MLP v-prediction student for training tests: the flattened image, Fourier features of λ/20 and
+  w/4, and a one-hot of the label (num_labels classes, the null one included)."""
+  num_labels: int
+  hidden: int = 64
+
+  @nn.compact
+  def __call__(self, z, logsnr, labels, w):
+    freqs = jnp.array([1.0, 2.0, 4.0, 8.0]) * jnp.pi / 2
+
+    def fourier(v):
+      return jnp.concatenate([jnp.sin(v[:, None] * freqs), jnp.cos(v[:, None] * freqs)], -1)
+
+    h = jnp.concatenate([z.reshape(z.shape[0], -1), fourier(logsnr / 20.0), fourier(w / 4.0),
+                         jax.nn.one_hot(labels, self.num_labels)], -1)
+    h = nn.swish(nn.Dense(self.hidden)(h))
+    h = nn.swish(nn.Dense(self.hidden)(h))
+    return nn.Dense(int(np.prod(z.shape[1:])))(h).reshape(z.shape)
+
+
+def tiny_student_x(num_labels: int):
+  """The x-function of `TinyStudent(num_labels)` (no dropout: train and rng are ignored)."""
+  def x_fn(params, z, logsnr, labels, w, *, train=False, rng=None):
+    del train, rng
+    out = TinyStudent(num_labels).apply({"params": params}, z, logsnr, labels, w)
+    return diffusion.x_from_output(out, z, logsnr, "v")
+  return x_fn

@@ -1,6 +1,5 @@
 """Guided consistency distillation against float64 hand computations, the exact Gaussian-mixture teacher and a
 guided Gaussian teacher whose probability-flow ODE, hence consistency function, is known in closed form."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 
 from distill import diffusion, samplers, schedules
 from distill.methods import consistency as cd
+from distill import testing
 from distill.testing import GaussianMixture
 
 LOGSNR = schedules.cosine_logsnr
@@ -430,27 +430,11 @@ def test_sampler_evaluates_once_per_step_and_compiles_once():
 # --- 6. learning -------------------------------------------------------------------------------------------
 
 
-class TinyStudent(nn.Module):
-  """An MLP v-prediction over the flattened 2x2x1 'image', with Fourier features of λ and w and a label one-hot."""
-  hidden: int = 64
-
-  @nn.compact
-  def __call__(self, z, logsnr, labels, w):
-    freqs = jnp.array([1.0, 2.0, 4.0, 8.0]) * jnp.pi / 2
-
-    def fourier(v):
-      return jnp.concatenate([jnp.sin(v[:, None] * freqs), jnp.cos(v[:, None] * freqs)], -1)
-
-    h = jnp.concatenate([z.reshape(z.shape[0], -1), fourier(logsnr / 20.0), fourier(w / 4.0),
-                         jax.nn.one_hot(labels, NULL + 1)], -1)
-    h = nn.swish(nn.Dense(self.hidden)(h))
-    h = nn.swish(nn.Dense(self.hidden)(h))
-    return nn.Dense(int(np.prod(z.shape[1:])))(h).reshape(z.shape)
+def TinyStudent():  # the shared test MLP (distill.testing), over this file's labels
+  return testing.TinyStudent(NULL + 1)
 
 
-def mlp_student_x(params, z, logsnr, labels, w, *, train=False, rng=None):
-  del train, rng  # no dropout in this student
-  return diffusion.x_from_output(TinyStudent().apply({"params": params}, z, logsnr, labels, w), z, logsnr, "v")
+mlp_student_x = testing.tiny_student_x(NULL + 1)
 
 
 def test_training_a_tiny_student_lowers_the_loss_and_approaches_the_teacher():

@@ -1,5 +1,4 @@
 """Stage two (Algorithms 2–5) against the exact Gaussian-mixture teacher and float64 hand loops."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 from distill import diffusion, losses, samplers, schedules
 from distill.methods.guided import progressive
 from distill.methods.guided import stage_one as guided
+from distill import testing
 from distill.testing import GaussianMixture
 
 LOGSNR = schedules.cosine_logsnr
@@ -351,28 +351,11 @@ def test_stochastic_sampler_evaluates_n_times_on_the_grid():
 # --- learning ------------------------------------------------------------------------------------------
 
 
-class TinyStudent(nn.Module):
-  """An MLP v-prediction over the flattened 2x2x1 'image', with Fourier features of λ and w and a label
-  one-hot (the null class included)."""
-  hidden: int = 64
-
-  @nn.compact
-  def __call__(self, z, logsnr, labels, w):
-    freqs = jnp.array([1.0, 2.0, 4.0, 8.0]) * jnp.pi / 2
-
-    def fourier(v):
-      return jnp.concatenate([jnp.sin(v[:, None] * freqs), jnp.cos(v[:, None] * freqs)], -1)
-
-    h = jnp.concatenate([z.reshape(z.shape[0], -1), fourier(logsnr / 20.0), fourier(w / 4.0),
-                         jax.nn.one_hot(labels, NULL + 1)], -1)
-    h = nn.swish(nn.Dense(self.hidden)(h))
-    h = nn.swish(nn.Dense(self.hidden)(h))
-    return nn.Dense(int(np.prod(z.shape[1:])))(h).reshape(z.shape)
+def TinyStudent():  # the shared test MLP (distill.testing), over this file's labels
+  return testing.TinyStudent(NULL + 1)
 
 
-def mlp_student_x(params, z, logsnr, labels, w, *, train=False, rng=None):
-  del train, rng  # no dropout in this student
-  return diffusion.x_from_output(TinyStudent().apply({"params": params}, z, logsnr, labels, w), z, logsnr, "v")
+mlp_student_x = testing.tiny_student_x(NULL + 1)
 
 
 def _fit(loss_fn, params, frozen, steps, seed, pool_x, pool_labels, lr=3e-3, batch=256):
