@@ -133,7 +133,8 @@ def write_student_grid(ctx: Context, name: str, fn, w_values, seed: int = 1):
   w = jnp.repeat(jnp.asarray(ws), k)
   x = sample_in_chunks(fn, z, labels, w, c.sample.batch_size)
   writers.save_image_grid(os.path.join(ctx.stage_dir(name), "samples.png"), x, ncols=k,
-                          upscale=max(1, 128 // ctx.image_shape[0]))
+                          upscale=max(1, 128 // ctx.image_shape[0]), row_labels=[f"w = {v:g}" for v in ws],
+                          col_labels=class_captions(c.data, k), title=name)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "parameterization", "logsnr_fn", "null_label", "clip",
@@ -181,8 +182,16 @@ def write_cfg_grid(ctx: Context, fn, path: str, seed: int = 1):
   labels = jnp.repeat(jnp.arange(k), len(ws) * per)
   w = jnp.tile(jnp.repeat(jnp.asarray(ws), per), k)
   x = sample_in_chunks(fn, z, labels, w, c.sample.batch_size)
-  writers.save_image_grid(path, x, ncols=len(ws) * per, upscale=max(1, 128 // ctx.image_shape[0]))
+  writers.save_image_grid(path, x, ncols=len(ws) * per, upscale=max(1, 128 // ctx.image_shape[0]),
+                          row_labels=class_captions(c.data, k), col_labels=[f"w = {v:g}" for v in ws for _ in range(per)],
+                          title="CFG teacher")
   return x
+
+
+def class_captions(data_cfg, k: int) -> list[str]:
+  """Captions of classes 0..k-1 for grids: the data set's class names where it has them, else the numbers."""
+  names = data_lib.class_names(data_cfg.name)
+  return [names[i] if i < len(names) else str(i) for i in range(k)]
 
 
 def get_classifier(ctx: Context):

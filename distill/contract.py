@@ -50,6 +50,7 @@ class Method:
   training (teacher fingerprints and other trained values left out); `--mode=plan` prints it.
   upgrade_meta: (stage name, old meta dict, the run's config.json dict) -> StageMeta or None, for stages written
   before the contract (None: not one of this method's).
+  claims: its paper's claims (`Claim`) the report checks on whatever rows a run has.
   """
   name: str
   order: int
@@ -63,6 +64,52 @@ class Method:
   pipelines: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
   plan: Callable[[Any, str], list] | None = None
   upgrade_meta: Callable[[str, dict, dict], "StageMeta | None"] | None = None
+  claims: tuple["Claim", ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+  """One side of a `Claim`: which report row it reads.
+
+  method: the rows' method label, a `fnmatch` pattern ('single-w*'; '*': every method, each in turn, the other
+  side then reading the same method). samplers: accepted report samplers (empty: any); of several rows, the one
+  best in the claim's quantity. steps: a step count, 'most' (the most steps the method has at that w) or 'same'
+  (the other side's). w: 'same' (one comparison per w both sides have), 'lowest' or 'highest' (the method's).
+  """
+  method: str
+  samplers: tuple[str, ...] = ()
+  steps: int | str = "same"
+  w: str = "same"
+
+  def __post_init__(self):
+    if not (isinstance(self.steps, int) and self.steps > 0) and self.steps not in ("most", "same"):
+      raise ValueError(f"Side.steps must be a positive int, 'most' or 'same', got {self.steps!r}")
+    if self.w not in ("same", "lowest", "highest"):
+      raise ValueError(f"Side.w must be 'same', 'lowest' or 'highest', got {self.w!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+  """A paper's claim as two report rows and how they should compare (`evaluation.report.claims_table`).
+
+  quantity: 'fid' (lower is better) or 'is' (higher is better). relation: 'match' (a is as good as b: holds when
+  a is better or the two cannot be told apart) or 'better' (a beats b: within noise when they cannot be told
+  apart). source: where the paper says it.
+  """
+  text: str
+  a: Side
+  b: Side
+  quantity: str = "fid"
+  relation: str = "match"
+  source: str = ""
+
+  def __post_init__(self):
+    if self.quantity not in ("fid", "is"):
+      raise ValueError(f"Claim.quantity must be 'fid' or 'is', got {self.quantity!r}")
+    if self.relation not in ("match", "better"):
+      raise ValueError(f"Claim.relation must be 'match' or 'better', got {self.relation!r}")
+    if "same" == self.a.steps == self.b.steps:
+      raise ValueError(f"claim {self.text!r}: one side's steps must be fixed ('most' or a count)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -497,3 +497,16 @@ class Batches:
     batch = self.batch_at(self.step)
     self.step += 1
     return batch
+
+
+# Captions for sample grids; a data set without an entry is captioned by class number.
+CLASS_NAMES = {
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    "fashion_mnist": ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                      "boot"),
+}
+
+
+def class_names(name: str) -> tuple[str, ...]:
+  """The class names of data set `name` (index = label), or () when it has none (digits: the number is the name)."""
+  return CLASS_NAMES.get(name, ())

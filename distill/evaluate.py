@@ -3,7 +3,7 @@ checkpoint or one file of samples.
 
     WORKDIR/results.json        one row per (method, sampler, w, steps): nfe, fid, is, precision, recall, ...
     WORKDIR/report.md           the paper's Table 2 layout, speed-up and cost summaries (`evaluation/report.py`)
-    WORKDIR/fid_vs_steps.png    FID against steps per w (paper Fig. 2); fid_vs_is.png: the trade-off over w (Fig. 9)
+    WORKDIR/fid_vs_nfe.png      FID against NFE per w (paper Fig. 2); fid_vs_is.png: the trade-off over w (Fig. 6/9)
     WORKDIR/eval_grids/         the first samples of every row, rows = classes
     WORKDIR/eval_reference/     cached reference statistics of the training split
     WORKDIR/eval_cache/         one file of scores per row, keyed by what determines them (`row_key`): adding a
@@ -27,7 +27,8 @@ import numpy as np
 from etils import epath
 
 from distill import contract, registry, sampling, train, writers
-from distill.context import Context, cfg_sample, get_classifier, sample_in_chunks, teacher_model, teacher_params
+from distill.context import (Context, cfg_sample, class_captions, get_classifier, sample_in_chunks, teacher_model,
+                             teacher_params)
 from distill.evaluation import classifier as classifier_lib
 from distill.evaluation import inception, protocol, report
 
@@ -125,10 +126,12 @@ def chain_costs(metas: dict[str, contract.StageMeta], trained: dict[str, dict]) 
   return {name: {k: sum(own[o][k] for o in members(name)) for k in keys} for name in metas}
 
 
-def _save_row_grid(path: str, x: np.ndarray, labels: np.ndarray, per_class: int, num_classes: int, image_size: int):
-  cols = min(per_class, 10)
-  rows = [x[np.flatnonzero(labels == k)[:cols]] for k in range(min(num_classes, 10))]
-  writers.save_image_grid(path, np.concatenate(rows), ncols=cols, upscale=max(1, 64 // image_size))
+def _save_row_grid(path: str, x: np.ndarray, labels: np.ndarray, per_class: int, data_cfg, title: str):
+  """A row's samples as a grid: one row per class (captioned), up to 10 samples each, under `title`."""
+  cols, k = min(per_class, 10), min(data_cfg.num_classes, 10)
+  rows = [x[np.flatnonzero(labels == c)[:cols]] for c in range(k)]
+  writers.save_image_grid(path, np.concatenate(rows), ncols=cols, upscale=max(1, 64 // data_cfg.image_size),
+                          row_labels=class_captions(data_cfg, k), title=title)
 
 
 # Bumped whenever sampling or scoring changes what a row's numbers are, so cached rows of older code are not reused.
@@ -225,7 +228,8 @@ def run_stage(ctx: Context):
     row = {**head, **scores, "seed": c.seed, "checkpoint": checkpoint, **cost}
     rows.append(row)
     tag = re.sub(r"[^A-Za-z0-9.+-]+", "_", method).strip("_") + f"_{sampler}_w{w:g}_{steps}"
-    _save_row_grid(os.path.join(grid_dir, tag + ".png"), x, np.asarray(labels), e.per_class, k, ctx.image_shape[0])
+    _save_row_grid(os.path.join(grid_dir, tag + ".png"), x, np.asarray(labels), e.per_class, c.data,
+                   f"{method} ({sampler}), w = {w:g}, {steps} steps, NFE {nfe}")
     elapsed = time.time() - start
     done_nfe += nfe
     eta = elapsed / done_nfe * (todo_nfe - done_nfe)
@@ -242,13 +246,21 @@ def write_outputs(workdir: str, rows, net: protocol.FeatureNet, ref: protocol.Re
   stats = f"FID against {ref.stats_source}; " if ref.stats_source else ""
   notes = [f"Features: {net.description}; {stats}reference features: {ref.num_images:,} training images.",
            "Every row samples the same noise and labels; nfe counts network evaluations per sample."]
+  claims = registry.claims()
   result = {"rows": rows, "evaluated": evaluated, "metric": net.metric, "reference_images": ref.num_images,
-            "protocol": protocol.__doc__.split("\n\n")[-1].strip()}
+            "protocol": protocol.__doc__.split("\n\n")[-1].strip(),
+            "claims": [{**c, "a": _row_id(c["a"]), "b": _row_id(c["b"])} for c in report.check_claims(rows, claims)]}
   writers.atomic_write_json(os.path.join(workdir, "results.json"), result, indent=1)
   writers.atomic_write_text(os.path.join(workdir, "report.md"),
-                            report.markdown_report(rows, title="Evaluation", notes=notes))
-  report.plot_fid_vs_steps(rows, os.path.join(workdir, "fid_vs_steps.png"))
+                            report.markdown_report(rows, title="Evaluation", notes=notes, claims=claims))
+  report.plot_fid_vs_nfe(rows, os.path.join(workdir, "fid_vs_nfe.png"))
   report.plot_fid_is_tradeoff(rows, os.path.join(workdir, "fid_vs_is.png"))
+
+
+def _row_id(row) -> dict:
+  """A claim's row in results.json: which cell, and its FID and IS with their intervals."""
+  keys = ("method", "sampler", "w", "steps", "nfe", "fid", "fid_ci", "is", "is_ci")
+  return {k: row[k] for k in keys if k in row}
 
 
 def _standalone_outputs(ctx, rows, net, ref, out: str) -> dict:

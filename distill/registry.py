@@ -129,6 +129,11 @@ def named_pipelines() -> dict[str, tuple]:
   return out
 
 
+def claims() -> tuple[contract.Claim, ...]:
+  """Every method's paper claims, in method order (the report checks them on the rows a run has)."""
+  return tuple(c for m in methods() for c in m.claims)
+
+
 def quick(config) -> None:
   """Every method's smoke-run shrink of its own sections."""
   for m in methods():

@@ -14,7 +14,7 @@ from etils import epath
 
 from distill import data as data_lib
 from distill import contract, registry, samplers, train, writers
-from distill.context import Context, sample_in_chunks, student_model, x_fn_of
+from distill.context import Context, class_captions, sample_in_chunks, student_model, x_fn_of
 
 
 class SamplingError(ValueError):
@@ -120,7 +120,11 @@ def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0
   z = jnp.broadcast_to(noise, (len(ws), per_row) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
   x = sample_in_chunks(fn, z, y, w, ctx.config.sample.get("batch_size", 250))
   out = out or os.path.join(stage_dir, f"sample_{sampler}_{steps}steps_seed{seed}")
-  writers.save_image_grid(out + ".png", x, ncols=per_row, upscale=max(1, 128 // ctx.image_shape[0]))
+  captions = class_captions(ctx.config.data, ctx.config.data.num_classes)
+  writers.save_image_grid(out + ".png", x, ncols=per_row, upscale=max(1, 128 // ctx.image_shape[0]),
+                          row_labels=[f"w = {v:g}" for v in ws],
+                          col_labels=[captions[int(y)] for y in labels for _ in range(num)],
+                          title=f"{sampler}, {steps} steps, seed {seed}")
   images = np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)
   writers.atomic_write_bytes(out + ".npz", writers.npz_bytes(images=images, labels=np.asarray(y), w=np.asarray(w)))
   return {"png": out + ".png", "npz": out + ".npz", "nfe_per_sample": nfe, "steps": steps, "sampler": sampler}
@@ -171,7 +175,8 @@ def style_transfer(encoder_dir: str, decoder_dir: str, *, w_enc: float = 0.0, w_
       latents, targets, jnp.full((num,), w_dec, jnp.float32)))
   out = out or os.path.join(decoder_dir, f"style_transfer_wenc{w_enc:g}_wdec{w_dec:g}_seed{seed}")
   grid = np.concatenate([np.asarray(batch["image"]), decoded])
-  writers.save_image_grid(out + ".png", grid, ncols=num, upscale=max(1, 128 // dec_ctx.image_shape[0]))
+  writers.save_image_grid(out + ".png", grid, ncols=num, upscale=max(1, 128 // dec_ctx.image_shape[0]),
+                          row_labels=["input", "output"], title=f"style transfer: w_enc {w_enc:g}, w_dec {w_dec:g}")
   writers.atomic_write_bytes(out + ".npz", writers.npz_bytes(
       inputs=np.asarray(batch["image"]), outputs=decoded, labels=np.asarray(labels),
       target_labels=np.asarray(targets), latents=np.asarray(latents)))

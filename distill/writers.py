@@ -297,19 +297,58 @@ def image_grid(images: np.ndarray, ncols: int, pad_value: int = 255) -> np.ndarr
   return grid
 
 
-def save_image_grid(path: str, images: np.ndarray, ncols: int, upscale: int | None = 1) -> np.ndarray:
-  """Writes `image_grid(images, ncols)` as a PNG; returns the (upscaled) uint8 grid.
+def save_image_grid(path: str, images: np.ndarray, ncols: int, upscale: int | None = 1, *,
+                    row_labels=None, col_labels=None, title: str | None = None) -> np.ndarray:
+  """Writes `image_grid(images, ncols)` as a PNG; returns the (upscaled) uint8 grid, captions included.
 
     upscale: integer nearest-neighbour factor; None picks the smallest factor that makes
     the picture at least 256 px wide (8x8 digits are unreadable at 1x).
+    row_labels / col_labels: a caption per grid row / column (`label_grid`); title: a line above it all.
     """
   grid = image_grid(images, ncols)
   if upscale is None:
     upscale = max(1, math.ceil(256 / grid.shape[1]))
   if upscale > 1:
     grid = np.repeat(np.repeat(grid, upscale, axis=0), upscale, axis=1)
+  if row_labels is not None or col_labels is not None or title:
+    n = len(images)
+    cols = max(1, min(ncols, n)) if n else max(1, ncols)
+    grid = label_grid(grid, math.ceil(n / cols) if n else 1, cols, row_labels, col_labels, title)
   atomic_write_bytes(os.fspath(path), _png_bytes(grid))  # creates the directory
   return grid
+
+
+def label_grid(grid: np.ndarray, nrows: int, ncols: int, row_labels=None, col_labels=None,
+               title: str | None = None) -> np.ndarray:
+  """`grid` [H, W, C] uint8 (an `image_grid` of nrows × ncols tiles, any upscale) with a caption left of each
+  row, above each column, and a title line, black on white -> [H', W', 3] uint8 (captions need colour-free RGB
+  only so that grey grids stay readable). ValueError when a label list does not match the tiles."""
+  from PIL import Image, ImageDraw, ImageFont
+  for name, labels, n in (("row_labels", row_labels, nrows), ("col_labels", col_labels, ncols)):
+    if labels is not None and len(labels) != n:
+      raise ValueError(f"{name} has {len(labels)} entries for {n} grid {name[:3]}s")
+  font = ImageFont.load_default(size=11)
+  pad = 4
+  def width(text):
+    return int(math.ceil(font.getlength(str(text))))
+  left = (max(width(t) for t in row_labels) + 2 * pad) if row_labels is not None else 0
+  line = 14
+  top = (line + pad if col_labels is not None else 0) + (line + pad if title else 0)
+  rgb = grid if grid.shape[-1] == 3 else np.repeat(grid[..., :1], 3, axis=-1)
+  canvas = Image.new("RGB", (rgb.shape[1] + left, rgb.shape[0] + top), "white")
+  canvas.paste(Image.fromarray(rgb), (left, top))
+  draw = ImageDraw.Draw(canvas)
+  tile_h, tile_w = rgb.shape[0] / nrows, rgb.shape[1] / ncols
+  if title:
+    draw.text((pad, pad // 2), str(title), fill="black", font=font)
+  if col_labels is not None:
+    y = top - line - pad // 2
+    for j, text in enumerate(col_labels):
+      draw.text((left + (j + 0.5) * tile_w - width(text) / 2, y), str(text), fill="black", font=font)
+  if row_labels is not None:
+    for i, text in enumerate(row_labels):
+      draw.text((pad, top + (i + 0.5) * tile_h - line / 2), str(text), fill="black", font=font)
+  return np.asarray(canvas)
 
 
 def format_duration(seconds: float) -> str:

@@ -166,9 +166,9 @@ def test_evaluation_files_in_a_bucket(bucket):
   local = bucket.local(run)
   assert json.load(open(os.path.join(local, "results.json")))["rows"] == rows
   assert "guided PD" in open(os.path.join(local, "report.md")).read()
-  for png in ("fid_vs_steps.png", "fid_vs_is.png"):
+  for png in ("fid_vs_nfe.png", "fid_vs_is.png"):
     assert open(os.path.join(local, png), "rb").read(4) == b"\x89PNG", png
-  assert sorted(os.listdir(local)) == ["classifier", "eval_reference", "fid_vs_is.png", "fid_vs_steps.png",
+  assert sorted(os.listdir(local)) == ["classifier", "eval_reference", "fid_vs_is.png", "fid_vs_nfe.png",
                                        "report.md", "results.json"]  # no temporary files left
 
 

@@ -124,7 +124,7 @@ def test_quick_pipeline_end_to_end_chains_rounds_and_rerun_skips(tmp_path):
              for r in rows)
   pd = {r["steps"]: r for r in rows if r["method"] == "guided PD" and r["sampler"] == "deterministic"}
   assert pd[1]["student_updates"] > pd[2]["student_updates"] > 0  # cost accumulates along the chain
-  for f in ("report.md", "fid_vs_steps.png", "fid_vs_is.png", "eval_grids/guided_PD_deterministic_w0_1.png"):
+  for f in ("report.md", "fid_vs_nfe.png", "fid_vs_is.png", "eval_grids/guided_PD_deterministic_w0_1.png"):
     assert (workdir / f).exists(), f
   assert "classifier-FID" in (workdir / "report.md").read_text()
 

@@ -44,18 +44,18 @@ EXPECTED = """\
 
 | method | steps | sampler | w = 0 | w = 1 |
 | --- | --- | --- | --- | --- |
-| teacher DDIM | 16 | DDIM | 10.00 | — |
-| teacher DDIM | 64 | DDIM | 8.00 | 6.50 |
-| guided PD | 2 | D / S | 12.35 / 7.90 | 9.00 / — |
-| guided PD | 8 | D / S | — / 5.00 | 6.50 / — |
-| single-w | 4 | D | — | 30.00 |
+| teacher DDIM | 16 | DDIM | 10 | — |
+| teacher DDIM | 64 | DDIM | 8 | 6.5 |
+| guided PD | 2 | D / S | 12.3 / 7.9 | 9 / — |
+| guided PD | 8 | D / S | — / 5 | 6.5 / — |
+| single-w | 4 | D | — | 30 |
 
 ## Speed-up: fewest NFE reaching the teacher's classifier-FID
 
 | w | teacher reference | reference classifier-FID | reference NFE | teacher DDIM | guided PD | single-w |
 | --- | --- | --- | --- | --- | --- | --- |
-| 0 | teacher DDIM, 64 steps | 8.00 | 128 | 128 (DDIM, 1×) | 4 (S, 32×) | — |
-| 1 | teacher DDIM, 64 steps | 6.50 | 128 | 128 (DDIM, 1×) | 16 (D, 8×) | not reached |
+| 0 | teacher DDIM, 64 steps | 8 | 128 | 128 (DDIM, 1×) | 4 (S, 32×) | — |
+| 1 | teacher DDIM, 64 steps | 6.5 | 128 | 128 (DDIM, 1×) | 16 (D, 8×) | not reached |
 """
 
 
@@ -79,8 +79,8 @@ def test_speedup_reference_is_the_teacher_with_most_steps(rows):
   rows.append(row("teacher DDIM", "ddim", 1.0, 32, 3.0))
   rows.append(row("teacher DDPM", "ddpm", 1.0, 64, 6.0))  # ties on steps: the lower FID wins
   w0, w1 = speedup_cells(rows)
-  assert w0["reference classifier-FID"] == "8.00" and w0["guided PD"] == "4 (S, 32×)"
-  assert w1["teacher reference"] == "teacher DDPM, 64 steps" and w1["reference classifier-FID"] == "6.00"
+  assert w0["reference classifier-FID"] == "8" and w0["guided PD"] == "4 (S, 32×)"
+  assert w1["teacher reference"] == "teacher DDPM, 64 steps" and w1["reference classifier-FID"] == "6"
   assert w1["guided PD"] == "not reached" and w1["teacher DDIM"] == "64 (DDIM, 2×)"
   assert w1["teacher DDPM"] == "128 (DDPM, 1×)" and w0["teacher DDPM"] == "—"
 
@@ -99,10 +99,10 @@ def test_inception_labels_and_optional_tables():
   assert "classifier" not in text
   assert "## FID (lower is better)" in text and "## IS (higher is better)" in text
   assert "## precision (higher is better)" in text and "## recall" not in text
-  assert "| guided PD | 1 | D / S | 51.20 / — |" in text
-  assert "| guided PD | 1 | D / S | 0.610 / 0.650 |" in text
+  assert "| guided PD | 1 | D / S | 51.2 / — |" in text
+  assert "| guided PD | 1 | D / S | 0.61 / 0.65 |" in text
   assert "| teacher DDIM | 256 | DDIM | — |" in text  # no IS for the teacher
-  assert "| 0.3 | teacher DDIM, 256 steps | 2.50 | 512 | not reached | 512 (DDIM, 1×) |" in text
+  assert "| 0.3 | teacher DDIM, 256 steps | 2.5 | 512 | not reached | 512 (DDIM, 1×) |" in text
   assert "Training cost" not in text
 
 
@@ -112,15 +112,15 @@ def test_cost_table(rows):
   text = report.markdown_report(rows, title="t")
   assert ("| method | student updates | teacher evaluations | student evaluations | wall-clock | "
           "best classifier-FID |") in text
-  assert "| guided PD | 4,000 | 1,024,000 | 512,000 | 2.0 h | 5.00 (w = 0, 8 steps, S) |" in text
-  assert "| single-w | — | — | — | — | 30.00 (w = 1, 4 steps, D) |" in text
+  assert "| guided PD | 4,000 | 1,024,000 | 512,000 | 2.0 h | 5 (w = 0, 8 steps, S) |" in text
+  assert "| single-w | — | — | — | — | 30 (w = 1, 4 steps, D) |" in text
 
 
 def test_mixing_metrics_and_malformed_rows_raise(rows):
   with pytest.raises(ValueError, match="mix metrics"):
     report.markdown_report(rows + [row("guided PD", "deterministic", 4.0, 1, 3.0, metric="inception")], title="t")
   with pytest.raises(ValueError, match="mix metrics"):
-    report.plot_fid_vs_steps(rows + [row("x", "ddim", 0.0, 1, 3.0, metric="inception")], "/dev/null")
+    report.plot_fid_vs_nfe(rows + [row("x", "ddim", 0.0, 1, 3.0, metric="inception")], "/dev/null")
   with pytest.raises(ValueError, match="two rows"):
     report.markdown_report(rows + [dict(rows[0], w=0.0 + 1e-12, seed=1)], title="t")
   with pytest.raises(ValueError, match="sampler"):
@@ -145,9 +145,9 @@ def png_size(path):
 
 
 def test_plots_write_png(rows, tmp_path):
-  steps_png = tmp_path / "fid_vs_steps.png"
-  assert report.plot_fid_vs_steps(rows, str(steps_png)) is True
-  assert png_size(steps_png) == (2 * 400 + 200, 350)  # two w panels and the legend
+  nfe_png = tmp_path / "fid_vs_nfe.png"
+  assert report.plot_fid_vs_nfe(rows, str(nfe_png)) is True
+  assert png_size(nfe_png) == (2 * 400 + 200, 350)  # two w panels and the legend
 
   tradeoff_png = tmp_path / "fid_is.png"
   assert report.plot_fid_is_tradeoff(rows, str(tradeoff_png)) is False  # no IS in these rows
@@ -155,7 +155,10 @@ def test_plots_write_png(rows, tmp_path):
   for r, value in zip(rows, [9.0, 9.5, 11.0, 7.0, 8.5, 9.2, 10.1, 10.9, 4.0]):
     r["is"] = value
   assert report.plot_fid_is_tradeoff(rows, str(tradeoff_png)) is True
-  assert png_size(tradeoff_png) == (700, 450)
+  # A curve needs two w at one step count: guided PD D at 2 steps has w = 0 and 1; at 8 steps D and S have one
+  # w each -> one panel.
+  assert report.tradeoff_steps([r for r in rows if not r["method"].startswith("teacher")]) == [2]
+  assert png_size(tradeoff_png) == (420 + 220, 380)
 
 
 def test_importing_report_does_not_import_matplotlib():
@@ -172,3 +175,80 @@ def test_intervals_show_in_cells_and_overlap_counts_as_reaching_the_teacher():
   speed = report.speedup_table(rows)[-1]
   assert "4 (D, 32×)" in speed and speed.rstrip(" |").endswith("not reached")  # the helper counts 2 NFE per step
   assert "intervals overlap" in report.markdown_report(rows, title="t")
+
+
+def test_claim_verdicts_use_intervals_when_both_rows_have_them():
+  a, b = row("A", "ddim", 0.0, 4, 5.0, fid_ci=[4.5, 5.5]), row("B", "ddim", 0.0, 4, 6.0, fid_ci=[5.4, 6.6])
+  assert report.claim_verdict(a, b, "fid", "match") == "holds (within noise)"
+  assert report.claim_verdict(a, b, "fid", "better") == "within noise"
+  b["fid_ci"] = [5.6, 6.4]  # apart: a is clearly lower
+  assert report.claim_verdict(a, b, "fid", "better") == "holds"
+  assert report.claim_verdict(b, a, "fid", "match") == "fails"
+  a["is"], b["is"], a["is_ci"], b["is_ci"] = 9.0, 7.0, [8.5, 9.5], [6.5, 7.5]
+  assert report.claim_verdict(a, b, "is", "better") == "holds"  # IS: higher is better
+  assert report.claim_verdict(b, a, "is", "better") == "fails"
+  del a["fid_ci"]
+  assert report.claim_verdict(a, b, "fid", "match") == "holds (no interval)"
+  assert report.claim_verdict(b, a, "fid", "match") == "fails (no interval)"
+
+
+def test_claims_pick_their_rows_per_w_and_across_w():
+  from distill.contract import Claim, Side
+  rows = [row("teacher DDIM", "ddim", 0.0, 4, 3.0, fid_ci=[2.8, 3.2]),
+          row("teacher DDIM", "ddim", 0.0, 16, 2.0, fid_ci=[1.8, 2.2]),
+          row("teacher DDIM", "ddim", 1.0, 16, 1.5, fid_ci=[1.3, 1.7]),
+          row("stage one", "deterministic", 0.0, 4, 3.1, fid_ci=[2.9, 3.3]),
+          row("stage one", "deterministic", 1.0, 4, 9.0, fid_ci=[8.0, 10.0]),  # no teacher at 4 steps, w = 1
+          row("guided PD", "deterministic", 0.0, 4, 2.9, fid_ci=[2.75, 3.05]),
+          row("guided PD", "stochastic", 0.0, 4, 2.5, fid_ci=[2.3, 2.7]),
+          row("single-w (w=0)", "deterministic", 0.0, 4, 4.0, fid_ci=[3.8, 4.2])]
+  for r, v in zip(rows, [5.0, 5.5, 7.5, 5.2, 8.0, 6.0, 6.2, 5.9]):
+    r["is"] = v
+  claims = [Claim("stage one matches", Side("stage one", steps="most"), Side("teacher DDIM")),
+            Claim("4-step beats DDIM 16", Side("guided PD", steps=4), Side("teacher DDIM", steps=16)),
+            Claim("matches single-w", Side("guided PD", steps=4), Side("single-w*")),
+            Claim("S beats D", Side("guided PD", ("stochastic",), steps=4), Side("guided PD", ("deterministic",)),
+                  relation="better"),
+            Claim("IS rises", Side("*", steps="most", w="highest"), Side("*", w="lowest"), quantity="is",
+                  relation="better"),
+            Claim("nothing to read", Side("CD", steps=1), Side("teacher DDIM"))]
+  got = [(c["claim"], c["w"], c["a"]["method"], c["a"]["sampler"], c["a"]["steps"], c["b"]["method"],
+          c["b"]["steps"], c["verdict"]) for c in report.check_claims(rows, claims)]
+  assert got == [
+      ("stage one matches", "0", "stage one", "deterministic", 4, "teacher DDIM", 4, "holds (within noise)"),
+      # the best of D / S (2.5) against the teacher's 16 steps (2.0): apart and worse
+      ("4-step beats DDIM 16", "0", "guided PD", "stochastic", 4, "teacher DDIM", 16, "fails"),
+      ("matches single-w", "0", "guided PD", "stochastic", 4, "single-w (w=0)", 4, "holds"),
+      ("S beats D", "0", "guided PD", "stochastic", 4, "guided PD", 4, "holds"),
+      ("IS rises", "1 vs 0", "teacher DDIM", "ddim", 16, "teacher DDIM", 16, "holds (no interval)"),  # no IS interval
+      ("IS rises", "1 vs 0", "stage one", "deterministic", 4, "stage one", 4, "holds (no interval)"),
+  ]
+  text = report.markdown_report(rows, title="t", claims=claims)
+  assert "## The papers' claims on this run" in text
+  assert "| stage one matches | 0 | stage one D, 4 steps: 3.1 (2.9–3.3) | teacher DDIM, 4 steps: 3 (2.8–3.2) |" in text
+  assert "claims" not in report.markdown_report(rows, title="t")
+
+
+def test_claim_definitions_are_checked():
+  from distill.contract import Claim, Side
+  with pytest.raises(ValueError, match="steps"):
+    Side("x", steps=0)
+  with pytest.raises(ValueError, match="Side.w"):
+    Side("x", w="middle")
+  with pytest.raises(ValueError, match="quantity"):
+    Claim("c", Side("a", steps=1), Side("b"), quantity="kid")
+  with pytest.raises(ValueError, match="fixed"):
+    Claim("c", Side("a"), Side("b"))
+
+
+def test_every_registered_claim_is_well_formed_and_reads_rows():
+  from distill import registry
+  claims = registry.claims()
+  assert any(c.quantity == "is" for c in claims) and len(claims) >= 8
+  rows = [row("teacher DDIM", "ddim", w, n, 5.0 - w) for w in (0.0, 1.0) for n in (4, 16, 64)]
+  rows += [row("guided PD", s, w, n, 5.5 - w) for s in ("deterministic", "stochastic") for w in (0.0, 1.0)
+           for n in (1, 2, 4, 8, 16)]
+  rows += [row("stage one", "deterministic", w, 64, 5.0 - w) for w in (0.0, 1.0)]
+  rows += [row("two-student", "deterministic", w, n, 6.0) for w in (0.0, 1.0) for n in (1, 2)]
+  texts = {c["claim"] for c in report.check_claims(rows, claims)}
+  assert {c.text for c in claims if c.quantity == "fid" and "single-w" not in c.text} <= texts

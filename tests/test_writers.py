@@ -169,3 +169,20 @@ def test_progress_reporter_always_prints_last_step():
                                            (float("inf"), "?")])
 def test_format_duration(seconds, text):
   assert writers.format_duration(seconds) == text
+
+
+def test_labelled_grid_adds_captions_around_the_tiles(tmp_path):
+  from PIL import Image
+  images = np.zeros((6, 8, 8, 1), np.float32)  # mid-grey tiles
+  plain = writers.save_image_grid(str(tmp_path / "plain.png"), images, ncols=3, upscale=4)
+  labelled = writers.save_image_grid(str(tmp_path / "l.png"), images, ncols=3, upscale=4,
+                                     row_labels=["w = 0", "w = 1"], col_labels=["a", "b", "c"], title="title")
+  assert labelled.shape[2] == 3 and labelled.shape[0] > plain.shape[0] and labelled.shape[1] > plain.shape[1]
+  h, w = plain.shape[:2]
+  # The tiles sit at the bottom right, unchanged; the margins hold dark caption pixels.
+  np.testing.assert_array_equal(labelled[-h:, -w:, 0], plain[..., 0])
+  assert labelled[:-h].min() < 100 and labelled[-h:, :-w].min() < 100
+  with Image.open(tmp_path / "l.png") as image:
+    assert image.size == (labelled.shape[1], labelled.shape[0])
+  with pytest.raises(ValueError, match="row_labels has 1 entries for 2"):
+    writers.save_image_grid(str(tmp_path / "bad.png"), images, ncols=3, row_labels=["x"])

@@ -117,8 +117,26 @@ def upgrade_meta(name: str, meta: dict, run_config: dict):
       extra={k: v for k, v in meta.items() if k not in known})
 
 
+def _claims() -> tuple[contract.Claim, ...]:
+  """The guided-distillation paper's claims (Meng et al. 2023, Table 1 and §4.1) as report rows to compare."""
+  S, C = contract.Side, contract.Claim
+  out = [C("stage one matches the CFG teacher at the same steps", S("stage one", steps="most"),
+           S("teacher DDIM"), source="§3.1, Alg. 1"),
+         C("distilled 4-step matches or beats teacher DDIM 16×2", S("guided PD", steps=4),
+           S("teacher DDIM", steps=16), source="Table 1")]
+  out += [C(f"distilled {n}-step matches the teacher's most-steps DDIM", S("guided PD", steps=n),
+            S("teacher DDIM", steps="most"), source="Table 1, §4.1") for n in (8, 16)]
+  out += [C(f"stochastic beats deterministic at {n} steps", S("guided PD", ("stochastic",), steps=n),
+            S("guided PD", ("deterministic",)), relation="better", source="Table 1 (w = 0)") for n in (8, 16)]
+  out += [C(f"w-conditioned matches two-student at {n} step{'s' if n > 1 else ''}", S("guided PD", steps=n),
+            S("two-student"), source="App. Alg. 5") for n in (1, 2)]
+  out += [C("w-conditioned matches single-w at 4 steps", S("guided PD", steps=4), S("single-w*"),
+            source="Table 1")]
+  return tuple(out)
+
+
 METHOD = contract.Method(
-    name="guided", order=10, stages=STAGES,
+    name="guided", order=10, stages=STAGES, claims=_claims(),
     samplers={"ddim": stages.student_sampler, "stochastic": stages.student_sampler},
     config=config_sections, validate=validate, quick=quick, data_batches=("distill.batch_size",),
     plan=stages.plan, upgrade_meta=upgrade_meta)
