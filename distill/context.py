@@ -53,13 +53,27 @@ def batch_fn(source, batch_size: int, seed: int):
   return batches.batch_at
 
 
+def teacher_dir(ctx: Context) -> str:
+  """The stage directory of the teacher every method distils: distill.teacher_dir when set, else the ε → v
+  fine-tuned WORKDIR/teacher_v once it has finished, else WORKDIR/teacher."""
+  if ctx.config.distill.teacher_dir:
+    return ctx.config.distill.teacher_dir
+  fine_tuned = ctx.stage_dir("teacher_v")
+  return fine_tuned if train.has_final(fine_tuned) else ctx.stage_dir("teacher")
+
+
 def teacher_params(ctx: Context):
-  """The CFG teacher's final parameters, read-only (WORKDIR/teacher or distill.teacher_dir)."""
+  """The CFG teacher's final parameters, read-only (`teacher_dir`); TrainingError (one line) when it is not a
+  CFG teacher or predicts another parameterization than model.parameterization (the students')."""
   if "teacher" not in ctx.cache:
-    stage_dir = ctx.config.distill.teacher_dir or ctx.stage_dir("teacher")
+    stage_dir = teacher_dir(ctx)
     params, meta = train.load_final_params(stage_dir)
     if meta.get("kind") != "cfg_teacher":
       raise train.TrainingError(f"{stage_dir}: not a CFG teacher (kind={meta.get('kind')!r})")
+    predicts, wanted = meta.get("parameterization", "v"), ctx.config.model.parameterization
+    if predicts != wanted:
+      hint = " (add 'teacher_v' to config.pipeline: ε → v fine-tuning)" if (predicts, wanted) == ("eps", "v") else ""
+      raise train.TrainingError(f"{stage_dir} predicts {predicts!r} but model.parameterization is {wanted!r}{hint}")
     ctx.cache["teacher"] = params
   return ctx.cache["teacher"]
 

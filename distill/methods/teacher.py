@@ -4,6 +4,11 @@ architecture, guided at sampling: 2 evaluations per step) and the config section
 
 Each example's label is replaced by the null class with probability p_uncond (0.1 in the guidance
 literature); the loss is the x-space ω(λ)·‖x̂ − x‖² with t ~ U[0, 1] (DESIGN §3).
+
+The 'teacher_v' stage is the guided-distillation paper's ε → v fine-tuning (§4.2, App. C): a teacher trained to
+predict ε (`teacher.parameterization='eps'`, as Stable Diffusion and the LDMs are) is trained on, from its own
+weights, with the same loss but its output read as v, for `teacher.v_steps` updates. The distilling stages then
+read WORKDIR/teacher_v (`context.teacher_dir`).
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from distill.context import (EMBEDDED, Context, batch_fn, cfg_sample, init_param
                              teacher_model, write_cfg_grid)
 from distill.losses import LossFn, noised_batch
 from distill.schedules import LogSNRFn
+
+TEACHER, TEACHER_V = "teacher", "teacher_v"
 
 
 def teacher_loss(model, parameterization: str, weighting: str, p_uncond: float, logsnr_fn: LogSNRFn,
@@ -42,30 +49,40 @@ def teacher_loss(model, parameterization: str, weighting: str, p_uncond: float, 
 # --- the stage ---------------------------------------------------------------------------------------
 
 
-def stage_meta(config) -> contract.StageMeta:
-  """The teacher's record: CFG-sampled at any w >= 0, trained from data (no teacher evaluations)."""
+def trained_parameterization(config) -> str:
+  """What the 'teacher' stage trains its network to predict: teacher.parameterization, '' = model's."""
+  return config.teacher.parameterization or config.model.parameterization
+
+
+def stage_meta(config, name: str = TEACHER) -> contract.StageMeta:
+  """A teacher's record: CFG-sampled at any w >= 0. 'teacher' is trained from data (no teacher evaluations);
+  'teacher_v' fine-tunes it into v-prediction (its cost builds on the teacher's)."""
+  v = name == TEACHER_V
   return contract.StageMeta(
       kind="cfg_teacher", method="teacher", sampler="cfg_ddim", num_sampling_steps=int(config.sample.num_steps),
       w_range=(0.0, float("inf")), batch_size=int(config.teacher.batch_size), teacher_evals_per_update=0.0,
-      student_evals_per_update=1.0, evals_per_step=2, scored=False, extra={"parameterization": config.model.parameterization})
+      student_evals_per_update=1.0, evals_per_step=2, scored=False, cost_parents=(TEACHER,) if v else (),
+      extra={"parameterization": "v" if v else trained_parameterization(config)})
 
 
-def run_teacher(ctx: Context):
+def _train(ctx: Context, name: str, parameterization: str, num_steps: int, lr: float, weighting: str, start=None):
+  """Trains the CFG loss under WORKDIR/<name> (from `start`'s parameters, else fresh) and writes its grid and
+  class agreement. Returns the parameters."""
   c = ctx.config
   tc = c.teacher
   model = teacher_model(ctx)
-  optimizer, schedule = optimizers.adam_with_warmup(tc.lr, tc.warmup_steps, tc.grad_clip, tc.weight_decay)
+  optimizer, schedule = optimizers.adam_with_warmup(lr, tc.warmup_steps, tc.grad_clip, tc.weight_decay)
   stage = train.Stage(
-      name="teacher",
-      loss_fn=teacher_loss(model, c.model.parameterization, tc.weighting, tc.p_uncond, ctx.logsnr_fn, ctx.null_label),
-      init_params=init_params(ctx, model), optimizer=optimizer, num_steps=tc.num_steps,
+      name=name,
+      loss_fn=teacher_loss(model, parameterization, weighting, tc.p_uncond, ctx.logsnr_fn, ctx.null_label),
+      init_params=init_params(ctx, model, start), optimizer=optimizer, num_steps=num_steps,
       batch_fn=batch_fn(ctx.train_source, tc.batch_size, c.seed),
       seed=c.seed, ema_decay=tc.ema_decay, log_every=tc.log_every, ckpt_every=tc.ckpt_every,
       skip_nonfinite=tc.skip_nonfinite, images_per_step=tc.batch_size, lr_schedule=schedule,
       fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
-  stage_dir = ctx.stage_dir("teacher")
-  params, meta = run_stage(ctx, stage, stage_meta(c))
-  sample_fn = functools.partial(cfg_sample, params, model=model, parameterization=c.model.parameterization,
+  stage_dir = ctx.stage_dir(name)
+  params, meta = run_stage(ctx, stage, stage_meta(c, name))
+  sample_fn = functools.partial(cfg_sample, params, model=model, parameterization=parameterization,
                                 logsnr_fn=ctx.logsnr_fn, null_label=ctx.null_label, clip=c.sample.clip)
   if ctx.is_main_process and not epath.Path(stage_dir, "samples.png").exists():
     write_cfg_grid(ctx, functools.partial(sample_fn, num_steps=c.sample.num_steps), os.path.join(stage_dir, "samples.png"))
@@ -74,15 +91,36 @@ def run_teacher(ctx: Context):
     report = teacher_class_agreement(ctx, functools.partial(sample_fn, num_steps=c.eval.agreement_steps))
     report["teacher_train_seconds"] = train.load_final_params(stage_dir)[1].get("train_seconds")
     writers.atomic_write_json(os.path.join(stage_dir, "eval.json"), report, indent=1)
-    print(f"[teacher] class agreement: {report['agreement']} (classifier test accuracy "
+    print(f"[{name}] class agreement: {report['agreement']} (classifier test accuracy "
           f"{report['classifier_test_accuracy']:.4f})")
+  return params
+
+
+def run_teacher(ctx: Context):
+  c = ctx.config
+  _train(ctx, TEACHER, trained_parameterization(c), c.teacher.num_steps, c.teacher.lr, c.teacher.weighting)
+
+
+def run_teacher_v(ctx: Context):
+  """ε → v: the finished ε-prediction teacher trained on as a v-predictor (§4.2)."""
+  c = ctx.config
+  stage_dir = ctx.stage_dir(TEACHER)
+  if not train.has_final(stage_dir):
+    raise train.TrainingError(f"teacher_v fine-tunes the finished teacher {stage_dir}; put 'teacher' before it "
+                              "in config.pipeline")
+  params, meta = train.load_final_params(stage_dir)
+  if meta.get("parameterization") != "eps":
+    raise train.TrainingError(f"teacher_v fine-tunes an ε-prediction teacher; {stage_dir} predicts "
+                              f"{meta.get('parameterization')!r} (set teacher.parameterization='eps' for a new run)")
+  _train(ctx, TEACHER_V, "v", c.teacher.v_steps, c.teacher.v_lr, c.teacher.v_weighting, start=params)
 
 
 def cfg_sampler(ctx: Context, params, meta: contract.StageMeta, num_steps: int, sampler: str):
   """'cfg_ddim' / 'cfg_ddpm': a model of the CFG teacher's architecture (no w input) guided at sampling, 2
   evaluations per step (DDPM's noise from a fixed key)."""
   c = ctx.config
-  fn = functools.partial(cfg_sample, params, model=teacher_model(ctx), parameterization=c.model.parameterization,
+  parameterization = meta.extra.get("parameterization", c.model.parameterization)
+  fn = functools.partial(cfg_sample, params, model=teacher_model(ctx), parameterization=parameterization,
                          logsnr_fn=ctx.logsnr_fn, null_label=ctx.null_label, clip=c.sample.clip,
                          num_steps=int(num_steps), sampler=sampler.removeprefix("cfg_"))
   return fn, 2 * int(num_steps)
@@ -97,6 +135,9 @@ def config_sections():
       weight_decay=0.0,                 # > 0: AdamW's decoupled decay
       ema_decay=0.999, p_uncond=0.1, weighting="snr_plus_one",  # v-MSE
       log_every=100, ckpt_every=500, skip_nonfinite=False,
+      parameterization="",              # what 'teacher' trains to predict: '' = model.parameterization; 'eps' for ε→v
+      v_steps=1000, v_lr=2e-4,          # 'teacher_v': ε → v fine-tuning updates and learning rate,
+      v_weighting="snr_plus_one",       # and its loss weighting (v-MSE)
   ))}
 
 
@@ -111,10 +152,29 @@ def validate(c) -> None:
   validation.number(c, "teacher.ema_decay", 0.0, 1.0, hi_open=True)
   validation.number(c, "teacher.p_uncond", 0.0, 1.0, hi_open=True)
   validation.choice(c, "teacher.weighting", diffusion.WEIGHTINGS)
+  if c.teacher.parameterization:
+    validation.choice(c, "teacher.parameterization", diffusion.PARAMETERIZATIONS)
+  validation.positive_int(c, "teacher.v_steps")
+  validation.choice(c, "teacher.v_weighting", diffusion.WEIGHTINGS)
+  if trained_parameterization(c) == "eps" and c.teacher.weighting != "snr":
+    # x̂ = (z − σε̂)/α: any weight that stays >= 1 as α → 0 multiplies the ε error by σ²/α² (e^20 at λ = −20).
+    validation.fail("teacher.weighting", c.teacher.weighting, "must be 'snr' (plain ε-MSE) for an ε-prediction "
+                    "teacher (teacher.parameterization or model.parameterization 'eps')")
+  validation.number(c, "teacher.v_lr", 0.0, 1.0, lo_open=True)
+  if TEACHER_V in c.pipeline:
+    if c.model.parameterization != "v":
+      validation.fail("model.parameterization", c.model.parameterization,
+                      "must be 'v' when the pipeline fine-tunes the teacher into v-prediction ('teacher_v')")
+    if TEACHER in c.pipeline and trained_parameterization(c) != "eps":
+      validation.fail("teacher.parameterization", c.teacher.parameterization,
+                      "must be 'eps' when the pipeline runs 'teacher' then 'teacher_v' (ε → v)")
 
 
 def quick(c) -> None:
   c.teacher.num_steps, c.teacher.batch_size, c.teacher.log_every, c.teacher.ckpt_every = 150, 64, 50, 75
+  c.teacher.v_steps = 50
+  if TEACHER_V in c.pipeline and TEACHER in c.pipeline:  # every stage: the ε teacher then its v fine-tune
+    c.teacher.parameterization, c.teacher.weighting = "eps", "snr"
 
 
 def upgrade_meta(name: str, meta: dict, run_config: dict):
@@ -129,10 +189,10 @@ def upgrade_meta(name: str, meta: dict, run_config: dict):
 
 
 METHOD = contract.Method(
-    name="teacher", order=0, stages={"teacher": run_teacher},
+    name="teacher", order=0, stages={TEACHER: run_teacher, TEACHER_V: run_teacher_v},
     samplers={"cfg_ddim": cfg_sampler, "cfg_ddpm": cfg_sampler},
     config=config_sections, validate=validate, quick=quick, data_batches=("teacher.batch_size",),
-    plan=lambda config, stage: [("teacher", stage_meta(config))], upgrade_meta=upgrade_meta,
+    plan=lambda config, stage: [(stage, stage_meta(config, stage))], upgrade_meta=upgrade_meta,
     # Guidance trades diversity for fidelity: IS rises with w, for the teacher and every student of it.
     claims=(contract.Claim("IS rises with w (most steps)", contract.Side("*", steps="most", w="highest"),
                            contract.Side("*", w="lowest"), quantity="is", relation="better",
