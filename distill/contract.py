@@ -51,6 +51,9 @@ class Method:
   upgrade_meta: (stage name, old meta dict, the run's config.json dict) -> StageMeta or None, for stages written
   before the contract (None: not one of this method's).
   claims: its paper's claims (`Claim`) the report checks on whatever rows a run has.
+  schedule_samplers: those of its samplers whose time grid follows the run's schedule (`Context.logsnr_fn`), so
+  that a context with the schedule rescaled to t ↦ λ(s·t) samples the last part [0, s] of the trajectory
+  (image-to-image, `sampling.img2img`); a sampler on a grid of its own (SFD's σ grid) is not one.
   """
   name: str
   order: int
@@ -65,6 +68,7 @@ class Method:
   plan: Callable[[Any, str], list] | None = None
   upgrade_meta: Callable[[str, dict, dict], "StageMeta | None"] | None = None
   claims: tuple["Claim", ...] = ()
+  schedule_samplers: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

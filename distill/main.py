@@ -33,9 +33,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs
 _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
                                   "Resume a workdir whose saved config.json differs from this run's config.")
 
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "style_transfer", "evaluate", "plan"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "style_transfer", "img2img", "evaluate", "plan"],
                           "train: run the config's pipeline; sample: sample a finished stage (--checkpoint); "
-                          "style_transfer: encode with --encoder at --w_enc, decode with --decoder at --w_dec.")
+                          "style_transfer: encode with --encoder at --w_enc, decode with --decoder at --w_dec; "
+                          "img2img: test images noised to --strength, decoded by --checkpoint toward --labels.")
+_STRENGTH = flags.DEFINE_float("strength", 0.5, "img2img: the noise level t in (0, 1] the images are taken to "
+                               "(SDEdit's strength); the checkpoint samples the last part [0, t] of its trajectory.")
 _ENCODER = flags.DEFINE_string("encoder", None, "style_transfer: a distilled encoder stage, e.g. runs/digits/encoder/N0004.")
 _DECODER = flags.DEFINE_string("decoder", None, "style_transfer: a distilled student stage to decode with.")
 _W_ENC = flags.DEFINE_float("w_enc", 0.0, "style_transfer: guidance strength of the encoder.")
@@ -224,6 +227,31 @@ def style_transfer_main():
   print(f"wrote {result['png']} (top: inputs, bottom: outputs) and {result['npz']}")
 
 
+def img2img_main():
+  from distill import sampling
+  if not _CHECKPOINT.value:
+    fail("--checkpoint=STAGE_DIR is required with --mode=img2img")
+  try:
+    w_values = [float(v) for v in _W.value]
+  except ValueError:
+    fail(f"--w={','.join(_W.value)}: guidance strengths must be numbers, e.g. --w=0,1,4")
+  if not w_values:
+    fail("--w=: give at least one guidance strength, e.g. --w=0,1")
+  try:
+    labels = None if _LABELS.value is None else [int(v) for v in _LABELS.value]
+  except ValueError:
+    fail(f"--labels={','.join(_LABELS.value)}: class labels must be integers")
+  if _NUM.value < 1:
+    fail(f"--num={_NUM.value}: must be >= 1")
+  try:
+    result = sampling.img2img(_CHECKPOINT.value, strength=_STRENGTH.value, w_values=w_values, target_labels=labels,
+                              num=_NUM.value, steps=_STEPS.value, sampler=_SAMPLER.value, force=_FORCE.value,
+                              seed=_SEED.value, out=_OUT.value)
+  except sampling.SamplingError as e:
+    fail(str(e))
+  print(f"wrote {result['png']} (top: inputs; then one row per w; {result['steps']} steps) and {result['npz']}")
+
+
 def _enable_compilation_cache():
   """XLA compilations persist across runs (compiling dominates short CPU runs); DISTILL_JAX_CACHE='' turns it off."""
   path = os.environ.get("DISTILL_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distill", "jax"))
@@ -394,6 +422,9 @@ def main(argv):
   if _MODE.value == "sample":
     logging.set_verbosity(logging.WARNING)
     return sample_main()
+  if _MODE.value == "img2img":
+    logging.set_verbosity(logging.WARNING)
+    return img2img_main()
   if _MODE.value == "plan":
     logging.set_verbosity(logging.WARNING)
     return plan_main()

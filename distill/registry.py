@@ -129,6 +129,11 @@ def named_pipelines() -> dict[str, tuple]:
   return out
 
 
+def follows_schedule(sampler: str) -> bool:
+  """Whether a registered sampler's time grid follows the run's schedule (`contract.Method.schedule_samplers`)."""
+  return sampler in sampler_owner(sampler).schedule_samplers
+
+
 def claims() -> tuple[contract.Claim, ...]:
   """Every method's paper claims, in method order (the report checks them on the rows a run has)."""
   return tuple(c for m in methods() for c in m.claims)

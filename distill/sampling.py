@@ -2,6 +2,7 @@
 steps it was distilled for and which sampler it expects, so no other flags are needed."""
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -14,7 +15,8 @@ from etils import epath
 
 from distill import data as data_lib
 from distill import contract, registry, samplers, train, writers
-from distill.context import Context, class_captions, sample_in_chunks, student_model, x_fn_of
+from distill.context import Context, class_captions, sample_images, student_model, x_fn_of
+from distill.diffusion import q_sample
 
 
 class SamplingError(ValueError):
@@ -66,6 +68,15 @@ def checkpoint_sampler(stage_dir: str, *, steps: int | None = None, sampler: str
                        force: bool = False):
   """fn(z, labels, w) → x sampling a finished stage as its meta describes (or at `steps` / `sampler` with
   `force`). Returns (context, fn, steps, sampler, network evaluations per sample)."""
+  ctx, params, meta, steps, sampler = resolve_checkpoint(stage_dir, steps=steps, sampler=sampler, force=force)
+  fn, nfe = registry.sampler(ctx, params, meta, num_steps=steps, name=sampler)
+  return ctx, fn, steps, sampler, nfe
+
+
+def resolve_checkpoint(stage_dir: str, *, steps: int | None = None, sampler: str | None = None,
+                       force: bool = False):
+  """(context, params, StageMeta, steps, sampler) of a finished stage to sample: its own steps and sampler, or
+  `steps` / `sampler` (another step count or sampler than it was distilled for only with `force`)."""
   _check_finished(stage_dir, "--checkpoint")
   workdir, config = find_run(stage_dir)
   params, raw = load_stage(stage_dir, "--checkpoint")
@@ -94,8 +105,77 @@ def checkpoint_sampler(stage_dir: str, *, steps: int | None = None, sampler: str
     if force and (steps not in own_steps or sampler != own):
       print(f"[sample] note: distilled for {'/'.join(map(str, own_steps))} {own} steps, sampling {steps} {sampler} "
             "steps as forced")
-  fn, nfe = registry.sampler(ctx, params, meta, num_steps=steps, name=sampler)
-  return ctx, fn, steps, sampler, nfe
+  return ctx, params, meta, steps, sampler
+
+
+def partial_steps(strength: float, num_steps: int) -> int:
+  """Steps img2img takes over [0, strength] of an N-step sampler: round(strength·N), at least 1."""
+  return max(1, int(round(strength * num_steps)))
+
+
+def img2img(stage_dir: str, *, strength: float, w_values=(0.0,), target_labels=None, num: int = 8,
+            steps: int | None = None, sampler: str | None = None, force: bool = False, seed: int = 0,
+            out: str | None = None, images=None, labels=None) -> dict:
+  """Image-to-image (SDEdit, Meng et al. 2022; guided distillation Fig. 8) with a finished stage: `num` test
+  images (or `images` [N, H, W, C] in [−1, 1] with `labels`) — their autoencoder latents in a latent run — are
+  noised stochastically to t = strength, z_s = α_s x + σ_s ε, then decoded deterministically by the stage's own
+  sampler over [0, s]: with the schedule rescaled to t ↦ λ(s·t), k = `partial_steps(s, N)` of its steps, i.e. for
+  s = k/N exactly the last k steps of its N-step trajectory. Each row of w decodes to `target_labels` (default:
+  the images' own classes). Writes OUT.png (row 1 the inputs, then one row per w) and OUT.npz; returns the paths,
+  the steps taken and the outputs [len(w) · N, H, W, C]."""
+  if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+    raise SamplingError(f"--strength={strength!r}: must be in (0, 1] (the noise level the images are taken to)")
+  for w in w_values:
+    if not (w >= 0 and np.isfinite(w)):
+      raise SamplingError(f"--w={w}: guidance strengths must be finite and >= 0")
+  ctx, params, meta, steps, sampler = resolve_checkpoint(stage_dir, steps=steps, sampler=sampler, force=force)
+  if not registry.follows_schedule(sampler):
+    raise SamplingError(f"--checkpoint={stage_dir!r}: its sampler {sampler!r} runs on a time grid of its own, so it "
+                        "cannot start part-way; img2img needs one that follows the schedule "
+                        f"({', '.join(s for s in registry.sampler_names() if registry.follows_schedule(s))})")
+  k = ctx.config.data.num_classes
+  if images is None:
+    source = ctx.pixel_source("test")
+    idx = np.random.default_rng(seed).choice(len(source), size=min(num, len(source)), replace=False)
+    batch = source.get_batch(idx)
+    images, labels = np.asarray(batch["image"]), np.asarray(batch["label"], np.int32)
+  images = np.asarray(images, np.float32)
+  labels = np.asarray(labels if labels is not None else np.zeros(len(images)), np.int32)
+  targets = labels if target_labels is None else np.resize(np.asarray(target_labels, np.int32), len(images))
+  for y in targets:
+    if not 0 <= y < k:
+      raise SamplingError(f"--labels={y}: classes are 0..{k - 1}")
+  x0 = jnp.asarray(images)
+  if ctx.is_latent:
+    x0 = jnp.asarray(ctx.latent.encode(x0))
+  base = ctx.logsnr_fn
+  logsnr_s = base(jnp.full((len(images),), strength, jnp.float32))
+  eps = jax.random.normal(jax.random.PRNGKey(seed + 31), x0.shape)
+  z_s = q_sample(x0, eps, logsnr_s)  # the noise the rescaled sampler starts from: z at its t = 1 is at λ(s)
+  mapped = copy.copy(ctx)
+  mapped.logsnr_fn = functools.partial(_rescaled_logsnr, base, float(strength))
+  mapped.cache = {}
+  taken = partial_steps(strength, steps)
+  fn, _ = registry.sampler(mapped, params, meta, num_steps=taken, name=sampler)
+  n = len(images)
+  ws = np.asarray(w_values, np.float32)
+  z = jnp.tile(z_s, (len(ws),) + (1,) * (z_s.ndim - 1))
+  outputs = sample_images(ctx, fn, z, jnp.tile(jnp.asarray(targets), len(ws)), jnp.repeat(jnp.asarray(ws), n))
+  out = out or os.path.join(stage_dir, f"img2img_s{strength:g}_{taken}steps_seed{seed}")
+  captions = class_captions(ctx.config.data, k)
+  writers.save_image_grid(out + ".png", np.concatenate([images, outputs]), ncols=n,
+                          upscale=max(1, 128 // ctx.pixel_shape[0]),
+                          row_labels=["input"] + [f"w = {w:g}" for w in ws],
+                          col_labels=[captions[int(y)] for y in targets],
+                          title=f"img2img: strength {strength:g}, {taken} of {steps} {sampler} steps")
+  writers.atomic_write_bytes(out + ".npz", writers.npz_bytes(
+      inputs=images, outputs=outputs, labels=labels, target_labels=targets, w=np.repeat(ws, n)))
+  return {"png": out + ".png", "npz": out + ".npz", "steps": taken, "outputs": outputs}
+
+
+def _rescaled_logsnr(base, s: float, t):
+  """λ(s·t): the schedule squeezed onto [0, s], so a sampler's t = 1 is the original s."""
+  return base(s * jnp.asarray(t, jnp.float32))
 
 
 def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0,), sampler: str | None = None,
@@ -118,10 +198,10 @@ def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0
   w = jnp.repeat(jnp.asarray(ws), per_row)
   noise = jax.random.normal(jax.random.PRNGKey(seed), (1, per_row) + ctx.image_shape)
   z = jnp.broadcast_to(noise, (len(ws), per_row) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
-  x = sample_in_chunks(fn, z, y, w, ctx.config.sample.get("batch_size", 250))
+  x = sample_images(ctx, fn, z, y, w)
   out = out or os.path.join(stage_dir, f"sample_{sampler}_{steps}steps_seed{seed}")
   captions = class_captions(ctx.config.data, ctx.config.data.num_classes)
-  writers.save_image_grid(out + ".png", x, ncols=per_row, upscale=max(1, 128 // ctx.image_shape[0]),
+  writers.save_image_grid(out + ".png", x, ncols=per_row, upscale=max(1, 128 // ctx.pixel_shape[0]),
                           row_labels=[f"w = {v:g}" for v in ws],
                           col_labels=[captions[int(y)] for y in labels for _ in range(num)],
                           title=f"{sampler}, {steps} steps, seed {seed}")
@@ -160,22 +240,27 @@ def style_transfer(encoder_dir: str, decoder_dir: str, *, w_enc: float = 0.0, w_
                         "single_w stage)")
   enc_ctx = Context(enc_config, enc_workdir)
   dec_ctx = Context(dec_config, dec_workdir)
-  if enc_ctx.image_shape != dec_ctx.image_shape:
-    raise SamplingError(f"--decoder: image shape {dec_ctx.image_shape} differs from the encoder's {enc_ctx.image_shape}")
+  if enc_ctx.is_latent != dec_ctx.is_latent or enc_ctx.image_shape != dec_ctx.image_shape:
+    raise SamplingError(f"--decoder: diffuses in {'latents' if dec_ctx.is_latent else 'pixels'} of shape "
+                        f"{dec_ctx.image_shape}, the encoder in {'latents' if enc_ctx.is_latent else 'pixels'} of "
+                        f"shape {enc_ctx.image_shape}")
   source = data_lib.make_source(enc_config.data, "test")
   idx = np.random.default_rng(seed).choice(len(source), size=num, replace=False)
   batch = source.get_batch(idx)
   labels = jnp.asarray(batch["label"], jnp.int32)
   targets = labels if target_labels is None else jnp.asarray(np.resize(np.asarray(target_labels), num), jnp.int32)
   enc_model = student_model(enc_ctx, w_embedding=enc_meta.w_conditioned)
-  latents = _encode(enc_params, jnp.asarray(batch["image"]), labels, jnp.full((num,), w_enc, jnp.float32),
+  x0 = jnp.asarray(batch["image"])
+  if enc_ctx.is_latent:  # the autoencoder's latents of the images are what the encoder maps to noise
+    x0 = jnp.asarray(enc_ctx.latent.encode(x0))
+  latents = _encode(enc_params, x0, labels, jnp.full((num,), w_enc, jnp.float32),
                     x_fn=x_fn_of(enc_ctx, enc_model), logsnr_fn=enc_ctx.logsnr_fn,
                     num_steps=int(enc_meta.num_sampling_steps))
-  decoded = np.asarray(registry.sampler(dec_ctx, dec_params, dec_meta)[0](
+  decoded = dec_ctx.decode(registry.sampler(dec_ctx, dec_params, dec_meta)[0](
       latents, targets, jnp.full((num,), w_dec, jnp.float32)))
   out = out or os.path.join(decoder_dir, f"style_transfer_wenc{w_enc:g}_wdec{w_dec:g}_seed{seed}")
   grid = np.concatenate([np.asarray(batch["image"]), decoded])
-  writers.save_image_grid(out + ".png", grid, ncols=num, upscale=max(1, 128 // dec_ctx.image_shape[0]),
+  writers.save_image_grid(out + ".png", grid, ncols=num, upscale=max(1, 128 // dec_ctx.pixel_shape[0]),
                           row_labels=["input", "output"], title=f"style transfer: w_enc {w_enc:g}, w_dec {w_dec:g}")
   writers.atomic_write_bytes(out + ".npz", writers.npz_bytes(
       inputs=np.asarray(batch["image"]), outputs=decoded, labels=np.asarray(labels),

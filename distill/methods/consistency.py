@@ -352,6 +352,7 @@ def quick(c) -> None:
 
 
 METHOD = contract.Method(name="consistency", order=40, stages={"consistency": run_consistency},
-                         samplers={"consistency": consistency_sampler}, config=config_sections, validate=validate,
+                         samplers={"consistency": consistency_sampler}, schedule_samplers=("consistency",),
+                         config=config_sections, validate=validate,
                          quick=quick, data_batches=("consistency.batch_size",),
                          plan=lambda config, stage: [("consistency", stage_meta(config))])

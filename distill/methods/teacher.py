@@ -190,7 +190,7 @@ def upgrade_meta(name: str, meta: dict, run_config: dict):
 
 METHOD = contract.Method(
     name="teacher", order=0, stages={TEACHER: run_teacher, TEACHER_V: run_teacher_v},
-    samplers={"cfg_ddim": cfg_sampler, "cfg_ddpm": cfg_sampler},
+    samplers={"cfg_ddim": cfg_sampler, "cfg_ddpm": cfg_sampler}, schedule_samplers=("cfg_ddim", "cfg_ddpm"),
     config=config_sections, validate=validate, quick=quick, data_batches=("teacher.batch_size",),
     plan=lambda config, stage: [(stage, stage_meta(config, stage))], upgrade_meta=upgrade_meta,
     # Guidance trades diversity for fidelity: IS rises with w, for the teacher and every student of it.

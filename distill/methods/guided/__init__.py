@@ -138,5 +138,6 @@ def _claims() -> tuple[contract.Claim, ...]:
 METHOD = contract.Method(
     name="guided", order=10, stages=STAGES, claims=_claims(),
     samplers={"ddim": stages.student_sampler, "stochastic": stages.student_sampler},
+    schedule_samplers=("ddim", "stochastic"),
     config=config_sections, validate=validate, quick=quick, data_batches=("distill.batch_size",),
     plan=stages.plan, upgrade_meta=upgrade_meta)
