@@ -38,6 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
       schedule="cosine", logsnr_min=-20.0, logsnr_max=20.0,
   ))
 
+  c.latent = ml_collections.ConfigDict(dict(
+      enabled=False,                    # diffuse in an autoencoder's latent space (distill/latent.py)
+      autoencoder_dir="",               # its finished stage: '' = WORKDIR/autoencoder
+  ))
+
   for name, section in registry.default_sections().items():
     c[name] = section
 
@@ -88,6 +93,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c, "data.name", DATA_NAMES)
   for f in ("data.image_size", "data.channels", "data.num_classes"):
     _positive_int(c, f)
+
+  if not isinstance(c.latent.enabled, bool):
+    _fail("latent.enabled", c.latent.enabled, "must be True or False")
+  if not isinstance(c.latent.autoencoder_dir, str):
+    _fail("latent.autoencoder_dir", c.latent.autoencoder_dir, "must be a path ('' = WORKDIR/autoencoder)")
+  if c.latent.enabled and c.sample.clip:
+    _fail("sample.clip", c.sample.clip, "must be False in a latent run (latents are not images in [-1, 1])")
 
   _choice(c, "model.parameterization", diffusion.PARAMETERIZATIONS)
   _choice(c, "model.schedule", SCHEDULES)

@@ -13,6 +13,7 @@ import numpy as np
 from etils import epath
 
 from distill import data as data_lib
+from distill import latent as latent_lib
 from distill import contract, models, parallel, samplers, schedules, train, writers
 from distill.evaluation import classifier as classifier_lib
 from distill.evaluation import protocol
@@ -21,23 +22,65 @@ EMBEDDED = protocol.EMBEDDED
 
 
 class Context:
-  """What every stage shares: config, workdir, data and the model family."""
+  """What every stage shares: config, workdir, data and the model family.
 
-  def __init__(self, config, workdir: str, train_source=None):
+  In a latent run (config.latent.enabled) the diffusion space is the autoencoder's: `image_shape` and
+  `train_source` are the latents', `decode` makes pictures of samples, and `pixel_source` is the data itself
+  (for the autoencoder, the classifier and the FID reference). Otherwise all of them are the pixels'.
+  """
+
+  def __init__(self, config, workdir: str, train_source=None, latent_space: latent_lib.LatentSpace | None = None):
     self.config = config
     self.workdir = workdir
-    self._train_source = train_source
+    self._pixel_train = train_source
+    self._latent_train = None
+    self._latent = latent_space
     self.logsnr_fn = schedules.get_logsnr_fn(config.model.schedule, config.model.logsnr_min, config.model.logsnr_max)
-    self.image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    self.pixel_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     self.null_label = config.data.num_classes
     self.is_main_process = jax.process_index() == 0
     self.cache = {}  # teacher parameters and x-functions shared by stages
 
   @property
+  def is_latent(self) -> bool:
+    return bool(self.config.get("latent") and self.config.latent.enabled)
+
+  @property
+  def latent(self) -> latent_lib.LatentSpace | None:
+    """The autoencoder's latent space of a latent run (read once from its stage, `autoencoder_dir`), else None."""
+    if self.is_latent and self._latent is None:
+      self._latent = latent_lib.open_space(autoencoder_dir(self))
+    return self._latent
+
+  @property
+  def image_shape(self) -> tuple:
+    """(H, W, C) of what the diffusion models see: the latents' in a latent run, else the images'."""
+    return tuple(self.latent.latent_shape) if self.is_latent else self.pixel_shape
+
+  def pixel_source(self, split: str = "train"):
+    """The data set's images (whatever space the run diffuses in)."""
+    if split != "train":
+      return data_lib.make_source(self.config.data, split)
+    if self._pixel_train is None:  # sampling from a checkpoint needs no data
+      self._pixel_train = data_lib.make_source(self.config.data, "train")
+    return self._pixel_train
+
+  @property
   def train_source(self):
-    if self._train_source is None:  # sampling from a checkpoint needs no data
-      self._train_source = data_lib.make_source(self.config.data, "train")
-    return self._train_source
+    """What the diffusion stages train on: the cached latents of the training split in a latent run, else its
+    images; either way a source of {'image', 'label'} batches."""
+    if not self.is_latent:
+      return self.pixel_source("train")
+    if self._latent_train is None:
+      z, labels = self.latent.latents("train")
+      self._latent_train = data_lib.ArraySource(z, labels, self.config.data.num_classes, int(z.shape[1]))
+    return self._latent_train
+
+  def decode(self, x) -> np.ndarray:
+    """Pictures [N, H, W, C] in [−1, 1] of samples x [N, ...] of the diffusion space (the identity in pixel space)."""
+    if not self.is_latent:
+      return np.asarray(x)
+    return latent_lib.in_chunks(self.latent.decode, x, self.config.sample.batch_size)
 
   def stage_dir(self, name: str) -> str:
     return os.path.join(self.workdir, name)
@@ -51,6 +94,17 @@ def batch_fn(source, batch_size: int, seed: int):
                              f"use a multiple of {jax.device_count()}")
   batches = data_lib.Batches(source, batch_size, seed, jax.process_index(), jax.process_count())
   return batches.batch_at
+
+
+def autoencoder_dir(ctx: Context) -> str:
+  """The autoencoder stage a latent run diffuses in: latent.autoencoder_dir, '' = WORKDIR/autoencoder."""
+  return ctx.config.latent.autoencoder_dir or ctx.stage_dir("autoencoder")
+
+
+def sample_images(ctx: Context, fn, z, labels, w) -> np.ndarray:
+  """Pictures of fn(z, labels, w)'s samples: sampled in chunks of sample.batch_size, then `Context.decode`d.
+  z: [N, *image_shape]; labels, w: [N]. Returns [N, H, W, C] in [−1, 1] (numpy)."""
+  return ctx.decode(sample_in_chunks(fn, z, labels, w, ctx.config.sample.batch_size))
 
 
 def teacher_dir(ctx: Context) -> str:
@@ -145,9 +199,9 @@ def write_student_grid(ctx: Context, name: str, fn, w_values, seed: int = 1):
   z = jnp.broadcast_to(noise, (len(ws), k) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
   labels = jnp.tile(jnp.arange(k), len(ws))
   w = jnp.repeat(jnp.asarray(ws), k)
-  x = sample_in_chunks(fn, z, labels, w, c.sample.batch_size)
+  x = sample_images(ctx, fn, z, labels, w)
   writers.save_image_grid(os.path.join(ctx.stage_dir(name), "samples.png"), x, ncols=k,
-                          upscale=max(1, 128 // ctx.image_shape[0]), row_labels=[f"w = {v:g}" for v in ws],
+                          upscale=max(1, 128 // ctx.pixel_shape[0]), row_labels=[f"w = {v:g}" for v in ws],
                           col_labels=class_captions(c.data, k), title=name)
 
 
@@ -195,8 +249,8 @@ def write_cfg_grid(ctx: Context, fn, path: str, seed: int = 1):
   z = jnp.broadcast_to(noise, (k, len(ws), per) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
   labels = jnp.repeat(jnp.arange(k), len(ws) * per)
   w = jnp.tile(jnp.repeat(jnp.asarray(ws), per), k)
-  x = sample_in_chunks(fn, z, labels, w, c.sample.batch_size)
-  writers.save_image_grid(path, x, ncols=len(ws) * per, upscale=max(1, 128 // ctx.image_shape[0]),
+  x = sample_images(ctx, fn, z, labels, w)
+  writers.save_image_grid(path, x, ncols=len(ws) * per, upscale=max(1, 128 // ctx.pixel_shape[0]),
                           row_labels=class_captions(c.data, k), col_labels=[f"w = {v:g}" for v in ws for _ in range(per)],
                           title="CFG teacher")
   return x
@@ -214,8 +268,8 @@ def get_classifier(ctx: Context):
   path = os.path.join(ctx.workdir, "classifier", f"{c.data.name}.npz")
   if epath.Path(path).exists():
     return classifier_lib.load_classifier(path)
-  test_source = data_lib.make_source(c.data, "test")
-  tr = ctx.train_source.get_batch(np.arange(len(ctx.train_source)))
+  test_source, train_source = ctx.pixel_source("test"), ctx.pixel_source("train")
+  tr = train_source.get_batch(np.arange(len(train_source)))
   te = test_source.get_batch(np.arange(len(test_source)))
   start = time.time()
   params, acc = classifier_lib.train_classifier(tr["image"], tr["label"], te["image"], te["label"],
@@ -237,7 +291,7 @@ def teacher_class_agreement(ctx: Context, fn) -> dict:
   agreement = {}
   for w in c.eval.agreement_w:
     z = jax.random.normal(jax.random.PRNGKey(1000 + c.seed), (len(labels),) + ctx.image_shape)
-    x = sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
+    x = sample_images(ctx, fn, z, labels, jnp.full((len(labels),), w, jnp.float32))
     agreement[str(float(w))] = classifier_lib.class_agreement(params, x, np.asarray(labels), k)
   return {"agreement": agreement, "sampler": "ddim", "steps": c.eval.agreement_steps,
           "nfe": 2 * c.eval.agreement_steps, "samples": int(len(labels)),

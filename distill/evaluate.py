@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 
 from distill import contract, registry, sampling, train, writers
-from distill.context import (Context, cfg_sample, class_captions, get_classifier, sample_in_chunks, teacher_model,
+from distill.context import (Context, cfg_sample, class_captions, get_classifier, sample_images, teacher_model,
                              teacher_params)
 from distill.evaluation import classifier as classifier_lib
 from distill.evaluation import inception, protocol, report
@@ -49,7 +49,7 @@ def feature_net(ctx: Context) -> protocol.FeatureNet:
 
 def reference(ctx: Context, net: protocol.FeatureNet) -> protocol.Reference:
   c = ctx.config
-  source = ctx.train_source
+  source = ctx.pixel_source("train")
   n = min(len(source), c.eval.max_reference)
   path = os.path.join(ctx.workdir, "eval_reference", f"{c.data.name}_{c.data.image_size}_{net.metric}_{n}.npz")
   chunk = 1000
@@ -219,7 +219,7 @@ def run_stage(ctx: Context):
       rows.append({**head, **writers.read_json(os.path.join(cache_dir, row_id + ".json")), "seed": c.seed,
                    "checkpoint": checkpoint, **cost})
       continue
-    x = sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
+    x = sample_images(ctx, fn, z, labels, jnp.full((len(labels),), w, jnp.float32))
     scores = protocol.score(net, ref, x, is_splits=e.is_splits, pr_k=e.pr_k, dc_k=e.dc_k,
                             bootstrap=e.bootstrap, seed=c.seed)
     if agreement_clf is not None:
@@ -281,7 +281,7 @@ def evaluate_checkpoint(stage_dir: str, *, w_values=(0.0,), steps=None, sampler=
   z = jax.random.normal(jax.random.PRNGKey(seed + 2000), (len(labels),) + ctx.image_shape)
   rows = []
   for w in w_values:
-    x = sample_in_chunks(fn, z, labels, jnp.full((len(labels),), w, jnp.float32), c.sample.batch_size)
+    x = sample_images(ctx, fn, z, labels, jnp.full((len(labels),), w, jnp.float32))
     rows.append({"checkpoint": writers.abspath(stage_dir), "sampler": sampler, "w": float(w), "steps": int(steps),
                  "nfe": int(nfe), "seed": seed, **protocol.score(net, ref, x, is_splits=c.eval.is_splits,
                                                                     pr_k=c.eval.pr_k, dc_k=c.eval.dc_k,
@@ -322,7 +322,7 @@ def load_samples(path: str, image_shape) -> np.ndarray:
 def evaluate_samples(config, workdir: str, samples_path: str, out: str | None = None) -> dict:
   """Scores a file of samples made anywhere against the config's data set (reference cached in WORKDIR)."""
   ctx = Context(config, workdir)
-  images = load_samples(samples_path, ctx.image_shape)
+  images = load_samples(samples_path, ctx.pixel_shape)
   net = feature_net(ctx)
   ref = reference(ctx, net)
   row = {"samples": writers.abspath(samples_path),

@@ -254,8 +254,8 @@ def test_adding_a_stage_scores_only_its_rows(tmp_path, monkeypatch):
   meta = guided_stages.stage_one_meta(c.distill, 0.0, 4.0, True, "stage one")
   train._save_final(str(tmp_path / "wd" / "stage_one"), student, dict(meta.to_dict(), num_steps=1))
   calls = []
-  real = evaluate.sample_in_chunks
-  monkeypatch.setattr(evaluate, "sample_in_chunks", lambda fn, *a: calls.append(1) or real(fn, *a))
+  real = evaluate.sample_images
+  monkeypatch.setattr(evaluate, "sample_images", lambda ctx, fn, *a: calls.append(1) or real(ctx, fn, *a))
 
   evaluate.run_stage(ctx)
   first = json.loads((tmp_path / "wd" / "results.json").read_text())["rows"]
