@@ -26,6 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
       name="digits", image_size=8, channels=1, num_classes=10,
       path="",          # .npz file for name='npz'
       data_dir="",      # TFDS data_dir ('' = TFDS default)
+      num_workers=0,    # TFDS: grain worker processes reading batches ahead (0: threads in the training process)
+      prefetch=2,       # TFDS: host batches read ahead (per worker); 0 with num_workers=0: none
       num_examples=4096, mixture_scale=1.0, mixture_std=0.2,  # name='mixture'
       seed=0,
   ))
@@ -88,6 +90,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c, "data.name", DATA_NAMES)
   for f in ("data.image_size", "data.channels", "data.num_classes"):
     _positive_int(c, f)
+  for f in ("data.num_workers", "data.prefetch"):
+    v = c.data[f.split(".")[1]]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+      _fail(f, v, "must be an integer >= 0")
 
   _choice(c, "model.parameterization", diffusion.PARAMETERIZATIONS)
   _choice(c, "model.schedule", SCHEDULES)
