@@ -29,10 +29,13 @@ data_dir would race. An unprepared dataset is a `DataError` that says what to ru
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import operator
 import os
+import sys
 import threading
+import weakref
 
 import numpy as np
 
@@ -525,7 +528,26 @@ def grain_stream(source: Source, rows: HostRows, start_step: int, read_ahead: Re
   iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   options = grain.MultiprocessingOptions(num_workers=read_ahead.num_workers,
                                          per_worker_buffer_size=max(read_ahead.prefetch, 1))
-  return iter(iter_dataset.mp_prefetch(options))
+  return iter(iter_dataset.mp_prefetch(options, worker_init_fn=_worker_on_cpu_only))
+
+
+def _worker_on_cpu_only(worker_index: int, worker_count: int):  # noqa: ARG001 — grain's signature
+  """Runs first in each grain worker process: JAX there (resizing) must use the CPU, as a worker that
+  initialised the TPU or GPU backend would contend with the trainer for the accelerator."""
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
+# Batches whose stream may be open: closed at exit, before the interpreter tears down the modules that grain's
+# own cleanup (run when a stream is garbage-collected) needs. Registered with the first stream, after grain and
+# multiprocessing registered theirs, so that it runs before them (atexit runs last-registered first).
+_OPEN: "weakref.WeakSet[Batches]" = weakref.WeakSet()
+
+
+def _close_open_streams():
+  for batches in list(_OPEN):
+    batches.close()
 
 
 class Batches:
@@ -604,8 +626,16 @@ class Batches:
       self.close()
       self._stream = grain_stream(self.source, self.rows, step, self.source.read_ahead)
       self._stream_step = step
+      if not _OPEN:
+        atexit.unregister(_close_open_streams)
+        atexit.register(_close_open_streams)
+      _OPEN.add(self)
     batch = next(self._stream)
     self._stream_step += 1
+    if self.source.read_ahead.num_workers:
+      # Worker batches arrive in shared memory, freed when their array is; a plain copy frees it now rather
+      # than whenever the trainer drops the batch (or at exit, where grain's cleanup fails noisily).
+      batch = {key: np.array(value) for key, value in batch.items()}
     return batch
 
   def close(self):
