@@ -43,6 +43,11 @@ def base_config() -> ml_collections.ConfigDict:
   for name, section in registry.default_sections().items():
     c[name] = section
 
+  c.train = ml_collections.ConfigDict(dict(
+      # Checkpoints written while training goes on (Orbax async): None = on accelerators, off on the CPU.
+      async_checkpoints=ml_collections.config_dict.placeholder(bool),
+  ))
+
   c.mesh = ml_collections.ConfigDict(dict(
       fsdp=1,                           # devices on the mesh's 'fsdp' axis; the rest form the data axis
       fsdp_min_size=2**18,              # with fsdp > 1: parameters (and their Adam/EMA state) this large are sharded
@@ -124,6 +129,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive_int(c, "sample.max_grid_classes")
   _positive_int(c, "sample.batch_size")
   _positive_int(c, "mesh.fsdp")
+  if c.train.async_checkpoints is not None and not isinstance(c.train.async_checkpoints, bool):
+    _fail("train.async_checkpoints", c.train.async_checkpoints, "must be True, False or None (None: async on "
+          "accelerators, not on the CPU)")
   if isinstance(c.mesh.fsdp_min_size, bool) or not isinstance(c.mesh.fsdp_min_size, int) or c.mesh.fsdp_min_size < 0:
     _fail("mesh.fsdp_min_size", c.mesh.fsdp_min_size, "must be an integer >= 0")
   if not c.sample.w_values:
