@@ -528,12 +528,19 @@ def grain_stream(source: Source, rows: HostRows, start_step: int, read_ahead: Re
   iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   options = grain.MultiprocessingOptions(num_workers=read_ahead.num_workers,
                                          per_worker_buffer_size=max(read_ahead.prefetch, 1))
-  return iter(iter_dataset.mp_prefetch(options, worker_init_fn=_worker_on_cpu_only))
+  return iter(iter_dataset.mp_prefetch(options, worker_init_fn=_init_worker))
 
 
-def _worker_on_cpu_only(worker_index: int, worker_count: int):  # noqa: ARG001 — grain's signature
-  """Runs first in each grain worker process: JAX there (resizing) must use the CPU, as a worker that
-  initialised the TPU or GPU backend would contend with the trainer for the accelerator."""
+def _init_worker(worker_index: int, worker_count: int):  # noqa: ARG001 — grain's signature
+  """Runs first in each grain worker process.
+
+    JAX there (resizing) uses the CPU: a worker that initialised the TPU or GPU backend would contend with
+    the trainer for the accelerator. SIGINT and SIGTERM are ignored: a Ctrl-C or a preemption's SIGTERM
+    reaches the whole process group, and the trainer, which finishes its step and checkpoints first, may
+    still need a batch; it stops the workers itself (grain's close: a stop event, then SIGKILL)."""
+  import signal
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
   os.environ["JAX_PLATFORMS"] = "cpu"
   if "jax" in sys.modules:
     sys.modules["jax"].config.update("jax_platforms", "cpu")

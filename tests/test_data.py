@@ -433,6 +433,28 @@ def test_tfds_worker_processes_give_the_same_batches(tfds_cifar):
     streamed.close()
 
 
+def test_tfds_workers_outlive_a_signal_to_the_process_group(tfds_cifar):
+  """A Ctrl-C or a preemption's SIGTERM reaches the workers too; the trainer, which stops after its step, may
+  still ask for a batch, so they must go on until it closes them."""
+  import multiprocessing
+  import signal
+  data_dir, images, labels = tfds_cifar
+  source = data.make_source(cifar_config(data_dir, num_workers=1, prefetch=1), "train")
+  in_memory = data.Batches(data.ArraySource(images, labels, 10, 32), 8, seed=5)
+  streamed = data.Batches(source, 8, seed=5)
+  try:
+    assert_same_batches(next(streamed), in_memory.batch_at(0))
+    (worker,) = multiprocessing.active_children()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      os.kill(worker.pid, sig)
+    for step in range(1, 5):
+      assert_same_batches(next(streamed), in_memory.batch_at(step))
+    assert worker.is_alive()
+  finally:
+    streamed.close()
+  assert not worker.is_alive() and multiprocessing.active_children() == []
+
+
 def test_tfds_without_read_ahead_and_resized(tfds_cifar):
   data_dir, images, labels = tfds_cifar
   direct = data.make_source(cifar_config(data_dir, image_size=16, prefetch=0), "train")
