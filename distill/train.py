@@ -523,7 +523,7 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
     wait = wait or not use_async
     try:
       with _orbax_errors_held():
-        save_checkpoint(manager, state, meta, wait=wait)
+        save_checkpoint(manager, state, dict(meta), wait=wait)  # a copy: `meta` changes while an async save runs
     except Exception as e:  # noqa: BLE001 — a full disk reads ValueError('RESOURCE_EXHAUSTED …') from Orbax
       raise save_failed(step, e) from e
     saves["complete" if wait else "pending"] = step
