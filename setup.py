@@ -8,13 +8,15 @@ setup(
     packages=find_packages(include=["distill", "distill.*"]),
     python_requires=">=3.10",
     # Ranges tested together on CPython 3.11 (jax 0.10.2, flax 0.12.8, optax 0.2.8,
-    # orbax-checkpoint 0.12.8, tensorflow-datasets 4.9.10).
+    # orbax-checkpoint 0.12.8, tensorflow-datasets 4.9.10, grain 0.2.18).
     install_requires=[
         "jax>=0.10,<0.11",
         "flax>=0.12,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12,<0.13",
         "tensorflow-datasets>=4.9.10,<4.10",
+        "grain>=0.2.18,<0.3",             # TFDS sources read ahead (distill.data.grain_stream)
+        "array_record>=0.8,<0.9; sys_platform != 'win32'",  # TFDS's array_record files (tfds.data_source, distill.testing)
         "ml_collections>=1.1,<1.2",
         "numpy>=2.0,<3",
         "scikit-learn>=1.5,<2",

@@ -24,6 +24,7 @@ run bench/train_throughput.py "${small[@]}" --config.teacher.batch_size=8 --conf
     --steps=3 --repeats=3 --full_model= --json="$dir/train_imagenet64_small.json"
 run bench/sampling_throughput.py --config=configs/digits.py --json="$dir/sampling_digits.json"
 run bench/sampling_throughput.py "${small[@]}" --batch=8 --repeats=3 --json="$dir/sampling_imagenet64_small.json"
+run bench/input_pipeline.py "${small[@]}" --json="$dir/input_imagenet64.json"
 run bench/scaling.py --config=configs/digits.py --json="$dir/scaling_digits.json"
 # The configs' own Adam (eps 1e-8) amplifies reduction-order noise (bench/scaling.py): expected to miss 1e-5.
 run bench/scaling.py --config=configs/digits.py --adam_eps=0 --json="$dir/scaling_digits_adam_eps_1e-8.json" \

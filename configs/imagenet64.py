@@ -21,6 +21,9 @@ def get_config(arg: str | None = None):
   config.data.image_size = 64
   config.data.channels = 3
   config.data.num_classes = 1000
+  # PNG decoding in grain worker processes, off the training process's interpreter (docs/projection.md: one
+  # core already supplies ~6x what a v4-64 host consumes).
+  config.data.num_workers = 4
 
   m = config.model
   m.ch, m.emb_ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions = 192, 768, (1, 2, 3, 4), 3, (32, 16, 8)

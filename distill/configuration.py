@@ -26,6 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
       name="digits", image_size=8, channels=1, num_classes=10,
       path="",          # .npz file for name='npz'
       data_dir="",      # TFDS data_dir ('' = TFDS default)
+      num_workers=0,    # TFDS: grain worker processes reading batches ahead (0: threads in the training process)
+      prefetch=2,       # TFDS: host batches read ahead (per worker); 0 with num_workers=0: none
       num_examples=4096, mixture_scale=1.0, mixture_std=0.2,  # name='mixture'
       seed=0,
   ))
@@ -45,6 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   for name, section in registry.default_sections().items():
     c[name] = section
+
+  c.train = ml_collections.ConfigDict(dict(
+      # Checkpoints written while training goes on (Orbax async): None = on accelerators, off on the CPU.
+      async_checkpoints=ml_collections.config_dict.placeholder(bool),
+  ))
 
   c.mesh = ml_collections.ConfigDict(dict(
       fsdp=1,                           # devices on the mesh's 'fsdp' axis; the rest form the data axis
@@ -93,6 +100,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c, "data.name", DATA_NAMES)
   for f in ("data.image_size", "data.channels", "data.num_classes"):
     _positive_int(c, f)
+  for f in ("data.num_workers", "data.prefetch"):
+    v = c.data[f.split(".")[1]]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+      _fail(f, v, "must be an integer >= 0")
 
   if not isinstance(c.latent.enabled, bool):
     _fail("latent.enabled", c.latent.enabled, "must be True or False")
@@ -130,6 +141,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive_int(c, "sample.max_grid_classes")
   _positive_int(c, "sample.batch_size")
   _positive_int(c, "mesh.fsdp")
+  if c.train.async_checkpoints is not None and not isinstance(c.train.async_checkpoints, bool):
+    _fail("train.async_checkpoints", c.train.async_checkpoints, "must be True, False or None (None: async on "
+          "accelerators, not on the CPU)")
   if isinstance(c.mesh.fsdp_min_size, bool) or not isinstance(c.mesh.fsdp_min_size, int) or c.mesh.fsdp_min_size < 0:
     _fail("mesh.fsdp_min_size", c.mesh.fsdp_min_size, "must be an integer >= 0")
   if not c.sample.w_values:

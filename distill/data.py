@@ -5,7 +5,10 @@ whose examples are `{'image': float32 [H, W, C] in [-1, 1], 'label': int32}`
 (the 'mixture' source alone is unclipped). `Batches` turns a source into an
 endless stream of fixed-shape batches in which batch k depends only on
 (seed, k), so a run resumed at step k sees exactly what an uninterrupted run
-would have, and each host reads only its own rows.
+would have, and each host reads only its own rows. TFDS sources are read
+through grain, ahead of the trainer (`ReadAhead`: background threads, or
+worker processes with data.num_workers > 0); in-memory sources are read in the
+calling thread. Either way batch k is the same.
 
 Sources:
   digits      scikit-learn's bundled 8x8 digits (offline, tiny: for smoke tests).
@@ -26,8 +29,13 @@ data_dir would race. An unprepared dataset is a `DataError` that says what to ru
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import operator
 import os
+import sys
+import threading
+import weakref
 
 import numpy as np
 
@@ -94,17 +102,34 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
 # Sources.
 
 
+@dataclasses.dataclass(frozen=True)
+class ReadAhead:
+  """How `Batches` reads a source ahead of the trainer, through grain.
+
+    num_workers: worker processes, each reading whole host batches (steps
+      w, w + num_workers, ... for worker w); 0 reads in this process, in
+      background threads.
+    prefetch: host batches read ahead (per worker with num_workers > 0);
+      0 with num_workers = 0 reads each batch when it is asked for.
+    """
+
+  num_workers: int = 0
+  prefetch: int = 2
+
+
 class Source:
   """Finite random-access source of {'image': [H, W, C] float32, 'label': int32}.
 
     Subclasses set `image_shape` (H, W, C), `num_classes` and `_length`, and
     implement `get_batch`; single items go through the same path so the two
-    can never disagree.
+    can never disagree. `read_ahead` None (in-memory sources): `Batches`
+    reads in the calling thread; a `ReadAhead`: through grain.
     """
 
   image_shape: tuple[int, int, int]
   num_classes: int
   _length: int
+  read_ahead: ReadAhead | None = None
 
   def __len__(self) -> int:
     return self._length
@@ -168,15 +193,18 @@ class TfdsSource(Source):
   """A TFDS random-access data source; records are decoded one at a time.
 
     records: a sequence of {'image': uint8 [h, w, C], 'label': int} as returned
-      by `tfds.data_source`.
+      by `tfds.data_source` (picklable, so worker processes can read it).
+    read_ahead: how `Batches` reads it (data.num_workers, data.prefetch).
     """
 
-  def __init__(self, records, num_classes: int, image_size: int, channels: int):
+  def __init__(self, records, num_classes: int, image_size: int, channels: int,
+               read_ahead: ReadAhead = ReadAhead()):
     self._records = records
     self._length = len(records)
     self._image_size = image_size
     self.image_shape = (image_size, image_size, channels)
     self.num_classes = num_classes
+    self.read_ahead = read_ahead
 
   def get_batch(self, indices: np.ndarray) -> dict:
     # Item by item rather than `__getitems__`: the latter is broken under
@@ -202,6 +230,13 @@ def _positive_int(config, name: str, why: str) -> int:
   value = _field(config, name, why)
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
     raise DataError(f"data.{name}={value!r} must be a positive integer")
+  return int(value)
+
+
+def _non_negative_int(config, name: str, default: int) -> int:
+  value = config.get(name, default)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise DataError(f"data.{name}={value!r} must be an integer >= 0")
   return int(value)
 
 
@@ -247,9 +282,10 @@ def make_source(config, split: str = "train") -> Source:
   tfds_name, test_split, (_, _, native_channels), native_classes = _TFDS[name]
   _expect(channels, native_channels, "channels", name)
   _expect(num_classes, native_classes, "num_classes", name)
+  read_ahead = ReadAhead(_non_negative_int(config, "num_workers", 0), _non_negative_int(config, "prefetch", 2))
   data_dir = config.get("data_dir", "") or ""
   records = open_tfds(name, "train" if split == "train" else test_split, data_dir)
-  return TfdsSource(records, num_classes, image_size, channels)
+  return TfdsSource(records, num_classes, image_size, channels, read_ahead)
 
 
 def load_digits(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -410,6 +446,117 @@ def _tfds_missing_message(name: str, data_dir: str, error: Exception) -> str:
 # Batches.
 
 
+class HostRows:
+  """Which source examples host `process_index` reads at each step: the index arithmetic of `Batches`.
+
+    A small picklable object (grain's worker processes receive it), safe to call from several threads.
+    """
+
+  def __init__(self, num_examples: int, global_batch_size: int, seed: int, process_index: int,
+               process_count: int, drop_remainder: bool):
+    self.num_examples = num_examples
+    self.global_batch_size = global_batch_size
+    self.local_batch_size = global_batch_size // process_count
+    self.seed = seed
+    self.process_index = process_index
+    self.drop_remainder = drop_remainder
+    self._permutations: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_permutations")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _permutations={}, _lock=threading.Lock())
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      if epoch not in self._permutations:
+        # Two epochs cover a straddling batch (a few more with read-ahead threads).
+        if len(self._permutations) >= 4:
+          del self._permutations[min(self._permutations)]
+        self._permutations[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.num_examples)
+      return self._permutations[epoch]
+
+  def __call__(self, step: int) -> np.ndarray:
+    """-> int64 [local_batch_size]: source indices of this host's rows of batch `step`."""
+    n = self.num_examples
+    rows = self.process_index * self.local_batch_size + np.arange(self.local_batch_size, dtype=np.int64)
+    if self.drop_remainder:
+      steps_per_epoch = n // self.global_batch_size
+      epoch, step_in_epoch = divmod(step, steps_per_epoch)
+      return self._permutation(epoch)[step_in_epoch * self.global_batch_size + rows]
+    epochs, positions = np.divmod(step * self.global_batch_size + rows, n)
+    indices = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+      in_epoch = epochs == epoch
+      indices[in_epoch] = self._permutation(int(epoch))[positions[in_epoch]]
+    return indices
+
+
+class _ReadStep:
+  """step -> this host's batch of that step, read from the source (grain's map function; picklable)."""
+
+  def __init__(self, source: Source, rows: HostRows):
+    self.source, self.rows = source, rows
+
+  def __call__(self, step: int) -> dict:
+    return self.source.get_batch(self.rows(int(step)))
+
+
+# Steps a stream covers: effectively endless (grain's range needs an end and a length that fits a C ssize_t).
+_STREAM_END = 2**62
+
+
+def grain_stream(source: Source, rows: HostRows, start_step: int, read_ahead: ReadAhead):
+  """A grain iterator over this host's batches of steps start_step, start_step + 1, ...
+
+    The batches are `source.get_batch(rows(step))` in step order, read ahead in threads or worker
+    processes; its position is `start_step` plus the batches taken from it. Close it when done
+    (worker processes and threads stop then)."""
+  import grain  # Deferred: only sources read ahead need it.
+
+  dataset = grain.MapDataset.range(start_step, _STREAM_END).map(_ReadStep(source, rows))
+  if read_ahead.num_workers == 0:
+    threads = read_ahead.prefetch  # each thread reads one whole batch
+    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)))
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    # grain 0.2.18 reads one of its absl flags from a thread when it starts workers, which fails unless the
+    # flags were parsed (distill.main parses them; a library caller or a test may not have).
+    flags.FLAGS.mark_as_parsed()
+  iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  options = grain.MultiprocessingOptions(num_workers=read_ahead.num_workers,
+                                         per_worker_buffer_size=max(read_ahead.prefetch, 1))
+  return iter(iter_dataset.mp_prefetch(options, worker_init_fn=_init_worker))
+
+
+def _init_worker(worker_index: int, worker_count: int):  # noqa: ARG001 — grain's signature
+  """Runs first in each grain worker process.
+
+    JAX there (resizing) uses the CPU: a worker that initialised the TPU or GPU backend would contend with
+    the trainer for the accelerator. SIGINT and SIGTERM are ignored: a Ctrl-C or a preemption's SIGTERM
+    reaches the whole process group, and the trainer, which finishes its step and checkpoints first, may
+    still need a batch; it stops the workers itself (grain's close: a stop event, then SIGKILL)."""
+  import signal
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
+# Batches whose stream may be open: closed at exit, before the interpreter tears down the modules that grain's
+# own cleanup (run when a stream is garbage-collected) needs. Registered with the first stream, after grain and
+# multiprocessing registered theirs, so that it runs before them (atexit runs last-registered first).
+_OPEN: "weakref.WeakSet[Batches]" = weakref.WeakSet()
+
+
+def _close_open_streams():
+  for batches in list(_OPEN):
+    batches.close()
+
+
 class Batches:
   """Deterministic batches: batch k depends only on (seed, k), so resuming at step k reproduces an uninterrupted run.
 
@@ -423,7 +570,14 @@ class Batches:
     Host p of process_count gets rows [p*b, (p+1)*b) of the global batch,
     b = global_batch_size // process_count, and reads only those.
 
-    `step` is the whole resume state: iteration yields batch_at(step), step += 1.
+    Reading: a source with `read_ahead` (TFDS) is read through a grain stream (`grain_stream`) that
+    starts at the first step asked for and reads the following steps ahead, in threads or worker
+    processes. Asking for the step the stream is at takes its next batch; asking for any other step
+    (a resume, a jump) restarts the stream there. Other sources are read in the calling thread. The
+    batch of a step is the same either way, as the stream maps the same pure function over the steps.
+
+    `step` is the whole resume state (and the stream's: it holds nothing else): iteration yields
+    batch_at(step), step += 1.
     """
 
   def __init__(
@@ -459,36 +613,50 @@ class Batches:
     self.process_count = process_count
     self.drop_remainder = drop_remainder
     self.step = start_step
-    self._permutations: dict[int, np.ndarray] = {}
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._permutations:
-      # Two epochs cover a straddling batch; more would only cost memory.
-      if len(self._permutations) >= 2:
-        del self._permutations[min(self._permutations)]
-      self._permutations[epoch] = np.random.default_rng((self.seed, epoch)).permutation(len(self.source))
-    return self._permutations[epoch]
+    self.rows = HostRows(n, global_batch_size, seed, process_index, process_count, drop_remainder)
+    self._stream = None
+    self._stream_step = None  # the step the stream's next batch is of
 
   def indices_at(self, step: int) -> np.ndarray:
     """-> int64 [local_batch_size]: source indices of this host's rows of batch `step`."""
     if step < 0:
       raise DataError(f"step={step} must be non-negative")
-    n = len(self.source)
-    rows = self.process_index * self.local_batch_size + np.arange(self.local_batch_size, dtype=np.int64)
-    if self.drop_remainder:
-      steps_per_epoch = n // self.global_batch_size
-      epoch, step_in_epoch = divmod(step, steps_per_epoch)
-      return self._permutation(epoch)[step_in_epoch * self.global_batch_size + rows]
-    epochs, positions = np.divmod(step * self.global_batch_size + rows, n)
-    indices = np.empty_like(positions)
-    for epoch in np.unique(epochs):
-      in_epoch = epochs == epoch
-      indices[in_epoch] = self._permutation(int(epoch))[positions[in_epoch]]
-    return indices
+    return self.rows(step)
 
   def batch_at(self, step: int) -> dict:
     """-> {'image': float32 [local_batch_size, H, W, C], 'label': int32 [local_batch_size]}."""
-    return self.source.get_batch(self.indices_at(step))
+    if self.source.read_ahead is None:
+      return self.source.get_batch(self.indices_at(step))
+    if step < 0:
+      raise DataError(f"step={step} must be non-negative")
+    if self._stream is None or self._stream_step != step:
+      self.close()
+      self._stream = grain_stream(self.source, self.rows, step, self.source.read_ahead)
+      self._stream_step = step
+      if not _OPEN:
+        atexit.unregister(_close_open_streams)
+        atexit.register(_close_open_streams)
+      _OPEN.add(self)
+    batch = next(self._stream)
+    self._stream_step += 1
+    if self.source.read_ahead.num_workers:
+      # Worker batches arrive in shared memory, freed when their array is; a plain copy frees it now rather
+      # than whenever the trainer drops the batch (or at exit, where grain's cleanup fails noisily).
+      batch = {key: np.array(value) for key, value in batch.items()}
+    return batch
+
+  def close(self):
+    """Stops the read-ahead stream (its threads or worker processes), if one runs; the next batch_at starts
+    another. Also done when the Batches is garbage-collected."""
+    stream, self._stream, self._stream_step = self._stream, None, None
+    if stream is not None:
+      stream.close()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # noqa: BLE001 — at interpreter exit grain's modules may already be gone
+      pass
 
   def __iter__(self):
     return self

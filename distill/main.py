@@ -114,10 +114,19 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join("runs", f"{name}_{variant}" if variant else name)
 
 
+# How a run reads its data and writes its checkpoints, not what it computes: a rerun may change them freely.
+RESULT_NEUTRAL_FIELDS = ("data.num_workers", "data.prefetch", "train.async_checkpoints")
+
+
 def _first_difference(a, b, prefix=""):
   for k in sorted(set(a) | set(b)):
-    if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-      d = _first_difference(a[k], b[k], f"{prefix}{k}.")
+    if f"{prefix}{k}" in RESULT_NEUTRAL_FIELDS:
+      continue
+    x, y = a.get(k), b.get(k)
+    if isinstance(x, dict) or isinstance(y, dict):  # a section one side lacks: compared field by field
+      x, y = ({} if x is None else x), ({} if y is None else y)
+    if isinstance(x, dict) and isinstance(y, dict):
+      d = _first_difference(x, y, f"{prefix}{k}.")
       if d:
         return d
     elif a.get(k) != b.get(k):

@@ -17,7 +17,7 @@ import time
 
 from etils import epath
 
-from distill import evaluate, registry, writers
+from distill import evaluate, registry, train, writers
 from distill.context import Context
 
 
@@ -29,13 +29,15 @@ def stage_runner(name: str):
 def run(config, workdir: str, train_source=None):
   """Runs config.pipeline in order; writes WORKDIR/summary.json with wall-clock per stage."""
   ctx = Context(config, workdir, train_source)
+  async_checkpoints = config.train.async_checkpoints if "train" in config else None
   summary_path = os.path.join(workdir, "summary.json")
   summary = {}
   if epath.Path(summary_path).exists():
     summary = writers.read_json(summary_path)
   for name in config.pipeline:
     start = time.time()
-    stage_runner(name)(ctx)
+    with train.checkpoint_mode(async_checkpoints):
+      stage_runner(name)(ctx)
     summary.setdefault("wall_clock_seconds", {})[name] = summary.get("wall_clock_seconds", {}).get(name, 0.0) + (
         time.time() - start)
     if ctx.is_main_process:  # renamed into place: a kill never leaves half a file

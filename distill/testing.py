@@ -103,3 +103,43 @@ def tiny_student_x(num_labels: int):
     out = TinyStudent(num_labels).apply({"params": params}, z, logsnr, labels, w)
     return diffusion.x_from_output(out, z, logsnr, "v")
   return x_fn
+
+
+def write_tfds_array_record(tfds_name: str, data_dir: str, splits: dict) -> str:
+  """Writes a TFDS data set in array_record format without TensorFlow, as `tfds build --file_format=array_record`
+  lays it out, so `tfds.data_source` (and `distill.data.make_source`) read it like a prepared one.
+
+  tfds_name: a registered image-classification builder ('cifar10', 'imagenet_resized/64x64'); its features
+    must be {'image', 'label'} plus optional text fields ('id'), which are written empty.
+  splits: {TFDS split name: (images uint8 [N, H, W, C], labels int [N])}; images are PNG-encoded (PIL).
+  Returns the builder's version directory."""
+  import io
+  import os
+
+  import PIL.Image
+  import tensorflow_datasets as tfds
+  from array_record.python import array_record_module
+  from tensorflow_datasets.core import splits as splits_lib
+
+  builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
+  features = builder.info.features
+  os.makedirs(builder.data_dir, exist_ok=True)
+  split_infos = []
+  for split, (images, labels) in splits.items():
+    name = tfds_name.split("/")[0]
+    path = os.path.join(builder.data_dir, f"{name}-{split}.array_record-00000-of-00001")
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    for i, (image, label) in enumerate(zip(images, labels)):
+      buffer = io.BytesIO()
+      PIL.Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+      example = {key: "" for key in features.keys()}
+      example.update(image=buffer.getvalue(), label=int(label))
+      if "id" in example:
+        example["id"] = f"{split}_{i}"
+      writer.write(features.serialize_example(example))
+    writer.close()
+    split_infos.append(splits_lib.SplitInfo(name=split, shard_lengths=[len(images)], num_bytes=0,
+                                            filename_template=None))
+  builder.info.set_splits(splits_lib.SplitDict(split_infos))
+  builder.info.write_to_directory(builder.data_dir)
+  return builder.data_dir

@@ -22,6 +22,11 @@ Stopping and faults (what a preempted or full machine does to a run):
     resumes from the last complete one, and the result is bit-identical to an uninterrupted run.
   - A checkpoint that cannot be written (full disk, …): `CheckpointWriteError` naming stage, step and
     error; the previous checkpoint is untouched (Orbax writes into a temporary directory first).
+  - Async saves (`Stage.async_checkpoints`; by default on accelerators, not on the CPU): training goes on
+    while a periodic checkpoint is written. The trainer waits for it before the next save, before `final/`,
+    on a stop (whose own save is waited for before `Stopped` is raised) and when the stage ends by an
+    error; a failed async save is reported then, naming its own step, and never replaces the last complete
+    checkpoint (Orbax removes old steps only after the new one is committed).
   - An unreadable latest checkpoint: the previous one is restored, with a message (`restore_checkpoint`).
 
 Where: a stage directory is a local path or a URL (gs://bucket/run/teacher). Orbax is handed the path as it is
@@ -195,6 +200,7 @@ class Stage:
   log_every: int = 100
   ckpt_every: int = 1000
   keep_checkpoints: int = 2
+  async_checkpoints: bool | None = None  # periodic saves written while training goes on; None: `checkpoint_mode`
   skip_nonfinite: bool = False       # skip updates whose loss/gradient is not finite instead of stopping
   images_per_step: int = 0           # for the throughput metric
   lr_schedule: Callable[[int], float] | None = None  # logged as 'lr'
@@ -283,16 +289,50 @@ def orbax_path(path: str) -> str:
   return writers.abspath(path)
 
 
-def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+# The run's default for stages that leave Stage.async_checkpoints at None (config.train.async_checkpoints, set
+# by `checkpoint_mode`); None: async on accelerators.
+_ASYNC_DEFAULT = {"async": None}
+
+
+@contextlib.contextmanager
+def checkpoint_mode(async_checkpoints: bool | None):
+  """Within this block, stages whose Stage.async_checkpoints is None save asynchronously or not as given
+  (None: `default_async_checkpoints`). The pipeline sets it from config.train.async_checkpoints."""
+  previous = _ASYNC_DEFAULT["async"]
+  _ASYNC_DEFAULT["async"] = async_checkpoints
+  try:
+    yield
+  finally:
+    _ASYNC_DEFAULT["async"] = previous
+
+
+def default_async_checkpoints() -> bool:
+  """Async saves on accelerators, where the host is otherwise idle during a step; synchronous on the CPU,
+  where the writer threads would take cores from the step itself."""
+  return jax.default_backend() != "cpu"
+
+
+def uses_async_checkpoints(stage: Stage) -> bool:
+  for choice in (stage.async_checkpoints, _ASYNC_DEFAULT["async"]):
+    if choice is not None:
+      return bool(choice)
+  return default_async_checkpoints()
+
+
+def _manager(directory: str, keep: int, async_checkpoints: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=async_checkpoints)
   return _CheckpointManager(orbax_path(directory), options=options, item_names=("state", "meta"))
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, state: dict, meta: dict):
+def save_checkpoint(manager: ocp.CheckpointManager, state: dict, meta: dict, wait: bool = True):
+  """Saves `state` at its step with `meta`. wait=False with an async manager returns once the arrays are
+  copied off the devices, while the files are still being written (`manager.wait_until_finished`)."""
   step = int(state["step"])
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                              meta=ocp.args.JsonSave(meta)), force=True)
-  manager.wait_until_finished()
+  if wait:
+    manager.wait_until_finished()
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, step: int | None = None):
@@ -410,7 +450,8 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
                                        stage.fsdp_min_size)
   frozen = parallel.place(stage.frozen, parallel.replicated_shardings(mesh, stage.frozen))
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
-  manager = _manager(ckpt_dir, stage.keep_checkpoints)
+  use_async = uses_async_checkpoints(stage)
+  manager = _manager(ckpt_dir, stage.keep_checkpoints, use_async)
   meta = dict(stage.meta, stage=stage.name, num_steps=stage.num_steps)
   saved_meta = {}
   if manager.latest_step() is not None:
@@ -420,6 +461,8 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
       raise TrainingError(f"{stage_dir}: checkpoint belongs to stage {saved_meta.get('stage')!r}, not {stage.name!r}")
     say(f"[{stage.name}] resuming at step {int(state['step'])}/{stage.num_steps}")
   start = int(state["step"])
+  # The last complete checkpoint, and the step of an async save still being written (None: none).
+  saves = {"complete": manager.latest_step(), "pending": None}
   where = f"stage {stage.meta.get('stage_kind', stage.name)}, round {stage.meta.get('round', '-')}"
 
   def stopped(reason, step, saved):
@@ -455,17 +498,35 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
                           "the last good checkpoint is kept. Lower the learning rate or set skip_nonfinite.")
     checked_nonfinite = n
 
-  def save(step):
-    previous = manager.latest_step()
-    meta["train_seconds"] = prior_seconds + time.time() - session_start
+  def save_failed(step, e):
+    previous = saves["complete"]
+    kept = f"the checkpoint of step {previous} is intact" if previous is not None else "there is no earlier checkpoint"
+    return CheckpointWriteError(f"[{stage.name}] could not save the checkpoint of step {step}/{stage.num_steps} "
+                                f"({where}) in {ckpt_dir}: {_write_error(e)}; {kept}; free space (or fix the cause) "
+                                "and run the same command again to resume")
+
+  def finish_pending():
+    """Waits for an async save still being written; its failure is a CheckpointWriteError of its own step."""
+    step, saves["pending"] = saves["pending"], None
+    if step is None:
+      return
     try:
       with _orbax_errors_held():
-        save_checkpoint(manager, state, meta)
+        manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 — as in save
+      raise save_failed(step, e) from e
+    saves["complete"] = step
+
+  def save(step, wait=False):
+    finish_pending()
+    meta["train_seconds"] = prior_seconds + time.time() - session_start
+    wait = wait or not use_async
+    try:
+      with _orbax_errors_held():
+        save_checkpoint(manager, state, dict(meta), wait=wait)  # a copy: `meta` changes while an async save runs
     except Exception as e:  # noqa: BLE001 — a full disk reads ValueError('RESOURCE_EXHAUSTED …') from Orbax
-      kept = f"the checkpoint of step {previous} is intact" if previous is not None else "there is no earlier checkpoint"
-      raise CheckpointWriteError(f"[{stage.name}] could not save the checkpoint of step {step}/{stage.num_steps} "
-                                 f"({where}) in {ckpt_dir}: {_write_error(e)}; {kept}; free space (or fix the cause) "
-                                 "and run the same command again to resume") from e
+      raise save_failed(step, e) from e
+    saves["complete" if wait else "pending"] = step
 
   reason = None
   try:
@@ -489,11 +550,15 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
       reason = agreed_stop()
       if done != stage.num_steps and (done % stage.ckpt_every == 0 or reason):
         check_finite(done)
-        save(done)
+        save(done, wait=bool(reason))  # a stop's save is complete before Stopped is raised
       if reason and done != stage.num_steps:
         raise stopped(reason, done, saved=True)
+    finish_pending()  # before final/: a failed last save is reported, and nothing is written behind final/
   finally:
     writer.close()
+    if saves["pending"] is not None:  # leaving by an error: let the save in flight complete (errors: the first one wins)
+      with contextlib.suppress(Exception), _orbax_errors_held():
+        manager.wait_until_finished()
   check_finite(stage.num_steps)
   meta["train_seconds"] = prior_seconds + time.time() - session_start
   # No last checkpoint: `final/` (written atomically below) is what a finished stage is resumed as.
@@ -504,7 +569,7 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
       with _orbax_errors_held():
         _save_final(stage_dir, host, meta, is_main_process)
     except Exception as e:  # noqa: BLE001 — as for checkpoints
-      previous = manager.latest_step()
+      previous = saves["complete"]
       kept = (f"the checkpoint of step {previous} is intact" if previous is not None else
               "there is no checkpoint: the stage would restart")
       raise CheckpointWriteError(f"[{stage.name}] could not write {stage_dir}/final after step {stage.num_steps} "

@@ -18,7 +18,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import common, sampling_throughput, scaling, train_throughput  # noqa: E402
+from bench import common, input_pipeline, sampling_throughput, scaling, train_throughput  # noqa: E402
 
 TINY = dict(common.TINY_MODEL, **{"teacher.batch_size": 8, "distill.batch_size": 8})
 TINY_ARGS = ["--config=configs/digits.py"] + common.override_flags(TINY)
@@ -112,8 +112,35 @@ def test_scaling_sharded_equals_one_device(tmp_path):
   assert finite_positive(float(two["throughput_ratio"]))
 
 
+def test_input_pipeline_against_the_train_step(monkeypatch):
+  """The input side runs for real; the train step's measurement (tested above) is stubbed: compiling even the
+  tiny U-Net at 64×64 takes ~20 s."""
+  config = common.load_config("configs/imagenet64.py", common.TINY_MODEL)
+  measured = []
+
+  def measure_step(config, spec, *, steps, repeats):
+    measured.append((spec.kind, spec.batch_size, steps, repeats))
+    return {"kind": spec.kind, "batch": spec.batch_size, "params": spec.num_params, "images_per_sec": 2.0,
+            "step_seconds": spec.batch_size / 2.0, "flops_per_image": 1e9, "compile_seconds": 1.0, "devices": 1}
+
+  monkeypatch.setattr(train_throughput, "measure_step", measure_step)
+  report = input_pipeline.run(config, workers=(0,), prefetch=2, host_batch=16, batches=2, repeats=1,
+                              num_examples=64, train_batch=2, kind="teacher", train_steps=1, train_repeats=1)
+  assert report["data"]["tfds_name"] == "imagenet_resized/64x64" and report["data"]["examples"] == 64
+  assert 2e3 < report["data"]["bytes_per_example"] < 12.3e3  # compresses, unlike noise (64·64·3 = 12.3 kB)
+  sync, threads = report["rows"]
+  assert (sync["num_workers"], sync["prefetch"], threads["prefetch"]) == (0, 0, 2)
+  assert report["per_core_images_per_sec"] == sync["images_per_sec"]
+  for row in report["rows"]:
+    assert len(row["before"]["rates"]) == len(row["after"]["rates"]) == 1  # measured on both sides of the step
+    for key in ("images_per_sec", "train_images_per_sec", "ratio"):
+      assert finite_positive(float(row[key])), (key, row[key])
+    assert math.isclose(row["ratio"], row["images_per_sec"] / row["train_images_per_sec"])
+  assert measured == [("teacher", 2, 1, 1)] and report["train"]["images_per_sec"] == 2.0
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["train_throughput.py", "sampling_throughput.py", "scaling.py"])
+@pytest.mark.parametrize("script", ["train_throughput.py", "sampling_throughput.py", "scaling.py", "input_pipeline.py"])
 def test_quick_mode(script, tmp_path):
   out = tmp_path / "report.json"
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--quick", f"--json={out}"],

@@ -42,6 +42,8 @@ BAD_VALUES = [
     ("pipeline", ("teacher", "nope"), "pipeline"),
     ("data.name", "mnist", "data.name"),
     ("data.image_size", 0, "data.image_size"),
+    ("data.num_workers", -1, "data.num_workers"),
+    ("data.prefetch", -1, "data.prefetch"),
     ("model.parameterization", "score", "model.parameterization"),
     ("model.schedule", "sqrt", "model.schedule"),
     ("model.logsnr_min", 30.0, "model.logsnr_min"),

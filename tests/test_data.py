@@ -340,3 +340,140 @@ def test_batches_validation(digits, kwargs, needle):
 def test_batch_larger_than_source_without_drop(digits):
   batches = data.Batches(digits, 400, seed=0, drop_remainder=False)
   assert np.bincount(batches.indices_at(0), minlength=297).min() >= 1
+
+
+# ----------------------------------------------------------------------------
+# TFDS sources read through grain.
+
+
+@pytest.fixture(scope="module")
+def tfds_cifar(tmp_path_factory):
+  """A TFDS 'cifar10' in array_record format (37 train, 5 test), written without TensorFlow, and its arrays."""
+  from distill import testing
+  data_dir = tmp_path_factory.mktemp("tfds")
+  rng = np.random.default_rng(7)
+  images = rng.integers(0, 256, (37, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, 37)
+  testing.write_tfds_array_record("cifar10", str(data_dir), {"train": (images, labels),
+                                                             "test": (images[:5], labels[:5])})
+  return str(data_dir), images, labels
+
+
+def cifar_config(data_dir, **overrides):
+  return data_config(**dict(dict(name="cifar10", image_size=32, channels=3, num_classes=10, data_dir=data_dir),
+                            **overrides))
+
+
+def assert_same_batches(got, want):
+  assert got["image"].dtype == want["image"].dtype == np.float32
+  # uint8 / 127.5 - 1 on both paths: equal by construction.
+  np.testing.assert_array_equal(got["image"], want["image"])
+  np.testing.assert_array_equal(got["label"], want["label"])
+
+
+@pytest.mark.parametrize("drop_remainder", [True, False])
+def test_tfds_through_grain_gives_the_in_memory_batches(tfds_cifar, drop_remainder):
+  data_dir, images, labels = tfds_cifar
+  source = data.make_source(cifar_config(data_dir), "train")
+  assert isinstance(source, data.TfdsSource) and source.read_ahead == data.ReadAhead(num_workers=0, prefetch=2)
+  assert len(source) == 37
+  in_memory = data.Batches(data.ArraySource(images, labels, 10, 32), 8, seed=3, drop_remainder=drop_remainder)
+  streamed = data.Batches(source, 8, seed=3, drop_remainder=drop_remainder)
+  for step in range(11):  # 4 steps per epoch (drop_remainder): crosses two epoch boundaries
+    assert_same_batches(next(streamed), in_memory.batch_at(step))
+  assert streamed._stream is not None and streamed._stream_step == 11  # one stream, read ahead
+  streamed.close()
+
+
+def test_tfds_resume_and_random_access_restart_the_stream(tfds_cifar):
+  data_dir, _, _ = tfds_cifar
+  source = data.make_source(cifar_config(data_dir), "train")
+  whole = data.Batches(source, 8, seed=1)
+  uninterrupted = [next(whole) for _ in range(9)]
+  whole.close()
+  resumed = data.Batches(source, 8, seed=1, start_step=5)
+  for step in range(5, 9):
+    assert_same_batches(next(resumed), uninterrupted[step])
+  assert_same_batches(resumed.batch_at(2), uninterrupted[2])  # a jump back: a fresh stream at step 2
+  assert_same_batches(resumed.batch_at(3), uninterrupted[3])
+  assert resumed._stream_step == 4
+  resumed.close()
+  assert resumed._stream is None
+  assert_same_batches(resumed.batch_at(7), uninterrupted[7])  # closed: the next call opens another
+  resumed.close()
+
+
+def test_tfds_hosts_read_disjoint_rows_of_the_global_batch(tfds_cifar):
+  data_dir, _, _ = tfds_cifar
+  source = data.make_source(cifar_config(data_dir), "train")
+  single = data.Batches(source, 12, seed=2)
+  hosts = [data.Batches(source, 12, seed=2, process_index=p, process_count=3) for p in range(3)]
+  for step in range(5):
+    rows = [host.indices_at(step) for host in hosts]
+    assert len(set(np.concatenate(rows))) == 12  # disjoint
+    parts = [next(host) for host in hosts]
+    assert all(part["image"].shape == (4, 32, 32, 3) for part in parts)
+    whole = single.batch_at(step)
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), whole[key])
+  for b in hosts + [single]:
+    b.close()
+
+
+def test_tfds_worker_processes_give_the_same_batches(tfds_cifar):
+  data_dir, images, labels = tfds_cifar
+  source = data.make_source(cifar_config(data_dir, num_workers=2, prefetch=1), "train")
+  assert source.read_ahead == data.ReadAhead(num_workers=2, prefetch=1)
+  in_memory = data.Batches(data.ArraySource(images, labels, 10, 32), 8, seed=4)
+  streamed = data.Batches(source, 8, seed=4, start_step=3)
+  try:
+    for step in range(3, 10):  # steps alternate between the two workers
+      assert_same_batches(next(streamed), in_memory.batch_at(step))
+  finally:
+    streamed.close()
+
+
+def test_tfds_workers_outlive_a_signal_to_the_process_group(tfds_cifar):
+  """A Ctrl-C or a preemption's SIGTERM reaches the workers too; the trainer, which stops after its step, may
+  still ask for a batch, so they must go on until it closes them."""
+  import multiprocessing
+  import signal
+  data_dir, images, labels = tfds_cifar
+  source = data.make_source(cifar_config(data_dir, num_workers=1, prefetch=1), "train")
+  in_memory = data.Batches(data.ArraySource(images, labels, 10, 32), 8, seed=5)
+  streamed = data.Batches(source, 8, seed=5)
+  try:
+    assert_same_batches(next(streamed), in_memory.batch_at(0))
+    (worker,) = multiprocessing.active_children()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      os.kill(worker.pid, sig)
+    for step in range(1, 5):
+      assert_same_batches(next(streamed), in_memory.batch_at(step))
+    assert worker.is_alive()
+  finally:
+    streamed.close()
+  assert not worker.is_alive() and multiprocessing.active_children() == []
+
+
+def test_tfds_without_read_ahead_and_resized(tfds_cifar):
+  data_dir, images, labels = tfds_cifar
+  direct = data.make_source(cifar_config(data_dir, image_size=16, prefetch=0), "train")
+  threaded = data.make_source(cifar_config(data_dir, image_size=16), "train")
+  a, b = data.Batches(direct, 8, seed=0), data.Batches(threaded, 8, seed=0)
+  for step in range(3):
+    got, want = next(b), a.batch_at(step)
+    assert got["image"].shape == (8, 16, 16, 3)
+    np.testing.assert_allclose(got["image"], want["image"], rtol=0, atol=1e-6)  # resized in another thread
+    np.testing.assert_array_equal(got["label"], want["label"])
+  a.close(), b.close()
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (dict(num_workers=-1), "data.num_workers=-1 must be an integer >= 0"),
+    (dict(num_workers=1.5), "data.num_workers=1.5"),
+    (dict(prefetch=-2), "data.prefetch=-2 must be an integer >= 0"),
+])
+def test_read_ahead_validation(tfds_cifar, overrides, needle):
+  with pytest.raises(data.DataError) as error:
+    data.make_source(cifar_config(tfds_cifar[0], **overrides))
+  assert_one_line(error, needle)

@@ -146,3 +146,13 @@ def test_quick_pipeline_end_to_end_chains_rounds_and_rerun_skips(tmp_path):
   assert sample.returncode == 0 and (workdir / "distill_deterministic/N0002/sample_ddim_2steps_seed0.npz").exists()
   refused = run_main("--mode=sample", f"--checkpoint={workdir}/distill_deterministic/N0002", "--steps=4")
   assert refused.returncode == 2 and "distilled for 2" in refused.stderr
+
+
+def test_a_rerun_may_change_how_data_is_read_and_checkpoints_written():
+  from distill import main as main_lib
+  saved = {"seed": 0, "data": {"name": "cifar10", "image_size": 32}, "mesh": {"fsdp": 1}}  # before those fields
+  now = {"seed": 0, "data": {"name": "cifar10", "image_size": 32, "num_workers": 8, "prefetch": 4},
+         "mesh": {"fsdp": 1}, "train": {"async_checkpoints": True}}
+  assert main_lib._first_difference(saved, now) is None
+  now["data"]["image_size"] = 16
+  assert main_lib._first_difference(saved, now) == "data.image_size: saved 32, now 16"

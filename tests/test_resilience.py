@@ -253,6 +253,130 @@ def test_no_readable_checkpoint_is_an_error_naming_the_directory(tmp_path):
     train.run_stage(_stage(), stage_dir)
 
 
+# --- async saves (forced on: by default only accelerators save asynchronously) -----------------------------
+
+
+@pytest.fixture
+def async_saves(monkeypatch):
+  """Every save of the test async, and a record of the steps whose save returned before it was written."""
+  assert not train.uses_async_checkpoints(_stage())  # the CPU default
+  returned_early = []
+  original = train.save_checkpoint
+
+  def spy(manager, state, meta, wait=True):
+    original(manager, state, meta, wait=wait)
+    if not wait:
+      returned_early.append(int(state["step"]))
+
+  monkeypatch.setattr(train, "save_checkpoint", spy)
+  with train.checkpoint_mode(True):
+    assert train.uses_async_checkpoints(_stage())
+    yield returned_early
+
+
+@pytest.fixture
+def slow_commit(monkeypatch):
+  """slow_commit(step): Orbax's commit of that step's checkpoint takes 0.5 s, so its save is still in flight
+  when training goes on. Returns the events in order: ('committed', path) and ('final', None) when the trainer
+  starts writing final/."""
+  import asyncio
+  original = atomicity.AtomicRenameTemporaryPath.finalize
+  original_final = train._save_final
+  events = []
+
+  def arm(step):
+    async def finalize(self, *args, **kwargs):
+      if f"/{step}.orbax-checkpoint-tmp" in str(self.get()):
+        await asyncio.sleep(0.5)
+      result = await original(self, *args, **kwargs)
+      events.append(("committed", str(self.get())))
+      return result
+
+    def save_final(*args, **kwargs):
+      events.append(("final", None))
+      return original_final(*args, **kwargs)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+    monkeypatch.setattr(train, "_save_final", save_final)
+    return events
+
+  yield arm
+
+
+def test_async_saves_resume_bit_identically(tmp_path, async_saves, reference, slow_commit):
+  stage_dir = str(tmp_path / "toy")
+  slow_commit(4)
+  with pytest.raises(KeyboardInterrupt):
+    train.run_stage(_stage(on_batch=_crash_at(5)), stage_dir)
+  assert async_saves == [2, 4]  # written in the background
+  assert _steps(stage_dir) == [2, 4]  # step 4's save, in flight at the crash, was completed on the way out
+  resumed, _ = train.run_stage(_stage(), stage_dir)
+  np.testing.assert_array_equal(np.asarray(resumed["w"]), reference)
+
+
+def test_async_final_waits_for_the_save_in_flight(tmp_path, async_saves, reference, slow_commit):
+  stage_dir = str(tmp_path / "toy")
+  events = slow_commit(6)
+  params, _ = train.run_stage(_stage(), stage_dir)
+  np.testing.assert_array_equal(np.asarray(params["w"]), reference)
+  assert async_saves == [2, 4, 6] and _steps(stage_dir) == [4, 6]
+  final_at = events.index(("final", None))
+  assert any("/6.orbax-checkpoint-tmp" in path for _, path in events[:final_at] if path), events  # 6, then final
+  assert not glob.glob(os.path.join(stage_dir, "checkpoints", "*tmp*"))
+  np.testing.assert_array_equal(train.load_final_params(stage_dir)[0]["w"], reference)
+
+
+def test_async_sigterm_save_is_complete_before_stopped(tmp_path, stop_handlers, async_saves, reference):
+  stage_dir = str(tmp_path / "toy")
+  with pytest.raises(train.Stopped) as stopped:
+    train.run_stage(_stage(on_batch=lambda s: s == 5 and os.kill(os.getpid(), signal.SIGTERM)), stage_dir)
+  assert stopped.value.step == 6 and "checkpoint" in stopped.value.message
+  assert async_saves == [2, 4]  # the stop's own save (6) was waited for
+  assert _steps(stage_dir) == [4, 6] and not glob.glob(os.path.join(stage_dir, "checkpoints", "*tmp*"))
+  train.clear_stop_request()
+  resumed, _ = train.run_stage(_stage(), stage_dir)
+  np.testing.assert_array_equal(np.asarray(resumed["w"]), reference)
+
+
+def test_async_full_disk_names_the_failed_step_and_keeps_the_last_complete_one(tmp_path, async_saves, full_disk,
+                                                                               reference, capsys):
+  stage_dir = str(tmp_path / "toy")
+  full_disk(2, "state.orbax")  # step 4's state
+  with pytest.raises(train.CheckpointWriteError) as error:
+    train.run_stage(_stage(), stage_dir)
+  message = str(error.value)
+  for needle in ("[toy]", "step 4/8", "No space left on device", "step 2 is intact", "run the same command"):
+    assert needle in message, message
+  assert "\n" not in message
+  assert _steps(stage_dir) == [2] and not os.path.exists(os.path.join(stage_dir, "final"))
+  full_disk(0)
+  resumed, _ = train.run_stage(_stage(), stage_dir)
+  assert "[toy] resuming at step 2/8" in capsys.readouterr().out
+  np.testing.assert_array_equal(np.asarray(resumed["w"]), reference)
+
+
+def test_async_full_disk_in_the_last_save_stops_before_final(tmp_path, async_saves, full_disk, reference):
+  stage_dir = str(tmp_path / "toy")
+  full_disk(3, "state.orbax")  # step 6's state: found out before final/ is written
+  with pytest.raises(train.CheckpointWriteError, match=r"checkpoint of step 6/8 .*checkpoint of step 4 is intact"):
+    train.run_stage(_stage(), stage_dir)
+  assert _steps(stage_dir) == [2, 4] and not os.path.exists(os.path.join(stage_dir, "final"))
+  full_disk(0)
+  resumed, _ = train.run_stage(_stage(), stage_dir)
+  np.testing.assert_array_equal(np.asarray(resumed["w"]), reference)
+
+
+def test_async_default_and_overrides():
+  stage = _stage()
+  assert train.default_async_checkpoints() == (jax.default_backend() != "cpu")
+  with train.checkpoint_mode(None):
+    assert train.uses_async_checkpoints(stage) == train.default_async_checkpoints()
+  with train.checkpoint_mode(True):
+    assert train.uses_async_checkpoints(stage)
+    stage.async_checkpoints = False  # a stage's own choice wins
+    assert not train.uses_async_checkpoints(stage)
+
+
 # --- distributed flags ---------------------------------------------------------------------------------------
 
 

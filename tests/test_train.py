@@ -31,11 +31,19 @@ def _stage(num_steps=8, nan_at=None, crash_at=None, skip_nonfinite=False, ema=0.
                      ema_decay=ema, log_every=2, ckpt_every=2, skip_nonfinite=skip_nonfinite)
 
 
-def test_interrupted_run_resumes_bit_identically(tmp_path):
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_saves(request):
+  """Checkpoints written synchronously (the CPU default) and asynchronously (the accelerators' default)."""
+  with train.checkpoint_mode(request.param):
+    yield request.param
+
+
+def test_interrupted_run_resumes_bit_identically(tmp_path, async_saves):
   ref, _ = train.run_stage(_stage(), str(tmp_path / "a"))
   with pytest.raises(KeyboardInterrupt):
     train.run_stage(_stage(crash_at=5), str(tmp_path / "b"))
   assert not os.path.exists(tmp_path / "b" / "final")
+  assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["2", "4"]
   resumed, meta = train.run_stage(_stage(), str(tmp_path / "b"))
   np.testing.assert_array_equal(ref["w"], resumed["w"])
   assert meta["stage"] == "toy" and meta["num_steps"] == 8
@@ -52,7 +60,7 @@ def test_training_reduces_the_loss_and_ema_lags(tmp_path):
   assert not np.allclose(raw["w"], ema["w"])
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, async_saves):
   with pytest.raises(train.TrainingError, match="non-finite"):
     train.run_stage(_stage(nan_at=3), str(tmp_path / "r"))
   ckpts = sorted(os.listdir(tmp_path / "r" / "checkpoints"))
