@@ -9,8 +9,10 @@ the bytes the member holds, and all arrays together must fit in `max_bytes` (by 
 """
 from __future__ import annotations
 
+import io
 import math
 import struct
+import tokenize
 import zipfile
 import zlib
 from typing import IO, Iterator, Mapping
@@ -59,12 +61,18 @@ class _Counted:
 
 def _header(member: _Counted, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
   version = np.lib.format.read_magic(member)
-  if version == (1, 0):
-    shape, fortran, dtype = np.lib.format.read_array_header_1_0(member, max_header_size=_MAX_HEADER_BYTES)
-  elif version == (2, 0):
-    shape, fortran, dtype = np.lib.format.read_array_header_2_0(member, max_header_size=_MAX_HEADER_BYTES)
-  else:
+  if version not in ((1, 0), (2, 0)):
     raise ValueError(f"{name}: .npy format version {version} (only 1.0 and 2.0 are read)")
+  read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+  prefix = member.read(2 if version == (1, 0) else 4)
+  length = int.from_bytes(prefix, "little")
+  if len(prefix) not in (2, 4) or length > _MAX_HEADER_BYTES:  # checked before numpy reads (inflates) that much
+    raise ValueError(f"{name}: .npy header of {length} bytes (at most {_MAX_HEADER_BYTES})")
+  try:
+    shape, fortran, dtype = read(io.BytesIO(prefix + member.read(length)), max_header_size=_MAX_HEADER_BYTES)
+  except (ValueError, SyntaxError, TypeError, tokenize.TokenError) as e:  # numpy tokenizes and evaluates it
+    raise ValueError(f"{name}: malformed .npy header ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
+        from None
   if dtype.hasobject:
     raise ValueError(f"{name}: holds Python objects (dtype {dtype}), which would need a pickle; not read")
   if not all(isinstance(n, int) and 0 <= n < 2**62 for n in shape):
