@@ -264,30 +264,49 @@ def test_the_remote_run_command_runs_nothing_but_distill_main(tools, tmp_path):
 # --- tpu.py: bad input --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args,message", [
-    (["delete", "--name=Bad_Name", f"--zone={ZONE}"], "--name='Bad_Name'"),
-    (["delete", "--name=-oProxyCommand=x", f"--zone={ZONE}"], "--name="),
-    (["create", f"--name={NAME}", "--zone=us-central2-b; rm -rf /"], "--zone="),
-    (["run", f"--name={NAME}", "--zone=$(id)", "--config=configs/digits.py", "--workdir=gs://bkt/x"], "--zone="),
-    (["create", *TPU, "--best-effort"], "--best-effort needs --queued"),
-    (["run", *TPU, "--config=configs/digits.py", "--workdir=/local/dir"], "gs://BUCKET/PATH"),
-    (["run", *TPU, "--config=configs/nope.py", "--workdir=gs://bkt/x"], "configs/nope.py is not a file"),
-    (["run", *TPU, "--experiment=nope", "--root=gs://bkt/x"], "--experiment=nope: unknown"),
-    (["run", *TPU], "give either --config"),
-    (["run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/x", "--", "positional"], "only --flags"),
-    (["run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/x", "--", "--config.seed=1\nrm -rf /"],
-     "control characters"),
-    (["install", *TPU, "--pip=x\ny"], "control characters"),
-    (["copy", *TPU, "--ref=--output=/etc/passwd"], "--ref="),
-    (["tail", *TPU, "--lines=0"], "--lines=0"),
-    (["bogus"], "invalid choice"),
-    (["run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/x", "--", "--dry-run"], "--dry-run after --"),
-])
-def test_bad_input_is_one_line_and_exit_2(tools, args, message):
+# (args, needles): every needle must be in the one line: the flag with its value, and what is allowed.
+TPU_BAD_INPUT = {
+    "name_uppercase": (["delete", "--name=Bad_Name", f"--zone={ZONE}"], ["--name='Bad_Name'", "lowercase letters"]),
+    "name_option_injection": (["delete", "--name=-oProxyCommand=x", f"--zone={ZONE}"],
+                              ["--name='-oProxyCommand=x'", "starting with a letter"]),
+    "zone_shell": (["create", f"--name={NAME}", "--zone=us-central2-b; rm -rf /"], ["--zone=", "a zone such as"]),
+    "zone_substitution": (["run", f"--name={NAME}", "--zone=$(id)", "--config=configs/digits.py", "--workdir=gs://bkt/x"],
+                          ["--zone='$(id)'", "a zone such as"]),
+    "project_short": (["delete", f"--name={NAME}", f"--zone={ZONE}", "--project=ab"], ["--project='ab'", "6-30"]),
+    "accelerator_bad": (["create", *TPU, "--accelerator=v4 8"], ["--accelerator='v4 8'", "v4-8"]),
+    "best_effort_not_queued": (["create", *TPU, "--best-effort"], ["--best-effort needs --queued"]),
+    "workdir_local": (["run", *TPU, "--config=configs/digits.py", "--workdir=/local/dir"],
+                      ["--workdir=/local/dir", "gs://BUCKET/PATH"]),
+    "config_missing": (["run", *TPU, "--config=configs/nope.py", "--workdir=gs://bkt/x"],
+                       ["configs/nope.py is not a file"]),
+    "experiment_unknown": (["run", *TPU, "--experiment=nope", "--root=gs://bkt/x"],
+                           ["--experiment=nope: unknown", "experiments.py list"]),
+    "no_config_no_experiment": (["run", *TPU], ["give either --config", "--experiment"]),
+    "positional_after_separator": (["run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/x", "--", "positional"],
+                                   ["'positional' after --", "only --flags"]),
+    "newline_in_main_flag": (["run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/x", "--",
+                              "--config.seed=1\nrm -rf /"], ["control characters"]),
+    "newline_in_pip": (["install", *TPU, "--pip=x\ny"], ["--pip=", "control characters"]),
+    "ref_option_injection": (["copy", *TPU, "--ref=--output=/etc/passwd"], ["--ref='--output=/etc/passwd'",
+                                                                            "a git revision"]),
+    "lines_0": (["tail", *TPU, "--lines=0"], ["--lines=0", "positive integer"]),
+    "env_no_value": (["run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/x", "--env=A"],
+                     ["--env='A'", "NAME=VALUE"]),
+    "command_unknown": (["bogus"], ["invalid choice", "'bogus'", "'up'"]),
+    "dry_run_after_separator": (["run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/x", "--", "--dry-run"],
+                                ["--dry-run after --", "put it before --"]),
+}
+
+
+@pytest.mark.parametrize("name", list(TPU_BAD_INPUT))
+def test_bad_input_is_one_line_and_exit_2(tools, name):
+  args, needles = TPU_BAD_INPUT[name]
   proc = launch(tools, "tpu.py", args[0], "--dry-run", *args[1:])
   lines = proc.stderr.splitlines()
   assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
-  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
 
 
 # --- experiments.py -----------------------------------------------------------------------------------
