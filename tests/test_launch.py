@@ -414,7 +414,11 @@ def test_slurm_bad_input(tools, name):
     assert needle in proc.stderr, (needle, proc.stderr)
 
 
-@pytest.mark.parametrize("filename,needle", [("my run.py", "'distill-my run'"), ("x" * 70 + ".py", "'distill-xxx")])
+# (config file name, needle): a job name derived from these is refused, naming it.
+DERIVED_JOB_NAMES = [("my run.py", "'distill-my run'"), ("x" * 70 + ".py", "'distill-xxx")]
+
+
+@pytest.mark.parametrize("filename,needle", DERIVED_JOB_NAMES)
 def test_slurm_refuses_a_job_name_derived_from_an_unfit_config_name(tools, tmp_path, filename, needle):
   """The config file's name becomes #SBATCH --job-name: it is checked as --job-name is, and --job-name fixes it."""
   config = tmp_path / filename
