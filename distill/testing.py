@@ -143,3 +143,32 @@ def write_tfds_array_record(tfds_name: str, data_dir: str, splits: dict) -> str:
   builder.info.set_splits(splits_lib.SplitDict(split_infos))
   builder.info.write_to_directory(builder.data_dir)
   return builder.data_dir
+
+
+# --- comparing parameter trees --------------------------------------------------------------------------------
+
+
+def tree_leaf_pairs(got, want) -> list[tuple[str, np.ndarray, np.ndarray]]:
+  """[(path, got leaf, want leaf)] of two pytrees that hold the same leaves under the same paths, as numpy.
+
+  AssertionError when either tree is empty or their paths (names and count) differ, so that comparing the
+  pairs cannot pass vacuously: zip() over two trees' leaves stops at the shorter and pairs leaves by position
+  only. Container types are not compared (a restored checkpoint may hold a dict where a FrozenDict was saved)."""
+  flat_got = jax.tree_util.tree_flatten_with_path(got)[0]
+  flat_want = jax.tree_util.tree_flatten_with_path(want)[0]
+  paths_got = [jax.tree_util.keystr(path) for path, _ in flat_got]
+  paths_want = [jax.tree_util.keystr(path) for path, _ in flat_want]
+  assert paths_want, "the expected tree has no leaves: a comparison would pass vacuously"
+  if paths_got != paths_want:
+    missing, extra = sorted(set(paths_want) - set(paths_got)), sorted(set(paths_got) - set(paths_want))
+    raise AssertionError(f"trees differ in structure: {len(paths_got)} leaves vs {len(paths_want)} expected; "
+                         f"missing {missing[:5]}, unexpected {extra[:5]}" +
+                         ("" if missing or extra else "; same paths in another order"))
+  return [(path, np.asarray(a), np.asarray(b)) for path, (_, a), (_, b) in zip(paths_got, flat_got, flat_want)]
+
+
+def assert_trees_equal(got, want):
+  """Bit-identical pytrees: the same paths (`tree_leaf_pairs`), and per leaf the same shape, dtype and values."""
+  for path, a, b in tree_leaf_pairs(got, want):
+    assert a.shape == b.shape and a.dtype == b.dtype, f"{path}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+    assert np.array_equal(a, b), f"{path} differs (max |diff| {np.max(np.abs(a.astype(np.float64) - b)):.3g})"

@@ -43,6 +43,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import time
 from typing import Any, Callable
@@ -415,6 +416,47 @@ def _save_final(stage_dir: str, params, meta: dict, is_main_process: bool = True
   parallel.sync_processes("final: written")
 
 
+_ATOMIC_TMP = re.compile(r".+\.tmp-[0-9]+-[0-9a-f]{8}")  # writers.atomic_write's temporary files
+_ORBAX_TMP = ".orbax-checkpoint-tmp"  # Orbax writes a checkpoint (and each item) under NAME.orbax-checkpoint-tmp*
+
+
+def sweep_leftovers(stage_dir: str) -> list[str]:
+  """Removes what a killed run (SIGKILL, power loss: no cleanup ran) left in `stage_dir`; returns the paths
+  removed, relative to it. Called at the start of `run_stage` (a finished stage's too: a grid or eval file may
+  have been killed mid-write after its final/), when nothing of this stage is being written:
+    - checkpoints/N.orbax-checkpoint-tmp*: a checkpoint killed before Orbax renamed it into place (a later save
+      of the same step would replace it, but a stop-save off the checkpoint grid is never repeated);
+    - final.tmp/: a final/ killed before its rename (locally; in an object store final/ is written in place);
+    - *.tmp-PID-XXXXXXXX anywhere below (in an object store: in the stage directory, tb/ and final/):
+      `writers.atomic_write` killed before its rename.
+  Set-aside unreadable checkpoints (N.unreadable-T) are kept. Nothing outside `stage_dir` is touched."""
+  root = epath.Path(stage_dir)
+  if not root.is_dir():
+    return []
+  removed = []
+  checkpoints = root / "checkpoints"
+  candidates = list(checkpoints.iterdir()) if checkpoints.is_dir() else []
+  candidates = [p for p in candidates if _ORBAX_TMP in p.name]
+  if not writers.is_url(stage_dir) and (root / "final.tmp").exists():
+    candidates.append(root / "final.tmp")
+  for path in candidates:
+    if path.is_dir():
+      path.rmtree()
+    else:
+      path.unlink()
+    removed.append(os.path.relpath(os.fspath(path), os.fspath(root)))
+  if writers.is_url(stage_dir):  # where the run writes files atomically; epath lists gs:// one level at a time
+    tmp_files = [p for d in (root, root / "tb", root / "final") if d.is_dir() for p in d.glob("*.tmp-*")
+                 if _ATOMIC_TMP.fullmatch(p.name)]
+  else:
+    tmp_files = [epath.Path(dirpath, name) for dirpath, _, names in os.walk(stage_dir) for name in names
+                 if _ATOMIC_TMP.fullmatch(name)]
+  for path in tmp_files:
+    path.unlink(missing_ok=True)
+    removed.append(os.path.relpath(os.fspath(path), os.fspath(root)))
+  return sorted(removed)
+
+
 def place_state(state: dict, mesh, fsdp_min_size: int) -> tuple[dict, PyTree]:
   """(state as global arrays on `mesh`, its shardings): the parallel.param_shardings rule over the whole
   state, so params, Adam's moments and the EMA share a layout and scalars are replicated."""
@@ -436,6 +478,10 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
   finishes and is checkpointed first. Only the main process prints.
   """
   say = print if is_main_process else (lambda *args, **kwargs: None)
+  if is_main_process and (removed := sweep_leftovers(stage_dir)):
+    say(f"[{stage.name}] removed what an interrupted run left: {', '.join(removed[:5])}"
+        + (f" and {len(removed) - 5} more" if len(removed) > 5 else ""))
+  parallel.sync_processes(f"{stage.name}: leftovers swept")
   if has_final(stage_dir):
     say(f"[{stage.name}] already finished; loading {stage_dir}/final")
     return load_final_params(stage_dir)

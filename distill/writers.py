@@ -86,11 +86,16 @@ def npz_bytes(**arrays) -> bytes:
 
 
 @contextlib.contextmanager
-def read_npz(path: str):
-  """`with read_npz(path) as data:` np.load (allow_pickle=False) of an .npz file at a local path or a URL; its
-  arrays are read from the open file on access, so inside the `with` only."""
-  with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as data:
-    yield data
+def read_npz(path: str, max_bytes: int | None = None):
+  """`with read_npz(path) as data:` the arrays of an .npz file at a local path or a URL (`data.files`, `data[k]`),
+  read as untrusted input by `npz_arrays.read_npz_arrays`: no pickles, sizes checked against the file and
+  `max_bytes` before anything is allocated; ValueError (one line) for a file that is not such an .npz."""
+  from distill import npz_arrays
+  with epath.Path(path).open("rb") as f:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    data = npz_arrays.read_npz_arrays(f, size, max_bytes)
+  yield data
 
 
 def read_json(path: str) -> Any:

@@ -29,7 +29,7 @@ EXIT_BAD_INPUT = 2
 
 # Values that go into #SBATCH lines, which sbatch reads before any shell does: refuse anything else.
 PATTERNS = {
-    "job_name": (r"[A-Za-z0-9][-A-Za-z0-9_.]{0,63}", "letters, digits, '-', '_' and '.'"),
+    "job_name": (r"[A-Za-z0-9][-A-Za-z0-9_.]{0,63}", "letters, digits, '-', '_' and '.' (at most 64)"),
     "partition": (r"[A-Za-z0-9][-A-Za-z0-9_.,]*", "a partition name (or a comma-separated list)"),
     "account": (r"[A-Za-z0-9][-A-Za-z0-9_.]*", "an account name"),
     "time": (r"([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}", "a SLURM time limit such as 48:00:00 or 2-00:00:00"),
@@ -47,9 +47,23 @@ def job_flags(args) -> list[str]:
   return experiments.job_flags(args, fail)
 
 
+def job_name(args) -> str:
+  """--job-name, or distill-EXPERIMENT / distill-CONFIGNAME; checked like --job-name, as it lands in an #SBATCH
+  line (a config file named 'x\n#SBATCH --wrap=...' would add a directive)."""
+  if args.job_name:
+    return args.job_name
+  source = (f"--experiment={args.experiment}" if args.experiment else f"--config={args.config}")
+  name = "distill-" + (args.experiment or os.path.basename(args.config.partition(":")[0]).removesuffix(".py"))
+  pattern, allowed = PATTERNS["job_name"]
+  if not re.fullmatch(pattern, name):
+    fail(f"{source}: the job name derived from it, {name!r}, must be {allowed}; pass --job-name=NAME")
+  return name
+
+
 def batch_script(args) -> str:
   """The sbatch script; every value from the command line reaches the shell through shlex.quote."""
-  name = args.job_name or "distill-" + (args.experiment or os.path.basename(args.config.partition(":")[0])[:-3])
+  flags = job_flags(args)  # first: it checks --config/--experiment, which the job name is derived from
+  name = job_name(args)
   sbatch = [f"--job-name={name}", f"--nodes={args.nodes}", f"--ntasks-per-node={args.gpus_per_node}",
             f"--gpus-per-node={args.gpus_per_node}", "--output=distill-%j.log"]
   for flag in ("partition", "account", "time"):
@@ -69,7 +83,7 @@ def batch_script(args) -> str:
       '# Each task\'s process id and the process count come from SLURM_PROCID and SLURM_NTASKS (set by srun).',
       'first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
       'export JAX_COORDINATOR_ADDRESS="${first_node}:$((61440 + SLURM_JOB_ID % 4096))"',
-      shlex.join(["srun", "--kill-on-bad-exit=1", "python", "-m", "distill.main", *job_flags(args)]),
+      shlex.join(["srun", "--kill-on-bad-exit=1", "python", "-m", "distill.main", *flags]),
   ]
   return "\n".join(lines) + "\n"
 
@@ -102,10 +116,12 @@ def parse(argv=None):
     value = getattr(args, field)
     if value is not None and not re.fullmatch(pattern, value):
       fail(f"--{field.replace('_', '-')}={value!r}: must be {allowed}")
-  for field in ("nodes", "gpus_per_node", "cpus_per_gpu"):
+  for field, most in (("nodes", 100_000), ("gpus_per_node", 64), ("cpus_per_gpu", 1024)):
     value = getattr(args, field)
-    if value is not None and value < 1:
-      fail(f"--{field.replace('_', '-')}={value}: must be a positive integer")
+    if value is not None and not 1 <= value <= most:
+      fail(f"--{field.replace('_', '-')}={value}: must be an integer in [1, {most}]")
+  if args.venv is not None and (not args.venv or any(ord(c) < 32 or ord(c) == 127 for c in args.venv)):
+    fail(f"--venv={args.venv!r}: must be a directory path without control characters (such as newlines)")
   for pair in args.env:
     key, sep, _ = pair.partition("=")
     if not sep or not ENV_KEY.fullmatch(key):

@@ -128,8 +128,7 @@ def describe_argv(args) -> list[str]:
   return _tpu_vm(args, "describe", "--format=value(state)")
 
 
-def tarball(args) -> str:
-  return os.path.join(tempfile.gettempdir(), f"{args.name}.distill.tar.gz")
+TARBALL = "distill.tar.gz"
 
 
 # --- what runs on the workers (one shell command each) ------------------------------------------------
@@ -171,8 +170,12 @@ def create(args):
 
 
 def copy(args):
-  execute(["git", "-C", REPO, "archive", "--format=tar.gz", f"--output={tarball(args)}", args.ref], args.dry_run)
-  execute(_tpu_vm(args, "scp", tarball(args), f"{args.name}:distill.tar.gz", "--worker=all"), args.dry_run)
+  # The archive goes to a fresh private (0700) directory, removed afterwards: a predictable /tmp name could be
+  # a symlink or be swapped by another user of the host between git writing it and gcloud reading it.
+  with tempfile.TemporaryDirectory(prefix="distill-launch-") as private:
+    tarball = os.path.join(private, TARBALL)
+    execute(["git", "-C", REPO, "archive", "--format=tar.gz", f"--output={tarball}", args.ref], args.dry_run)
+    execute(_tpu_vm(args, "scp", tarball, f"{args.name}:{TARBALL}", "--worker=all"), args.dry_run)
   execute(ssh(args, unpack_command()), args.dry_run)
 
 

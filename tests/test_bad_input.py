@@ -8,6 +8,7 @@ One subprocess per case, so the cases cannot influence each other; each costs th
 """
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -112,6 +113,15 @@ def _setup(name, tmp_path, fake_runs) -> dict:
   elif name == "npz_garbage":
     (tmp_path / "data.npz").write_bytes(b"this is not a zip file\n" * 10)
     paths["npz"] = str(tmp_path / "data.npz")
+  elif name == "pth_stride_0":  # 429 bytes once asked for 4 GiB: a stride-0 view of 2**30 floats over 4 of them
+    from test_weight_fuzz import FLOATS4, tensor_pickle, tensor_zip
+    (tmp_path / "w.pth").write_bytes(tensor_zip(tensor_pickle((2**30,), (0,)), FLOATS4))
+    paths["pth"] = str(tmp_path / "w.pth")
+  elif name == "npz_deflate_bomb":  # ~64 KB that inflate to 64 MiB
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, mu=np.zeros(8 << 20), sigma=np.zeros((1, 1)))
+    (tmp_path / "stats.npz").write_bytes(buffer.getvalue())
+    paths["npz"] = str(tmp_path / "stats.npz")
   elif name == "ckpt_no_final":
     (tmp_path / "stage").mkdir()
     (tmp_path / "stage" / "checkpoints").mkdir()
@@ -175,12 +185,12 @@ CASES = [
     case("w_min_gt_w_max", [DIGITS, "--config.distill.w_min=3.0", "--config.distill.w_max=2.0"],
          "config.distill.w_min=3.0", "distill.w_max=2.0"),
     case("teacher_lr_negative", [DIGITS, "--config.teacher.lr=-0.001"], "config.teacher.lr=-0.001", "(0.0, 1.0]"),
-    case("teacher_lr_not_number", [DIGITS, "--config.teacher.lr=abc"], "--config.teacher.lr=abc"),
+    case("teacher_lr_not_number", [DIGITS, "--config.teacher.lr=abc"], "--config.teacher.lr=abc", "to float"),
     case("teacher_batch_0", [DIGITS, "--config.teacher.batch_size=0"], "config.teacher.batch_size=0",
          "positive integer"),
-    case("image_size_float", [DIGITS, "--config.data.image_size=8.5"], "--config.data.image_size=8.5"),
+    case("image_size_float", [DIGITS, "--config.data.image_size=8.5"], "--config.data.image_size=8.5", "int()"),
     case("skip_nonfinite_not_bool", [DIGITS, "--config.teacher.skip_nonfinite=maybe"],
-         "--config.teacher.skip_nonfinite=maybe"),
+         "--config.teacher.skip_nonfinite=maybe", "boolean"),
     case("start_steps_48", [DIGITS, "--config.distill.start_steps=48"], "config.distill.start_steps=48",
          "power of two"),
     case("end_ge_start", [DIGITS, "--config.distill.end_steps=64"], "config.distill.start_steps=64",
@@ -204,12 +214,15 @@ CASES = [
     case("sample_w_empty", [DIGITS, "--config.sample.w_values=()"], "config.sample.w_values=()", "at least one"),
     case("sample_batch_0", [DIGITS, "--config.sample.batch_size=0"], "config.sample.batch_size=0",
          "positive integer"),
-    case("seed_negative", [DIGITS, "--config.seed=-1"], "config.seed=-1"),
-    case("batch_exceeds_data", [DIGITS, "--config.teacher.batch_size=4096"], "teacher.batch_size", "4096"),
+    case("seed_negative", [DIGITS, "--config.seed=-1"], "config.seed=-1", "integer >= 0"),
+    case("batch_exceeds_data", [DIGITS, "--config.teacher.batch_size=4096"], "teacher.batch_size=4096",
+         "larger than the 1500 training examples"),
     # Config files, variants, overrides and flags.
     case("variant_unknown", ["--config=configs/digits.py:nope"], "unknown variant 'nope'", "'quick'"),
     case("reference_stats_missing", ["--config=configs/digits.py", "--config.eval.reference_stats={tmp}/none.npz"],
-         "eval.reference_stats=", "none.npz"),
+         "eval.reference_stats='{tmp}/none.npz'", "No such file"),
+    case("reference_stats_deflate_bomb", ["--config=configs/digits.py", "--config.eval.reference_stats={npz}"],
+         "eval.reference_stats='{npz}'", "its arrays need more than", "the cap for a file of", setup="npz_deflate_bomb"),
     case("reference_stats_not_npz", ["--config=configs/digits.py", "--config.eval.reference_stats={npz}"],
          "eval.reference_stats=", "no mu", setup="npz_missing_labels"),
     case("config_file_missing", ["--config=configs/nope.py"], "configs/nope.py", "cannot load the config file"),
@@ -218,7 +231,7 @@ CASES = [
     case("config_no_get_config", ["--config={tmp}/empty.py"], "--config", "empty.py", "get_config",
          setup="config_no_get_config"),
     case("config_flag_missing", [], "--config is required"),
-    case("override_without_config", ["--config.seed=1"], "config.seed"),
+    case("override_without_config", ["--config.seed=1"], "Unknown command line flag 'config.seed'", "Did you mean"),
     case("override_unknown_field", [DIGITS, "--config.distill.nope=1"], "--config.distill.nope",
          "no such config field"),
     case("override_unknown_section", [DIGITS, "--config.optimizer.lr=1"], "--config.optimizer.lr",
@@ -238,29 +251,33 @@ CASES = [
 ] + [
     # Teachers from elsewhere (distill.teacher_dir).
     case("teacher_dir_missing", [DIGITS, ONLY_STAGE_ONE, "--config.distill.teacher_dir={tmp}/no_teacher"],
-         "distill.teacher_dir", "{tmp}/no_teacher"),
+         "distill.teacher_dir='{tmp}/no_teacher'", "no finished stage", "final/meta.json"),
     case("teacher_dir_not_teacher", [DIGITS, ONLY_STAGE_ONE, "--config.distill.teacher_dir=" + STUDENT],
-         "distill.teacher_dir", "distill_deterministic/N0004", setup="run"),
+         "distill.teacher_dir=", "distill_deterministic/N0004", "not a CFG teacher", "teacher/ directory",
+         setup="run"),
     case("teacher_dir_other_data", [DIGITS, ONLY_STAGE_ONE, "--config.distill.teacher_dir={other}/teacher"],
-         "distill.teacher_dir", "{other}/teacher", setup="other"),
+         "distill.teacher_dir='{other}/teacher'", "data.name='cifar10'", "data.name='digits'", setup="other"),
     # Workdirs.
     case("workdir_other_config", ["--config=configs/digits.py:quick"], "{wd}", "another config",
          "--allow_config_change", setup="wd_other_config"),
-    case("workdir_is_file", [DIGITS, "--workdir={tmp}/afile"], "{tmp}/afile", setup="wd_is_file"),
+    case("workdir_is_file", [DIGITS, "--workdir={tmp}/afile"], "--workdir={tmp}/afile", "not a directory",
+         setup="wd_is_file"),
     # Sampling a checkpoint.
     case("checkpoint_missing", [SAMPLE, "--checkpoint={tmp}/nope"], "--checkpoint='{tmp}/nope'",
          "no finished stage"),
-    case("checkpoint_no_final", [SAMPLE, "--checkpoint={tmp}/stage"], "--checkpoint='{tmp}/stage'", "final",
-         setup="ckpt_no_final"),
+    case("checkpoint_no_final", [SAMPLE, "--checkpoint={tmp}/stage"], "--checkpoint='{tmp}/stage'",
+         "no finished stage there (expected {tmp}/stage/final)", setup="ckpt_no_final"),
     case("checkpoint_no_config", [SAMPLE, "--checkpoint={tmp}/N0004"], "--checkpoint='{tmp}/N0004'",
          "no config.json", setup="ckpt_no_config"),
-    case("checkpoint_meta_corrupt", [SAMPLE, "--checkpoint=" + STUDENT], "meta.json", setup="ckpt_corrupt_meta"),
+    case("checkpoint_meta_corrupt", [SAMPLE, "--checkpoint=" + STUDENT], "--checkpoint=", "final/meta.json: unreadable",
+         setup="ckpt_corrupt_meta"),
     case("checkpoint_pre_contract", [SAMPLE, "--checkpoint=" + STUDENT], "--checkpoint=", "before the stage contract",
          "python -m distill.registry --upgrade_meta WORKDIR", setup="pre_contract"),
-    case("checkpoint_params_missing", [SAMPLE, "--checkpoint=" + STUDENT], "params", setup="ckpt_no_params"),
+    case("checkpoint_params_missing", [SAMPLE, "--checkpoint=" + STUDENT], "--checkpoint=", "unreadable checkpoint",
+         "final/params not found", setup="ckpt_no_params"),
     case("steps_not_distilled", [SAMPLE, "--checkpoint=" + STUDENT, "--steps=8"], "--steps=8", "distilled for 4",
          "--force", setup="run"),
-    case("steps_not_int", [SAMPLE, "--checkpoint=" + STUDENT, "--steps=four"], "--steps", "four", setup="run"),
+    case("steps_not_int", [SAMPLE, "--checkpoint=" + STUDENT, "--steps=four"], "--steps=four", "int()", setup="run"),
     case("sampler_unknown", [SAMPLE, "--checkpoint=" + STUDENT, "--sampler=euler"], "--sampler", "euler",
          "deterministic", setup="run"),
     case("sampler_ddpm_student", [SAMPLE, "--checkpoint=" + STUDENT, "--sampler=ddpm"], "--sampler='ddpm'",
@@ -320,11 +337,14 @@ CASES = [
          "nothing is downloaded"),
     case("sfd_lpips_missing_file", ["--config=configs/digits.py:sfd", "--config.sfd.metric=lpips",
                                     "--config.sfd.lpips.trunk={tmp}/alexnet.pth", "--config.sfd.lpips.lin={tmp}/alex.pth"],
-         "config.sfd.lpips", "alexnet.pth"),
+         "config.sfd.lpips", "trunk='{tmp}/alexnet.pth'", "No such file"),
     case("sfd_lpips_wrong_file", ["--config=configs/digits.py:sfd", "--config.sfd.metric=lpips",
                                   "--config.sfd.lpips.trunk=tests/data/state_dict.npz",
                                   "--config.sfd.lpips.lin=tests/data/state_dict.npz"],
          "config.sfd.lpips", "features.0.weight"),
+    case("sfd_lpips_stride_0_pth", ["--config=configs/digits.py:sfd", "--config.sfd.metric=lpips",
+                                    "--config.sfd.lpips.trunk={pth}", "--config.sfd.lpips.lin={pth}"],
+         "config.sfd.lpips", "trunk='{pth}'", "stride 0 on a dimension of size 1073741824", setup="pth_stride_0"),
     case("sfd_k_0", [DIGITS, "--config.sfd.k=0"], "config.sfd.k=0", "positive integer"),
     case("sfd_label_dropout_1", [DIGITS, "--config.sfd.label_dropout=1.0"], "config.sfd.label_dropout=1.0",
          "[0.0, 1.0)"),

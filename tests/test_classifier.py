@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
+from distill import testing
 from distill.evaluation import classifier
 
 NUM_TEST = 297
@@ -43,8 +44,7 @@ def test_training_is_deterministic_given_seed(digits):
   runs = [
       classifier.train_classifier(train_x, train_y, test_x, test_y, num_classes=10, seed=3, steps=20) for _ in range(2)
   ]
-  for a, b in zip(jax.tree.leaves(runs[0][0]), jax.tree.leaves(runs[1][0])):
-    np.testing.assert_array_equal(a, b)
+  testing.assert_trees_equal(runs[0][0], runs[1][0])
   other, _ = classifier.train_classifier(train_x, train_y, test_x, test_y, num_classes=10, seed=4, steps=20)
   assert not np.array_equal(other["logits"]["kernel"], runs[0][0]["logits"]["kernel"])
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import configuration, context, contract, losses, models, registry, train
+from distill import configuration, context, contract, losses, models, registry, testing, train
 from distill.methods.dsd import core as dsd
 from distill.methods import teacher as teacher_lib
 from distill.methods.dsd import stages
@@ -167,8 +167,7 @@ def test_dsd_and_tsd_stages_train_from_the_teacher(dsd_run):
         # Update 1: the teacher's own DSD loss on the first trajectory batch; TSD starts equal to it (the
         # student is the teacher), so the stage fed the right model, batch and key.
         assert logged[0]["loss"] == pytest.approx(first, rel=1e-4)
-      moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(params),
-                                                                   jax.tree.leaves(teacher_params)))
+      moved = max(float(np.max(np.abs(a - b))) for _, a, b in testing.tree_leaf_pairs(params, teacher_params))
       assert moved > 1e-5
   # The same noise, yet TSD's later losses differ from DSD's: its targets stay the frozen teacher's.
   assert _metrics(ctx.stage_dir("tsd/DSDI"))[-1]["loss"] != _metrics(ctx.stage_dir("dsd/DSDI"))[-1]["loss"]
@@ -240,8 +239,7 @@ def test_interrupted_dsd_stage_resumes_bit_identically(dsd_run, tmp_path, monkey
   assert not os.path.exists(tmp_path / "wd" / "dsd" / "DSDI" / "final")
   monkeypatch.setattr(dsd, "trajectory_batch", real)
   params, meta = stages.run_dsd(resumed_ctx)["DSDI"]
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(out["dsd"]["DSDI"][0])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  testing.assert_trees_equal(params, out["dsd"]["DSDI"][0])
   assert [m["loss"] for m in _metrics(resumed_ctx.stage_dir("dsd/DSDI"))][-3:] == [
       m["loss"] for m in _metrics(ctx.stage_dir("dsd/DSDI"))][-3:]
 

@@ -232,3 +232,19 @@ def test_a_run_with_a_gs_workdir_writes_there_and_resumes(bucket, monkeypatch, c
   out = capsys.readouterr().out
   assert f"[teacher] already finished; loading {workdir}/teacher/final" in out, out
   assert os.stat(png).st_mtime_ns == stamp
+
+
+def test_leftovers_of_a_killed_run_are_swept_in_a_bucket(bucket):
+  """train.sweep_leftovers through epath on a gs:// stage directory (globbed one level at a time: epath refuses
+  `**` on GCS): the atomic writes' temporary files of the stage directory, tb/ and final/, and Orbax's
+  temporary checkpoint directories."""
+  stage_dir = f"{BUCKET}/run/teacher"
+  planted = ["samples.png.tmp-11-0123abcd", "tb/hparams.json.tmp-12-0123abcd", "final/meta.json.tmp-13-0123abcd",
+             "checkpoints/4.orbax-checkpoint-tmp/x"]
+  kept = ["samples.png", "tb/metrics.jsonl", "final/params/x", "checkpoints/2/x"]
+  for path in planted + kept:
+    local = bucket.local(f"{stage_dir}/{path}")
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    open(local, "w").close()
+  assert train.sweep_leftovers(stage_dir) == sorted(planted[:3] + ["checkpoints/4.orbax-checkpoint-tmp"])
+  assert [os.path.exists(bucket.local(f"{stage_dir}/{p}")) for p in planted + kept] == [False] * 4 + [True] * 4

@@ -3,11 +3,11 @@ import os
 import pickle
 import zipfile
 
-import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 
+from distill import testing
 from distill.evaluation import convert_inception, inception, torch_weights
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -126,8 +126,7 @@ def test_convert_command_round_trip(params, state_dict, tmp_path, capsys):
   assert convert_inception.main([str(src), str(dst)]) == 0
   assert "23,885,392 parameters" in capsys.readouterr().out
   loaded = inception.load_inception(dst)
-  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(a, b)
+  testing.assert_trees_equal(loaded, params)
 
 
 def test_convert_command_one_line_error(tmp_path, capsys):

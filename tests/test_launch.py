@@ -5,6 +5,7 @@ and sbatch only leave a mark that the tests check for; the resume logic runs in-
 """
 import importlib.util
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -18,7 +19,8 @@ LAUNCH = os.path.join(ROOT, "launch")
 NAME, ZONE, PROJECT = "distill-test", "us-central2-b", "my-project-123"
 WHERE = [f"--zone={ZONE}", f"--project={PROJECT}"]
 TPU = ["--name=" + NAME, "--zone=" + ZONE, "--project=" + PROJECT]
-TARBALL = os.path.join(tempfile.gettempdir(), f"{NAME}.distill.tar.gz")
+# launch/tpu.py's archive: in a fresh private directory under the temp dir (never a predictable name).
+TARBALL = re.compile(re.escape(os.path.join(tempfile.gettempdir(), "distill-launch-")) + r"[^/]+/distill\.tar\.gz")
 INJECTIONS = ["x; rm -rf /", "$(touch /tmp/pwned)", "`id`", "a'b\"c", "x && y | z > /dev/null &", "~/$HOME\\*"]
 
 
@@ -70,18 +72,21 @@ def remote(argv):
 
 
 def copy_install():
-  return [
-      ["git", "-C", ROOT, "archive", "--format=tar.gz", f"--output={TARBALL}", "HEAD"],
-      ["gcloud", "compute", "tpus", "tpu-vm", "scp", NAME, *WHERE, TARBALL, f"{NAME}:distill.tar.gz", "--worker=all"],
-      "unpack",
-      ssh("cd ~/distill && python3 -m pip install --quiet -e '.[gcs]' 'jax[tpu]'"),
-  ]
+  return ["archive", "scp", "unpack", ssh("cd ~/distill && python3 -m pip install --quiet -e '.[gcs]' 'jax[tpu]'")]
 
 
 def check_sequence(got, expected):
   assert len(got) == len(expected), "\n".join(map(shlex.join, got))
+  tarball = None
   for g, e in zip(got, expected):
-    if e == "unpack":
+    if e == "archive":
+      assert g[:5] == ["git", "-C", ROOT, "archive", "--format=tar.gz"] and g[6:] == ["HEAD"], g
+      tarball = g[5][len("--output="):]
+      assert g[5].startswith("--output=") and TARBALL.fullmatch(tarball), g
+    elif e == "scp":
+      assert g == ["gcloud", "compute", "tpus", "tpu-vm", "scp", NAME, *WHERE, tarball, f"{NAME}:distill.tar.gz",
+                   "--worker=all"], g
+    elif e == "unpack":
       assert g[:-1] == ssh("")[:-1] and remote(g).endswith("rm -rf ~/distill && mkdir -p ~/distill && "
                                                            "tar -xzf ~/distill.tar.gz -C ~/distill")
     elif e == "run":
@@ -259,30 +264,49 @@ def test_the_remote_run_command_runs_nothing_but_distill_main(tools, tmp_path):
 # --- tpu.py: bad input --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args,message", [
-    (["delete", "--name=Bad_Name", f"--zone={ZONE}"], "--name='Bad_Name'"),
-    (["delete", "--name=-oProxyCommand=x", f"--zone={ZONE}"], "--name="),
-    (["create", f"--name={NAME}", "--zone=us-central2-b; rm -rf /"], "--zone="),
-    (["run", f"--name={NAME}", "--zone=$(id)", "--config=configs/digits.py", "--workdir=gs://bkt/x"], "--zone="),
-    (["create", *TPU, "--best-effort"], "--best-effort needs --queued"),
-    (["run", *TPU, "--config=configs/digits.py", "--workdir=/local/dir"], "gs://BUCKET/PATH"),
-    (["run", *TPU, "--config=configs/nope.py", "--workdir=gs://bkt/x"], "configs/nope.py is not a file"),
-    (["run", *TPU, "--experiment=nope", "--root=gs://bkt/x"], "--experiment=nope: unknown"),
-    (["run", *TPU], "give either --config"),
-    (["run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/x", "--", "positional"], "only --flags"),
-    (["run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/x", "--", "--config.seed=1\nrm -rf /"],
-     "control characters"),
-    (["install", *TPU, "--pip=x\ny"], "control characters"),
-    (["copy", *TPU, "--ref=--output=/etc/passwd"], "--ref="),
-    (["tail", *TPU, "--lines=0"], "--lines=0"),
-    (["bogus"], "invalid choice"),
-    (["run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/x", "--", "--dry-run"], "--dry-run after --"),
-])
-def test_bad_input_is_one_line_and_exit_2(tools, args, message):
+# (args, needles): every needle must be in the one line: the flag with its value, and what is allowed.
+TPU_BAD_INPUT = {
+    "name_uppercase": (["delete", "--name=Bad_Name", f"--zone={ZONE}"], ["--name='Bad_Name'", "lowercase letters"]),
+    "name_option_injection": (["delete", "--name=-oProxyCommand=x", f"--zone={ZONE}"],
+                              ["--name='-oProxyCommand=x'", "starting with a letter"]),
+    "zone_shell": (["create", f"--name={NAME}", "--zone=us-central2-b; rm -rf /"], ["--zone=", "a zone such as"]),
+    "zone_substitution": (["run", f"--name={NAME}", "--zone=$(id)", "--config=configs/digits.py", "--workdir=gs://bkt/x"],
+                          ["--zone='$(id)'", "a zone such as"]),
+    "project_short": (["delete", f"--name={NAME}", f"--zone={ZONE}", "--project=ab"], ["--project='ab'", "6-30"]),
+    "accelerator_bad": (["create", *TPU, "--accelerator=v4 8"], ["--accelerator='v4 8'", "v4-8"]),
+    "best_effort_not_queued": (["create", *TPU, "--best-effort"], ["--best-effort needs --queued"]),
+    "workdir_local": (["run", *TPU, "--config=configs/digits.py", "--workdir=/local/dir"],
+                      ["--workdir=/local/dir", "gs://BUCKET/PATH"]),
+    "config_missing": (["run", *TPU, "--config=configs/nope.py", "--workdir=gs://bkt/x"],
+                       ["configs/nope.py is not a file"]),
+    "experiment_unknown": (["run", *TPU, "--experiment=nope", "--root=gs://bkt/x"],
+                           ["--experiment=nope: unknown", "experiments.py list"]),
+    "no_config_no_experiment": (["run", *TPU], ["give either --config", "--experiment"]),
+    "positional_after_separator": (["run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/x", "--", "positional"],
+                                   ["'positional' after --", "only --flags"]),
+    "newline_in_main_flag": (["run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/x", "--",
+                              "--config.seed=1\nrm -rf /"], ["control characters"]),
+    "newline_in_pip": (["install", *TPU, "--pip=x\ny"], ["--pip=", "control characters"]),
+    "ref_option_injection": (["copy", *TPU, "--ref=--output=/etc/passwd"], ["--ref='--output=/etc/passwd'",
+                                                                            "a git revision"]),
+    "lines_0": (["tail", *TPU, "--lines=0"], ["--lines=0", "positive integer"]),
+    "env_no_value": (["run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/x", "--env=A"],
+                     ["--env='A'", "NAME=VALUE"]),
+    "command_unknown": (["bogus"], ["invalid choice", "'bogus'", "'up'"]),
+    "dry_run_after_separator": (["run", *TPU, "--config=configs/digits.py", "--workdir=gs://bkt/x", "--", "--dry-run"],
+                                ["--dry-run after --", "put it before --"]),
+}
+
+
+@pytest.mark.parametrize("name", list(TPU_BAD_INPUT))
+def test_bad_input_is_one_line_and_exit_2(tools, name):
+  args, needles = TPU_BAD_INPUT[name]
   proc = launch(tools, "tpu.py", args[0], "--dry-run", *args[1:])
   lines = proc.stderr.splitlines()
   assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
-  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
 
 
 # --- experiments.py -----------------------------------------------------------------------------------
@@ -358,15 +382,84 @@ def test_slurm_script(tools):
   assert subprocess.run(["bash", "-n"], input=proc.stdout, text=True).returncode == 0
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--partition=gpu\n#SBATCH --wrap=x"], "--partition="),
-    (["--nodes=0"], "--nodes=0"),
-    (["--env=A"], "--env="),
-])
-def test_slurm_bad_input(tools, args, message):
-  proc = launch(tools, "slurm.py", "--dry-run", "--config=configs/digits.py", "--workdir=/s/r", *args)
+# (args, needles): every needle must be in the one line: the flag with its value, and what is allowed.
+SLURM_BAD_INPUT = {
+    "partition_newline": (["--partition=gpu\n#SBATCH --wrap=x"], ["--partition=", "a partition name"]),
+    "nodes_0": (["--nodes=0"], ["--nodes=0", "[1, 100000]"]),
+    "nodes_huge": (["--nodes=1000000"], ["--nodes=1000000", "[1, 100000]"]),
+    "gpus_per_node_0": (["--gpus-per-node=0"], ["--gpus-per-node=0", "[1, 64]"]),
+    "cpus_per_gpu_huge": (["--cpus-per-gpu=4096"], ["--cpus-per-gpu=4096", "[1, 1024]"]),
+    "nodes_not_int": (["--nodes=two"], ["--nodes", "'two'", "int"]),
+    "env_no_value": (["--env=A"], ["--env='A'", "NAME=VALUE"]),
+    "env_newline": (["--env=A=1\n#SBATCH --wrap=x"], ["control characters"]),
+    "job_name_newline": (["--job-name=x\n#SBATCH --wrap=id"], ["--job-name=", "letters, digits"]),
+    "job_name_too_long": (["--job-name=" + "j" * 65], ["--job-name=", "(at most 64)"]),
+    "account_space": (["--account=a b"], ["--account='a b'", "an account name"]),
+    "time_bad": (["--time=2 days"], ["--time='2 days'", "48:00:00"]),
+    "venv_newline": (["--venv=/v\nrm -rf /"], ["--venv=", "without control characters"]),
+    "venv_empty": (["--venv="], ["--venv=''", "a directory path"]),
+    "workdir_newline": (["--workdir=/s/r\n#SBATCH --wrap=x"], ["control characters"]),
+    "main_flag_positional": (["--", "positional"], ["'positional' after --", "only --flags"]),
+}
+
+
+@pytest.mark.parametrize("name", list(SLURM_BAD_INPUT))
+def test_slurm_bad_input(tools, name):
+  args, needles = SLURM_BAD_INPUT[name]
+  base = ["--dry-run", "--config=configs/digits.py"] + ([] if any(a.startswith("--workdir=") for a in args) else
+                                                        ["--workdir=/s/r"])
+  proc = launch(tools, "slurm.py", *base, *args)
   assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
-  assert message in proc.stderr
+  for needle in needles:
+    assert needle in proc.stderr, (needle, proc.stderr)
+
+
+# (config file name, needle): a job name derived from these is refused, naming it.
+DERIVED_JOB_NAMES = [("my run.py", "'distill-my run'"), ("x" * 70 + ".py", "'distill-xxx")]
+
+
+@pytest.mark.parametrize("filename,needle", DERIVED_JOB_NAMES)
+def test_slurm_refuses_a_job_name_derived_from_an_unfit_config_name(tools, tmp_path, filename, needle):
+  """The config file's name becomes #SBATCH --job-name: it is checked as --job-name is, and --job-name fixes it."""
+  config = tmp_path / filename
+  with open(os.path.join(ROOT, "configs", "digits.py")) as f:
+    config.write_text(f.read())
+  proc = launch(tools, "slurm.py", "--dry-run", f"--config={config}", "--workdir=/s/r")
+  assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+  for expected in (f"--config={config}", needle, "letters, digits", "pass --job-name=NAME"):
+    assert expected in proc.stderr, (expected, proc.stderr)
+  proc = launch(tools, "slurm.py", "--dry-run", f"--config={config}", "--workdir=/s/r", "--job-name=ok")
+  assert proc.returncode == 0 and "#SBATCH --job-name=ok" in proc.stdout.splitlines(), proc.stderr
+
+
+def test_tpu_copy_writes_the_archive_into_a_private_directory_it_removes(monkeypatch, tmp_path):
+  """Not /tmp/NAME.distill.tar.gz, which another user of the host could plant as a symlink: a fresh 0700
+  directory per copy, gone afterwards, whatever sits at the old name."""
+  tpu = load("tpu")
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  planted = tmp_path / f"{NAME}.distill.tar.gz"
+  planted.symlink_to(tmp_path / "victim")
+  seen = []
+
+  def fake_execute(argv, dry_run, capture=False, may_fail=False):
+    if argv[:2] == ["git", "-C"]:
+      path = argv[5][len("--output="):]
+      directory = os.path.dirname(path)
+      seen.append((path, oct(os.stat(directory).st_mode & 0o777), os.stat(directory).st_uid))
+      open(path, "wb").close()  # what git would write
+    elif "scp" in argv:
+      assert argv[argv.index("scp") + 1 + 1 + len(WHERE)] == seen[-1][0]
+    return subprocess.CompletedProcess(argv, 0, "", "")
+
+  monkeypatch.setattr(tpu, "execute", fake_execute)
+  args = tpu.parse(["copy", *TPU])
+  tpu.copy(args)
+  tpu.copy(args)
+  (first, mode, uid), (second, _, _) = seen
+  assert first != second and mode == "0o700" and uid == os.getuid()
+  assert os.path.dirname(os.path.dirname(first)) == str(tmp_path)
+  assert not os.path.exists(os.path.dirname(first)) and not os.path.exists(os.path.dirname(second))
+  assert planted.is_symlink() and not (tmp_path / "victim").exists()
 
 
 def test_run_keeps_a_distributed_flag_given_after_the_separator(tools):

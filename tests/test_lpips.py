@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from distill import testing
 from distill.evaluation import lpips
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -275,8 +276,7 @@ def test_load_pth(full_alex, tmp_path):
   _torch_save_zip(tmp_path / "alex.pth", lin)
   from_pth = lpips.load_lpips("alex", tmp_path / "alexnet.pth", tmp_path / "alex.pth")
   from_npz = lpips.load_lpips("alex", trunk_path, lin_path)
-  for got, want in zip(jax.tree_util.tree_leaves(from_pth), jax.tree_util.tree_leaves(from_npz)):
-    np.testing.assert_array_equal(got, want)
+  testing.assert_trees_equal(from_pth, from_npz)
   # A real torch.save'd file that is not a trunk (the Inception reader's fixture): names file and key.
   fixture = os.path.join(DATA, "state_dict_legacy.pth")
   with pytest.raises(ValueError, match=r"trunk file .*state_dict_legacy\.pth: missing key 'features\.0\.weight'"):

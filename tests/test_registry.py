@@ -87,8 +87,10 @@ def test_no_module_uses_another_modules_private_names():
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in imported
             and node.attr.startswith("_") and not node.attr.startswith("__")):
           offenders.append((f, f"{node.value.id}.{node.attr}"))
-  # jax's own private modules are not ours to fix.
-  assert [o for o in offenders if not o[1].startswith(("jax.", "np.", "os."))] == []
+  # jax's own private modules are not ours to fix. The weight reader subclasses the standard library's pure-Python
+  # unpickler (pickle._Unpickler), the one whose opcode table can be restricted (distill/evaluation/torch_weights.py).
+  allowed = {("torch_weights.py", "pickle._Unpickler")}
+  assert [o for o in offenders if not o[1].startswith(("jax.", "np.", "os.")) and o not in allowed] == []
 
 
 def test_registered_pieces_are_whole_and_config_sections_come_from_their_methods():

@@ -31,7 +31,7 @@ import pytest
 from orbax.checkpoint._src.path import atomicity
 
 from distill import main as main_lib
-from distill import train
+from distill import testing, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -377,6 +377,111 @@ def test_async_default_and_overrides():
     assert not train.uses_async_checkpoints(stage)
 
 
+# --- a real SIGKILL of a training process -------------------------------------------------------------------
+
+# The toy stage in a process of its own, killed with SIGKILL (no cleanup runs, unlike the KeyboardInterrupt
+# above): KILL_AT_COMMIT=N at Orbax's N-th commit (a checkpoint commits meta, state, then the step), KILL_WRITING=NAME
+# once writers.atomic_write has filled NAME's temporary file, before the rename. After the stage it writes
+# samples.png atomically, as the pipeline does.
+KILL_WORKER = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from orbax.checkpoint._src.path import atomicity
+from distill import train, writers
+import test_resilience
+
+def die(what):
+  print(f"[fault] SIGKILL {what}", flush=True)
+  os.kill(os.getpid(), signal.SIGKILL)
+
+kill_at, calls = int(os.environ.get("KILL_AT_COMMIT", "0")), [0]
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def killing_finalize(self, *args, **kwargs):
+  calls[0] += 1
+  if calls[0] == kill_at:
+    die(f"while committing {self.get()}")
+  return await finalize(self, *args, **kwargs)
+atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
+
+atomic_write = writers.atomic_write
+def killing_atomic_write(path, write_fn, mode="wb"):
+  if os.path.basename(path) != os.environ.get("KILL_WRITING"):
+    return atomic_write(path, write_fn, mode)
+  def fill_then_die(f):
+    write_fn(f)
+    f.flush()
+    die(f"while writing {path}")
+  return atomic_write(path, fill_then_die, mode)
+writers.atomic_write = killing_atomic_write
+
+train.run_stage(test_resilience._stage(), sys.argv[1])
+writers.atomic_write_bytes(os.path.join(sys.argv[1], "samples.png"), b"a grid")
+print("[worker] done", flush=True)
+"""
+
+
+def _killed_run(stage_dir, **env):
+  return subprocess.run([sys.executable, "-c", KILL_WORKER, stage_dir, os.path.dirname(os.path.abspath(__file__))],
+                        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", **env), capture_output=True, text=True,
+                        timeout=300)
+
+
+def _leftovers(stage_dir) -> list[str]:
+  """Every kind of leftover a killed run can leave: Orbax temporary directories, final.tmp/, atomic-write
+  temporary files."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(stage_dir):
+    for name in dirnames + filenames:
+      if ".orbax-checkpoint-tmp" in name or name == "final.tmp" or re.fullmatch(r".+\.tmp-\d+-[0-9a-f]{8}", name):
+        found.append(os.path.relpath(os.path.join(dirpath, name), stage_dir))
+  return sorted(found)
+
+
+def test_sigkilled_mid_save_mid_final_and_mid_write_leftovers_are_swept_and_the_rerun_resumes(tmp_path, reference):
+  stage_dir = str(tmp_path / "toy")
+  # 1. Killed while committing step 4's checkpoint (its meta item): 4.orbax-checkpoint-tmp stays behind.
+  run = _killed_run(stage_dir, KILL_AT_COMMIT="4")
+  assert run.returncode == -signal.SIGKILL and "[fault] SIGKILL while committing" in run.stdout, run.stdout + run.stderr
+  assert _leftovers(stage_dir)[0] == "checkpoints/4.orbax-checkpoint-tmp" and _steps(stage_dir) == [2]
+  # 2. The rerun sweeps that first, resumes at step 2, and is killed while final/'s meta.json is written.
+  run = _killed_run(stage_dir, KILL_WRITING="meta.json")
+  assert run.returncode == -signal.SIGKILL and "[fault] SIGKILL while writing" in run.stdout, run.stdout + run.stderr
+  assert "[toy] removed what an interrupted run left: checkpoints/4.orbax-checkpoint-tmp" in run.stdout, run.stdout
+  assert "[toy] resuming at step 2/8" in run.stdout
+  left = _leftovers(stage_dir)
+  assert "final.tmp" in left and any(re.fullmatch(r"final\.tmp/meta\.json\.tmp-\d+-[0-9a-f]{8}", p) for p in left), left
+  assert not os.path.exists(os.path.join(stage_dir, "final")) and _steps(stage_dir) == [4, 6]
+  # 3. Swept again; the stage finishes from step 6, and the process is killed writing samples.png after it.
+  run = _killed_run(stage_dir, KILL_WRITING="samples.png")
+  assert run.returncode == -signal.SIGKILL and "[toy] removed what an interrupted run left: final.tmp" in run.stdout, (
+      run.stdout + run.stderr)
+  assert "[toy] resuming at step 6/8" in run.stdout and train.has_final(stage_dir)
+  [left] = _leftovers(stage_dir)
+  assert re.fullmatch(r"samples\.png\.tmp-\d+-[0-9a-f]{8}", left), left
+  # 4. A finished stage is swept too; nothing of any kind is left, and the result is the uninterrupted run's.
+  run = _killed_run(stage_dir)
+  assert run.returncode == 0 and "[worker] done" in run.stdout, run.stdout + run.stderr
+  assert f"[toy] removed what an interrupted run left: {left}" in run.stdout and "[toy] already finished" in run.stdout
+  assert _leftovers(stage_dir) == [] and open(os.path.join(stage_dir, "samples.png"), "rb").read() == b"a grid"
+  testing.assert_trees_equal(train.load_final_params(stage_dir)[0], {"w": reference})
+
+
+def test_sweep_leftovers_removes_only_leftovers(tmp_path):
+  stage_dir = tmp_path / "stage"
+  keep = ["checkpoints/2/state/d/x", "checkpoints/4.unreadable-1700000000/x", "tb/metrics.jsonl", "samples.png",
+          "final/meta.json", "notes.tmp-1", "x.tmp-12-nothex00"]
+  drop = ["checkpoints/6.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/x", "checkpoints/8.orbax-checkpoint-tmp-17/x",
+          "final.tmp/params/x", "tb/hparams.json.tmp-4242-0123abcd", "eval.json.tmp-1-deadbeef"]
+  for path in keep + drop:
+    (stage_dir / path).parent.mkdir(parents=True, exist_ok=True)
+    (stage_dir / path).write_text("x")
+  removed = train.sweep_leftovers(str(stage_dir))
+  assert removed == sorted(["checkpoints/6.orbax-checkpoint-tmp", "checkpoints/8.orbax-checkpoint-tmp-17", "final.tmp",
+                            "tb/hparams.json.tmp-4242-0123abcd", "eval.json.tmp-1-deadbeef"])
+  assert all((stage_dir / path).exists() for path in keep) and _leftovers(str(stage_dir)) == []
+  assert train.sweep_leftovers(str(stage_dir)) == [] and train.sweep_leftovers(str(tmp_path / "absent")) == []
+
+
 # --- distributed flags ---------------------------------------------------------------------------------------
 
 
@@ -487,9 +592,7 @@ def _final_params(workdir):
 
 
 def _assert_bit_identical(got, ref):
-  for name in STAGES:
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got[name])[0], jax.tree.leaves(ref[name])):
-      assert np.array_equal(a, b), f"{name}{jax.tree_util.keystr(path)} differs"
+  testing.assert_trees_equal(got, ref)  # {stage: params}: every stage, every leaf, by name
 
 
 def _at_step(stage, at_least):
@@ -693,8 +796,7 @@ def test_two_main_processes_write_final_once_equal_to_one_process_of_two_devices
   assert one.proc.returncode == 0, one.report()
   got, _ = train.load_final_params(str(tmp_path / "two" / "teacher"))
   want, _ = train.load_final_params(str(tmp_path / "one" / "teacher"))
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
-    assert np.array_equal(a, b), jax.tree_util.keystr(path)
+  testing.assert_trees_equal(got, want)
   print(f"\ntwo main processes: {two_processes:.0f}s; one process of two devices: {time.time() - start - two_processes:.0f}s")
 
 

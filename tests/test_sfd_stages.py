@@ -13,7 +13,7 @@ import optax
 import pytest
 from scipy.special import logsumexp
 
-from distill import configuration, context, contract, models, optimizers, samplers, solvers, train
+from distill import configuration, context, contract, models, optimizers, samplers, solvers, testing, train
 from distill.methods.sfd import core as sfd
 from distill.methods.sfd import stages
 from distill.testing import GaussianMixture
@@ -352,8 +352,7 @@ def test_tiny_sfd_stage_with_lpips_from_weight_files(tmp_path):
   m = _meta(wd, "sfd/cfg-local/N0002")
   assert m["metric"] == "lpips" and m["num_steps"] == 4
   params, _ = train.load_final_params(os.path.join(wd, "sfd/cfg-local/N0002"))
-  assert any(np.max(np.abs(np.asarray(a) - np.asarray(b))) > 1e-6
-             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(t_params)))
+  assert any(np.max(np.abs(a - b)) > 1e-6 for _, a, b in testing.tree_leaf_pairs(params, t_params))
 
 
 # --- batches, plans and costs ---------------------------------------------------------------------------------
@@ -566,8 +565,7 @@ def test_tiny_sfd_stage_trains_resumes_bit_identically_and_samples(tmp_path, mon
   monkeypatch.setattr(stages.TrajectoryBatches, "__call__", original)
   stages.run_sfd(context.Context(c, b))
   resumed, _ = train.load_final_params(os.path.join(b, "sfd/cfg/N0002"))
-  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(resumed)):
-    np.testing.assert_array_equal(x, y)
+  testing.assert_trees_equal(params, resumed)
 
 
 def test_tiny_sfd_stage_in_the_local_form_trains_on_data(tmp_path):
@@ -588,8 +586,7 @@ def test_tiny_sfd_stage_in_the_local_form_trains_on_data(tmp_path):
   assert m["teacher_evals_per_update"] == 2 * 4 and m["student_evals_per_update"] == 1.0  # fixed-w: CFG teacher
   params, meta = train.load_final_params(os.path.join(wd, "sfd/w1-local/N0002"))
   meta = contract.StageMeta.from_dict(meta)
-  assert any(np.max(np.abs(np.asarray(a) - np.asarray(b))) > 1e-4
-             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(t_params)))
+  assert any(np.max(np.abs(a - b)) > 1e-4 for _, a, b in testing.tree_leaf_pairs(params, t_params))
   assert os.path.isfile(os.path.join(wd, "sfd/w1-local/N0002/samples.png"))
   # On updates it was not trained on (another stream), the student's one Euler step lands nearer the teacher's
   # K-step target than the teacher's own Euler step (its init) does.

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from distill import diffusion, parallel, schedules, train
+from distill import diffusion, parallel, schedules, testing, train
 from distill.methods.guided import progressive
 from distill.methods.guided import stage_one as guided
 
@@ -108,8 +108,8 @@ def stage(kind, fsdp=1, num_steps=3, crash_at=None, rows=slice(None)):
 
 def rel(a, b, reduce=max):
   """max (or `reduce`) over leaves of ‖a − b‖∞ / ‖b‖∞."""
-  return reduce(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))) / np.max(np.abs(y)))
-             for x, y in zip(jax.tree.leaves(parallel.to_host(a)), jax.tree.leaves(parallel.to_host(b))))
+  return reduce(float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))) / np.max(np.abs(y)))
+             for _, x, y in testing.tree_leaf_pairs(parallel.to_host(a), parallel.to_host(b)))
 
 
 def _worker(out_dir):
