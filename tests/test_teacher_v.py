@@ -85,27 +85,26 @@ def test_teacher_v_turns_an_eps_teacher_into_a_v_teacher_that_computes_the_same_
   assert err(x_v) < err(x_eps), (err(x_v), err(x_eps))
 
 
-def test_teacher_v_needs_a_finished_eps_teacher(tmp_path):
+def test_teacher_v_needs_a_finished_teacher(tmp_path):
   c = tiny_config(tmp_path)
   ctx = context.Context(c, str(tmp_path))
   with pytest.raises(train.TrainingError, match="put 'teacher' before it"):
-    teacher_lib.run_teacher_v(ctx)
-  params = models.init_params(context.teacher_model(ctx), ctx.image_shape, 0)
-  train._save_final(ctx.stage_dir("teacher"), params, {"kind": "cfg_teacher", "parameterization": "v"})
-  with pytest.raises(train.TrainingError, match="fine-tunes an ε-prediction teacher.*predicts 'v'"):
     teacher_lib.run_teacher_v(ctx)
 
 
 @pytest.mark.parametrize("field, value, message", [
     ("model.parameterization", "eps", "must be 'v' when the pipeline fine-tunes"),
-    ("teacher.parameterization", "v", "must be 'eps' when the pipeline runs 'teacher' then 'teacher_v'"),
+    ("pipeline", ("teacher", "stage_one"), "trains a 'eps' teacher but the students predict.*add 'teacher_v'"),
     ("teacher.weighting", "snr_plus_one", "must be 'snr' \\(plain ε-MSE\\)"),
     ("teacher.parameterization", "noise", "allowed"),
     ("teacher.v_steps", 0, "teacher.v_steps"),
 ])
 def test_teacher_v_config_is_checked(tmp_path, field, value, message):
   c = tiny_config(tmp_path)
-  section, name = field.split(".")
-  c[section][name] = value
+  if field == "pipeline":
+    c.pipeline = value
+  else:
+    section, name = field.split(".")
+    c[section][name] = value
   with pytest.raises(validation.ConfigError, match=message):
     configuration.validate(c)

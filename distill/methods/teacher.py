@@ -7,7 +7,8 @@ literature); the loss is the x-space ω(λ)·‖x̂ − x‖² with t ~ U[0, 1] 
 
 The 'teacher_v' stage is the guided-distillation paper's ε → v fine-tuning (§4.2, App. C): a teacher trained to
 predict ε (`teacher.parameterization='eps'`, as Stable Diffusion and the LDMs are) is trained on, from its own
-weights, with the same loss but its output read as v, for `teacher.v_steps` updates. The distilling stages then
+weights, with the same loss but its output read as v, for `teacher.v_steps` updates (a teacher that already
+predicts v is simply trained on). The distilling stages then
 read WORKDIR/teacher_v (`context.teacher_dir`).
 """
 from __future__ import annotations
@@ -109,9 +110,9 @@ def run_teacher_v(ctx: Context):
     raise train.TrainingError(f"teacher_v fine-tunes the finished teacher {stage_dir}; put 'teacher' before it "
                               "in config.pipeline")
   params, meta = train.load_final_params(stage_dir)
-  if meta.get("parameterization") != "eps":
-    raise train.TrainingError(f"teacher_v fine-tunes an ε-prediction teacher; {stage_dir} predicts "
-                              f"{meta.get('parameterization')!r} (set teacher.parameterization='eps' for a new run)")
+  if meta.get("parameterization") != "eps":  # a v (or x) teacher: the same loss, so this trains it on
+    print(f"[teacher_v] {stage_dir} predicts {meta.get('parameterization')!r}, not ε: fine-tuning continues its "
+          "training as a v-predictor")
   _train(ctx, TEACHER_V, "v", c.teacher.v_steps, c.teacher.v_lr, c.teacher.v_weighting, start=params)
 
 
@@ -165,16 +166,17 @@ def validate(c) -> None:
     if c.model.parameterization != "v":
       validation.fail("model.parameterization", c.model.parameterization,
                       "must be 'v' when the pipeline fine-tunes the teacher into v-prediction ('teacher_v')")
-    if TEACHER in c.pipeline and trained_parameterization(c) != "eps":
-      validation.fail("teacher.parameterization", c.teacher.parameterization,
-                      "must be 'eps' when the pipeline runs 'teacher' then 'teacher_v' (ε → v)")
+  elif (TEACHER in c.pipeline and trained_parameterization(c) != c.model.parameterization
+        and set(c.pipeline) - {TEACHER, "autoencoder"} and not c.distill.teacher_dir):
+    validation.fail("teacher.parameterization", c.teacher.parameterization,
+                    f"trains a {trained_parameterization(c)!r} teacher but the students predict "
+                    f"model.parameterization={c.model.parameterization!r}: add 'teacher_v' after 'teacher' in "
+                    "config.pipeline (ε → v fine-tuning) or train the teacher as the students predict")
 
 
 def quick(c) -> None:
   c.teacher.num_steps, c.teacher.batch_size, c.teacher.log_every, c.teacher.ckpt_every = 150, 64, 50, 75
   c.teacher.v_steps = 50
-  if TEACHER_V in c.pipeline and TEACHER in c.pipeline:  # every stage: the ε teacher then its v fine-tune
-    c.teacher.parameterization, c.teacher.weighting = "eps", "snr"
 
 
 def upgrade_meta(name: str, meta: dict, run_config: dict):
