@@ -13,7 +13,7 @@ from distill import diffusion, registry
 from distill.validation import ConfigError, choice as _choice, fail as _fail, number as _number  # noqa: F401
 from distill.validation import guidance_values, positive_int as _positive_int
 
-DATA_NAMES = ("digits", "cifar10", "imagenet64", "npz", "mixture")
+DATA_NAMES = ("digits", "cifar10", "imagenet64", "npz", "mixture", "fashion_mnist")
 SCHEDULES = ("cosine", "linear_beta", "scaled_linear_beta")
 
 
@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="digits", image_size=8, channels=1, num_classes=10,
       path="",          # .npz file for name='npz'
-      data_dir="",      # TFDS data_dir ('' = TFDS default)
+      data_dir="",      # TFDS data_dir ('' = TFDS default); fashion_mnist: its IDX files ('' = Debian's path)
       num_examples=4096, mixture_scale=1.0, mixture_std=0.2,  # name='mixture'
       seed=0,
   ))
