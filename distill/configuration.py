@@ -60,7 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
       agreement_w=(0.0, 1.0),
       agreement_steps=128,
       agreement_per_class=100,
-      classifier_steps=1500,
+      classifier_steps=1500,            # the data set's feature classifier (classifier-FID, class agreement):
+      classifier_widths=(16, 32, 64),   # its conv widths (multiples of 8), penultimate width and batch
+      classifier_features=64,
+      classifier_batch_size=128,
       w_values=(0.0, 1.0),              # 'evaluate' stage: guidance strengths scored
       per_class=100,                    # 'evaluate' stage: samples per class for each row
       metric="auto",                    # 'inception' | 'classifier' | 'auto' (classifier for embedded data)
@@ -126,8 +129,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   guidance_values("eval.agreement_w", tuple(c.eval.agreement_w))
   guidance_values("eval.w_values", tuple(c.eval.w_values))
   for f in ("agreement_steps", "agreement_per_class", "classifier_steps", "per_class", "max_reference", "is_splits",
-            "pr_k", "dc_k"):
+            "pr_k", "dc_k", "classifier_features", "classifier_batch_size"):
     _positive_int(c, f"eval.{f}")
+  widths = c.eval.classifier_widths
+  if (not isinstance(widths, (tuple, list)) or not widths
+      or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 or w % 8 for w in widths)):
+    _fail("eval.classifier_widths", widths, "must be a non-empty tuple of positive multiples of 8 (GroupNorm's 8 groups)")
   _choice(c, "eval.metric", ("auto", "classifier", "inception"))
   _choice(c, "eval.teacher_ddpm", ("all", "reference"))
   if isinstance(c.eval.bootstrap, bool) or not isinstance(c.eval.bootstrap, int) or c.eval.bootstrap < 0:
