@@ -117,8 +117,9 @@ def run_autoencoder(ctx: Context):
       skip_nonfinite=a.skip_nonfinite, images_per_step=a.batch_size, lr_schedule=schedule,
       fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
   params, _ = run_stage(ctx, stage, stage_meta(c))
-  if ctx.is_main_process:
-    finish(ctx, jax.device_get(params), model)
+  if ctx.is_main_process:  # other processes write nothing; the caches are the main process's
+    return finish(ctx, jax.device_get(params), model)
+  return None
 
 
 def finish(ctx: Context, params, model: ae.AutoencoderKL) -> dict:
@@ -291,25 +292,27 @@ def load_autoencoder(stage_dir: str):
   params, _ = train.load_final_params(stage_dir)
   model = model_of(results["architecture"])
   scale = float(results["scale_factor"])
-  params = jax.device_put(params)
-
-  @jax.jit
-  def _encode_mode(x):
-    return scale * ae.encode(model, params, x)[0]
-
-  @jax.jit
-  def _encode_sample(x, key):
-    mean, logvar = ae.encode(model, params, x)
-    return scale * ae.DiagonalGaussian(mean, logvar).sample(key)
+  params = jax.device_put(params)  # once; passed to the jitted halves as an argument, not baked in as constants
 
   def encode_fn(x, key=None):
-    return _encode_mode(x) if key is None else _encode_sample(x, key)
+    return _scaled_encode(model, params, x, scale, key)
 
-  @jax.jit
   def decode_fn(z):
-    return jnp.clip(ae.decode(model, params, z / scale), -1.0, 1.0)
+    return _scaled_decode(model, params, z, scale)
 
   return encode_fn, decode_fn, scale, tuple(results["latent_shape"])
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _scaled_encode(model, params, x, scale, key=None):
+  mean, logvar = ae.encode(model, params, x)
+  z = mean if key is None else ae.DiagonalGaussian(mean, logvar).sample(key)
+  return scale * z
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _scaled_decode(model, params, z, scale):
+  return jnp.clip(ae.decode(model, params, z / scale), -1.0, 1.0)
 
 
 # --- config -----------------------------------------------------------------------------------------
