@@ -118,3 +118,31 @@ def test_bad_config_is_one_line(field, value, needle):
     configuration.validate(config)
   message = str(error.value)
   assert "\n" not in message and f"config.autoencoder." in message and needle in message, message
+
+
+def test_perceptual_term_through_lpips_files(tmp_path):
+  from distill.evaluation import lpips
+  from distill.models import autoencoder as ae
+  rng = np.random.default_rng(0)
+  trunk_shapes, lin_shapes = lpips.expected_shapes("alex")
+  np.savez(tmp_path / "trunk.npz", **{k: (0.05 * rng.standard_normal(s)).astype(np.float32)
+                                      for k, s in trunk_shapes.items()})
+  np.savez(tmp_path / "lin.npz", **{k: rng.uniform(0, 1, s).astype(np.float32) for k, s in lin_shapes.items()})
+  config = tiny_config(perceptual_weight=0.5)
+  config.autoencoder.lpips.update(trunk=str(tmp_path / "trunk.npz"), lin=str(tmp_path / "lin.npz"), resize=32)
+  configuration.validate(config)
+  stage_lib.preflight(config)
+  frozen, distance = stage_lib._perceptual(config)
+  model = stage_lib.model_of(stage_lib.architecture(config))
+  params = ae.init_params(model, (8, 8, 1), 0)
+  x = jax.numpy.asarray(rng.uniform(-1, 1, (4, 8, 8, 1)), jax.numpy.float32)
+  with_p = ae.reconstruction_loss_fn(model, kl_weight=1e-6, perceptual_weight=0.5, perceptual_fn=distance)
+  without = ae.reconstruction_loss_fn(model, kl_weight=1e-6)
+  key = jax.random.PRNGKey(0)
+  (loss_p, metrics), (loss, _) = with_p(params, frozen, {"image": x}, key), without(params, None, {"image": x}, key)
+  assert metrics["perceptual"] > 0
+  np.testing.assert_allclose(loss_p, loss + 0.5 * 64 * metrics["perceptual"], rtol=1e-5)
+  config.autoencoder.lpips.lin = str(tmp_path / "absent.npz")
+  with pytest.raises(validation.ConfigError) as error:
+    stage_lib.preflight(config)
+  assert "\n" not in str(error.value) and "config.autoencoder.lpips" in str(error.value)
