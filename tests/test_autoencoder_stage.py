@@ -46,6 +46,7 @@ def test_stage_writes_final_meta_caches_and_results(finished):
   test = results["test"]
   assert test["num_images"] == 297 and 0 < test["l1"] and 0 < test["l2"] and np.isfinite(test["psnr"])
   assert test["classifier_fid"] >= 0 and 0 <= test["classifier_accuracy_reconstructions"] <= 1
+  assert test["classifier_fid_train_vs_test"] >= 0
   assert os.path.exists(os.path.join(stage_dir, "reconstructions.png"))
   assert os.path.exists(os.path.join(workdir, "classifier", "digits.npz"))
   # The cache: posterior mean and logvar of every image in the data set's order, and its factor.

@@ -9,7 +9,8 @@ After training, once (each file is skipped when present and made for these param
   WORKDIR/autoencoder/latents_train.npz, latents_test.npz   the data set encoded once (the cache below)
   WORKDIR/autoencoder/autoencoder.json                      scale factor, latent shape, reconstruction error
                                                             (L1, L2, PSNR) and classifier-FID of the test split's
-                                                            reconstructions; written last: the stage is complete
+                                                            reconstructions (beside that of as many training
+                                                            images, its floor); written last: the stage is complete
   WORKDIR/autoencoder/reconstructions.png                   test images (odd rows) over their reconstructions
 
 Cache format (`latents_{split}.npz`): `mean`, `logvar` float32 [N, h, w, c], the posterior q(z | x) of every
@@ -158,8 +159,11 @@ def finish(ctx: Context, params, model: ae.AutoencoderKL) -> dict:
   net = protocol.classifier_net(clf_params, c.data.num_classes, clf_meta["test_accuracy"])
   real_feats, real_logits = net.outputs(test_images)
   recon_feats, recon_logits = net.outputs(recon)
+  # The floor of that number: the same distance between the test split and as many training images.
+  train_images = sources["train"].get_batch(np.arange(min(len(sources["train"]), len(test_images))))["image"]
   metrics.update({
       "classifier_fid": fid.feature_fid(recon_feats, real_feats),
+      "classifier_fid_train_vs_test": fid.feature_fid(net.outputs(train_images)[0], real_feats),
       "classifier_accuracy_reconstructions": float(np.mean(np.argmax(recon_logits, -1) == test_labels)),
       "classifier_accuracy_test": float(np.mean(np.argmax(real_logits, -1) == test_labels)),
       "classifier": net.description})
@@ -177,6 +181,7 @@ def finish(ctx: Context, params, model: ae.AutoencoderKL) -> dict:
   writers.atomic_write_json(results_path, results, indent=1)
   print_(f"scale factor {scale:.4f}; test reconstructions: L1 {metrics['l1']:.4f}, L2 {metrics['l2']:.5f}, "
          f"PSNR {metrics['psnr']:.2f} dB, classifier-FID {metrics['classifier_fid']:.3f} "
+         f"(training images: {metrics['classifier_fid_train_vs_test']:.3f}) "
          f"(classifier accuracy {metrics['classifier_accuracy_reconstructions']:.4f} on reconstructions, "
          f"{metrics['classifier_accuracy_test']:.4f} on the originals)")
   return results
