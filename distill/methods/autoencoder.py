@@ -146,8 +146,10 @@ def finish(ctx: Context, params, model: ae.AutoencoderKL) -> dict:
       print_(f"encoded the {split} split: {mean.shape[0]} images -> latents {mean.shape[1:]}")
   with writers.read_npz(latents_path(stage_dir, "train")) as d:
     scale = scale_factor(d["mean"], d["logvar"])
-  for split in SPLITS:  # the factor into both caches
+  for split in SPLITS:  # the factor into both caches (once)
     with writers.read_npz(latents_path(stage_dir, split)) as d:
+      if float(d["scale_factor"]) == scale:  # exact: the same float64 written before
+        continue
       mean, logvar, labels = d["mean"], d["logvar"], d["labels"]
     _write_cache(latents_path(stage_dir, split), mean, logvar, labels, scale, fp)
 
