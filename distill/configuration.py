@@ -13,7 +13,7 @@ from distill import diffusion, registry
 from distill.validation import ConfigError, choice as _choice, fail as _fail, number as _number  # noqa: F401
 from distill.validation import guidance_values, positive_int as _positive_int
 
-DATA_NAMES = ("digits", "cifar10", "imagenet64", "npz", "mixture")
+DATA_NAMES = ("digits", "cifar10", "imagenet64", "npz", "mixture", "fashion_mnist")
 SCHEDULES = ("cosine", "linear_beta", "scaled_linear_beta")
 
 
@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="digits", image_size=8, channels=1, num_classes=10,
       path="",          # .npz file for name='npz'
-      data_dir="",      # TFDS data_dir ('' = TFDS default)
+      data_dir="",      # TFDS data_dir ('' = TFDS default); fashion_mnist: its IDX files ('' = Debian's path)
       num_workers=0,    # TFDS: grain worker processes reading batches ahead (0: threads in the training process)
       prefetch=2,       # TFDS: host batches read ahead (per worker); 0 with num_workers=0: none
       num_examples=4096, mixture_scale=1.0, mixture_std=0.2,  # name='mixture'
@@ -72,7 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
       agreement_w=(0.0, 1.0),
       agreement_steps=128,
       agreement_per_class=100,
-      classifier_steps=1500,
+      classifier_steps=1500,            # the data set's feature classifier (classifier-FID, class agreement):
+      classifier_widths=(16, 32, 64),   # its conv widths (multiples of 8), penultimate width and batch
+      classifier_features=64,
+      classifier_batch_size=128,
       w_values=(0.0, 1.0),              # 'evaluate' stage: guidance strengths scored
       per_class=100,                    # 'evaluate' stage: samples per class for each row
       metric="auto",                    # 'inception' | 'classifier' | 'auto' (classifier for embedded data)
@@ -152,8 +155,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   guidance_values("eval.agreement_w", tuple(c.eval.agreement_w))
   guidance_values("eval.w_values", tuple(c.eval.w_values))
   for f in ("agreement_steps", "agreement_per_class", "classifier_steps", "per_class", "max_reference", "is_splits",
-            "pr_k", "dc_k"):
+            "pr_k", "dc_k", "classifier_features", "classifier_batch_size"):
     _positive_int(c, f"eval.{f}")
+  widths = c.eval.classifier_widths
+  if (not isinstance(widths, (tuple, list)) or not widths
+      or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 or w % 8 for w in widths)):
+    _fail("eval.classifier_widths", widths, "must be a non-empty tuple of positive multiples of 8 (GroupNorm's 8 groups)")
   _choice(c, "eval.metric", ("auto", "classifier", "inception"))
   _choice(c, "eval.teacher_ddpm", ("all", "reference"))
   if isinstance(c.eval.bootstrap, bool) or not isinstance(c.eval.bootstrap, int) or c.eval.bootstrap < 0:

@@ -14,6 +14,12 @@ Sources:
   digits      scikit-learn's bundled 8x8 digits (offline, tiny: for smoke tests).
   cifar10     TFDS 'cifar10', read with `tfds.data_source` (array_record).
   imagenet64  TFDS 'imagenet_resized/64x64', likewise; test split = 'validation'.
+  fashion_mnist  Fashion-MNIST (60,000 train + 10,000 test, 28x28x1, 10 classes) from
+              the four standard IDX files (`*-ubyte.gz`) in data.data_dir (default: the
+              Debian package dataset-fashion-mnist's /usr/share/datasets/fashion-mnist),
+              or TFDS 'fashion_mnist' prepared under data.data_dir when the IDX files are
+              not there. At image_size 32 the 28x28 images are padded with the
+              background (-1) by 2 pixels a side, not resized.
   npz         a user file with `images` uint8 [N, H, W, C] and `labels` int [N].
   mixture     a Gaussian mixture with known means, so the exact denoiser is
               available to tests.
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import operator
 import os
 import sys
@@ -39,7 +46,7 @@ import weakref
 
 import numpy as np
 
-NAMES = ("digits", "cifar10", "imagenet64", "npz", "mixture")
+NAMES = ("digits", "cifar10", "imagenet64", "npz", "mixture", "fashion_mnist")
 SPLITS = ("train", "test")
 
 # Digits: a fixed permutation of the 1797 examples; its last 297 (~1/6) are 'test'.
@@ -54,7 +61,18 @@ NPZ_TEST_FRACTION = 0.1
 _TFDS = {
     "cifar10": ("cifar10", "test", (32, 32, 3), 10),
     "imagenet64": ("imagenet_resized/64x64", "validation", (64, 64, 3), 1000),
+    "fashion_mnist": ("fashion_mnist", "test", (28, 28, 1), 10),
 }
+
+# Fashion-MNIST: where Debian's `dataset-fashion-mnist` installs it, and its IDX files per split
+# (images, labels), each read as NAME.gz or, uncompressed, NAME.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_SIZE = 28
 _IMAGENET64_FILES = (
     "Imagenet64_train_part1_npz.zip",
     "Imagenet64_train_part2_npz.zip",
@@ -279,6 +297,11 @@ def make_source(config, split: str = "train") -> Source:
     path = _field(config, "path", why)
     images, labels = load_npz(path, split, channels, num_classes)
     return ArraySource(images, labels, num_classes, image_size)
+  if name == "fashion_mnist":
+    _expect(channels, 1, "channels", name)
+    _expect(num_classes, 10, "num_classes", name)
+    images, labels = load_fashion_mnist(split, config.get("data_dir", "") or "")
+    return ArraySource(pad_to(images, image_size), labels, num_classes, image_size)
   tfds_name, test_split, (_, _, native_channels), native_classes = _TFDS[name]
   _expect(channels, native_channels, "channels", name)
   _expect(num_classes, native_classes, "num_classes", name)
@@ -300,6 +323,114 @@ def load_digits(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
   rows = order[:-DIGITS_TEST_SIZE] if split == "train" else order[-DIGITS_TEST_SIZE:]
   images = digits.images[rows, :, :, None].astype(np.float32) / 8.0 - 1.0  # 0..16 -> [-1, 1]
   return resize_images(images, image_size), digits.target[rows].astype(np.int32)
+
+
+def pad_to(images: np.ndarray, size: int) -> np.ndarray:
+  """images: [N, h, w, C] uint8 -> [N, size, size, C], padded evenly with 0 (background; -1 once scaled) when
+  size exceeds h and w by an even margin; returned unchanged otherwise (ArraySource resizes them on read)."""
+  _, h, w, _ = images.shape
+  dh, dw = size - h, size - w
+  if dh <= 0 or dw <= 0 or dh % 2 or dw % 2:
+    return images
+  return np.pad(images, ((0, 0), (dh // 2, dh // 2), (dw // 2, dw // 2), (0, 0)))
+
+
+# IDX element types (the third byte of the magic number) -> numpy big-endian dtype.
+_IDX_TYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads one IDX file (LeCun's MNIST format; gzip-compressed when `path` ends in .gz) -> array of its dims.
+
+    Header: bytes 0-1 zero, byte 2 the element type (0x08 uint8, …), byte 3 the number of dims d, then d
+    big-endian uint32 sizes, then the elements row-major. Raises DataError (one line naming the file) for a
+    bad magic number, a truncated or corrupt file, or a size that does not match the header.
+    """
+  import gzip
+  import zlib
+  try:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError, zlib.error) as e:  # a truncated gzip is EOFError, a corrupt one BadGzipFile/zlib.error
+    raise DataError(f"{path}: not a readable IDX file ({type(e).__name__}: {e})") from e
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+    raise DataError(f"{path}: bad IDX magic number {raw[:4].hex() or '(empty file)'}; "
+                    f"expected 0000TTDD (TT: element type in {sorted(f'{t:02x}' for t in _IDX_TYPES)}, DD: dims)")
+  dtype, ndim = _IDX_TYPES[raw[2]], raw[3]
+  header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes; {ndim} dims need {header})")
+  dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
+  expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+  if len(raw) != expected:
+    raise DataError(f"{path}: {len(raw)} bytes but its IDX header (dims {dims}, {dtype}) needs {expected}"
+                    f"{' (truncated)' if len(raw) < expected else ''}")
+  return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _find_idx(directory: str, name: str) -> str | None:
+  for candidate in (name + ".gz", name):
+    path = os.path.join(directory, candidate)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def load_fashion_mnist(split: str, data_dir: str = "") -> tuple[np.ndarray, np.ndarray]:
+  """-> images uint8 [N, 28, 28, 1] in 0..255, labels int32 [N] in [0, 10); N = 60,000 train, 10,000 test.
+
+    data_dir: '' = FASHION_MNIST_DIR (Debian's `dataset-fashion-mnist`). Reads the split's two IDX files
+    there; when they are absent and TFDS 'fashion_mnist' is prepared under data_dir, reads that instead.
+    A missing directory or missing files is a DataError saying what to install.
+    """
+  directory = data_dir or FASHION_MNIST_DIR
+  field = f"data.data_dir={data_dir!r}" if data_dir else f"{FASHION_MNIST_DIR} (data.data_dir='')"
+  install = f"install it with `apt-get install {FASHION_MNIST_PACKAGE}` (it puts the IDX files in {FASHION_MNIST_DIR})"
+  if not os.path.isdir(directory):
+    raise DataError(f"fashion_mnist: {field} does not exist; {install}, or set data.data_dir to a directory "
+                    f"with {', '.join(n + '.gz' for n in FASHION_MNIST_FILES['train'])} and the t10k files")
+  image_name, label_name = FASHION_MNIST_FILES[split]
+  image_path, label_path = _find_idx(directory, image_name), _find_idx(directory, label_name)
+  if image_path is None or label_path is None:
+    if os.path.isdir(os.path.join(directory, "fashion_mnist")):  # TFDS data_dir/<builder>/<version>/
+      return _fashion_mnist_from_tfds(split, directory)
+    missing = [n + ".gz" for n, p in ((image_name, image_path), (label_name, label_path)) if p is None]
+    raise DataError(f"fashion_mnist: {field} has no {' or '.join(missing)} (nor TFDS fashion_mnist); {install}")
+  return _cached_idx_pair(image_path, label_path, *_stamp(image_path), *_stamp(label_path))
+
+
+def _stamp(path: str) -> tuple[int, float]:
+  st = os.stat(path)
+  return st.st_size, st.st_mtime
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_idx_pair(image_path: str, label_path: str, *stamps) -> tuple[np.ndarray, np.ndarray]:
+  # Keyed on size and mtime too, so a file replaced in place is read again. Callers get read-only arrays.
+  del stamps
+  images, labels = read_idx(image_path), read_idx(label_path)
+  if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (FASHION_MNIST_SIZE,) * 2:
+    raise DataError(f"{image_path}: IDX images of dims {images.shape} ({images.dtype}); "
+                    f"expected uint8 [N, {FASHION_MNIST_SIZE}, {FASHION_MNIST_SIZE}]")
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f"{label_path}: IDX labels of dims {labels.shape} ({labels.dtype}); expected integers [N]")
+  if len(labels) != len(images):
+    raise DataError(f"{label_path}: {len(labels)} labels but {image_path} has {len(images)} images")
+  if len(labels) and (labels.min() < 0 or labels.max() > 9):
+    raise DataError(f"{label_path}: labels range [{labels.min()}, {labels.max()}]; expected classes 0..9")
+  images = images[..., None]
+  labels = labels.astype(np.int32)
+  images.flags.writeable = labels.flags.writeable = False
+  return images, labels
+
+
+def _fashion_mnist_from_tfds(split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
+  records = open_tfds("fashion_mnist", split, data_dir)
+  items = [records[i] for i in range(len(records))]
+  images = np.stack([np.asarray(r["image"], np.uint8).reshape(FASHION_MNIST_SIZE, FASHION_MNIST_SIZE, 1)
+                     for r in items]) if items else np.zeros((0, 28, 28, 1), np.uint8)
+  return images, np.asarray([r["label"] for r in items], np.int32)
 
 
 def _is_real(value) -> bool:

@@ -127,10 +127,10 @@ def _train_step(params, opt_state, images, labels, rng, learning_rate, *, augmen
   return params, opt_state, loss
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _init_params(rng, image_shape: tuple[int, ...], num_classes: int, features: int):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _init_params(rng, image_shape: tuple[int, ...], num_classes: int, features: int, widths: tuple[int, ...]):
   # A module-level jit, so repeated `train_classifier` calls reuse the compiled init.
-  model = SmallClassifier(num_classes=num_classes, features=features)
+  model = SmallClassifier(num_classes=num_classes, features=features, widths=widths)
   return model.init(rng, jnp.zeros((1,) + tuple(image_shape)))["params"]
 
 
@@ -146,6 +146,7 @@ def train_classifier(
     batch_size: int = 128,
     augment: bool = True,
     features: int = 64,
+    widths: tuple[int, ...] = (16, 32, 64),
     learning_rate: float = 3e-3,
     weight_decay: float = 1e-4,
 ) -> tuple[dict, float]:
@@ -165,7 +166,10 @@ def train_classifier(
   n = len(train_images)
   batch_size = min(batch_size, n)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
-  params = _init_params(init_rng, train_images.shape[1:], num_classes, features)
+  widths = tuple(int(w) for w in widths)
+  if not widths or any(w <= 0 or w % 8 for w in widths):
+    raise ValueError(f"widths={widths} must be a non-empty tuple of positive multiples of 8 (GroupNorm's 8 groups)")
+  params = _init_params(init_rng, train_images.shape[1:], num_classes, features, widths)
   opt_state = _adamw_direction(weight_decay).init(params)
   schedule = optax.warmup_cosine_decay_schedule(0.0,
                                                 learning_rate,
@@ -278,4 +282,55 @@ def load_classifier(path: str) -> tuple[dict, dict]:
     meta = json.loads(str(data[_META_KEY]))
     flat = {key: np.asarray(data[key]) for key in data.files if key != _META_KEY}
   params = traverse_util.unflatten_dict(flat, sep="/")
+  return params, meta
+
+
+# The config fields (config.eval) that choose the classifier, and the `train_classifier` argument each sets.
+CONFIG_FIELDS = {"classifier_steps": "steps", "classifier_widths": "widths", "classifier_features": "features",
+                 "classifier_batch_size": "batch_size"}
+
+
+def settings(eval_config) -> dict:
+  """`train_classifier`'s keyword arguments from a config's eval section (the fields it has of CONFIG_FIELDS)."""
+  out = {arg: eval_config[field] for field, arg in CONFIG_FIELDS.items() if field in eval_config}
+  if "widths" in out:
+    out["widths"] = tuple(int(w) for w in out["widths"])
+  return out
+
+
+def classifier_for_run(config, workdir: str, train_source=None) -> tuple[dict, dict]:
+  """The feature classifier of the run's data set, trained once with the config's settings (`settings`) and
+  cached in WORKDIR/classifier/<data.name>.npz with its metadata: test_accuracy (held-out: the data set's test
+  split), the sizes, the settings, train_seconds. Prints the held-out accuracy when it trains. A cached file is
+  used as it is (a note is printed when it was trained with other settings).
+
+  train_source: the run's training source (made from config.data when None)."""
+  from etils import epath
+
+  from distill import data as data_lib
+  c = config
+  path = os.path.join(workdir, "classifier", f"{c.data.name}.npz")
+  chosen = settings(c.eval)
+  if epath.Path(path).exists():
+    params, meta = load_classifier(path)
+    recorded = {k: meta[k] for k in chosen if k in meta}
+    wanted = {k: (list(v) if isinstance(v, tuple) else v) for k, v in chosen.items() if k in recorded}
+    if recorded != wanted:
+      print(f"[classifier] {path} was trained with {recorded}, not the config's {wanted}; using it as it is "
+            f"(delete it to retrain)")
+    return params, meta
+  train_source = train_source if train_source is not None else data_lib.make_source(c.data, "train")
+  test_source = data_lib.make_source(c.data, "test")
+  tr = train_source.get_batch(np.arange(len(train_source)))
+  te = test_source.get_batch(np.arange(len(test_source)))
+  import time
+  start = time.time()
+  params, acc = train_classifier(tr["image"], tr["label"], te["image"], te["label"], num_classes=c.data.num_classes,
+                                 seed=c.seed, **chosen)
+  meta = {"test_accuracy": float(acc), "num_train": len(tr["label"]), "num_test": len(te["label"]),
+          "data": c.data.name, "train_seconds": time.time() - start,
+          **{k: (list(v) if isinstance(v, tuple) else v) for k, v in chosen.items()}}
+  save_classifier(path, params, meta)  # atomically, creating the directory
+  print(f"[classifier] {c.data.name}: held-out test accuracy {acc:.4f} ({meta['train_seconds']:.0f}s, "
+        f"widths {tuple(meta.get('widths', ()))}, {meta.get('steps')} steps)")
   return params, meta

@@ -29,7 +29,7 @@ from distill.evaluation import classifier as classifier_lib
 from distill.evaluation import fid, inception, metrics
 
 METRICS = ("classifier", "inception")
-EMBEDDED = ("digits", "npz", "mixture")  # data sets without an Inception protocol
+EMBEDDED = ("digits", "npz", "mixture", "fashion_mnist")  # data sets without an Inception protocol
 
 
 @dataclasses.dataclass(frozen=True)

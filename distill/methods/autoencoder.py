@@ -1,0 +1,402 @@
+"""The KL autoencoder latent diffusion runs in (`distill.models.autoencoder`), trained as a pipeline stage.
+Registers the stage 'autoencoder' and the config section 'autoencoder'; no sampler (the stage is not sampled).
+
+Training: the trainer's one loop (`train.run_stage`: resumable, EMA, checkpoints) on SD's objective without its
+discriminator — per example Σ_pixels [L1 or L2 + perceptual_weight · LPIPS] + kl_weight · KL(q(z|x) ‖ N(0, I)),
+LPIPS only when its weight files are configured (autoencoder.lpips).
+
+After training, once (each file is skipped when present and made for these parameters):
+  WORKDIR/autoencoder/latents_train.npz, latents_test.npz   the data set encoded once (the cache below)
+  WORKDIR/autoencoder/autoencoder.json                      scale factor, latent shape, reconstruction error
+                                                            (L1, L2, PSNR) and classifier-FID of the test split's
+                                                            reconstructions (beside that of as many training
+                                                            images, its floor); written last: the stage is complete
+  WORKDIR/autoencoder/reconstructions.png                   test images (odd rows) over their reconstructions
+
+Cache format (`latents_{split}.npz`): `mean`, `logvar` float32 [N, h, w, c], the posterior q(z | x) of every
+image of the split in the data set's order, unscaled; `labels` int32 [N]; `scale_factor` (scalar), `fingerprint`
+(of the autoencoder's parameters: a cache of other parameters is refused). Storing the posterior rather than a
+sample keeps both choices open: `load_latents` returns scale_factor · mean (the posterior mode; with SD's small KL
+weight the posterior std is tiny) or, with a seed, one fixed sample scale_factor · (mean + std · ε).
+
+Scale factor (Rombach et al. 2022, §4.3.2 / App. D.1; SD's 0.18215): 1 / std of latents sampled from the posterior
+over the whole training split, in closed form: 1 / sqrt(mean_i (mean_i − m̄)² + mean_i var_i) over every element
+i, m̄ the mean of the means (the law of total variance).
+
+For the stages that run on latents: `load_autoencoder(stage_dir)` → (encode_fn, decode_fn, scale_factor,
+latent_shape), both functions on scaled latents; `load_latents(workdir_or_stage_dir, split)` → (latents, labels).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from distill import contract, optimizers, train, validation, writers
+from distill.context import Context, batch_fn, run_stage
+from distill.evaluation import classifier as classifier_lib
+from distill.evaluation import fid, protocol
+from distill.models import autoencoder as ae
+
+STAGE = "autoencoder"
+RESULTS = "autoencoder.json"
+SPLITS = ("train", "test")
+LOSSES = ("l1", "l2")
+
+
+class AutoencoderError(train.TrainingError):
+  """A missing or unfinished autoencoder stage, or a latent cache that does not belong to it (one line)."""
+
+
+def latents_path(stage_dir: str, split: str) -> str:
+  return os.path.join(stage_dir, f"latents_{split}.npz")
+
+
+# --- the stage ---------------------------------------------------------------------------------------
+
+
+def architecture(config) -> dict:
+  """What rebuilds the model from a finished stage (recorded in its meta)."""
+  a = config.autoencoder
+  return {"in_channels": int(config.data.channels), "block_out_channels": [int(c) for c in a.block_out_channels],
+          "layers_per_block": int(a.layers_per_block), "latent_channels": int(a.latent_channels),
+          "norm_num_groups": int(a.norm_num_groups), "image_size": int(config.data.image_size)}
+
+
+def model_of(arch: dict) -> ae.AutoencoderKL:
+  return ae.AutoencoderKL(in_channels=arch["in_channels"], block_out_channels=tuple(arch["block_out_channels"]),
+                          layers_per_block=arch["layers_per_block"], latent_channels=arch["latent_channels"],
+                          norm_num_groups=arch["norm_num_groups"])
+
+
+def stage_meta(config) -> contract.StageMeta:
+  """The autoencoder's record: not sampled, not scored; trained from data (no teacher evaluations)."""
+  a = config.autoencoder
+  return contract.StageMeta(
+      kind="autoencoder", method="autoencoder", sampler="", num_sampling_steps=0, w_range=(0.0, 0.0),
+      batch_size=int(a.batch_size), teacher_evals_per_update=0.0, student_evals_per_update=1.0, scored=False,
+      extra={"architecture": architecture(config), "loss": a.loss, "kl_weight": float(a.kl_weight),
+             "perceptual_weight": float(a.perceptual_weight)})
+
+
+def _perceptual(config):
+  """(frozen LPIPS params, fn(frozen, a, b) → [B]) when autoencoder.perceptual_weight > 0, else (None, None)."""
+  a = config.autoencoder
+  if not a.perceptual_weight:
+    return None, None
+  from distill.evaluation import lpips
+  model = lpips.load_lpips(a.lpips.net, os.path.expanduser(a.lpips.trunk), os.path.expanduser(a.lpips.lin))
+  resize = int(a.lpips.resize) or None
+
+  def distance(frozen, x, y):
+    return lpips.lpips_distance(lpips.LPIPS(model.net, frozen), x, y, resize_to=resize,
+                                precision=jax.lax.Precision.DEFAULT)
+
+  return model.params, distance
+
+
+def run_autoencoder(ctx: Context):
+  c = ctx.config
+  a = c.autoencoder
+  model = model_of(architecture(c))
+  frozen, perceptual_fn = _perceptual(c)
+  optimizer, schedule = optimizers.adam_with_warmup(a.lr, a.warmup_steps, a.grad_clip)
+  stage = train.Stage(
+      name=STAGE,
+      loss_fn=ae.reconstruction_loss_fn(model, kl_weight=float(a.kl_weight), loss=a.loss,
+                                        perceptual_weight=float(a.perceptual_weight), perceptual_fn=perceptual_fn),
+      init_params=ae.init_params(model, ctx.image_shape, c.seed), optimizer=optimizer, num_steps=a.steps,
+      batch_fn=batch_fn(ctx.train_source, a.batch_size, c.seed), seed=c.seed, frozen=frozen,
+      ema_decay=float(a.ema_decay) if a.ema_decay else None, log_every=a.log_every, ckpt_every=a.ckpt_every,
+      skip_nonfinite=a.skip_nonfinite, images_per_step=a.batch_size, lr_schedule=schedule,
+      fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
+  params, _ = run_stage(ctx, stage, stage_meta(c))
+  if ctx.is_main_process:  # other processes write nothing; the caches are the main process's
+    return finish(ctx, jax.device_get(params), model)
+  return None
+
+
+def finish(ctx: Context, params, model: ae.AutoencoderKL) -> dict:
+  """The work after training (each part skipped when done): the latent caches, the scale factor, the
+  reconstruction metrics and grid, and autoencoder.json. Returns autoencoder.json's contents."""
+  from distill import data as data_lib
+  c = ctx.config
+  stage_dir = ctx.stage_dir(STAGE)
+  results_path = os.path.join(stage_dir, RESULTS)
+  if epath.Path(results_path).exists():
+    return writers.read_json(results_path)
+  start = time.time()
+  print_ = lambda s: print(f"[{STAGE}] {s}")  # noqa: E731
+  fp = train.fingerprint(params)
+  batch = int(c.autoencoder.encode_batch_size)
+  sources = {"train": ctx.train_source, "test": data_lib.make_source(c.data, "test")}
+  # Encode without a scale first: the factor comes from the training latents themselves.
+  for split in SPLITS:
+    if not _cache_ok(latents_path(stage_dir, split), fp):
+      images, labels = _all(sources[split])
+      mean, logvar = encode_all(model, params, images, batch)
+      _write_cache(latents_path(stage_dir, split), mean, logvar, labels, None, fp)
+      print_(f"encoded the {split} split: {mean.shape[0]} images -> latents {mean.shape[1:]}")
+  with writers.read_npz(latents_path(stage_dir, "train")) as d:
+    scale = scale_factor(d["mean"], d["logvar"])
+  for split in SPLITS:  # the factor into both caches (once)
+    with writers.read_npz(latents_path(stage_dir, split)) as d:
+      if float(d["scale_factor"]) == scale:  # exact: the same float64 written before
+        continue
+      mean, logvar, labels = d["mean"], d["logvar"], d["labels"]
+    _write_cache(latents_path(stage_dir, split), mean, logvar, labels, scale, fp)
+
+  test_images, test_labels = _all(sources["test"])
+  with writers.read_npz(latents_path(stage_dir, "test")) as d:
+    recon = decode_all(model, params, d["mean"], batch)
+  metrics = reconstruction_metrics(test_images, recon)
+  clf_params, clf_meta = classifier_lib.classifier_for_run(c, ctx.workdir, ctx.train_source)
+  net = protocol.classifier_net(clf_params, c.data.num_classes, clf_meta["test_accuracy"])
+  real_feats, real_logits = net.outputs(test_images)
+  recon_feats, recon_logits = net.outputs(recon)
+  # The floor of that number: the same distance between the test split and as many training images.
+  train_images = sources["train"].get_batch(np.arange(min(len(sources["train"]), len(test_images))))["image"]
+  metrics.update({
+      "classifier_fid": fid.feature_fid(recon_feats, real_feats),
+      "classifier_fid_train_vs_test": fid.feature_fid(net.outputs(train_images)[0], real_feats),
+      "classifier_accuracy_reconstructions": float(np.mean(np.argmax(recon_logits, -1) == test_labels)),
+      "classifier_accuracy_test": float(np.mean(np.argmax(real_logits, -1) == test_labels)),
+      "classifier": net.description})
+  k = min(10, len(test_images))
+  pairs = np.stack([test_images[:8 * k], recon[:8 * k]]) if len(test_images) >= 8 * k else None
+  if pairs is not None:
+    grid = np.concatenate([np.concatenate([pairs[0][r * k:(r + 1) * k], pairs[1][r * k:(r + 1) * k]])
+                           for r in range(8)])
+    writers.save_image_grid(os.path.join(stage_dir, "reconstructions.png"), grid, ncols=k,
+                            upscale=max(1, 64 // ctx.image_shape[0]))
+  results = {"scale_factor": scale, "latent_shape": list(model.latent_shape(ctx.image_shape)),
+             "image_shape": list(ctx.image_shape), "fingerprint": fp, "architecture": architecture(c),
+             "test": {**metrics, "num_images": int(len(test_images))},
+             "seconds": time.time() - start}
+  writers.atomic_write_json(results_path, results, indent=1)
+  print_(f"scale factor {scale:.4f}; test reconstructions: L1 {metrics['l1']:.4f}, L2 {metrics['l2']:.5f}, "
+         f"PSNR {metrics['psnr']:.2f} dB, classifier-FID {metrics['classifier_fid']:.3f} "
+         f"(training images: {metrics['classifier_fid_train_vs_test']:.3f}) "
+         f"(classifier accuracy {metrics['classifier_accuracy_reconstructions']:.4f} on reconstructions, "
+         f"{metrics['classifier_accuracy_test']:.4f} on the originals)")
+  return results
+
+
+def _all(source) -> tuple[np.ndarray, np.ndarray]:
+  b = source.get_batch(np.arange(len(source)))
+  return b["image"], b["label"]
+
+
+def _in_batches(fn, arrays: np.ndarray, batch: int):
+  """fn over rows of `arrays` in batches of exactly `batch` rows (the last padded): one compiled shape."""
+  outs = []
+  for i in range(0, len(arrays), batch):
+    part = arrays[i:i + batch]
+    valid = len(part)
+    if valid < batch and len(arrays) > batch:
+      part = np.concatenate([part, np.repeat(part[-1:], batch - valid, 0)])
+    outs.append(jax.tree.map(lambda o: np.asarray(o)[:valid], fn(jnp.asarray(part))))
+  return jax.tree.map(lambda *o: np.concatenate(o), *outs)
+
+
+def encode_all(model, params, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+  """images [N, H, W, C] in [−1, 1] → (mean, logvar) float32 [N, h, w, c], unscaled."""
+  return _in_batches(lambda x: ae.encode(model, params, x), images, batch)
+
+
+def decode_all(model, params, latents: np.ndarray, batch: int) -> np.ndarray:
+  """Unscaled latents [N, h, w, c] → images [N, H, W, C] clipped to [−1, 1]."""
+  return np.clip(_in_batches(lambda z: ae.decode(model, params, z), latents, batch), -1.0, 1.0)
+
+
+def scale_factor(mean: np.ndarray, logvar: np.ndarray) -> float:
+  """1 / std of posterior samples over every element of `mean`/`logvar` [N, h, w, c], in closed form (float64)."""
+  m = np.asarray(mean, np.float64)
+  variance = np.mean(np.square(m - m.mean())) + np.mean(np.exp(np.asarray(logvar, np.float64)))
+  return float(1.0 / math.sqrt(variance))
+
+
+def reconstruction_metrics(images: np.ndarray, recon: np.ndarray) -> dict:
+  """L1 and L2 (per-pixel means) and PSNR (per image on [−1, 1], peak-to-peak 2, averaged) of reconstructions."""
+  diff = np.asarray(recon, np.float64) - np.asarray(images, np.float64)
+  per_image_mse = np.mean(np.square(diff), axis=tuple(range(1, diff.ndim)))
+  psnr = 10.0 * np.log10(4.0 / np.maximum(per_image_mse, 1e-12))
+  return {"l1": float(np.mean(np.abs(diff))), "l2": float(np.mean(np.square(diff))), "psnr": float(np.mean(psnr))}
+
+
+def _write_cache(path, mean, logvar, labels, scale, fp):
+  writers.atomic_write_bytes(path, writers.npz_bytes(
+      mean=np.asarray(mean, np.float32), logvar=np.asarray(logvar, np.float32), labels=np.asarray(labels, np.int32),
+      scale_factor=np.float64(np.nan if scale is None else scale), fingerprint=np.array(fp)))
+
+
+def _cache_ok(path: str, fp: str) -> bool:
+  if not epath.Path(path).exists():
+    return False
+  try:
+    with writers.read_npz(path) as d:
+      return str(d["fingerprint"]) == fp
+  except Exception:  # noqa: BLE001 — an unreadable cache is made again
+    return False
+
+
+# --- what the latent stages read ----------------------------------------------------------------------
+
+
+def _stage_dir_of(path: str) -> str:
+  """A workdir (holding autoencoder/) or the autoencoder's stage directory itself."""
+  return path if epath.Path(path, RESULTS).exists() or epath.Path(path, "final").exists() else os.path.join(
+      path, STAGE)
+
+
+def _results(stage_dir: str) -> dict:
+  path = os.path.join(stage_dir, RESULTS)
+  if not epath.Path(path).exists():
+    why = "has not finished training" if not train.has_final(stage_dir) else "finished training but not its encoding"
+    raise AutoencoderError(f"{stage_dir}: the autoencoder {why} (no {RESULTS}); run the 'autoencoder' stage first "
+                           f"(config.pipeline starting with 'autoencoder')")
+  return writers.read_json(path)
+
+
+def load_latents(workdir_or_stage_dir: str, split: str, *, sample_seed: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """The cached latents of a split: (latents float32 [N, h, w, c], scaled by the scale factor, labels int32 [N]),
+  in the data set's order. Latents are the posterior means (the mode); with sample_seed, one sample
+  mean + std · ε per image from numpy's default_rng(sample_seed), scaled likewise.
+  AutoencoderError (one line) when the stage has not finished or the cache belongs to other parameters."""
+  if split not in SPLITS:
+    raise ValueError(f"split={split!r}: allowed {SPLITS}")
+  stage_dir = _stage_dir_of(workdir_or_stage_dir)
+  results = _results(stage_dir)
+  path = latents_path(stage_dir, split)
+  if not epath.Path(path).exists():
+    raise AutoencoderError(f"{path}: missing; rerun the 'autoencoder' stage to encode the {split} split again")
+  with writers.read_npz(path) as d:
+    if str(d["fingerprint"]) != results["fingerprint"]:
+      raise AutoencoderError(f"{path}: encoded by other parameters than {stage_dir}/final (fingerprint "
+                             f"{str(d['fingerprint'])} != {results['fingerprint']}); delete it and rerun the stage")
+    mean, labels = d["mean"], d["labels"]
+    z = mean if sample_seed is None else mean + np.exp(0.5 * d["logvar"]) * np.random.default_rng(
+        sample_seed).standard_normal(mean.shape, np.float32)
+  return (np.float32(results["scale_factor"]) * z).astype(np.float32), labels.astype(np.int32)
+
+
+def load_autoencoder(stage_dir: str):
+  """(encode_fn, decode_fn, scale_factor, latent_shape) of a finished autoencoder stage (or its workdir).
+
+  encode_fn(x [B, H, W, C] in [−1, 1], key=None) → scaled latents [B, h, w, c]: scale_factor · the posterior mean,
+  or with a PRNG key scale_factor · a posterior sample. decode_fn(z [B, h, w, c] scaled) → x [B, H, W, C] clipped to
+  [−1, 1]. Both jitted; latent_shape = (h, w, c)."""
+  stage_dir = _stage_dir_of(stage_dir)
+  results = _results(stage_dir)
+  params, _ = train.load_final_params(stage_dir)
+  model = model_of(results["architecture"])
+  scale = float(results["scale_factor"])
+  params = jax.device_put(params)  # once; passed to the jitted halves as an argument, not baked in as constants
+
+  def encode_fn(x, key=None):
+    return _scaled_encode(model, params, x, scale, key)
+
+  def decode_fn(z):
+    return _scaled_decode(model, params, z, scale)
+
+  return encode_fn, decode_fn, scale, tuple(results["latent_shape"])
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _scaled_encode(model, params, x, scale, key=None):
+  mean, logvar = ae.encode(model, params, x)
+  z = mean if key is None else ae.DiagonalGaussian(mean, logvar).sample(key)
+  return scale * z
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _scaled_decode(model, params, z, scale):
+  return jnp.clip(ae.decode(model, params, z / scale), -1.0, 1.0)
+
+
+# --- config -----------------------------------------------------------------------------------------
+
+
+def config_sections():
+  return {"autoencoder": ml_collections.ConfigDict(dict(
+      # Architecture (SD's VAE: (128, 256, 512, 512), 2, 4, 32): L levels halve the image L − 1 times.
+      block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+      steps=2000, batch_size=64, lr=1e-3, warmup_steps=100, grad_clip=1.0,
+      ema_decay=0.0,                    # 0: no EMA
+      loss="l1",                        # 'l1' | 'l2': the per-pixel reconstruction term (SD: l1)
+      kl_weight=1e-6,                   # SD's KL weight (its loss sums over pixels, as here)
+      perceptual_weight=0.0,            # > 0: + weight · LPIPS at every pixel (SD: 1.0), from these files:
+      lpips=ml_collections.ConfigDict(dict(
+          net="alex", trunk="", lin="",  # the torchvision trunk's state dict, the lpips package's lin weights
+          resize=64,                    # bilinear resize before LPIPS (0: none; the alex trunk needs >= 31 px)
+      )),
+      encode_batch_size=500,            # rows per encode/decode call after training
+      log_every=100, ckpt_every=500, skip_nonfinite=False,
+  ))}
+
+
+def validate(c) -> None:
+  a = c.autoencoder
+  for f in ("layers_per_block", "latent_channels", "norm_num_groups", "steps", "batch_size", "encode_batch_size",
+            "log_every", "ckpt_every"):
+    validation.positive_int(c, f"autoencoder.{f}")
+  widths = a.block_out_channels
+  if (not isinstance(widths, (tuple, list)) or not widths
+      or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 or w % a.norm_num_groups for w in widths)):
+    validation.fail("autoencoder.block_out_channels", widths,
+                    f"must be a non-empty tuple of positive multiples of autoencoder.norm_num_groups={a.norm_num_groups}")
+  down = 2 ** (len(widths) - 1)
+  if c.data.image_size % down:
+    validation.fail("autoencoder.block_out_channels", tuple(widths), f"{len(widths)} levels halve the image "
+                    f"{len(widths) - 1} times; data.image_size={c.data.image_size} must divide by {down}")
+  if isinstance(a.warmup_steps, bool) or not isinstance(a.warmup_steps, int) or a.warmup_steps < 0:
+    validation.fail("autoencoder.warmup_steps", a.warmup_steps, "must be a non-negative integer")
+  validation.number(c, "autoencoder.lr", 0.0, 1.0, lo_open=True)
+  validation.number(c, "autoencoder.grad_clip", 0.0, lo_open=True)
+  validation.number(c, "autoencoder.ema_decay", 0.0, 1.0, hi_open=True)
+  validation.number(c, "autoencoder.kl_weight", 0.0)
+  validation.number(c, "autoencoder.perceptual_weight", 0.0)
+  validation.choice(c, "autoencoder.loss", LOSSES)
+  validation.boolean(c, "autoencoder.skip_nonfinite")
+  if a.perceptual_weight:
+    validation.choice(c, "autoencoder.lpips.net", ("alex", "vgg"))
+    for f, what in (("trunk", "the torchvision trunk's state dict"), ("lin", "the lpips package's lin weights")):
+      if not isinstance(a.lpips[f], str) or not a.lpips[f]:
+        validation.fail(f"autoencoder.lpips.{f}", a.lpips[f], f"autoencoder.perceptual_weight > 0 needs a path "
+                        f"to {what} (.pth or .npz); or set autoencoder.perceptual_weight=0")
+    r = a.lpips.resize
+    if isinstance(r, bool) or not isinstance(r, int) or (r != 0 and r < 32):
+      validation.fail("autoencoder.lpips.resize", r, "must be 0 (no resize) or an integer >= 32")
+
+
+def preflight(c) -> None:
+  """With a perceptual loss: both LPIPS weight files load before anything is written."""
+  if not c.autoencoder.perceptual_weight:
+    return
+  try:
+    _perceptual(c)
+  except Exception as e:  # noqa: BLE001 — a missing file, a wrong key or shape
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    raise validation.ConfigError(f"config.autoencoder.lpips (trunk={c.autoencoder.lpips.trunk!r}, "
+                                 f"lin={c.autoencoder.lpips.lin!r}): {type(e).__name__}: "
+                                 f"{lines[0] if lines else ''}") from e
+
+
+def quick(c) -> None:
+  a = c.autoencoder
+  a.steps, a.batch_size, a.log_every, a.ckpt_every, a.warmup_steps = 40, 32, 20, 20, 10
+  a.block_out_channels, a.norm_num_groups = (16, 32, 32), 8
+
+
+METHOD = contract.Method(
+    name="autoencoder", order=-1, stages={STAGE: run_autoencoder}, config=config_sections, validate=validate,
+    preflight=preflight, quick=quick, data_batches=("autoencoder.batch_size",),
+    plan=lambda config, stage: [(STAGE, stage_meta(config))])
