@@ -5,12 +5,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
 from distill import data as data_lib
 from distill import latent as latent_lib
@@ -263,23 +261,9 @@ def class_captions(data_cfg, k: int) -> list[str]:
 
 
 def get_classifier(ctx: Context):
-  """The feature classifier of an embedded data set, trained once and cached in WORKDIR/classifier."""
-  c = ctx.config
-  path = os.path.join(ctx.workdir, "classifier", f"{c.data.name}.npz")
-  if epath.Path(path).exists():
-    return classifier_lib.load_classifier(path)
-  test_source, train_source = ctx.pixel_source("test"), ctx.pixel_source("train")
-  tr = train_source.get_batch(np.arange(len(train_source)))
-  te = test_source.get_batch(np.arange(len(test_source)))
-  start = time.time()
-  params, acc = classifier_lib.train_classifier(tr["image"], tr["label"], te["image"], te["label"],
-                                                num_classes=c.data.num_classes, seed=c.seed,
-                                                steps=c.eval.classifier_steps)
-  meta = {"test_accuracy": float(acc), "num_train": len(tr["label"]), "num_test": len(te["label"]),
-          "data": c.data.name, "train_seconds": time.time() - start}
-  classifier_lib.save_classifier(path, params, meta)  # atomically, creating the directory
-  print(f"[classifier] {c.data.name}: test accuracy {acc:.4f} ({meta['train_seconds']:.0f}s)")
-  return params, meta
+  """(params, meta) of the data set's feature classifier, trained once on its images with the config's settings
+  (eval.classifier_*) and cached in WORKDIR/classifier; meta['test_accuracy'] is its held-out accuracy."""
+  return classifier_lib.classifier_for_run(ctx.config, ctx.workdir, ctx.pixel_source("train"))
 
 
 def teacher_class_agreement(ctx: Context, fn) -> dict:

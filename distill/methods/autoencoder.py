@@ -40,23 +40,14 @@ import numpy as np
 from etils import epath
 
 from distill import contract, optimizers, train, validation, writers
-from distill.context import Context, batch_fn, run_stage
+from distill.context import Context, batch_fn, get_classifier, run_stage
 from distill.evaluation import classifier as classifier_lib
 from distill.evaluation import fid, protocol
 from distill.models import autoencoder as ae
+from distill.latent import (RESULTS, SPLITS, STAGE, AutoencoderError, latents_path, load_autoencoder,  # noqa: F401
+                            load_latents, model_of)
 
-STAGE = "autoencoder"
-RESULTS = "autoencoder.json"
-SPLITS = ("train", "test")
 LOSSES = ("l1", "l2")
-
-
-class AutoencoderError(train.TrainingError):
-  """A missing or unfinished autoencoder stage, or a latent cache that does not belong to it (one line)."""
-
-
-def latents_path(stage_dir: str, split: str) -> str:
-  return os.path.join(stage_dir, f"latents_{split}.npz")
 
 
 # --- the stage ---------------------------------------------------------------------------------------
@@ -68,12 +59,6 @@ def architecture(config) -> dict:
   return {"in_channels": int(config.data.channels), "block_out_channels": [int(c) for c in a.block_out_channels],
           "layers_per_block": int(a.layers_per_block), "latent_channels": int(a.latent_channels),
           "norm_num_groups": int(a.norm_num_groups), "image_size": int(config.data.image_size)}
-
-
-def model_of(arch: dict) -> ae.AutoencoderKL:
-  return ae.AutoencoderKL(in_channels=arch["in_channels"], block_out_channels=tuple(arch["block_out_channels"]),
-                          layers_per_block=arch["layers_per_block"], latent_channels=arch["latent_channels"],
-                          norm_num_groups=arch["norm_num_groups"])
 
 
 def stage_meta(config) -> contract.StageMeta:
@@ -113,7 +98,7 @@ def run_autoencoder(ctx: Context):
       loss_fn=ae.reconstruction_loss_fn(model, kl_weight=float(a.kl_weight), loss=a.loss,
                                         perceptual_weight=float(a.perceptual_weight), perceptual_fn=perceptual_fn),
       init_params=ae.init_params(model, ctx.image_shape, c.seed), optimizer=optimizer, num_steps=a.steps,
-      batch_fn=batch_fn(ctx.train_source, a.batch_size, c.seed), seed=c.seed, frozen=frozen,
+      batch_fn=batch_fn(ctx.pixel_source("train"), a.batch_size, c.seed), seed=c.seed, frozen=frozen,
       ema_decay=float(a.ema_decay) if a.ema_decay else None, log_every=a.log_every, ckpt_every=a.ckpt_every,
       skip_nonfinite=a.skip_nonfinite, images_per_step=a.batch_size, lr_schedule=schedule,
       fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
@@ -136,7 +121,7 @@ def finish(ctx: Context, params, model: ae.AutoencoderKL) -> dict:
   print_ = lambda s: print(f"[{STAGE}] {s}")  # noqa: E731
   fp = train.fingerprint(params)
   batch = int(c.autoencoder.encode_batch_size)
-  sources = {"train": ctx.train_source, "test": data_lib.make_source(c.data, "test")}
+  sources = {"train": ctx.pixel_source("train"), "test": ctx.pixel_source("test")}
   # Encode without a scale first: the factor comes from the training latents themselves.
   for split in SPLITS:
     if not _cache_ok(latents_path(stage_dir, split), fp):
@@ -157,7 +142,7 @@ def finish(ctx: Context, params, model: ae.AutoencoderKL) -> dict:
   with writers.read_npz(latents_path(stage_dir, "test")) as d:
     recon = decode_all(model, params, d["mean"], batch)
   metrics = reconstruction_metrics(test_images, recon)
-  clf_params, clf_meta = classifier_lib.classifier_for_run(c, ctx.workdir, ctx.train_source)
+  clf_params, clf_meta = get_classifier(ctx)
   net = protocol.classifier_net(clf_params, c.data.num_classes, clf_meta["test_accuracy"])
   real_feats, real_logits = net.outputs(test_images)
   recon_feats, recon_logits = net.outputs(recon)
@@ -245,81 +230,6 @@ def _cache_ok(path: str, fp: str) -> bool:
       return str(d["fingerprint"]) == fp
   except Exception:  # noqa: BLE001 — an unreadable cache is made again
     return False
-
-
-# --- what the latent stages read ----------------------------------------------------------------------
-
-
-def _stage_dir_of(path: str) -> str:
-  """A workdir (holding autoencoder/) or the autoencoder's stage directory itself."""
-  return path if epath.Path(path, RESULTS).exists() or epath.Path(path, "final").exists() else os.path.join(
-      path, STAGE)
-
-
-def _results(stage_dir: str) -> dict:
-  path = os.path.join(stage_dir, RESULTS)
-  if not epath.Path(path).exists():
-    why = "has not finished training" if not train.has_final(stage_dir) else "finished training but not its encoding"
-    raise AutoencoderError(f"{stage_dir}: the autoencoder {why} (no {RESULTS}); run the 'autoencoder' stage first "
-                           f"(config.pipeline starting with 'autoencoder')")
-  return writers.read_json(path)
-
-
-def load_latents(workdir_or_stage_dir: str, split: str, *, sample_seed: int | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """The cached latents of a split: (latents float32 [N, h, w, c], scaled by the scale factor, labels int32 [N]),
-  in the data set's order. Latents are the posterior means (the mode); with sample_seed, one sample
-  mean + std · ε per image from numpy's default_rng(sample_seed), scaled likewise.
-  AutoencoderError (one line) when the stage has not finished or the cache belongs to other parameters."""
-  if split not in SPLITS:
-    raise ValueError(f"split={split!r}: allowed {SPLITS}")
-  stage_dir = _stage_dir_of(workdir_or_stage_dir)
-  results = _results(stage_dir)
-  path = latents_path(stage_dir, split)
-  if not epath.Path(path).exists():
-    raise AutoencoderError(f"{path}: missing; rerun the 'autoencoder' stage to encode the {split} split again")
-  with writers.read_npz(path) as d:
-    if str(d["fingerprint"]) != results["fingerprint"]:
-      raise AutoencoderError(f"{path}: encoded by other parameters than {stage_dir}/final (fingerprint "
-                             f"{str(d['fingerprint'])} != {results['fingerprint']}); delete it and rerun the stage")
-    mean, labels = d["mean"], d["labels"]
-    z = mean if sample_seed is None else mean + np.exp(0.5 * d["logvar"]) * np.random.default_rng(
-        sample_seed).standard_normal(mean.shape, np.float32)
-  return (np.float32(results["scale_factor"]) * z).astype(np.float32), labels.astype(np.int32)
-
-
-def load_autoencoder(stage_dir: str):
-  """(encode_fn, decode_fn, scale_factor, latent_shape) of a finished autoencoder stage (or its workdir).
-
-  encode_fn(x [B, H, W, C] in [−1, 1], key=None) → scaled latents [B, h, w, c]: scale_factor · the posterior mean,
-  or with a PRNG key scale_factor · a posterior sample. decode_fn(z [B, h, w, c] scaled) → x [B, H, W, C] clipped to
-  [−1, 1]. Both jitted; latent_shape = (h, w, c)."""
-  stage_dir = _stage_dir_of(stage_dir)
-  results = _results(stage_dir)
-  params, _ = train.load_final_params(stage_dir)
-  model = model_of(results["architecture"])
-  scale = float(results["scale_factor"])
-  params = jax.device_put(params)  # once; passed to the jitted halves as an argument, not baked in as constants
-
-  def encode_fn(x, key=None):
-    return _scaled_encode(model, params, x, scale, key)
-
-  def decode_fn(z):
-    return _scaled_decode(model, params, z, scale)
-
-  return encode_fn, decode_fn, scale, tuple(results["latent_shape"])
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _scaled_encode(model, params, x, scale, key=None):
-  mean, logvar = ae.encode(model, params, x)
-  z = mean if key is None else ae.DiagonalGaussian(mean, logvar).sample(key)
-  return scale * z
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _scaled_decode(model, params, z, scale):
-  return jnp.clip(ae.decode(model, params, z / scale), -1.0, 1.0)
 
 
 # --- config -----------------------------------------------------------------------------------------
