@@ -11,7 +11,7 @@ import ml_collections
 
 from distill import diffusion, registry
 from distill.validation import ConfigError, choice as _choice, fail as _fail, number as _number  # noqa: F401
-from distill.validation import guidance_values, positive_int as _positive_int
+from distill.validation import check_unet_size, guidance_values, positive_int as _positive_int
 
 DATA_NAMES = ("digits", "cifar10", "imagenet64", "npz", "mixture", "fashion_mnist")
 SCHEDULES = ("cosine", "linear_beta", "scaled_linear_beta")
@@ -128,14 +128,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   mult = tuple(c.model.ch_mult)
   if not mult or any(not isinstance(m, int) or m <= 0 for m in mult):
     _fail("model.ch_mult", mult, "must be a non-empty tuple of positive integers")
-  down = 2 ** (len(mult) - 1)
-  if c.data.image_size % down:
-    _fail("model.ch_mult", mult, f"{len(mult)} levels halve the resolution {len(mult) - 1} times; "
-          f"data.image_size={c.data.image_size} must divide by {down}")
-  resolutions = [c.data.image_size // 2**i for i in range(len(mult))]
-  for r in c.model.attn_resolutions:
-    if r not in resolutions:
-      _fail("model.attn_resolutions", tuple(c.model.attn_resolutions), f"resolutions in this U-Net are {resolutions}")
+  if not c.latent.enabled:  # in a latent run the autoencoder's method checks the U-Net against its latents
+    check_unet_size(c, c.data.image_size, "data.image_size")
   _number(c, "model.dropout", 0.0, 1.0, hi_open=True)
 
 

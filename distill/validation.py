@@ -54,3 +54,17 @@ def boolean(c, field) -> None:
   v = get(c, field)
   if not isinstance(v, bool):
     fail(field, v, "must be True or False")
+
+
+def check_unet_size(c, size: int, what: str) -> None:
+  """ConfigError unless model.ch_mult's levels halve `size` (the side of what the U-Net sees, named `what`)
+  evenly and model.attn_resolutions are among its resolutions."""
+  mult = tuple(c.model.ch_mult)
+  down = 2 ** (len(mult) - 1)
+  if size % down:
+    fail("model.ch_mult", mult, f"{len(mult)} levels halve the resolution {len(mult) - 1} times; "
+          f"{what}={size} must divide by {down}")
+  resolutions = [size // 2**i for i in range(len(mult))]
+  for r in c.model.attn_resolutions:
+    if r not in resolutions:
+      fail("model.attn_resolutions", tuple(c.model.attn_resolutions), f"resolutions in this U-Net are {resolutions}")

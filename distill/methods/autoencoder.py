@@ -267,6 +267,8 @@ def validate(c) -> None:
   if c.data.image_size % down:
     validation.fail("autoencoder.block_out_channels", tuple(widths), f"{len(widths)} levels halve the image "
                     f"{len(widths) - 1} times; data.image_size={c.data.image_size} must divide by {down}")
+  if c.latent.enabled and not c.latent.autoencoder_dir:  # the U-Net diffuses this stage's latents
+    validation.check_unet_size(c, c.data.image_size // down, f"the latents' side (data.image_size / {down})")
   if isinstance(a.warmup_steps, bool) or not isinstance(a.warmup_steps, int) or a.warmup_steps < 0:
     validation.fail("autoencoder.warmup_steps", a.warmup_steps, "must be a non-negative integer")
   validation.number(c, "autoencoder.lr", 0.0, 1.0, lo_open=True)

@@ -1,0 +1,97 @@
+r"""Fashion-MNIST (60,000 + 10,000 real 28×28 images, 10 classes, padded to 32×32) in latent space.
+
+The guided-distillation paper's latent half (§4.2, App. C.1) on data that installs here
+(`apt-get install dataset-fashion-mnist`): a KL autoencoder of Stable Diffusion's family (32×32×1 → 8×8×4), an
+ε-prediction CFG teacher on its latents, ε → v fine-tuning, then every method on the same v teacher — stage one
+(w ∈ [0, 4]), deterministic and stochastic halving, the single-w and two-student baselines, SFD, DSD and
+consistency distillation — and the evaluation, which decodes every sample and scores it with a classifier
+trained on the real images (classifier-FID, 2,000 samples per cell, 95 % bootstrap intervals).
+
+  python -m distill.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
+A smoke run of the same path (every stage, toy budgets; a few minutes):
+  python -m distill.main --config=configs/fashion_mnist.py:quick --workdir=runs/fashion_mnist_quick
+Pixel space instead (the same pipeline without the autoencoder, sized for one GPU):
+  python -m distill.main --config=configs/fashion_mnist.py:pixel --workdir=runs/fashion_mnist_pixel
+Image-to-image with any finished stage (SDEdit: noise to --strength, decode with the student):
+  python -m distill.main --mode=img2img --checkpoint=runs/fashion_mnist/distill_deterministic/N0004 \
+      --strength=0.75 --labels=0,1,7 --w=0,2
+"""
+from distill.configuration import apply_variants, base_config
+
+LATENT_PIPELINE = ("autoencoder", "teacher", "teacher_v", "stage_one", "distill_deterministic", "distill_stochastic",
+                   "single_w", "two_student", "sfd", "dsd", "consistency", "evaluate")
+
+
+def get_config(arg: str | None = None):
+  config = base_config()
+  d = config.data
+  d.name, d.image_size, d.channels, d.num_classes = "fashion_mnist", 32, 1, 10
+  config.pipeline = LATENT_PIPELINE
+  config.latent.enabled = True
+
+  a = config.autoencoder  # 32×32×1 → 8×8×4: three levels (two halvings), SD's layout at toy width
+  a.block_out_channels, a.layers_per_block, a.latent_channels, a.norm_num_groups = (32, 64, 64), 1, 4, 16
+  a.steps, a.batch_size, a.lr = 3000, 64, 1e-3
+
+  # The teacher's network on 8×8×4 latents: the digits U-Net's size (attention at 4×4).
+  m = config.model
+  m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.head_dim = 32, (1, 2), 2, (4,), 32
+  m.parameterization = "v"  # the students' (and the fine-tuned teacher's); the teacher trains on ε first
+  t = config.teacher
+  t.parameterization, t.weighting = "eps", "snr"  # ε-MSE, as the LDMs and Stable Diffusion are trained
+  t.num_steps, t.batch_size, t.lr, t.warmup_steps = 4000, 128, 1e-3, 200
+  t.v_steps, t.v_lr = 1000, 2e-4
+  # Latents are not images in [−1, 1]: no clipping of x̂ and no dynamic thresholding anywhere.
+  config.sample.clip = False
+  config.sample.num_steps = 128
+
+  dist = config.distill
+  dist.w_min, dist.w_max = 0.0, 4.0
+  dist.stage_one_steps, dist.stage_one_lr, dist.stage_one_weighting = 600, 1e-3, "constant"  # App. C.1: constant
+  dist.start_steps, dist.end_steps = 64, 1
+  dist.batch_size, dist.round_steps, dist.final_round_steps, dist.lr = 64, 150, 300, 3e-4
+  dist.weighting = "truncated_snr"  # App. C.1: stage two with truncated SNR
+  dist.encoder_start_steps = 8
+  config.baselines.single_w = (1.0,)
+  config.baselines.start_steps = 8
+
+  s = config.sfd
+  s.nfe, s.v_nfe, s.one_nfe_from = (2, 3, 4), (2, 3, 4), "sfd_v"
+  s.batch_size, s.trajectories, s.lr, s.teacher_threshold = 64, 64 * 24, 2e-4, 0.0
+  s.cfg_student, s.fixed_w = True, ()
+
+  s = config.dsd
+  s.kinds, s.init, s.start_steps, s.end_steps, s.w_min, s.w_max = ("DSDI",), "teacher", 16, 4, 0.0, 2.0
+  s.updates, s.batch_size, s.lr, s.eval_steps = 160, 32, 3e-5, (2, 4, 8)
+
+  s = config.consistency
+  s.num_steps, s.batch_size, s.lr, s.sample_steps = 1500, 64, 2e-4, (1, 2, 4)
+
+  e = config.eval
+  e.w_values = (0.0, 1.0, 2.0, 4.0)
+  e.per_class = 200  # 2,000 samples per cell
+  e.agreement_per_class, e.agreement_steps = 50, 64
+  # Held-out accuracy 0.90 at these settings (measured by the autoencoder stage's classifier, 1,600 updates).
+  e.classifier_steps, e.classifier_widths, e.classifier_features = 1600, (16, 16, 32, 64, 128), 128
+
+  pipelines = {"pixel": tuple(s for s in LATENT_PIPELINE if s not in ("autoencoder", "teacher_v"))}
+  config = apply_variants(config, arg, pipelines, quick=_quick, source="configs/fashion_mnist.py")
+  if "pixel" in (arg or "").split(","):
+    _pixel(config)
+  return config
+
+
+def _pixel(config) -> None:
+  """Pixel space at 32×32 (for one GPU): the CIFAR-sized U-Net on the images, v-prediction from the start."""
+  config.latent.enabled = False
+  config.sample.clip = True
+  m = config.model
+  m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.head_dim = 64, (1, 2, 2), 2, (8,), 64
+  config.teacher.parameterization, config.teacher.weighting = "", "snr_plus_one"
+
+
+def _quick(config) -> None:
+  """Every stage of the latent pipeline at toy budgets (a smoke run, not a result)."""
+  from distill.configuration import shrink
+  shrink(config)
+  config.teacher.parameterization, config.teacher.weighting = "eps", "snr"
