@@ -66,8 +66,10 @@ def in_chunks(fn: Callable, x, batch: int) -> np.ndarray:
 
 def _stage_dir_of(path: str) -> str:
   """A workdir (holding autoencoder/) or the autoencoder's stage directory itself."""
-  return path if epath.Path(path, RESULTS).exists() or epath.Path(path, "final").exists() else os.path.join(
-      path, STAGE)
+  if epath.Path(path, RESULTS).exists() or epath.Path(path, "final").exists():
+    return path
+  inner = os.path.join(path, STAGE)
+  return inner if epath.Path(inner).exists() or os.path.basename(path.rstrip("/")) != STAGE else path
 
 
 def _results(stage_dir: str) -> dict:

@@ -97,7 +97,7 @@ def run_autoencoder(ctx: Context):
       name=STAGE,
       loss_fn=ae.reconstruction_loss_fn(model, kl_weight=float(a.kl_weight), loss=a.loss,
                                         perceptual_weight=float(a.perceptual_weight), perceptual_fn=perceptual_fn),
-      init_params=ae.init_params(model, ctx.image_shape, c.seed), optimizer=optimizer, num_steps=a.steps,
+      init_params=ae.init_params(model, ctx.pixel_shape, c.seed), optimizer=optimizer, num_steps=a.steps,
       batch_fn=batch_fn(ctx.pixel_source("train"), a.batch_size, c.seed), seed=c.seed, frozen=frozen,
       ema_decay=float(a.ema_decay) if a.ema_decay else None, log_every=a.log_every, ckpt_every=a.ckpt_every,
       skip_nonfinite=a.skip_nonfinite, images_per_step=a.batch_size, lr_schedule=schedule,
@@ -160,9 +160,9 @@ def finish(ctx: Context, params, model: ae.AutoencoderKL) -> dict:
     grid = np.concatenate([np.concatenate([pairs[0][r * k:(r + 1) * k], pairs[1][r * k:(r + 1) * k]])
                            for r in range(8)])
     writers.save_image_grid(os.path.join(stage_dir, "reconstructions.png"), grid, ncols=k,
-                            upscale=max(1, 64 // ctx.image_shape[0]))
-  results = {"scale_factor": scale, "latent_shape": list(model.latent_shape(ctx.image_shape)),
-             "image_shape": list(ctx.image_shape), "fingerprint": fp, "architecture": architecture(c),
+                            upscale=max(1, 64 // ctx.pixel_shape[0]))
+  results = {"scale_factor": scale, "latent_shape": list(model.latent_shape(ctx.pixel_shape)),
+             "image_shape": list(ctx.pixel_shape), "fingerprint": fp, "architecture": architecture(c),
              "test": {**metrics, "num_images": int(len(test_images))},
              "seconds": time.time() - start}
   writers.atomic_write_json(results_path, results, indent=1)
