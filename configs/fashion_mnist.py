@@ -95,3 +95,4 @@ def _quick(config) -> None:
   from distill.configuration import shrink
   shrink(config)
   config.teacher.parameterization, config.teacher.weighting = "eps", "snr"
+  config.eval.max_reference = 10000

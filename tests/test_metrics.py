@@ -225,3 +225,15 @@ def test_bootstrap_intervals_cover_the_estimates_and_shrink_with_samples():
   assert width(large) < 0.6 * width(small)
   again = protocol.score(net, ref, fake, is_splits=5, bootstrap=200, seed=0)
   assert again["fid_ci"] == small["fid_ci"]
+
+
+def test_indicators_with_the_reference_radii_given_equal_those_computing_them():
+  rng = np.random.default_rng(3)
+  real, fake = rng.normal(size=(300, 6)), rng.normal(0.3, 1.0, size=(80, 6))
+  for k, fn in ((3, metrics.precision_recall_indicators), (5, metrics.density_coverage_indicators)):
+    plain = fn(real, fake, k=k)
+    given = fn(real, fake, k=k, real_radii=metrics.knn_sq_radii(real, k))
+    for a, b in zip(plain, given, strict=True):
+      np.testing.assert_array_equal(a, b)
+    wrong = fn(real, fake, k=k, real_radii=np.zeros(len(real)))  # the radii are used, not recomputed
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, wrong, strict=True))

@@ -103,7 +103,8 @@ def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: in
 
 
 def precision_recall_indicators(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3,
-                                batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+                                batch_size: int = 512, real_radii: np.ndarray | None = None
+                                ) -> tuple[np.ndarray, np.ndarray]:
   """Improved precision and recall (Kynkäänniemi et al. 2019).
 
   Each set's manifold is the union of balls around its points, of radius the distance to the
@@ -117,6 +118,8 @@ def precision_recall_indicators(real_features: np.ndarray, fake_features: np.nda
     k: neighbourhood size (3 in the paper).
     batch_size: rows per block of the pairwise distance matrices; memory is
       O(batch_size · max(N, M)) float64: about 0.5 GB at 50k × 50k with the default.
+    real_radii: `knn_sq_radii(real_features, k)` when the caller has it (the reference's, computed once for
+      every row scored against it: at N = 50k it costs ~N² distances).
 
   Returns:
     (fake_covered [M] bool: inside the real manifold; real_covered [N] bool: inside the fake one); precision
@@ -126,7 +129,7 @@ def precision_recall_indicators(real_features: np.ndarray, fake_features: np.nda
   fake = _features(fake_features, "fake_features")
   if real.shape[1] != fake.shape[1]:
     raise ValueError(f"feature widths differ: {real.shape[1]} vs {fake.shape[1]}")
-  real_radii = knn_sq_radii(real, k, batch_size)
+  real_radii = knn_sq_radii(real, k, batch_size) if real_radii is None else np.asarray(real_radii, np.float64)
   fake_radii = knn_sq_radii(fake, k, batch_size)
   fake_sq_norms = np.sum(fake * fake, 1)
   fake_covered = np.zeros(len(fake), bool)
@@ -148,7 +151,8 @@ def density_coverage(real_features: np.ndarray, fake_features: np.ndarray, k: in
 
 
 def density_coverage_indicators(real_features: np.ndarray, fake_features: np.ndarray, k: int = 5,
-                                batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+                                batch_size: int = 512, real_radii: np.ndarray | None = None
+                                ) -> tuple[np.ndarray, np.ndarray]:
   """Density and coverage (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics for Generative
   Models"; the SFD paper's Table 10 reports them).
 
@@ -158,8 +162,8 @@ def density_coverage_indicators(real_features: np.ndarray, fake_features: np.nda
   balls holding at least one fake, in [0, 1]. A point on a ball's boundary counts as inside.
 
   Args:
-    real_features: [N, F], N > k. fake_features: [M, F]. k: 5 in the paper. batch_size: as in
-      `precision_recall`.
+    real_features: [N, F], N > k. fake_features: [M, F]. k: 5 in the paper. batch_size, real_radii: as in
+      `precision_recall_indicators`.
 
   Returns:
     (holds [M] int: real balls holding each fake; covered [N] bool: real balls holding a fake). Density is
@@ -169,7 +173,7 @@ def density_coverage_indicators(real_features: np.ndarray, fake_features: np.nda
   fake = _features(fake_features, "fake_features")
   if real.shape[1] != fake.shape[1]:
     raise ValueError(f"feature widths differ: {real.shape[1]} vs {fake.shape[1]}")
-  real_radii = knn_sq_radii(real, k, batch_size)
+  real_radii = knn_sq_radii(real, k, batch_size) if real_radii is None else np.asarray(real_radii, np.float64)
   fake_sq_norms = np.sum(fake * fake, 1)
   holds = np.zeros(len(fake), np.int64)   # real balls holding each fake
   covered = np.zeros(len(real), bool)

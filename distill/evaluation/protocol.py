@@ -84,6 +84,14 @@ class Reference:
   features: np.ndarray  # [M, F]: for precision/recall
   num_images: int
   stats_source: str = ""  # where mu/sigma come from, when not from `features` (eval.reference_stats)
+  radii: dict = dataclasses.field(default_factory=dict, compare=False)  # k -> knn_sq_radii(features, k), memoised
+
+  def knn_radii(self, k: int) -> np.ndarray:
+    """Squared distance [M] from each reference feature to its k-th nearest other one, computed once per
+    reference (every row's precision/recall and density/coverage use the same ones)."""
+    if k not in self.radii:
+      self.radii[k] = metrics.knn_sq_radii(self.features, k)
+    return self.radii[k]
 
 
 def reference_stats(net: FeatureNet, batches: Callable[[], Iterable[np.ndarray]], cache_path: str) -> Reference:
@@ -149,9 +157,10 @@ def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k:
   # split holding one class would score ≈ 1 however good the samples are).
   order = np.random.default_rng(0).permutation(len(logits))
   is_mean, is_std = metrics.inception_score(logits[order], splits=min(is_splits, len(images)), from_logits=True)
-  fake_in, real_in = metrics.precision_recall_indicators(ref.features, feats, k=pr_k)
+  fake_in, real_in = metrics.precision_recall_indicators(ref.features, feats, k=pr_k, real_radii=ref.knn_radii(pr_k))
   # Density/coverage need more than k reference points (tiny test references have fewer): left out then.
-  dc = metrics.density_coverage_indicators(ref.features, feats, k=dc_k) if len(ref.features) > dc_k else None
+  dc = (metrics.density_coverage_indicators(ref.features, feats, k=dc_k, real_radii=ref.knn_radii(dc_k))
+        if len(ref.features) > dc_k else None)
   out = {"fid": fid.frechet_distance(mu, sigma, ref.mu, ref.sigma), "is": float(is_mean), "is_std": float(is_std),
          "precision": float(fake_in.mean()), "recall": float(real_in.mean()),
          "density": float(dc[0].sum() / (dc_k * len(feats))) if dc else None,
