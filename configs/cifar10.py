@@ -8,7 +8,7 @@ r"""CIFAR-10 32×32, class-conditional (TFDS 'cifar10').
 
 Teacher architecture and optimisation follow the progressive-distillation CIFAR-10 model
 (Salimans & Ho 2022, App. E; google-research/diffusion_distillation `config/cifar_base.py`) as restated in
-DESIGN §6 and used by the guided-distillation paper (Meng et al. 2023, App. C): U-Net ch 256, mult
+docs/design.md §6 and used by the guided-distillation paper (Meng et al. 2023, App. C): U-Net ch 256, mult
 (1, 1, 1), 3 res blocks, attention at 16 and 8 with one head (`num_heads=1`: head_dim = the 256 channels),
 dropout 0.2, Adam 2e-4 with weight decay 0.001 (flax.optim.Adam's decoupled decay there: AdamW here), 1,000
 warm-up steps, batch 128, EMA 0.9999, grad clip 1, log-SNR cosine schedule clipped to [−20, 20]. Where that
@@ -66,7 +66,7 @@ def get_config(arg: str | None = None):
   # and its eigendecomposition (minutes per row on a host); --config.eval.bootstrap=N turns them on.
   config.eval.bootstrap = 0
 
-  # Direct self-distillation (seed paper 004). The paper has no CIFAR-10 run: these are Table 3's values for its
+  # Direct self-distillation (DSD paper). The paper has no CIFAR-10 run: these are Table 3's values for its
   # conditional model (ImageNet-256, 400.92M parameters, 5,000 updates, lr 1e-7 → 1e-8 cosine, Adam
   # (0.99, 0.999), EMA 0.9995, clip 1), guidance scale s ~ U[1, 3] (§5, latent-diffusion convention: our
   # w = s − 1 ~ U[0, 2]) and N from 64 (§5), scored at 2, 4 and 8 steps (Table 2).

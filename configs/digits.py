@@ -39,7 +39,7 @@ def get_config(arg: str | None = None):
   config.eval.per_class = 200
   config.eval.agreement_steps = 64
 
-  s = config.dsd  # direct self-distillation (seed paper 004) beside guided PD on the same teacher
+  s = config.dsd  # direct self-distillation (DSD paper) beside guided PD on the same teacher
   # N from 16 (the teacher's 16-step DDIM is within 0.01 of its 128-step FID at w = 0) down to 4: the last
   # depth teaches 2-step sampling; DSDN stays at 16. w over the range the report scores (eval.w_values).
   s.kinds, s.init, s.start_steps, s.end_steps, s.w_min, s.w_max = (

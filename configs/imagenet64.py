@@ -6,7 +6,7 @@ r"""ImageNet 64×64, class-conditional (TFDS 'imagenet_resized/64x64', 1,000 cla
   python -m distill.main --config=configs/imagenet64.py:sfd ...   # the SFD paper's stages on this teacher (Tables 2-3)
   python -m distill.main --config=configs/imagenet64.py:dsd ...   # the DSD paper's stages (Table 3's hyperparameters)
 
-Teacher: the progressive-distillation ImageNet 64 U-Net (Salimans & Ho 2022, App. E; DESIGN §6), used as
+Teacher: the progressive-distillation ImageNet 64 U-Net (Salimans & Ho 2022, App. E; docs/design.md §6), used as
 the guided teacher in Meng et al. 2023 (App. C): ch 192, emb 768, mult (1, 2, 3, 4), 3 res blocks,
 attention at 32/16/8 with head dim 64, FiLM, resampling in res blocks, dropout 0.1, Adam 3e-4 with 1k
 warm-up, grad clip 1.0, EMA 0.9999, batch 2048. 295.9M parameters with this code (`distill.models.param_count`).
@@ -64,7 +64,7 @@ def get_config(arg: str | None = None):
   # and its eigendecomposition (minutes per row on a host); --config.eval.bootstrap=N turns them on.
   config.eval.bootstrap = 0
 
-  # Direct self-distillation (seed paper 004). The paper has no ImageNet 64 run: these are Table 3's values for its
+  # Direct self-distillation (DSD paper). The paper has no ImageNet 64 run: these are Table 3's values for its
   # conditional model (ImageNet-256, 400.92M parameters, 5,000 updates, lr 1e-7 → 1e-8 cosine, Adam
   # (0.99, 0.999), EMA 0.9995, clip 1), guidance scale s ~ U[1, 3] (§5, latent-diffusion convention: our
   # w = s − 1 ~ U[0, 2]) and N from 64 (§5), scored at 2, 4 and 8 steps (Table 2).

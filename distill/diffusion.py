@@ -1,4 +1,4 @@
-"""Diffusion arithmetic as pure functions of arrays (DESIGN §3, §6).
+"""Diffusion arithmetic as pure functions of arrays (docs/design.md §3, §6).
 
 Conventions: images `x, z, eps: [B, ...]`; per-example log-SNR `logsnr: [B]` (or a scalar), broadcast
 from the left over the trailing image axes. Variance preserving: z_t = α_t x + σ_t ε.
@@ -146,7 +146,7 @@ def distillation_target(z_t, z_tpp, logsnr_t, logsnr_tpp):
 
 def distillation_target_with_last_step(z_t, z_tpp, x_hat_last, logsnr_t, logsnr_tpp, is_last):
   """`distillation_target`, except where `is_last` ([B] bool: t'' is the data end, t'' = 0) the target is
-  the teacher's own x̂ from its final evaluation (DESIGN §6: there z_t'' ≈ x̂ and the closed form
+  the teacher's own x̂ from its final evaluation (docs/design.md §6: there z_t'' ≈ x̂ and the closed form
   divides two nearly equal numbers)."""
   x_tilde = distillation_target(z_t, z_tpp, logsnr_t, logsnr_tpp)
   return jnp.where(bcast_like(is_last, z_t) > 0, x_hat_last, x_tilde)

@@ -100,7 +100,7 @@ def two_step_distillation_target(x_fn: XFn, params, z_t, logsnrs, labels, w, *, 
   """The detached target of step distillation: the x̃ whose single DDIM step t → t'' lands where
   `two_ddim_steps` of x_fn lands, x̃ = (z_t'' − (σ_t''/σ_t) z_t) / (α_t'' − (σ_t''/σ_t) α_t)
   (`diffusion.distillation_target`); where is_last ([B] bool: t'' is the data end) it is the model's own
-  x̂(z_t') instead (`diffusion.distillation_target_with_last_step`, DESIGN §6). is_last None: no such rows.
+  x̂(z_t') instead (`diffusion.distillation_target_with_last_step`, docs/design.md §6). is_last None: no such rows.
 
   Arguments as `two_ddim_steps` (params and x_hat_t are detached first). Returns (x̃ [B, H, W, C],
   (z_t'', x̂(z_t), x̂(z_t'))), all stop-gradient.

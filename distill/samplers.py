@@ -1,4 +1,4 @@
-"""Samplers over a uniform time grid, each a `lax.fori_loop` over steps (DESIGN §3).
+"""Samplers over a uniform time grid, each a `lax.fori_loop` over steps (docs/design.md §3).
 
 A sampler sees the network only through a `Denoiser`: z [B, ...], logsnr [B] → x̂ [B, ...], plus the
 number of network evaluations one call costs (2 for classifier-free guidance, which batches the

@@ -1,7 +1,7 @@
 """Noise schedules as functions of continuous time t ∈ [0, 1] (t = 0 data, t = 1 noise).
 
 Everything is driven by the log signal-to-noise ratio λ_t = log(α_t² / σ_t²) of a variance-preserving
-process z_t = α_t x + σ_t ε, α_t² + σ_t² = 1 (DESIGN §3). The EDM / variance-exploding view used by
+process z_t = α_t x + σ_t ε, α_t² + σ_t² = 1 (docs/design.md §3). The EDM / variance-exploding view used by
 SFD is the same process read as x_σ = z_t / α_t with σ_VE = σ_t / α_t = exp(-λ_t / 2).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def alpha_sigma(logsnr):
 
 
 def sigma_ratio(logsnr_to, logsnr_from):
-  """σ_to / σ_from computed stably: exp(0.5·(softplus(λ_from) − softplus(λ_to))) (DESIGN §6).
+  """σ_to / σ_from computed stably: exp(0.5·(softplus(λ_from) − softplus(λ_to))) (docs/design.md §6).
 
   Uses log σ² = −softplus(λ), so no σ is ever formed near σ ≈ 0.
   """

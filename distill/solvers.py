@@ -1,6 +1,6 @@
 """Probability-flow ODE solvers in the EDM / variance-exploding view, shared by teachers and students.
 
-A VP state z_t = α x + σ ε read as x_VE = z/α has noise level σ_VE = σ/α = exp(−λ/2) (DESIGN §3), and the
+A VP state z_t = α x + σ ε read as x_VE = z/α has noise level σ_VE = σ/α = exp(−λ/2) (docs/design.md §3), and the
 probability-flow ODE becomes dx/dσ = (x − D(x; σ))/σ with D the x̂-denoiser. In these coordinates DDIM is
 Euler, so one solver zoo serves VP teachers (cosine, linear-β) and EDM-grid students alike (SFD paper,
 Sec. 2 and Table 6; the solver set follows the SFD reference code's zoo):
@@ -12,7 +12,7 @@ Sec. 2 and Table 6; the solver set follows the SFD reference code's zoo):
   dpmpp_3m         DPM-Solver++(3M) as the DPM-Solver++ and SFD codes write it      order 2 (!), 1
   dpmpp_3m_taylor  DPM-Solver++(3M) with the Taylor-consistent D2                   order 3, 1
 
-`dpmpp_3m` is the SFD paper's teacher (DESIGN §6). Its D2 = (D1_0 − D1_1)/(r0 + r1) estimates h²x̂''/2 where
+`dpmpp_3m` is the SFD paper's teacher (docs/design.md §6). Its D2 = (D1_0 − D1_1)/(r0 + r1) estimates h²x̂''/2 where
 the third-order term −φ3·h²x̂'' needs h²x̂'', so its local error keeps an (h³/12)·x̂'' term: it is only
 second order asymptotically (measured slope ≈ 1.9 on a Gaussian mixture, though more accurate than
 dpmpp_2m at practical step counts). `dpmpp_3m_taylor` doubles D2 (as the reference's own singlestep
@@ -159,7 +159,7 @@ def dpm_solver_2s_step(D: VEDenoiser, x, x_hat, sigma, sigma_next, history=NO_HI
 
 
 def _phis(h):
-  """φ1 = expm1(−h), φ2 = φ1/h + 1, φ3 = φ2/h − 1/2 (DESIGN §6), with Taylor series below h = 0.05, where the
+  """φ1 = expm1(−h), φ2 = φ1/h + 1, φ3 = φ2/h − 1/2 (docs/design.md §6), with Taylor series below h = 0.05, where the
   direct forms cancel catastrophically in float32 (φ3 ≈ −h/6 would carry an error ~1e-7/h²)."""
   h = jnp.asarray(h, jnp.float32)
   phi1 = jnp.expm1(-h)
@@ -174,7 +174,7 @@ def _phis(h):
 
 
 def dpmpp_update(x, x_hat, history: History, sigma, sigma_next, order: int, d2_scale: float = 1.0):
-  """DPM-Solver++ multistep data-prediction update in λ = −log σ (DESIGN §6), h = log(σ/σ'):
+  """DPM-Solver++ multistep data-prediction update in λ = −log σ (docs/design.md §6), h = log(σ/σ'):
 
   order 1: x' = (σ'/σ)x − φ1 D0                                  (= Euler)
   order 2: adds −½ φ1 D1_0, D1_0 = (D0 − D_{−1})/r0, r0 = h0/h

@@ -1,4 +1,4 @@
-"""An exact classifier-free-guided teacher for tests: the ideal denoiser of a Gaussian mixture (DESIGN §4).
+"""An exact classifier-free-guided teacher for tests: the ideal denoiser of a Gaussian mixture (docs/design.md §4).
 
 Component k has mean μ_k, covariance s_k² I, weight π_k and class c(k). Given z_t = α x + σ ε:
   E[x | z_t, k] = μ_k + α s_k² / (α² s_k² + σ²) · (z_t − α μ_k),

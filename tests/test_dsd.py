@@ -1,4 +1,4 @@
-"""Direct self-distillation (seed paper 004): Alg. 2 against a float64 hand loop and the exact mixture,
+"""Direct self-distillation (DSD paper): Alg. 2 against a float64 hand loop and the exact mixture,
 two-step consistency, stop-gradients, the N schedules, training DSD (Eq. 1) and the lr schedule."""
 import jax
 import jax.numpy as jnp
@@ -78,7 +78,7 @@ def hand_alg2(noise, labels, w, n):
     z2 = a2 * x1 + s2 / s1 * (z1 - a1 * x1)
     x_prime = (z1 - s1 / s * z) / (a1 - s1 / s * a)
     x_second = (z2 - s2 / s * z) / (a2 - s2 / s * a)
-    if k == 2:  # t'' = 0: the repo's last-step rule (DESIGN §6) takes x̂(z_t'), where the printed form tends
+    if k == 2:  # t'' = 0: the repo's last-step rule (docs/design.md §6) takes x̂(z_t'), where the printed form tends
       last_printed, x_second = x_second, x1
     loss = max(np.exp(lam(t)), 1.0) * np.mean(np.mean((x_prime - x_second) ** 2, axis=(1, 2, 3)))
     out.append((loss, z2))

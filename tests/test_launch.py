@@ -365,7 +365,7 @@ def test_list_and_show(tools):
 
 def test_slurm_script(tools):
   proc = launch(tools, "slurm.py", "--nodes=2", "--gpus-per-node=4", "--partition=gpu", "--time=2-00:00:00",
-                "--experiment=cifar10-two-student", "--root=/shared/runs", "--requeue", "--dry-run", "--",
+                "--experiment=cifar10-two-student", "--root=/path/to/runs", "--requeue", "--dry-run", "--",
                 "--config.seed=1", "--config.data.path=x; rm -rf /")
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()
@@ -375,7 +375,7 @@ def test_slurm_script(tools):
     assert f"#SBATCH {flag}" in lines
   [srun] = [shlex.split(l) for l in lines if l.startswith("srun ")]
   assert srun == ["srun", "--kill-on-bad-exit=1", "python", "-m", "distill.main",
-                  *experiments.main_flags("cifar10-two-student", "/shared/runs"), "--config.seed=1",
+                  *experiments.main_flags("cifar10-two-student", "/path/to/runs"), "--config.seed=1",
                   "--config.data.path=x; rm -rf /"]
   assert f"cd {shlex.quote(ROOT)}" in lines
   assert any(l.startswith("export JAX_COORDINATOR_ADDRESS=") for l in lines)

@@ -211,11 +211,11 @@ def test_param_count_matches_real_init():
         # digits: 8×8×1, 10 classes
         (dict(num_classes=10, out_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,)),
          (8, 8, 1), 1_153_025),
-        # CIFAR-10 teacher (DESIGN §6)
+        # CIFAR-10 teacher (docs/design.md §6)
         (dict(num_classes=10, out_channels=3, ch=256, ch_mult=(1, 1, 1), num_res_blocks=3,
               attn_resolutions=(16, 8)),
          (32, 32, 3), 60_016_387),
-        # ImageNet 64 teacher (DESIGN §6)
+        # ImageNet 64 teacher (docs/design.md §6)
         (dict(num_classes=1000, out_channels=3, ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
               attn_resolutions=(32, 16, 8), head_dim=64, emb_ch=768),
          (64, 64, 3), 295_900_803),

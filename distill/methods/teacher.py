@@ -3,7 +3,7 @@ method distils. Registers the 'teacher' stage, the 'cfg_ddim' / 'cfg_ddpm' sampl
 architecture, guided at sampling: 2 evaluations per step) and the config section 'teacher'.
 
 Each example's label is replaced by the null class with probability p_uncond (0.1 in the guidance
-literature); the loss is the x-space ω(λ)·‖x̂ − x‖² with t ~ U[0, 1] (DESIGN §3).
+literature); the loss is the x-space ω(λ)·‖x̂ − x‖² with t ~ U[0, 1] (docs/design.md §3).
 
 The 'teacher_v' stage is the guided-distillation paper's ε → v fine-tuning (§4.2, App. C): a teacher trained to
 predict ε (`teacher.parameterization='eps'`, as Stable Diffusion and the LDMs are) is trained on, from its own

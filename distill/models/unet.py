@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LOGSNR_CLIP = 20.0  # DESIGN §6: log-SNR lives in [−20, 20] everywhere.
+LOGSNR_CLIP = 20.0  # docs/design.md §6: log-SNR lives in [−20, 20] everywhere.
 
 
 def sinusoidal_embedding(x: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:

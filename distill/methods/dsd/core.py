@@ -16,7 +16,7 @@ Reading of the paper (Algorithm 2, §4.1, §4.1.1, §4.2, Appendix I–J, Table 
 - Loss at a position: x′ = (z_t' − (σ_t'/σ_t) z_t)/(α_t' − (σ_t'/σ_t) α_t), which is exactly x̂_θ(z_t) (with
   gradient), against the detached two-step target x″ = `diffusion.distillation_target(z_t, z_t'', …)`, weighted
   by truncated SNR max(e^λ_t, 1): L = ω(λ_t)·‖x′ − x″‖². The student's step is 2/N_i long, the teacher's 1/N_i.
-  At the last position (t'' = 0) x″ is the model's x̂(z_t') (DESIGN §6), which is where the closed form tends.
+  At the last position (t'' = 0) x″ is the model's x̂(z_t') (docs/design.md §6), which is where the closed form tends.
 - Guided models: w ~ U[w_min, w_max] once per trajectory (§5's guidance scale s ∈ [1, 3] is w = s − 1 ∈ [0, 2]
   in our convention: `diffusion.w_from_guidance_scale`). A CFG model's "model" is its guided x̂^w =
   (1 + w) x̂_c − w x̂_∅ (`losses.cfg_x_fn`, one 2B-row call); a w-conditioned student takes w directly.

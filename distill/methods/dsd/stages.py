@@ -1,4 +1,4 @@
-"""Direct self-distillation as pipeline stages (seed paper 004): 'dsd', 'tsd' and 'training_dsd'.
+"""Direct self-distillation as pipeline stages (DSD paper): 'dsd', 'tsd' and 'training_dsd'.
 
     WORKDIR/dsd/<KIND>/      Alg. 2: the start model distilled into itself along its own DDIM trajectories,
                              one student per schedule KIND in config.dsd.kinds (DSDN, DSDI, DSDGL, DSDGEXP)

@@ -2,7 +2,7 @@
 
 In a round the student takes N steps on the uniform grid t = i/N; each of its DDIM steps is taught to land
 where two steps of the frozen teacher (the previous round's student) land (guided-distillation paper,
-Algorithms 2–5; DESIGN §3, §6):
+Algorithms 2–5; docs/design.md §3, §6):
 
   deterministic_round_loss   Alg. 2: t → t − 0.5/N → t − 1/N          (N-step DDIM student)
   stochastic_round_loss      Alg. 3: t → t − 1/N → t − 2/N            (N-step stochastic sampler)
@@ -47,7 +47,7 @@ def _teacher_target(teacher_x: XFn, teacher_params, z_t, i, num_steps, offsets, 
 
 def deterministic_target(teacher_x: XFn, teacher_params, z_t, i, num_steps, labels, w, logsnr_fn: LogSNRFn):
   """Algorithm 2, i ∈ {1..N}: the teacher's two steps t = i/N → t − 0.5/N → t − 1/N. At i = 1 (t'' = 0) the
-  target is the teacher's second x̂, at t' = 0.5/N (DESIGN §6)."""
+  target is the teacher's second x̂, at t' = 0.5/N (docs/design.md §6)."""
   target, _ = _teacher_target(teacher_x, teacher_params, z_t, i, num_steps, (-0.5, -1.0), labels, w, logsnr_fn,
                               is_last=i == 1)
   return target

@@ -2,7 +2,7 @@
 
 A single w-conditioned student x̂_η(z_t, w) learns to match the classifier-free-guided teacher
 x̂^w_θ(z_t) = (1 + w)·x̂_c,θ(z_t) − w·x̂_θ(z_t) for every w in [w_min, w_max], so that sampling it costs one
-network evaluation per step instead of two (DESIGN §3).
+network evaluation per step instead of two (docs/design.md §3).
 
 Models are x-functions (`distill.losses`).
 """

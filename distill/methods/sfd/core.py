@@ -1,7 +1,7 @@
 """Simple and Fast Distillation (SFD, Zhou et al. 2024): the pure pieces; the trainer owns the loop.
 
 A student takes N Euler steps (Eq. 6) on a decreasing σ_VE grid (EDM ρ = 7 from σ_max = 80 to σ_min = 0.006,
-no step to 0: Table 6, DESIGN §6) and learns to land where the teacher's solver lands after K sub-steps
+no step to 0: Table 6, docs/design.md §6) and learns to land where the teacher's solver lands after K sub-steps
 (DPM-Solver++(3M), K = 4). Everything runs in the EDM / VE view of `distill.solvers`: states x = z/α.
 
 Indexing: the paper counts n = N−1 … 0 from noise to data; here student step k = 0 … N−1 goes from
