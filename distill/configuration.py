@@ -97,9 +97,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if isinstance(c.seed, bool) or not isinstance(c.seed, int) or c.seed < 0:
     _fail("seed", c.seed, "must be an integer >= 0")
   stages = registry.stage_names()
-  for stage in c.pipeline:
+  pipeline = tuple(c.pipeline)
+  if not pipeline:
+    _fail("pipeline", pipeline, f"must name at least one stage; stages allowed: {', '.join(stages)}")
+  for stage in pipeline:
     if stage not in stages:
-      _fail("pipeline", tuple(c.pipeline), f"stages allowed: {', '.join(stages)}")
+      _fail("pipeline", pipeline, f"stages allowed: {', '.join(stages)}")
+  for stage in pipeline:
+    if pipeline.count(stage) > 1:
+      _fail("pipeline", pipeline, f"names {stage!r} twice; each stage runs once (a rerun resumes it)")
+  if registry.EVALUATE in pipeline[:-1]:
+    _fail("pipeline", pipeline, f"{registry.EVALUATE!r} must come last: it scores the stages before it")
   _choice(c, "data.name", DATA_NAMES)
   for f in ("data.image_size", "data.channels", "data.num_classes"):
     _positive_int(c, f)

@@ -71,6 +71,11 @@ class CheckpointWriteError(TrainingError):
   """A checkpoint or `final/` that could not be written (e.g. a full disk); the previous one is intact."""
 
 
+class StageFailed(TrainingError):
+  """A pipeline stage that ended by an error other than the trainer's own (a grid or eval file that could not
+  be written, an unexpected exception): one line naming the stage; the cause is chained."""
+
+
 class Stopped(Exception):
   """A stage stopped early on request (SIGTERM, SIGINT, a preemption notice) after saving its checkpoint.
 
@@ -85,6 +90,9 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
   """'Type: first line of the message' (cut at `limit`): an error from deep in Orbax, in a line."""
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
   return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"
+
+
+one_line = _one_line
 
 
 def _write_error(e: BaseException) -> str:
@@ -389,6 +397,19 @@ def load_final_params(stage_dir: str) -> tuple[PyTree, dict]:
     raise TrainingError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from e
   params = ocp.StandardCheckpointer().restore(orbax_path(os.path.join(path, "params")))
   return params, meta
+
+
+def load_final_meta(stage_dir: str) -> dict:
+  """A finished stage's final/meta.json (local or a URL)."""
+  return json.loads(epath.Path(stage_dir, "final", "meta.json").read_text())
+
+
+def final_param_shapes(stage_dir: str) -> dict[str, tuple]:
+  """{'a/b/kernel': shape} of a finished stage's final parameters, from Orbax's metadata (no array is read)."""
+  from distill import models
+  metadata = ocp.StandardCheckpointer().metadata(orbax_path(os.path.join(stage_dir, "final", "params")))
+  tree = getattr(metadata, "item_metadata", metadata)
+  return models.param_shapes(getattr(tree, "tree", tree))
 
 
 def _save_final(stage_dir: str, params, meta: dict, is_main_process: bool = True):
