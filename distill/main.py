@@ -118,7 +118,7 @@ def default_workdir(config_arg: str) -> str:
 
 
 # How a run reads its data and writes its checkpoints, not what it computes: a rerun may change them freely.
-RESULT_NEUTRAL_FIELDS = ("data.num_workers", "data.prefetch", "train.async_checkpoints")
+RESULT_NEUTRAL_FIELDS = ("data.num_workers", "data.prefetch", "train.async_checkpoints", "train.keep_checkpoints")
 
 
 def _first_difference(a, b, prefix=""):

@@ -30,6 +30,7 @@ def run(config, workdir: str, train_source=None):
   """Runs config.pipeline in order; writes WORKDIR/summary.json with wall-clock per stage."""
   ctx = Context(config, workdir, train_source)
   async_checkpoints = config.train.async_checkpoints if "train" in config else None
+  keep_checkpoints = bool(config.train.get("keep_checkpoints", False)) if "train" in config else False
   summary_path = os.path.join(workdir, "summary.json")
   summary = {}
   if epath.Path(summary_path).exists():
@@ -37,7 +38,7 @@ def run(config, workdir: str, train_source=None):
   for name in config.pipeline:
     start = time.time()
     try:
-      with train.checkpoint_mode(async_checkpoints):
+      with train.checkpoint_mode(async_checkpoints, keep_checkpoints):
         stage_runner(name)(ctx)
     except (train.TrainingError, train.Stopped):
       raise

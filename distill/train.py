@@ -208,7 +208,8 @@ class Stage:
   meta: dict = dataclasses.field(default_factory=dict)  # recorded with every checkpoint
   log_every: int = 100
   ckpt_every: int = 1000
-  keep_checkpoints: int = 2
+  keep_checkpoints: int = 2          # periodic checkpoints kept while the stage trains
+  keep_after_final: bool | None = None  # keep checkpoints/ once final/ is written; None: `checkpoint_mode`
   async_checkpoints: bool | None = None  # periodic saves written while training goes on; None: `checkpoint_mode`
   skip_nonfinite: bool = False       # skip updates whose loss/gradient is not finite instead of stopping
   images_per_step: int = 0           # for the throughput metric
@@ -298,21 +299,23 @@ def orbax_path(path: str) -> str:
   return writers.abspath(path)
 
 
-# The run's default for stages that leave Stage.async_checkpoints at None (config.train.async_checkpoints, set
-# by `checkpoint_mode`); None: async on accelerators.
-_ASYNC_DEFAULT = {"async": None}
+# The run's defaults for stages that leave Stage.async_checkpoints / Stage.keep_after_final at None
+# (config.train.async_checkpoints and keep_checkpoints, set by `checkpoint_mode`); async None: on accelerators.
+# Outside a pipeline (a method's tests, a notebook) a finished stage keeps its checkpoints.
+_ASYNC_DEFAULT = {"async": None, "keep": True}
 
 
 @contextlib.contextmanager
-def checkpoint_mode(async_checkpoints: bool | None):
+def checkpoint_mode(async_checkpoints: bool | None, keep_checkpoints: bool = True):
   """Within this block, stages whose Stage.async_checkpoints is None save asynchronously or not as given
-  (None: `default_async_checkpoints`). The pipeline sets it from config.train.async_checkpoints."""
-  previous = _ASYNC_DEFAULT["async"]
-  _ASYNC_DEFAULT["async"] = async_checkpoints
+  (None: `default_async_checkpoints`), and stages whose Stage.keep_after_final is None keep their checkpoints/
+  once final/ is written, or remove them. The pipeline sets both from config.train."""
+  previous = dict(_ASYNC_DEFAULT)
+  _ASYNC_DEFAULT.update({"async": async_checkpoints, "keep": keep_checkpoints})
   try:
     yield
   finally:
-    _ASYNC_DEFAULT["async"] = previous
+    _ASYNC_DEFAULT.update(previous)
 
 
 def default_async_checkpoints() -> bool:
@@ -344,25 +347,75 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: dict, meta: dict, wai
     manager.wait_until_finished()
 
 
+# errno values of a read that may succeed when tried again (a flaky disk, a network filesystem or bucket
+# that timed out): the checkpoint is not corrupt, so it is never set aside for them.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.EBUSY, errno.EINTR,
+                              errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ENETUNREACH,
+                              errno.EHOSTUNREACH, errno.ENETDOWN, errno.ESTALE})
+RESTORE_TRIES = 4           # reads of one checkpoint before a transient error is reported
+RESTORE_BACKOFF_S = 0.5     # seconds before the 2nd read, doubled before each later one
+
+
+def transient_io_error(e: BaseException) -> OSError | None:
+  """The OSError with a transient errno (`TRANSIENT_ERRNOS`) in `e` or its causes, or None (corruption, a
+  missing file, anything else)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+      return e
+    # tensorstore (Orbax's array reads) reports the system's error inside a ValueError's text
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code and int(code.group(1)) in TRANSIENT_ERRNOS:
+      return OSError(int(code.group(1)), os.strerror(int(code.group(1))), _one_line(e, 200))
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, step: int | None = None):
-  """Restores (state, meta) at `step` (default: latest), falling back to older steps if one is unreadable."""
+  """Restores (state, meta) at `step` (default: the latest).
+
+  A checkpoint that cannot be read because it is corrupt or incomplete is set aside (renamed N.unreadable-T,
+  so the resumed run can write that step again) and the previous one is tried, with a line saying which step
+  is restored and why. A transient I/O error (`transient_io_error`: EIO, a timeout, …) is not corruption: that
+  read is retried RESTORE_TRIES times with a doubling backoff, then TrainingError (one line) is raised, and
+  nothing is set aside."""
   steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
   errors = []
   for s in steps:
-    try:
-      restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                            meta=ocp.args.JsonRestore()))
-      if errors:
+    for attempt in range(RESTORE_TRIES):
+      try:
+        restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                              meta=ocp.args.JsonRestore()))
+        break
+      except Exception as e:  # noqa: BLE001 — sorted below: transient (retry) or unreadable (the previous step)
+        transient = transient_io_error(e)
+        if transient is None:
+          errors.append(f"step {s}: {_one_line(e, 200)}")
+          restored = None
+          break
+        if attempt + 1 == RESTORE_TRIES:
+          raise TrainingError(
+              f"could not read the checkpoint of step {s} in {manager.directory}: {_one_line(transient, 200)} "
+              f"({RESTORE_TRIES} tries); a transient I/O error, so nothing was set aside: run the same command "
+              "again when the storage answers") from e
         if jax.process_index() == 0:
-          print(f"[checkpoint] restored step {s} after unreadable later checkpoint(s): {'; '.join(errors)}")
-          for bad in steps[:steps.index(s)]:  # set aside, so the resumed run can write those steps again
-            bad_dir = epath.Path(manager.directory) / str(bad)
-            bad_dir.rename(bad_dir.parent / f"{bad}.unreadable-{int(time.time())}")
-        parallel.sync_processes("checkpoint: unreadable steps set aside")
-        manager.reload()
-      return restored["state"], restored["meta"]
-    except Exception as e:  # noqa: BLE001 — any unreadable checkpoint: try the previous one
-      errors.append(f"step {s}: {_one_line(e, 200)}")
+          print(f"[checkpoint] reading step {s}: {_one_line(transient, 200)}; trying again "
+                f"({attempt + 2}/{RESTORE_TRIES})")
+        time.sleep(RESTORE_BACKOFF_S * 2**attempt)
+    if restored is None:
+      continue
+    if errors:
+      if jax.process_index() == 0:
+        bad_steps = steps[:steps.index(s)]
+        print(f"[checkpoint] restored step {s} after unreadable later checkpoint(s): {'; '.join(errors)}; set aside "
+              f"as {', '.join(f'{b}.unreadable-*' for b in bad_steps)}")
+        for bad in bad_steps:  # set aside, so the resumed run can write those steps again
+          bad_dir = epath.Path(manager.directory) / str(bad)
+          bad_dir.rename(bad_dir.parent / f"{bad}.unreadable-{int(time.time())}")
+      parallel.sync_processes("checkpoint: unreadable steps set aside")
+      manager.reload()
+    return restored["state"], restored["meta"]
   raise TrainingError(f"no readable checkpoint in {manager.directory}: {'; '.join(errors)}")
 
 
@@ -478,6 +531,22 @@ def sweep_leftovers(stage_dir: str) -> list[str]:
   return sorted(removed)
 
 
+def keeps_checkpoints(stage: Stage) -> bool:
+  """Whether a finished stage keeps checkpoints/ beside final/ (Stage.keep_after_final, else `checkpoint_mode`)."""
+  return stage.keep_after_final if stage.keep_after_final is not None else bool(_ASYNC_DEFAULT["keep"])
+
+
+def _drop_checkpoints_after_final(stage: Stage, stage_dir: str, say) -> None:
+  """Removes a finished stage's checkpoints/ (final/ is what later stages and a rerun read; the checkpoints hold
+  the optimizer state too, several times final/'s size) unless it keeps them. Called only once final/ is
+  complete (`has_final`)."""
+  ckpt_dir = epath.Path(stage_dir, "checkpoints")
+  if keeps_checkpoints(stage) or not has_final(stage_dir) or not ckpt_dir.exists():
+    return
+  ckpt_dir.rmtree()
+  say(f"[{stage.name}] removed {ckpt_dir} (final/ is written; config.train.keep_checkpoints=True keeps them)")
+
+
 def place_state(state: dict, mesh, fsdp_min_size: int) -> tuple[dict, PyTree]:
   """(state as global arrays on `mesh`, its shardings): the parallel.param_shardings rule over the whole
   state, so params, Adam's moments and the EMA share a layout and scalars are replicated."""
@@ -505,6 +574,8 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
   parallel.sync_processes(f"{stage.name}: leftovers swept")
   if has_final(stage_dir):
     say(f"[{stage.name}] already finished; loading {stage_dir}/final")
+    if is_main_process:
+      _drop_checkpoints_after_final(stage, stage_dir, say)  # a run killed between final/ and the removal
     return load_final_params(stage_dir)
 
   with_ema = stage.ema_decay is not None
@@ -644,6 +715,8 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
                                  "same command again to resume") from e
     if jax.process_count() > 1:
       final = host
+  if is_main_process:
+    _drop_checkpoints_after_final(stage, stage_dir, say)
   if reason:
     raise stopped(reason, stage.num_steps, saved=False)
   return final, meta
