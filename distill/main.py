@@ -517,6 +517,8 @@ def main(argv):
 def _main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  from distill import train
+  train.quiet_closed_event_loops()  # Orbax's loop closed under tensorstore's callbacks: noise around one line
   _init_distributed()  # before JAX is used: it fixes which devices JAX sees
   _enable_compilation_cache()
   sys.stdout.reconfigure(line_buffering=True)  # progress lines reach `tail -f` of a redirected log as they happen

@@ -45,6 +45,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -104,6 +105,45 @@ def _write_error(e: BaseException) -> str:
   return _one_line(e)
 
 
+def _closed_loop(e) -> bool:
+  return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+
+
+def quiet_closed_event_loops() -> None:
+  """Drops Python's reports of `RuntimeError: Event loop is closed`, and only those: after a failed Orbax save (a
+  full disk) or at exit, tensorstore's callbacks may still reach Orbax's closed asyncio loop, and each prints a
+  traceback (through sys.unraisablehook or, from a C++ thread, sys.excepthook) around the one-line error.
+  Idempotent."""
+  if getattr(sys.unraisablehook, "distill_quiet", False):
+    return
+  unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
+
+  def on_unraisable(unraisable):
+    if not _closed_loop(unraisable.exc_value):
+      unraisable_hook(unraisable)
+
+  def on_exception(kind, value, tb):
+    if not _closed_loop(value):
+      except_hook(kind, value, tb)
+
+  on_unraisable.distill_quiet = True
+  sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
+
+
+class _OrbaxThreadErrors(logging.Filter):
+  """Installed once a save has failed, whose error the trainer reports in one line: drops what Orbax's writer
+  threads and its abandoned asyncio futures go on logging about that same error after the save raised (absl
+  ERROR records of threads other than the main one; asyncio's 'Future/Task exception was never retrieved')."""
+
+  def filter(self, record):
+    if record.name == "asyncio":
+      return "exception was never retrieved" not in str(record.msg)
+    return not (record.levelno >= logging.ERROR and record.threadName != "MainThread")
+
+
+_ORBAX_THREAD_ERRORS = _OrbaxThreadErrors()
+
+
 @contextlib.contextmanager
 def _orbax_errors_held():
   """Orbax's writer threads log a failed write with its traceback (a hundred lines for a full disk) before the
@@ -125,6 +165,9 @@ def _orbax_errors_held():
     yield
   except BaseException:
     absl_logger.removeFilter(hold)
+    absl_logger.addFilter(_ORBAX_THREAD_ERRORS)  # the same object each time: added once
+    logging.getLogger("asyncio").addFilter(_ORBAX_THREAD_ERRORS)
+    quiet_closed_event_loops()
     raise
   absl_logger.removeFilter(hold)
   for record in held:
@@ -618,7 +661,12 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
 
   train_step = jitted_train_step(stage.loss_fn, stage.optimizer, stage.ema_decay, stage.skip_nonfinite, stage.seed,
                                  state_shardings)
-  writer = writers.MetricWriter(os.path.join(stage_dir, "tb"), enabled=is_main_process)
+  try:
+    writer = writers.MetricWriter(os.path.join(stage_dir, "tb"), enabled=is_main_process)
+  except OSError as e:
+    raise CheckpointWriteError(f"[{stage.name}] could not open its metrics in {stage_dir}/tb: "
+                               f"{writers.os_error_line(e)}; free space (or fix the cause) and run the same command "
+                               "again to resume") from e
   progress = writers.ProgressReporter(total_steps=stage.num_steps, prefix=f"[{stage.name}]",
                                       batch_size=stage.images_per_step or None, every_seconds=None,
                                       every_steps=stage.log_every, print_fn=say)
@@ -642,6 +690,14 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
     return CheckpointWriteError(f"[{stage.name}] could not save the checkpoint of step {step}/{stage.num_steps} "
                                 f"({where}) in {ckpt_dir}: {_write_error(e)}; {kept}; free space (or fix the cause) "
                                 "and run the same command again to resume")
+
+  def metrics_failed(e, step=None):
+    previous = saves["complete"]
+    kept = f"the checkpoint of step {previous} is intact" if previous is not None else "there is no checkpoint yet"
+    at = f" at step {step}/{stage.num_steps}" if step is not None else ""
+    return CheckpointWriteError(f"[{stage.name}] could not write its metrics{at} ({where}) in {stage_dir}/tb: "
+                                f"{_write_error(e)}; {kept}; free space (or fix the cause) and run the same "
+                                "command again to resume")
 
   def finish_pending():
     """Waits for an async save still being written; its failure is a CheckpointWriteError of its own step."""
@@ -667,6 +723,7 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
     saves["complete" if wait else "pending"] = step
 
   reason = None
+  leaving_by_error = True
   try:
     for step in range(start, stage.num_steps):
       batch = parallel.global_batch(stage.batch_fn(step), mesh)
@@ -683,7 +740,10 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
         if skipped := int(state["nonfinite"]):
           metrics["skipped_updates"] = float(skipped)
         last_t, last_step = now, done
-        writer.write_scalars(done, metrics)
+        try:
+          writer.write_scalars(done, metrics)
+        except OSError as e:
+          raise metrics_failed(e, done) from e
         progress.update(done, {k: metrics[k] for k in ("loss", "grad_norm", "lr") if k in metrics})
       reason = agreed_stop()
       if done != stage.num_steps and (done % stage.ckpt_every == 0 or reason):
@@ -692,8 +752,13 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
       if reason and done != stage.num_steps:
         raise stopped(reason, done, saved=True)
     finish_pending()  # before final/: a failed last save is reported, and nothing is written behind final/
+    leaving_by_error = False
   finally:
-    writer.close()
+    try:
+      writer.close()  # flushes: on a full disk this fails too, and must not hide the error that is leaving
+    except OSError as e:
+      if not leaving_by_error:
+        raise metrics_failed(e) from e
     if saves["pending"] is not None:  # leaving by an error: let the save in flight complete (errors: the first one wins)
       with contextlib.suppress(Exception), _orbax_errors_held():
         manager.wait_until_finished()

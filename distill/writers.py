@@ -69,9 +69,11 @@ def atomic_write(path: str, write_fn: Callable[[IO], Any], mode: str = "wb") -> 
     with tmp.open(mode) as f:
       write_fn(f)
     tmp.replace(target)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(Exception):
       tmp.unlink(missing_ok=True)
+    if isinstance(e, OSError) and not e.filename and e.errno:  # a failed write or flush names no file: this one
+      raise OSError(e.errno, e.strerror, os.fspath(path)) from e
     raise
 
 
