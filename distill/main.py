@@ -359,11 +359,15 @@ def _check_inception_weights(config):
       found = epath.Path(path).is_file()
     except Exception as e:  # noqa: BLE001 — a URL whose client is missing or cannot reach it
       fail(f"eval.inception_path={path!r}: cannot be read ({_one_line(e)})")
-    if not found:
-      try:
-        inception.load_inception(path)
-      except inception.InceptionWeightsMissing as e:
-        fail(f"eval.inception_path: {e}")
+    try:  # read whole now: a corrupt file is named before the run, not at its evaluation hours later
+      inception.load_inception(path)
+    except inception.InceptionWeightsMissing as e:
+      fail(f"eval.inception_path: {e}")
+    except Exception as e:  # noqa: BLE001 — not an .npz, no pickle allowed, arrays missing or of other shapes
+      if found:
+        fail(f"eval.inception_path={path!r}: not the FID Inception's weights ({_one_line(e)}); convert them with "
+             "`python -m distill.evaluation.convert_inception`")
+      raise
 
 
 def _check_reference_stats(config):

@@ -165,6 +165,10 @@ def _setup(name, tmp_path, fake_runs) -> dict:
     shutil.copytree(fake_runs / "digits", tmp_path / "run")
     (tmp_path / "run" / "distill_deterministic" / "N0004" / "final" / "meta.json").write_text('{"kind": "w_stu')
     paths["run"] = str(tmp_path / "run")
+  elif name == "ckpt_meta_empty":
+    shutil.copytree(fake_runs / "digits", tmp_path / "run")
+    (tmp_path / "run" / "distill_deterministic" / "N0004" / "final" / "meta.json").write_text("{}")
+    paths["run"] = str(tmp_path / "run")
   elif name == "ckpt_no_params":
     shutil.copytree(fake_runs / "digits", tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "distill_deterministic" / "N0004" / "final" / "params")
@@ -435,6 +439,13 @@ CASES = [
          "finite numbers >= 0", setup="run"),
     case("img2img_strength_nan", ["--mode=img2img", "--checkpoint=" + STUDENT, "--strength=nan"], "--strength=nan",
          "(0, 1]", setup="run"),
+    case("inception_weights_corrupt", [DIGITS, "--config.eval.metric=inception", "--config.eval.inception_path={npz}"],
+         "eval.inception_path='{npz}'", "not the FID Inception's weights", "convert_inception", setup="npz_garbage"),
+    case("inception_weights_other_arrays", [DIGITS, "--config.eval.metric=inception",
+                                            "--config.eval.inception_path={npz}"],
+         "eval.inception_path='{npz}'", "not the FID Inception's weights", setup="npz_rgb"),
+    case("sample_checkpoint_meta_empty", [SAMPLE, "--checkpoint=" + STUDENT], "--checkpoint=", "meta.json",
+         setup="ckpt_meta_empty"),
     case("sfd_k_0", [DIGITS, "--config.sfd.k=0"], "config.sfd.k=0", "positive integer"),
     case("sfd_label_dropout_1", [DIGITS, "--config.sfd.label_dropout=1.0"], "config.sfd.label_dropout=1.0",
          "[0.0, 1.0)"),
