@@ -209,3 +209,25 @@ def test_a_process_whose_checkpoint_fills_the_disk_prints_only_the_one_line(disk
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
   assert lines[0].startswith("error: [toy] could not save the checkpoint of step 4/8") and "the disk is full" in lines[0]
+
+
+def test_a_workdir_on_a_read_only_filesystem_is_bad_input(tmp_path):
+  """--workdir under a read-only mount: one line naming the workdir and why, exit 2, nothing written."""
+  path = tmp_path / "ro"
+  path.mkdir()
+  if os.geteuid() != 0:
+    pytest.skip("mounting a read-only tmpfs needs root")
+  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True,
+                        text=True)
+  if proc.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+  try:
+    env = dict(os.environ, DISTILL_JAX_CACHE="", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "distill.main", "--config=configs/digits.py",
+                          f"--workdir={path}/wd"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = [l for l in run.stderr.splitlines() if l.strip()]
+    assert run.returncode == 2 and len(lines) == 1, run.stderr[-2000:]
+    assert lines[0].startswith(f"error: --workdir={path}/wd: cannot be written") and "Read-only file system" in lines[0]
+    assert os.listdir(path) == []
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False)
