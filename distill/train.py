@@ -415,6 +415,33 @@ def transient_io_error(e: BaseException) -> OSError | None:
   return None
 
 
+def _other_model(directory, step: int, abstract_state: dict) -> str | None:
+  """How the parameters saved at `step` differ from `abstract_state`'s (a checkpoint of another model config, not
+  a corrupt one), from Orbax's metadata; None when they fit or the metadata cannot be read (then the restore
+  itself decides)."""
+  from distill import models
+  try:
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns about metadata files older checkpoints lack
+    try:
+      metadata = ocp.StandardCheckpointer().metadata(os.path.join(os.fspath(directory), str(step), "state"))
+    finally:
+      absl_logger.setLevel(level)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    found = models.param_shapes(tree["params"]) if isinstance(tree, dict) and "params" in tree else {}
+  except Exception:  # noqa: BLE001 — unreadable metadata: not evidence of another model
+    return None
+  if not found:
+    return None
+  expected = models.param_shapes(abstract_state["params"])
+  extra = sorted(set(found) - set(expected))
+  if extra:
+    return f"parameter {extra[0]} {found[extra[0]]} of the checkpoint is not in the model"
+  return models.params_mismatch(expected, found)
+
+
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, step: int | None = None):
   """Restores (state, meta) at `step` (default: the latest).
 
@@ -422,10 +449,16 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, ste
   so the resumed run can write that step again) and the previous one is tried, with a line saying which step
   is restored and why. A transient I/O error (`transient_io_error`: EIO, a timeout, …) is not corruption: that
   read is retried RESTORE_TRIES times with a doubling backoff, then TrainingError (one line) is raised, and
-  nothing is set aside."""
+  nothing is set aside. A checkpoint whose parameters have other names or shapes than `abstract_state`'s
+  (trained with another model config) is not corruption either: TrainingError (one line) naming the parameter.
+  """
   steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
   errors = []
   for s in steps:
+    if why := _other_model(manager.directory, s, abstract_state):
+      raise TrainingError(f"the checkpoint of step {s} in {manager.directory} was trained with another model config "
+                          f"({why}); nothing was set aside: run with that config, or delete "
+                          f"{manager.directory} to train this stage anew")
     for attempt in range(RESTORE_TRIES):
       try:
         restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),

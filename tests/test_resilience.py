@@ -894,3 +894,20 @@ def test_keep_checkpoints_is_a_config_field_defaulting_to_false_and_result_neutr
   c = configuration.base_config()
   assert c.train.keep_checkpoints is False
   assert "train.keep_checkpoints" in main_lib.RESULT_NEUTRAL_FIELDS  # a rerun may change it freely
+
+
+def test_a_checkpoint_of_another_model_is_named_and_not_set_aside(tmp_path):
+  """Resuming with another model config (--allow_config_change): one line naming the parameter, not the
+  corrupt-checkpoint fallback that would set every checkpoint aside and restart."""
+  stage_dir = str(tmp_path / "toy")
+  with pytest.raises(KeyboardInterrupt):
+    train.run_stage(_stage(on_batch=_crash_at(5)), stage_dir)
+  wider = _stage()
+  wider.init_params = {"w": jnp.ones((3, 3))}
+  with pytest.raises(train.TrainingError) as error:
+    train.run_stage(wider, stage_dir)
+  message = str(error.value)
+  assert "checkpoint of step 4" in message and "another model config" in message, message
+  assert "parameter w has shape (2, 3) in the checkpoint, (3, 3) in the model" in message, message
+  assert "\n" not in message
+  assert _steps(stage_dir) == [2, 4] and not glob.glob(os.path.join(stage_dir, "checkpoints", "*.unreadable-*"))
