@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       # Checkpoints written while training goes on (Orbax async): None = on accelerators, off on the CPU.
       async_checkpoints=ml_collections.config_dict.placeholder(bool),
+      # A finished stage keeps its checkpoints/ beside final/ (False: only final/, removed once it is written).
+      keep_checkpoints=False,
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
@@ -97,9 +99,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if isinstance(c.seed, bool) or not isinstance(c.seed, int) or c.seed < 0:
     _fail("seed", c.seed, "must be an integer >= 0")
   stages = registry.stage_names()
-  for stage in c.pipeline:
+  pipeline = tuple(c.pipeline)
+  if not pipeline:
+    _fail("pipeline", pipeline, f"must name at least one stage; stages allowed: {', '.join(stages)}")
+  for stage in pipeline:
     if stage not in stages:
-      _fail("pipeline", tuple(c.pipeline), f"stages allowed: {', '.join(stages)}")
+      _fail("pipeline", pipeline, f"stages allowed: {', '.join(stages)}")
+  for stage in pipeline:
+    if pipeline.count(stage) > 1:
+      _fail("pipeline", pipeline, f"names {stage!r} twice; each stage runs once (a rerun resumes it)")
+  if registry.EVALUATE in pipeline[:-1]:
+    _fail("pipeline", pipeline, f"{registry.EVALUATE!r} must come last: it scores the stages before it")
   _choice(c, "data.name", DATA_NAMES)
   for f in ("data.image_size", "data.channels", "data.num_classes"):
     _positive_int(c, f)
@@ -141,6 +151,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.train.async_checkpoints is not None and not isinstance(c.train.async_checkpoints, bool):
     _fail("train.async_checkpoints", c.train.async_checkpoints, "must be True, False or None (None: async on "
           "accelerators, not on the CPU)")
+  if not isinstance(c.train.keep_checkpoints, bool):
+    _fail("train.keep_checkpoints", c.train.keep_checkpoints, "must be True or False")
   if isinstance(c.mesh.fsdp_min_size, bool) or not isinstance(c.mesh.fsdp_min_size, int) or c.mesh.fsdp_min_size < 0:
     _fail("mesh.fsdp_min_size", c.mesh.fsdp_min_size, "must be an integer >= 0")
   if not c.sample.w_values:

@@ -508,6 +508,8 @@ def _check_npz_images(images: np.ndarray, key: str, path: str, channels: int) ->
     raise DataError(f"data.path={path!r}: {key!r} has dtype {images.dtype}; expected uint8 (0..255)")
   if images.ndim != 4:
     raise DataError(f"data.path={path!r}: {key!r} has shape {images.shape}; expected 4-D [N, H, W, C]")
+  if 0 in images.shape[1:3]:
+    raise DataError(f"data.path={path!r}: {key!r} has shape {images.shape}; images must be at least 1x1 pixels")
   if images.shape[-1] != channels:
     raise DataError(
         f"data.path={path!r}: {key!r} has {images.shape[-1]} channels (shape {images.shape}) but data.channels={channels}"

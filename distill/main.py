@@ -5,8 +5,9 @@ Any config field is overridable: `--config.teacher.num_steps=500 --config.model.
 Exit codes:
   0  done, or stopped on request (SIGTERM, SIGINT, a preemption notice): the running stage finished its step
      and saved a checkpoint; one line says where, and the same command resumes there.
-  1  a run that cannot go on (a non-finite loss, a checkpoint that cannot be written, e.g. on a full disk):
-     one line `error: …` naming the stage and step; the last good checkpoint is kept.
+  1  a run that cannot go on (a non-finite loss, a checkpoint, grid, eval or summary file that cannot be
+     written, e.g. on a full disk, any other error inside a stage): one line `error: …` naming the stage (and
+     step, or file); the last good checkpoint is kept. DISTILL_TRACEBACK=1 shows the traceback instead.
   2  bad input (flags, config values, data files, checkpoints): one line naming the field, the value and
      what is allowed; nothing is written.
 
@@ -18,7 +19,9 @@ say so, pass --distributed=on. Process 0 alone prints progress and writes files 
 """
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import re
 import shlex
@@ -115,7 +118,7 @@ def default_workdir(config_arg: str) -> str:
 
 
 # How a run reads its data and writes its checkpoints, not what it computes: a rerun may change them freely.
-RESULT_NEUTRAL_FIELDS = ("data.num_workers", "data.prefetch", "train.async_checkpoints")
+RESULT_NEUTRAL_FIELDS = ("data.num_workers", "data.prefetch", "train.async_checkpoints", "train.keep_checkpoints")
 
 
 def _first_difference(a, b, prefix=""):
@@ -134,14 +137,26 @@ def _first_difference(a, b, prefix=""):
   return None
 
 
+def _guidance_flag() -> list[float]:
+  """--w as guidance strengths: at least one, each a finite number >= 0 (one line and exit 2 otherwise)."""
+  text = ",".join(_W.value)
+  try:
+    w_values = [float(v) for v in _W.value]
+  except ValueError:
+    fail(f"--w={text}: guidance strengths must be numbers, e.g. --w=0,1,4")
+  if not w_values:
+    fail("--w=: give at least one guidance strength, e.g. --w=0,1")
+  for raw, w in zip(_W.value, w_values):
+    if not (math.isfinite(w) and w >= 0):  # NaN fails every comparison: asked for what is allowed, not its opposite
+      fail(f"--w={raw}: guidance strengths must be finite numbers >= 0" + (f" (in --w={text})" if raw != text else ""))
+  return w_values
+
+
 def sample_main():
   from distill import sampling
   if not _CHECKPOINT.value:
     fail("--checkpoint is required with --mode=sample, e.g. --checkpoint=runs/digits/distill_deterministic/N0004")
-  try:
-    w_values = [float(v) for v in _W.value]
-  except ValueError:
-    fail(f"--w={','.join(_W.value)}: guidance strengths must be numbers, e.g. --w=0,1,4")
+  w_values = _guidance_flag()
   try:
     labels = None if _LABELS.value is None else [int(v) for v in _LABELS.value]
   except ValueError:
@@ -195,12 +210,7 @@ def evaluate_main():
   from distill import configuration, evaluate, sampling
   try:
     if _CHECKPOINT.value:
-      try:
-        w_values = [float(v) for v in _W.value]
-      except ValueError:
-        fail(f"--w={','.join(_W.value)}: guidance strengths must be numbers, e.g. --w=0,1,4")
-      if any(w < 0 for w in w_values):
-        fail(f"--w={','.join(_W.value)}: guidance strengths must be >= 0")
+      w_values = _guidance_flag()
       result = evaluate.evaluate_checkpoint(_CHECKPOINT.value, w_values=w_values, steps=_STEPS.value,
                                             sampler=_SAMPLER.value, force=_FORCE.value, seed=_SEED.value,
                                             out=_OUT.value)
@@ -222,8 +232,8 @@ def style_transfer_main():
   from distill import sampling
   if not _ENCODER.value or not _DECODER.value:
     fail("--encoder and --decoder are required with --mode=style_transfer")
-  if _W_ENC.value < 0 or _W_DEC.value < 0:
-    fail(f"--w_enc={_W_ENC.value} --w_dec={_W_DEC.value}: guidance strengths must be >= 0")
+  if not all(math.isfinite(w) and w >= 0 for w in (_W_ENC.value, _W_DEC.value)):
+    fail(f"--w_enc={_W_ENC.value} --w_dec={_W_DEC.value}: guidance strengths must be finite numbers >= 0")
   try:
     labels = None if _LABELS.value is None else [int(v) for v in _LABELS.value]
   except ValueError:
@@ -240,12 +250,9 @@ def img2img_main():
   from distill import sampling
   if not _CHECKPOINT.value:
     fail("--checkpoint=STAGE_DIR is required with --mode=img2img")
-  try:
-    w_values = [float(v) for v in _W.value]
-  except ValueError:
-    fail(f"--w={','.join(_W.value)}: guidance strengths must be numbers, e.g. --w=0,1,4")
-  if not w_values:
-    fail("--w=: give at least one guidance strength, e.g. --w=0,1")
+  w_values = _guidance_flag()
+  if not (math.isfinite(_STRENGTH.value) and 0 < _STRENGTH.value <= 1):
+    fail(f"--strength={_STRENGTH.value}: must lie in (0, 1] (the noise level the images are taken to)")
   try:
     labels = None if _LABELS.value is None else [int(v) for v in _LABELS.value]
   except ValueError:
@@ -352,11 +359,15 @@ def _check_inception_weights(config):
       found = epath.Path(path).is_file()
     except Exception as e:  # noqa: BLE001 — a URL whose client is missing or cannot reach it
       fail(f"eval.inception_path={path!r}: cannot be read ({_one_line(e)})")
-    if not found:
-      try:
-        inception.load_inception(path)
-      except inception.InceptionWeightsMissing as e:
-        fail(f"eval.inception_path: {e}")
+    try:  # read whole now: a corrupt file is named before the run, not at its evaluation hours later
+      inception.load_inception(path)
+    except inception.InceptionWeightsMissing as e:
+      fail(f"eval.inception_path: {e}")
+    except Exception as e:  # noqa: BLE001 — not an .npz, no pickle allowed, arrays missing or of other shapes
+      if found:
+        fail(f"eval.inception_path={path!r}: not the FID Inception's weights ({_one_line(e)}); convert them with "
+             "`python -m distill.evaluation.convert_inception`")
+      raise
 
 
 def _check_reference_stats(config):
@@ -419,9 +430,99 @@ def _check_teacher_dir(config):
           fail(f"{field}: that teacher has {section}.{key}={theirs!r}, this run {section}.{key}={ours!r}")
 
 
+def _check_devices(config):
+  """Before anything is written: the mesh's fsdp axis divides the devices JAX sees, and every batch the pipeline's
+  stages split over them (their `data_batches` and their sections' batch_size) divides too."""
+  import jax
+  from distill import registry
+  n = jax.device_count()
+  fsdp = config.mesh.fsdp
+  if n % fsdp:
+    divisors = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+    fail(f"config.mesh.fsdp={fsdp}: must divide the {n} device{'s' if n > 1 else ''} JAX sees; allowed: {divisors}")
+  fields = list(registry.data_batch_fields(config))
+  for m in registry.methods():
+    if set(m.stages) & set(config.pipeline):
+      fields += [f"{name}.batch_size" for name, section in (m.config() if m.config else {}).items()
+                 if "batch_size" in section]
+  for field in dict.fromkeys(fields):
+    section, name = field.split(".")
+    value = config[section][name]
+    if value % n:
+      fail(f"config.{field}={value}: does not split over the {n} devices; use a multiple of {n}")
+
+
+def _check_workdir_files(workdir: str, names=("config.json", "summary.json")):
+  """Before anything is written: the files a rerun reads back (config.json, summary.json) are what they should be,
+  so a corrupt one is named now rather than as a traceback after the first stage."""
+  from etils import epath
+  from distill import writers
+  for name in names:
+    path = os.path.join(workdir, name)
+    if not epath.Path(path).exists():
+      continue
+    try:
+      value = writers.read_json(path)
+    except (OSError, ValueError) as e:
+      fail(f"{path}: unreadable ({_one_line(e)}); delete it to run in {workdir}")
+    if not isinstance(value, dict):
+      fail(f"{path}: holds a JSON {type(value).__name__}, not an object; delete it to run in {workdir}")
+    seconds = value.get("wall_clock_seconds", {}) if name == "summary.json" else {}
+    if not isinstance(seconds, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in seconds.values()):
+      fail(f"{path}: wall_clock_seconds must map stages to finite numbers of seconds; delete it to run in {workdir}")
+
+
+def _check_teacher_fits(config, workdir: str):
+  """Before anything is written: a finished teacher the pipeline will load (WORKDIR/teacher, teacher_v or
+  distill.teacher_dir) holds the parameters of config.model's U-Net, parameter by parameter (its shapes from
+  Orbax's metadata against the model's `jax.eval_shape` init): a teacher trained with another model config is
+  named in one line instead of a Flax shape error deep in the first stage that uses it."""
+  if config.latent.enabled or not tuple(config.pipeline):  # a latent U-Net's shape needs the autoencoder's latents
+    return
+  from distill import diffusion, models, train
+  teacher_dirs = ([config.distill.teacher_dir] if config.distill.teacher_dir else
+                  [os.path.join(workdir, "teacher"), os.path.join(workdir, "teacher_v")])
+  for stage_dir in teacher_dirs:
+    logging.set_verbosity(logging.ERROR)  # Orbax warns about what it cannot find, in lines of its own
+    try:
+      if not train.has_final(stage_dir):
+        continue
+      meta = train.load_final_meta(stage_dir)
+      found = train.final_param_shapes(stage_dir)
+    except Exception as e:  # noqa: BLE001 — an unreadable final/ is named
+      fail(f"{stage_dir}/final: unreadable ({_one_line(e)}); delete the stage directory to train it again")
+    finally:
+      logging.set_verbosity(logging.WARNING)
+    model_cfg = config.model.copy_and_resolve_references()
+    if meta.get("parameterization") in diffusion.PARAMETERIZATIONS:
+      model_cfg.parameterization = meta["parameterization"]  # an ε teacher of a v run (teacher_v)
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    expected = models.param_shapes(models.abstract_params(models.unet_from_config(model_cfg, config.data), shape))
+    why = models.params_mismatch(expected, found)
+    if why:
+      fail(f"{stage_dir}/final: does not fit config.model ({why}); it was trained with another model config: "
+           "restore that config or use another --workdir")
+
+
 def main(argv):
+  """Runs --mode; any error that escapes it ends as one line and exit 1 (DISTILL_TRACEBACK=1: the traceback)."""
+  try:
+    return _main(argv)
+  except Exception as e:  # noqa: BLE001 — every expected failure has its own line already; this is the rest
+    if os.environ.get("DISTILL_TRACEBACK"):
+      raise
+    from distill import writers
+    line = writers.os_error_line(e) if isinstance(e, OSError) else _one_line(e)
+    print(f"error: --mode={_MODE.value}: {line} (DISTILL_TRACEBACK=1 shows where)", file=sys.stderr)
+    sys.exit(EXIT_FAILED)
+
+
+def _main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  from distill import train
+  train.quiet_closed_event_loops()  # Orbax's loop closed under tensorstore's callbacks: noise around one line
   _init_distributed()  # before JAX is used: it fixes which devices JAX sees
   _enable_compilation_cache()
   sys.stdout.reconfigure(line_buffering=True)  # progress lines reach `tail -f` of a redirected log as they happen
@@ -464,6 +565,7 @@ def main(argv):
     if config[section][name] > len(train_source):
       fail(f"config.{field}={config[section][name]}: larger than the {len(train_source)} training examples of "
            f"data.name={config.data.name!r}")
+  _check_devices(config)
   _check_inception_weights(config)
   _check_reference_stats(config)
   _check_teacher_dir(config)
@@ -481,6 +583,9 @@ def main(argv):
     fail(f"--workdir={workdir}: cannot be reached ({_one_line(e)})")
   if is_file:
     fail(f"--workdir={workdir}: exists and is not a directory")
+  # --allow_config_change replaces config.json whatever it holds; summary.json is read back either way.
+  _check_workdir_files(workdir, ("summary.json",) if _ALLOW_CHANGE.value else ("config.json", "summary.json"))
+  _check_teacher_fits(config, workdir)
   import jax
   from distill import parallel, pipeline, train, writers
   main_process = jax.process_index() == 0
@@ -495,9 +600,15 @@ def main(argv):
     if diff:
       fail(f"{workdir} holds a run with another config ({diff}); use another --workdir or --allow_config_change")
   if main_process:
-    workdir_path.mkdir(parents=True, exist_ok=True)
-    # A killed run leaves the old file or the new one, never half of one (a rerun reads it).
-    writers.atomic_write_json(config_path, resolved, indent=1, sort_keys=True)
+    try:
+      workdir_path.mkdir(parents=True, exist_ok=True)
+      # A killed run leaves the old file or the new one, never half of one (a rerun reads it).
+      writers.atomic_write_json(config_path, resolved, indent=1, sort_keys=True)
+    except OSError as e:
+      if e.errno == errno.ENOSPC:  # the workdir is fine, the disk is not: a failure, not bad input
+        print(f"error: {writers.os_error_line(e, config_path)}; nothing was written", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+      fail(f"--workdir={workdir}: cannot be written ({writers.os_error_line(e, config_path)})")
     print(f"workdir: {workdir}")
   parallel.sync_processes("main: workdir ready")
   train.install_stop_handlers()
@@ -509,6 +620,8 @@ def main(argv):
             f"{shlex.join(['python', '-m', 'distill.main', *sys.argv[1:]])}")
     sys.exit(0)
   except train.TrainingError as e:
+    if os.environ.get("DISTILL_TRACEBACK"):
+      raise
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_FAILED)
   if main_process:

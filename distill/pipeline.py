@@ -30,16 +30,29 @@ def run(config, workdir: str, train_source=None):
   """Runs config.pipeline in order; writes WORKDIR/summary.json with wall-clock per stage."""
   ctx = Context(config, workdir, train_source)
   async_checkpoints = config.train.async_checkpoints if "train" in config else None
+  keep_checkpoints = bool(config.train.get("keep_checkpoints", False)) if "train" in config else False
   summary_path = os.path.join(workdir, "summary.json")
   summary = {}
   if epath.Path(summary_path).exists():
     summary = writers.read_json(summary_path)
   for name in config.pipeline:
     start = time.time()
-    with train.checkpoint_mode(async_checkpoints):
-      stage_runner(name)(ctx)
+    try:
+      with train.checkpoint_mode(async_checkpoints, keep_checkpoints):
+        stage_runner(name)(ctx)
+    except (train.TrainingError, train.Stopped):
+      raise
+    except OSError as e:  # a grid, eval or cache file that could not be written (a full disk) or read
+      raise train.StageFailed(f"[{name}] {writers.os_error_line(e)}; what was complete before is kept: free "
+                              "space (or fix the cause) and run the same command again") from e
+    except Exception as e:  # noqa: BLE001 — anything else: one line naming the stage (main can show the traceback)
+      raise train.StageFailed(f"[{name}] {train.one_line(e)}") from e
     summary.setdefault("wall_clock_seconds", {})[name] = summary.get("wall_clock_seconds", {}).get(name, 0.0) + (
         time.time() - start)
     if ctx.is_main_process:  # renamed into place: a kill never leaves half a file
-      writers.atomic_write_json(summary_path, summary, indent=1)
+      try:
+        writers.atomic_write_json(summary_path, summary, indent=1)
+      except OSError as e:
+        raise train.StageFailed(f"[{name}] finished, but {writers.os_error_line(e, summary_path)}; its results are "
+                                "kept: free space and run the same command again") from e
   return summary

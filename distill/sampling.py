@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import os
 
 import jax
@@ -69,8 +70,22 @@ def checkpoint_sampler(stage_dir: str, *, steps: int | None = None, sampler: str
   """fn(z, labels, w) → x sampling a finished stage as its meta describes (or at `steps` / `sampler` with
   `force`). Returns (context, fn, steps, sampler, network evaluations per sample)."""
   ctx, params, meta, steps, sampler = resolve_checkpoint(stage_dir, steps=steps, sampler=sampler, force=force)
+  check_fits(ctx, params, stage_dir)
   fn, nfe = registry.sampler(ctx, params, meta, num_steps=steps, name=sampler)
   return ctx, fn, steps, sampler, nfe
+
+
+def check_fits(ctx, params, stage_dir: str, flag: str = "--checkpoint") -> None:
+  """SamplingError naming the first parameter of the run's U-Net (config.model over its data) that the stage's
+  parameters lack or hold at another shape: a stage trained with another model config (a run resumed with
+  --allow_config_change), said in one line instead of Flax's shape error deep inside the first sampler call."""
+  from distill import models
+  expected = models.param_shapes(models.abstract_params(models.unet_from_config(ctx.config.model, ctx.config.data),
+                                                        ctx.image_shape))
+  why = models.params_mismatch(expected, models.param_shapes(params))
+  if why:
+    raise SamplingError(f"{flag}={stage_dir!r}: does not fit the model of its run's config.json ({why}); was it "
+                        "trained with another model config?")
 
 
 def resolve_checkpoint(stage_dir: str, *, steps: int | None = None, sampler: str | None = None,
@@ -183,15 +198,19 @@ def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0
                       force: bool = False) -> dict:
   """Samples `num` images per (w, label) from a finished stage; writes OUT.png (rows = w, columns = samples)
   and OUT.npz (images uint8 [N, H, W, C], labels, w). Returns the paths and the evaluation count."""
-  ctx, fn, steps, sampler, nfe = checkpoint_sampler(stage_dir, steps=steps, sampler=sampler, force=force)
+  ctx, params, meta, steps, sampler = resolve_checkpoint(stage_dir, steps=steps, sampler=sampler, force=force)
   k = ctx.config.data.num_classes
   labels = list(range(min(k, 10))) if labels is None else list(labels)
   for y in labels:
     if not 0 <= y < k:
       raise SamplingError(f"--labels={y}: classes are 0..{k - 1}")
+  if not w_values:
+    raise SamplingError("--w=: give at least one guidance strength, e.g. --w=0,1")
   for w in w_values:
-    if w < 0:
-      raise SamplingError(f"--w={w}: guidance strengths must be >= 0")
+    if not (math.isfinite(w) and w >= 0):
+      raise SamplingError(f"--w={w}: guidance strengths must be finite numbers >= 0")
+  check_fits(ctx, params, stage_dir)
+  fn, nfe = registry.sampler(ctx, params, meta, num_steps=steps, name=sampler)
   ws = np.asarray(w_values, np.float32)
   per_row = len(labels) * num
   y = jnp.tile(jnp.repeat(jnp.asarray(labels, jnp.int32), num), len(ws))

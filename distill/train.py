@@ -45,6 +45,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -71,6 +72,11 @@ class CheckpointWriteError(TrainingError):
   """A checkpoint or `final/` that could not be written (e.g. a full disk); the previous one is intact."""
 
 
+class StageFailed(TrainingError):
+  """A pipeline stage that ended by an error other than the trainer's own (a grid or eval file that could not
+  be written, an unexpected exception): one line naming the stage; the cause is chained."""
+
+
 class Stopped(Exception):
   """A stage stopped early on request (SIGTERM, SIGINT, a preemption notice) after saving its checkpoint.
 
@@ -87,6 +93,9 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
   return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"
 
 
+one_line = _one_line
+
+
 def _write_error(e: BaseException) -> str:
   """A failed checkpoint write in a line; a full disk said first, as Orbax buries it deep in a long message."""
   text = str(e)
@@ -94,6 +103,45 @@ def _write_error(e: BaseException) -> str:
       "os_error_code='28'" in text):
     return f"the disk is full ({_one_line(e, 200)})"
   return _one_line(e)
+
+
+def _closed_loop(e) -> bool:
+  return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+
+
+def quiet_closed_event_loops() -> None:
+  """Drops Python's reports of `RuntimeError: Event loop is closed`, and only those: after a failed Orbax save (a
+  full disk) or at exit, tensorstore's callbacks may still reach Orbax's closed asyncio loop, and each prints a
+  traceback (through sys.unraisablehook or, from a C++ thread, sys.excepthook) around the one-line error.
+  Idempotent."""
+  if getattr(sys.unraisablehook, "distill_quiet", False):
+    return
+  unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
+
+  def on_unraisable(unraisable):
+    if not _closed_loop(unraisable.exc_value):
+      unraisable_hook(unraisable)
+
+  def on_exception(kind, value, tb):
+    if not _closed_loop(value):
+      except_hook(kind, value, tb)
+
+  on_unraisable.distill_quiet = True
+  sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
+
+
+class _OrbaxThreadErrors(logging.Filter):
+  """Installed once a save has failed, whose error the trainer reports in one line: drops what Orbax's writer
+  threads and its abandoned asyncio futures go on logging about that same error after the save raised (absl
+  ERROR records of threads other than the main one; asyncio's 'Future/Task exception was never retrieved')."""
+
+  def filter(self, record):
+    if record.name == "asyncio":
+      return "exception was never retrieved" not in str(record.msg)
+    return not (record.levelno >= logging.ERROR and record.threadName != "MainThread")
+
+
+_ORBAX_THREAD_ERRORS = _OrbaxThreadErrors()
 
 
 @contextlib.contextmanager
@@ -117,6 +165,9 @@ def _orbax_errors_held():
     yield
   except BaseException:
     absl_logger.removeFilter(hold)
+    absl_logger.addFilter(_ORBAX_THREAD_ERRORS)  # the same object each time: added once
+    logging.getLogger("asyncio").addFilter(_ORBAX_THREAD_ERRORS)
+    quiet_closed_event_loops()
     raise
   absl_logger.removeFilter(hold)
   for record in held:
@@ -200,7 +251,8 @@ class Stage:
   meta: dict = dataclasses.field(default_factory=dict)  # recorded with every checkpoint
   log_every: int = 100
   ckpt_every: int = 1000
-  keep_checkpoints: int = 2
+  keep_checkpoints: int = 2          # periodic checkpoints kept while the stage trains
+  keep_after_final: bool | None = None  # keep checkpoints/ once final/ is written; None: `checkpoint_mode`
   async_checkpoints: bool | None = None  # periodic saves written while training goes on; None: `checkpoint_mode`
   skip_nonfinite: bool = False       # skip updates whose loss/gradient is not finite instead of stopping
   images_per_step: int = 0           # for the throughput metric
@@ -290,21 +342,23 @@ def orbax_path(path: str) -> str:
   return writers.abspath(path)
 
 
-# The run's default for stages that leave Stage.async_checkpoints at None (config.train.async_checkpoints, set
-# by `checkpoint_mode`); None: async on accelerators.
-_ASYNC_DEFAULT = {"async": None}
+# The run's defaults for stages that leave Stage.async_checkpoints / Stage.keep_after_final at None
+# (config.train.async_checkpoints and keep_checkpoints, set by `checkpoint_mode`); async None: on accelerators.
+# Outside a pipeline (a method's tests, a notebook) a finished stage keeps its checkpoints.
+_ASYNC_DEFAULT = {"async": None, "keep": True}
 
 
 @contextlib.contextmanager
-def checkpoint_mode(async_checkpoints: bool | None):
+def checkpoint_mode(async_checkpoints: bool | None, keep_checkpoints: bool = True):
   """Within this block, stages whose Stage.async_checkpoints is None save asynchronously or not as given
-  (None: `default_async_checkpoints`). The pipeline sets it from config.train.async_checkpoints."""
-  previous = _ASYNC_DEFAULT["async"]
-  _ASYNC_DEFAULT["async"] = async_checkpoints
+  (None: `default_async_checkpoints`), and stages whose Stage.keep_after_final is None keep their checkpoints/
+  once final/ is written, or remove them. The pipeline sets both from config.train."""
+  previous = dict(_ASYNC_DEFAULT)
+  _ASYNC_DEFAULT.update({"async": async_checkpoints, "keep": keep_checkpoints})
   try:
     yield
   finally:
-    _ASYNC_DEFAULT["async"] = previous
+    _ASYNC_DEFAULT.update(previous)
 
 
 def default_async_checkpoints() -> bool:
@@ -336,25 +390,108 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: dict, meta: dict, wai
     manager.wait_until_finished()
 
 
+# errno values of a read that may succeed when tried again (a flaky disk, a network filesystem or bucket
+# that timed out): the checkpoint is not corrupt, so it is never set aside for them.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.EBUSY, errno.EINTR,
+                              errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ENETUNREACH,
+                              errno.EHOSTUNREACH, errno.ENETDOWN, errno.ESTALE})
+RESTORE_TRIES = 4           # reads of one checkpoint before a transient error is reported
+RESTORE_BACKOFF_S = 0.5     # seconds before the 2nd read, doubled before each later one
+
+
+def transient_io_error(e: BaseException) -> OSError | None:
+  """The OSError with a transient errno (`TRANSIENT_ERRNOS`) in `e` or its causes, or None (corruption, a
+  missing file, anything else)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+      return e
+    # tensorstore (Orbax's array reads) reports the system's error inside a ValueError's text
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code and int(code.group(1)) in TRANSIENT_ERRNOS:
+      return OSError(int(code.group(1)), os.strerror(int(code.group(1))), _one_line(e, 200))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _other_model(directory, step: int, abstract_state: dict) -> str | None:
+  """How the parameters saved at `step` differ from `abstract_state`'s (a checkpoint of another model config, not
+  a corrupt one), from Orbax's metadata; None when they fit or the metadata cannot be read (then the restore
+  itself decides)."""
+  from distill import models
+  try:
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns about metadata files older checkpoints lack
+    try:
+      metadata = ocp.StandardCheckpointer().metadata(os.path.join(os.fspath(directory), str(step), "state"))
+    finally:
+      absl_logger.setLevel(level)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    found = models.param_shapes(tree["params"]) if isinstance(tree, dict) and "params" in tree else {}
+  except Exception:  # noqa: BLE001 — unreadable metadata: not evidence of another model
+    return None
+  if not found:
+    return None
+  expected = models.param_shapes(abstract_state["params"])
+  extra = sorted(set(found) - set(expected))
+  if extra:
+    return f"parameter {extra[0]} {found[extra[0]]} of the checkpoint is not in the model"
+  return models.params_mismatch(expected, found)
+
+
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, step: int | None = None):
-  """Restores (state, meta) at `step` (default: latest), falling back to older steps if one is unreadable."""
+  """Restores (state, meta) at `step` (default: the latest).
+
+  A checkpoint that cannot be read because it is corrupt or incomplete is set aside (renamed N.unreadable-T,
+  so the resumed run can write that step again) and the previous one is tried, with a line saying which step
+  is restored and why. A transient I/O error (`transient_io_error`: EIO, a timeout, …) is not corruption: that
+  read is retried RESTORE_TRIES times with a doubling backoff, then TrainingError (one line) is raised, and
+  nothing is set aside. A checkpoint whose parameters have other names or shapes than `abstract_state`'s
+  (trained with another model config) is not corruption either: TrainingError (one line) naming the parameter.
+  """
   steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
   errors = []
   for s in steps:
-    try:
-      restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                            meta=ocp.args.JsonRestore()))
-      if errors:
+    if why := _other_model(manager.directory, s, abstract_state):
+      raise TrainingError(f"the checkpoint of step {s} in {manager.directory} was trained with another model config "
+                          f"({why}); nothing was set aside: run with that config, or delete "
+                          f"{manager.directory} to train this stage anew")
+    for attempt in range(RESTORE_TRIES):
+      try:
+        restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                              meta=ocp.args.JsonRestore()))
+        break
+      except Exception as e:  # noqa: BLE001 — sorted below: transient (retry) or unreadable (the previous step)
+        transient = transient_io_error(e)
+        if transient is None:
+          errors.append(f"step {s}: {_one_line(e, 200)}")
+          restored = None
+          break
+        if attempt + 1 == RESTORE_TRIES:
+          raise TrainingError(
+              f"could not read the checkpoint of step {s} in {manager.directory}: {_one_line(transient, 200)} "
+              f"({RESTORE_TRIES} tries); a transient I/O error, so nothing was set aside: run the same command "
+              "again when the storage answers") from e
         if jax.process_index() == 0:
-          print(f"[checkpoint] restored step {s} after unreadable later checkpoint(s): {'; '.join(errors)}")
-          for bad in steps[:steps.index(s)]:  # set aside, so the resumed run can write those steps again
-            bad_dir = epath.Path(manager.directory) / str(bad)
-            bad_dir.rename(bad_dir.parent / f"{bad}.unreadable-{int(time.time())}")
-        parallel.sync_processes("checkpoint: unreadable steps set aside")
-        manager.reload()
-      return restored["state"], restored["meta"]
-    except Exception as e:  # noqa: BLE001 — any unreadable checkpoint: try the previous one
-      errors.append(f"step {s}: {_one_line(e, 200)}")
+          print(f"[checkpoint] reading step {s}: {_one_line(transient, 200)}; trying again "
+                f"({attempt + 2}/{RESTORE_TRIES})")
+        time.sleep(RESTORE_BACKOFF_S * 2**attempt)
+    if restored is None:
+      continue
+    if errors:
+      if jax.process_index() == 0:
+        bad_steps = steps[:steps.index(s)]
+        print(f"[checkpoint] restored step {s} after unreadable later checkpoint(s): {'; '.join(errors)}; set aside "
+              f"as {', '.join(f'{b}.unreadable-*' for b in bad_steps)}")
+        for bad in bad_steps:  # set aside, so the resumed run can write those steps again
+          bad_dir = epath.Path(manager.directory) / str(bad)
+          bad_dir.rename(bad_dir.parent / f"{bad}.unreadable-{int(time.time())}")
+      parallel.sync_processes("checkpoint: unreadable steps set aside")
+      manager.reload()
+    return restored["state"], restored["meta"]
   raise TrainingError(f"no readable checkpoint in {manager.directory}: {'; '.join(errors)}")
 
 
@@ -389,6 +526,19 @@ def load_final_params(stage_dir: str) -> tuple[PyTree, dict]:
     raise TrainingError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from e
   params = ocp.StandardCheckpointer().restore(orbax_path(os.path.join(path, "params")))
   return params, meta
+
+
+def load_final_meta(stage_dir: str) -> dict:
+  """A finished stage's final/meta.json (local or a URL)."""
+  return json.loads(epath.Path(stage_dir, "final", "meta.json").read_text())
+
+
+def final_param_shapes(stage_dir: str) -> dict[str, tuple]:
+  """{'a/b/kernel': shape} of a finished stage's final parameters, from Orbax's metadata (no array is read)."""
+  from distill import models
+  metadata = ocp.StandardCheckpointer().metadata(orbax_path(os.path.join(stage_dir, "final", "params")))
+  tree = getattr(metadata, "item_metadata", metadata)
+  return models.param_shapes(getattr(tree, "tree", tree))
 
 
 def _save_final(stage_dir: str, params, meta: dict, is_main_process: bool = True):
@@ -457,6 +607,22 @@ def sweep_leftovers(stage_dir: str) -> list[str]:
   return sorted(removed)
 
 
+def keeps_checkpoints(stage: Stage) -> bool:
+  """Whether a finished stage keeps checkpoints/ beside final/ (Stage.keep_after_final, else `checkpoint_mode`)."""
+  return stage.keep_after_final if stage.keep_after_final is not None else bool(_ASYNC_DEFAULT["keep"])
+
+
+def _drop_checkpoints_after_final(stage: Stage, stage_dir: str, say) -> None:
+  """Removes a finished stage's checkpoints/ (final/ is what later stages and a rerun read; the checkpoints hold
+  the optimizer state too, several times final/'s size) unless it keeps them. Called only once final/ is
+  complete (`has_final`)."""
+  ckpt_dir = epath.Path(stage_dir, "checkpoints")
+  if keeps_checkpoints(stage) or not has_final(stage_dir) or not ckpt_dir.exists():
+    return
+  ckpt_dir.rmtree()
+  say(f"[{stage.name}] removed {ckpt_dir} (final/ is written; config.train.keep_checkpoints=True keeps them)")
+
+
 def place_state(state: dict, mesh, fsdp_min_size: int) -> tuple[dict, PyTree]:
   """(state as global arrays on `mesh`, its shardings): the parallel.param_shardings rule over the whole
   state, so params, Adam's moments and the EMA share a layout and scalars are replicated."""
@@ -484,6 +650,8 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
   parallel.sync_processes(f"{stage.name}: leftovers swept")
   if has_final(stage_dir):
     say(f"[{stage.name}] already finished; loading {stage_dir}/final")
+    if is_main_process:
+      _drop_checkpoints_after_final(stage, stage_dir, say)  # a run killed between final/ and the removal
     return load_final_params(stage_dir)
 
   with_ema = stage.ema_decay is not None
@@ -526,7 +694,12 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
 
   train_step = jitted_train_step(stage.loss_fn, stage.optimizer, stage.ema_decay, stage.skip_nonfinite, stage.seed,
                                  state_shardings)
-  writer = writers.MetricWriter(os.path.join(stage_dir, "tb"), enabled=is_main_process)
+  try:
+    writer = writers.MetricWriter(os.path.join(stage_dir, "tb"), enabled=is_main_process)
+  except OSError as e:
+    raise CheckpointWriteError(f"[{stage.name}] could not open its metrics in {stage_dir}/tb: "
+                               f"{writers.os_error_line(e)}; free space (or fix the cause) and run the same command "
+                               "again to resume") from e
   progress = writers.ProgressReporter(total_steps=stage.num_steps, prefix=f"[{stage.name}]",
                                       batch_size=stage.images_per_step or None, every_seconds=None,
                                       every_steps=stage.log_every, print_fn=say)
@@ -550,6 +723,14 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
     return CheckpointWriteError(f"[{stage.name}] could not save the checkpoint of step {step}/{stage.num_steps} "
                                 f"({where}) in {ckpt_dir}: {_write_error(e)}; {kept}; free space (or fix the cause) "
                                 "and run the same command again to resume")
+
+  def metrics_failed(e, step=None):
+    previous = saves["complete"]
+    kept = f"the checkpoint of step {previous} is intact" if previous is not None else "there is no checkpoint yet"
+    at = f" at step {step}/{stage.num_steps}" if step is not None else ""
+    return CheckpointWriteError(f"[{stage.name}] could not write its metrics{at} ({where}) in {stage_dir}/tb: "
+                                f"{_write_error(e)}; {kept}; free space (or fix the cause) and run the same "
+                                "command again to resume")
 
   def finish_pending():
     """Waits for an async save still being written; its failure is a CheckpointWriteError of its own step."""
@@ -575,6 +756,7 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
     saves["complete" if wait else "pending"] = step
 
   reason = None
+  leaving_by_error = True
   try:
     for step in range(start, stage.num_steps):
       batch = parallel.global_batch(stage.batch_fn(step), mesh)
@@ -591,7 +773,10 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
         if skipped := int(state["nonfinite"]):
           metrics["skipped_updates"] = float(skipped)
         last_t, last_step = now, done
-        writer.write_scalars(done, metrics)
+        try:
+          writer.write_scalars(done, metrics)
+        except OSError as e:
+          raise metrics_failed(e, done) from e
         progress.update(done, {k: metrics[k] for k in ("loss", "grad_norm", "lr") if k in metrics})
       reason = agreed_stop()
       if done != stage.num_steps and (done % stage.ckpt_every == 0 or reason):
@@ -600,8 +785,13 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
       if reason and done != stage.num_steps:
         raise stopped(reason, done, saved=True)
     finish_pending()  # before final/: a failed last save is reported, and nothing is written behind final/
+    leaving_by_error = False
   finally:
-    writer.close()
+    try:
+      writer.close()  # flushes: on a full disk this fails too, and must not hide the error that is leaving
+    except OSError as e:
+      if not leaving_by_error:
+        raise metrics_failed(e) from e
     if saves["pending"] is not None:  # leaving by an error: let the save in flight complete (errors: the first one wins)
       with contextlib.suppress(Exception), _orbax_errors_held():
         manager.wait_until_finished()
@@ -623,6 +813,8 @@ def run_stage(stage: Stage, stage_dir: str, *, is_main_process: bool = True,
                                  "same command again to resume") from e
     if jax.process_count() > 1:
       final = host
+  if is_main_process:
+    _drop_checkpoints_after_final(stage, stage_dir, say)
   if reason:
     raise stopped(reason, stage.num_steps, saved=False)
   return final, meta

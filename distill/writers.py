@@ -45,6 +45,19 @@ def abspath(path: str) -> str:
   return path if is_url(path) else os.path.abspath(path)
 
 
+def os_error_line(e: BaseException, path: str | None = None) -> str:
+  """A failed file operation in one line naming the file: 'the disk is full' first for ENOSPC (which Orbax and
+  tensorstore bury in long messages), then the file and the system's words."""
+  import errno as errno_lib
+  text = str(e)
+  where = getattr(e, "filename", None) or path
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  what = (getattr(e, "strerror", None) or (lines[0][:200] if lines else type(e).__name__))
+  full = (getattr(e, "errno", None) == errno_lib.ENOSPC or "No space left on device" in text
+          or "os_error_code='28'" in text)
+  return f"{'the disk is full: ' if full else ''}{where or 'a file'}: {type(e).__name__}: {what}"
+
+
 def atomic_write(path: str, write_fn: Callable[[IO], Any], mode: str = "wb") -> None:
   """Writes `path` whole or not at all: write_fn(f) fills a temporary file next to it (opened with `mode`,
   'wb' or 'w'), which is then renamed over `path`. If write_fn raises, the temporary file is removed, the
@@ -56,9 +69,11 @@ def atomic_write(path: str, write_fn: Callable[[IO], Any], mode: str = "wb") -> 
     with tmp.open(mode) as f:
       write_fn(f)
     tmp.replace(target)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(Exception):
       tmp.unlink(missing_ok=True)
+    if isinstance(e, OSError) and not e.filename and e.errno:  # a failed write or flush names no file: this one
+      raise OSError(e.errno, e.strerror, os.fspath(path)) from e
     raise
 
 

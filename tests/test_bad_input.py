@@ -28,8 +28,8 @@ TEACHER = "{run}/teacher"
 ONLY_STAGE_ONE = "--config.pipeline=('stage_one',)"
 
 
-def run_main(*args, timeout=300):
-  env = dict(os.environ, DISTILL_JAX_CACHE="", JAX_PLATFORMS="cpu")
+def run_main(*args, timeout=300, **extra_env):
+  env = dict(os.environ, DISTILL_JAX_CACHE="", JAX_PLATFORMS="cpu", **extra_env)
   return subprocess.run([sys.executable, "-m", "distill.main", *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
 
@@ -78,7 +78,29 @@ def fake_runs(tmp_path_factory):
                                                 "bias": np.zeros(4, np.float32)}},
          kind="cfg_teacher", sampler="ddim", num_sampling_steps=256, parameterization="v")
   registry.upgrade_meta(str(other))
+  # A digits run trained with model.ch=16 (the config says 24): a teacher and a student whose parameters have
+  # the shapes of that real U-Net (zeros: only shapes are checked before anything runs).
+  narrow = root / "digits_ch16"
+  shutil.copytree(run, narrow)
+  for stage, w_embedding in (("teacher", False), ("distill_deterministic/N0004", True)):
+    shutil.rmtree(narrow / stage / "final" / "params")
+    checkpointer = train.ocp.StandardCheckpointer()
+    checkpointer.save(str(narrow / stage / "final" / "params"), _unet_zeros(16, w_embedding=w_embedding))
+    checkpointer.wait_until_finished()
   return root
+
+
+def _unet_zeros(ch: int, w_embedding: bool = False) -> dict:
+  """Zeros in the shapes of the digits config's U-Net at model.ch=ch."""
+  import jax
+  from distill import models
+  config = json.loads(json.dumps(_config_json("digits")))
+  import ml_collections
+  model = ml_collections.ConfigDict(config["model"])
+  model.ch, model.ch_mult, model.attn_resolutions = ch, tuple(model.ch_mult), tuple(model.attn_resolutions)
+  data = ml_collections.ConfigDict(config["data"])
+  shapes = models.abstract_params(models.unet_from_config(model, data, w_embedding=w_embedding), (8, 8, 1))
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 def _npz(path, images=None, labels=None, drop=(), **extra):
@@ -95,7 +117,18 @@ NPZ_FILES = {
     "npz_rgb": dict(images=np.zeros((40, 8, 8, 3), np.uint8)),
     "npz_label_10": dict(labels=np.arange(40) % 11),
     "npz_labels_float": dict(labels=(np.arange(40) % 10).astype(np.float32)),
+    "npz_zero_size": dict(images=np.zeros((40, 0, 0, 1), np.uint8)),
 }
+
+
+# Existing workdirs whose files a rerun reads back: {setup: {file: content}}.
+WORKDIR_FILES = {
+    "wd_config_list": {"config.json": "[]"},
+    "wd_summary_corrupt": {"summary.json": '{"wall_clock_seconds": {"teach'},
+    "wd_summary_list": {"summary.json": "[1, 2]"},
+    "wd_summary_nan": {"summary.json": '{"wall_clock_seconds": {"teacher": NaN}}'},
+}
+TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 
 
 def _setup(name, tmp_path, fake_runs) -> dict:
@@ -132,6 +165,10 @@ def _setup(name, tmp_path, fake_runs) -> dict:
     shutil.copytree(fake_runs / "digits", tmp_path / "run")
     (tmp_path / "run" / "distill_deterministic" / "N0004" / "final" / "meta.json").write_text('{"kind": "w_stu')
     paths["run"] = str(tmp_path / "run")
+  elif name == "ckpt_meta_empty":
+    shutil.copytree(fake_runs / "digits", tmp_path / "run")
+    (tmp_path / "run" / "distill_deterministic" / "N0004" / "final" / "meta.json").write_text("{}")
+    paths["run"] = str(tmp_path / "run")
   elif name == "ckpt_no_params":
     shutil.copytree(fake_runs / "digits", tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "distill_deterministic" / "N0004" / "final" / "params")
@@ -145,6 +182,15 @@ def _setup(name, tmp_path, fake_runs) -> dict:
   elif name == "wd_other_config":
     (tmp_path / "wd").mkdir()
     (tmp_path / "wd" / "config.json").write_text(json.dumps({"seed": 123}))
+  elif name in ("run_ch16", "wd_teacher_ch16"):
+    shutil.copytree(fake_runs / "digits_ch16", tmp_path / ("run" if name == "run_ch16" else "wd"))
+    paths["run"] = str(tmp_path / "run")
+  elif name == "two_devices":  # run_main gets XLA_FLAGS for two CPU devices (the test reads the setup's name)
+    pass
+  elif name in WORKDIR_FILES:
+    (tmp_path / "wd").mkdir()
+    for filename, text in WORKDIR_FILES[name].items():
+      (tmp_path / "wd" / filename).write_text(text)
   elif name == "wd_is_file":
     (tmp_path / "afile").write_text("not a directory\n")
   else:
@@ -345,6 +391,61 @@ CASES = [
     case("sfd_lpips_stride_0_pth", ["--config=configs/digits.py:sfd", "--config.sfd.metric=lpips",
                                     "--config.sfd.lpips.trunk={pth}", "--config.sfd.lpips.lin={pth}"],
          "config.sfd.lpips", "trunk='{pth}'", "stride 0 on a dimension of size 1073741824", setup="pth_stride_0"),
+    # Validated before the first write (issue 18, item 1): pipelines, devices, numbers that are not finite,
+    # existing workdir files, checkpoints of another model config, guidance flags.
+    case("pipeline_empty", [DIGITS, "--config.pipeline=()"], "config.pipeline=()", "at least one stage", "teacher"),
+    case("pipeline_stage_twice", [DIGITS, "--config.pipeline=('teacher','teacher')"], "config.pipeline=",
+         "names 'teacher' twice"),
+    case("pipeline_evaluate_not_last", [DIGITS, "--config.pipeline=('evaluate','teacher')"], "config.pipeline=",
+         "'evaluate' must come last"),
+    case("mesh_fsdp_3", [DIGITS, "--config.mesh.fsdp=3"], "config.mesh.fsdp=3", "must divide the 1 device",
+         "allowed: 1"),
+    case("mesh_fsdp_4_of_2_devices", [DIGITS, "--config.mesh.fsdp=4"], "config.mesh.fsdp=4", "the 2 devices",
+         "allowed: 1, 2", setup="two_devices"),
+    case("teacher_batch_odd_on_2_devices", [DIGITS, "--config.teacher.batch_size=127"],
+         "config.teacher.batch_size=127", "does not split over the 2 devices", "multiple of 2", setup="two_devices"),
+    case("distill_batch_odd_on_2_devices", [DIGITS, ONLY_STAGE_ONE, "--config.distill.batch_size=63"],
+         "config.distill.batch_size=63", "multiple of 2", setup="two_devices"),
+    case("teacher_lr_nan", [DIGITS, "--config.teacher.lr=nan"], "config.teacher.lr=nan", "finite number"),
+    case("distill_w_max_inf", [DIGITS, "--config.distill.w_max=inf"], "config.distill.w_max=inf", "finite number"),
+    case("model_dropout_nan", [DIGITS, "--config.model.dropout=nan"], "config.model.dropout=nan", "finite number"),
+    case("sample_w_values_nan", [DIGITS, "--config.sample.w_values=(0.0,nan)"],
+         "config.sample.w_values='(0.0,nan)'",
+         "finite numbers >= 0"),
+    case("mixture_std_nan", [DIGITS, "--config.data.name=mixture", "--config.data.mixture_std=nan"],
+         "data.mixture_std=nan", "> 0"),
+    case("npz_zero_size_images", [DIGITS, "--config.data.name=npz", "--config.data.path={npz}"], "data.path='{npz}'",
+         "(40, 0, 0, 1)", "at least 1x1", setup="npz_zero_size"),
+    case("workdir_config_json_list", [DIGITS], "{wd}/config.json", "holds a JSON list", "delete it",
+         setup="wd_config_list"),
+    case("workdir_summary_corrupt", [DIGITS], "{wd}/summary.json", "unreadable", "delete it",
+         setup="wd_summary_corrupt"),
+    case("workdir_summary_list", [DIGITS, "--allow_config_change"], "{wd}/summary.json", "holds a JSON list",
+         setup="wd_summary_list"),
+    case("workdir_summary_nan", [DIGITS], "{wd}/summary.json", "finite numbers of seconds", setup="wd_summary_nan"),
+    case("workdir_teacher_of_another_model", [DIGITS, ONLY_STAGE_ONE, "--allow_config_change"],
+         "{wd}/teacher/final", "does not fit config.model", "in the checkpoint", "in the model",
+         setup="wd_teacher_ch16"),
+    case("sample_checkpoint_of_another_model", [SAMPLE, "--checkpoint=" + STUDENT], "--checkpoint=",
+         "does not fit the model of its run's config.json", "in the checkpoint", setup="run_ch16"),
+    case("sample_w_empty_list", [SAMPLE, "--checkpoint=" + STUDENT, "--w="], "--w=:", "at least one", setup="run"),
+    case("sample_w_nan", [SAMPLE, "--checkpoint=" + STUDENT, "--w=nan"], "--w=nan", "finite numbers >= 0",
+         setup="run"),
+    case("sample_w_inf", [SAMPLE, "--checkpoint=" + STUDENT, "--w=0,inf"], "--w=0,inf", "finite numbers >= 0",
+         setup="run"),
+    case("evaluate_w_nan", ["--mode=evaluate", "--checkpoint=" + STUDENT, "--w=nan"], "--w=nan",
+         "finite numbers >= 0", setup="run"),
+    case("style_w_enc_nan", [STYLE, "--encoder=" + ENCODER, "--decoder=" + STUDENT, "--w_enc=nan"], "--w_enc=nan",
+         "finite numbers >= 0", setup="run"),
+    case("img2img_strength_nan", ["--mode=img2img", "--checkpoint=" + STUDENT, "--strength=nan"], "--strength=nan",
+         "(0, 1]", setup="run"),
+    case("inception_weights_corrupt", [DIGITS, "--config.eval.metric=inception", "--config.eval.inception_path={npz}"],
+         "eval.inception_path='{npz}'", "not the FID Inception's weights", "convert_inception", setup="npz_garbage"),
+    case("inception_weights_other_arrays", [DIGITS, "--config.eval.metric=inception",
+                                            "--config.eval.inception_path={npz}"],
+         "eval.inception_path='{npz}'", "not the FID Inception's weights", setup="npz_rgb"),
+    case("sample_checkpoint_meta_empty", [SAMPLE, "--checkpoint=" + STUDENT], "--checkpoint=", "meta.json",
+         setup="ckpt_meta_empty"),
     case("sfd_k_0", [DIGITS, "--config.sfd.k=0"], "config.sfd.k=0", "positive integer"),
     case("sfd_label_dropout_1", [DIGITS, "--config.sfd.label_dropout=1.0"], "config.sfd.label_dropout=1.0",
          "[0.0, 1.0)"),
@@ -362,7 +463,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, fake_runs, ar
   if not any(a.startswith("--workdir=") for a in argv):
     argv.append(f"--workdir={names['wd']}")
   before = _tree(tmp_path)
-  proc = run_main(*argv)
+  proc = run_main(*argv, **(TWO_DEVICES if setup == "two_devices" else {}))
   report = f"exit {proc.returncode}; stderr:\n{proc.stderr[-3000:]}"
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 2, report

@@ -802,3 +802,112 @@ def test_two_main_processes_write_final_once_equal_to_one_process_of_two_devices
 
 if __name__ == "__main__":
   _two_process_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+
+
+# --- restore: transient read errors are not corruption; finished stages keep only final/ -------------------
+
+
+@pytest.fixture
+def flaky_reads(monkeypatch):
+  """flaky_reads(n): the checkpoint manager's restore raises OSError(EIO) on its first n calls (n < 0: always);
+  returns the steps asked for. No backoff wait."""
+  original = train._CheckpointManager.restore
+  monkeypatch.setattr(train, "RESTORE_BACKOFF_S", 0.0)
+
+  def arm(n):
+    calls = []
+
+    def restore(self, step, *args, **kwargs):
+      calls.append(step)
+      if n < 0 or len(calls) <= n:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), os.path.join(str(self.directory), str(step), "state"))
+      return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(train._CheckpointManager, "restore", restore)
+    return calls
+
+  return arm
+
+
+def test_a_transient_read_error_is_retried_and_the_newest_checkpoint_restored(tmp_path, flaky_reads, reference,
+                                                                            capsys):
+  stage_dir = str(tmp_path / "toy")
+  with pytest.raises(KeyboardInterrupt):
+    train.run_stage(_stage(on_batch=_crash_at(5)), stage_dir)
+  calls = flaky_reads(1)
+  resumed, _ = train.run_stage(_stage(), stage_dir)
+  out = capsys.readouterr().out
+  assert calls == [4, 4], calls  # the same (newest) step read again, not the previous one
+  assert "reading step 4: OSError: [Errno 5]" in out and "trying again (2/4)" in out, out
+  assert "resuming at step 4/8" in out and "unreadable" not in out, out
+  assert not glob.glob(os.path.join(stage_dir, "checkpoints", "*.unreadable-*"))
+  np.testing.assert_array_equal(np.asarray(resumed["w"]), reference)
+
+
+def test_a_read_error_that_persists_fails_in_one_line_and_sets_nothing_aside(tmp_path, flaky_reads):
+  stage_dir = str(tmp_path / "toy")
+  with pytest.raises(KeyboardInterrupt):
+    train.run_stage(_stage(on_batch=_crash_at(5)), stage_dir)
+  newest = _tree_hash(os.path.join(stage_dir, "checkpoints", "4"))
+  calls = flaky_reads(-1)
+  with pytest.raises(train.TrainingError) as error:
+    train.run_stage(_stage(), stage_dir)
+  message = str(error.value)
+  assert calls == [4] * train.RESTORE_TRIES, calls  # never fell back to step 2
+  for needle in ("checkpoint of step 4", "Input/output error", f"({train.RESTORE_TRIES} tries)", "nothing was set aside",
+                 "run the same command again"):
+    assert needle in message, message
+  assert "\n" not in message
+  assert _steps(stage_dir) == [2, 4] and not glob.glob(os.path.join(stage_dir, "checkpoints", "*.unreadable-*"))
+  assert _tree_hash(os.path.join(stage_dir, "checkpoints", "4")) == newest
+
+
+def test_transient_errors_are_told_from_corruption():
+  eio = OSError(errno.EIO, os.strerror(errno.EIO))
+  wrapped = ValueError("restore failed")
+  wrapped.__cause__ = eio
+  assert train.transient_io_error(eio) is eio and train.transient_io_error(wrapped) is eio
+  assert train.transient_io_error(ValueError("UNKNOWN: Error reading \"d/0\": [os_error_code='5']")).errno == errno.EIO
+  for corrupt in (FileNotFoundError(errno.ENOENT, "gone"), ValueError("not a valid checkpoint"),
+                  ValueError("DATA_LOSS: Error reading: [os_error_code='28']")):
+    assert train.transient_io_error(corrupt) is None
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_finished_stage_keeps_only_final_unless_asked(tmp_path, reference, keep, capsys):
+  stage_dir = str(tmp_path / "toy")
+  with train.checkpoint_mode(None, keep_checkpoints=keep):
+    params, _ = train.run_stage(_stage(), stage_dir)
+  np.testing.assert_array_equal(np.asarray(params["w"]), reference)
+  assert train.has_final(stage_dir)
+  assert os.path.isdir(os.path.join(stage_dir, "checkpoints")) == keep
+  assert ("keep_checkpoints=True keeps them" in capsys.readouterr().out) == (not keep)
+  if keep:  # a rerun without keep_checkpoints (the pipeline's default) removes them from the finished stage
+    with train.checkpoint_mode(None, keep_checkpoints=False):
+      again, _ = train.run_stage(_stage(), stage_dir)
+    assert not os.path.exists(os.path.join(stage_dir, "checkpoints"))
+    np.testing.assert_array_equal(np.asarray(again["w"]), reference)
+
+
+def test_keep_checkpoints_is_a_config_field_defaulting_to_false_and_result_neutral():
+  from distill import configuration
+  c = configuration.base_config()
+  assert c.train.keep_checkpoints is False
+  assert "train.keep_checkpoints" in main_lib.RESULT_NEUTRAL_FIELDS  # a rerun may change it freely
+
+
+def test_a_checkpoint_of_another_model_is_named_and_not_set_aside(tmp_path):
+  """Resuming with another model config (--allow_config_change): one line naming the parameter, not the
+  corrupt-checkpoint fallback that would set every checkpoint aside and restart."""
+  stage_dir = str(tmp_path / "toy")
+  with pytest.raises(KeyboardInterrupt):
+    train.run_stage(_stage(on_batch=_crash_at(5)), stage_dir)
+  wider = _stage()
+  wider.init_params = {"w": jnp.ones((3, 3))}
+  with pytest.raises(train.TrainingError) as error:
+    train.run_stage(wider, stage_dir)
+  message = str(error.value)
+  assert "checkpoint of step 4" in message and "another model config" in message, message
+  assert "parameter w has shape (2, 3) in the checkpoint, (3, 3) in the model" in message, message
+  assert "\n" not in message
+  assert _steps(stage_dir) == [2, 4] and not glob.glob(os.path.join(stage_dir, "checkpoints", "*.unreadable-*"))

@@ -73,3 +73,42 @@ def merge_params(fresh, loaded):
   if fresh.shape != loaded.shape:
     raise ValueError(f"teacher parameter of shape {loaded.shape} does not fit student shape {fresh.shape}")
   return jnp.asarray(loaded)
+
+
+def abstract_params(model: UNet, image_shape: tuple):
+  """The shapes and dtypes of `init_params(model, image_shape, ·)` (jax.ShapeDtypeStruct leaves), without
+  computing anything: what a checkpoint must hold to be loaded into `model`."""
+  w = jnp.zeros((1,)) if model.w_embedding else None
+  steps = jnp.ones((1,), jnp.int32) if model.step_embedding else None
+  init = lambda key: model.init(key, jnp.zeros((1,) + tuple(image_shape)), jnp.zeros((1,)),  # noqa: E731
+                                jnp.zeros((1,), jnp.int32), w, steps, train=False)["params"]
+  return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+def param_shapes(tree) -> dict[str, tuple]:
+  """{'a/b/kernel': shape} of every leaf with a shape (arrays, ShapeDtypeStructs, Orbax's array metadata)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
+          for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def params_mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> str | None:
+  """The first parameter of `expected` ({path: shape}, the model's) that `found` (a checkpoint's) lacks or holds
+  at another shape, in words; None when every one fits. The model may sit under a prefix of the checkpoint (a
+  consistency student's 'online/…' beside its target network), and entries only `found` has (a student's w or
+  step embedding over its teacher's architecture) are allowed."""
+  first = next(iter(expected), None)
+  if first is None:
+    return None
+  prefixes = [p[:len(p) - len(first)] for p in found if p == first or p.endswith("/" + first)] or [""]
+
+  def mismatch(prefix):
+    for path, shape in expected.items():
+      if prefix + path not in found:
+        return f"parameter {prefix + path} {shape} of the model is not in the checkpoint"
+      if found[prefix + path] != shape:
+        return f"parameter {prefix + path} has shape {found[prefix + path]} in the checkpoint, {shape} in the model"
+    return None
+
+  problems = [mismatch(prefix) for prefix in sorted(prefixes)]
+  return None if None in problems else problems[0]
