@@ -37,6 +37,10 @@ def get_config(arg: str | None = None):
   m = config.model
   m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.head_dim = 32, (1, 2), 2, (4,), 32
   m.parameterization = "v"  # the students' (and the fine-tuned teacher's); the teacher trains on ε first
+  # Stable Diffusion's discrete schedule (1,000 steps, β scaled-linear 0.00085 → 0.012): its noisiest step has
+  # ᾱ = 0.0047 (λ = −5.36), where an ε-predictor is usable. On the cosine schedule's λ = −20 end, x̂ = (z − σε̂)/α
+  # multiplies ε's error by σ/α ≈ 22,000 and an ε teacher's DDIM samples are noise (seen on a 2,000-update run).
+  m.schedule = "scaled_linear_beta"
   t = config.teacher
   t.parameterization, t.weighting = "eps", "snr"  # ε-MSE, as the LDMs and Stable Diffusion are trained
   t.num_steps, t.batch_size, t.lr, t.warmup_steps = 4000, 128, 1e-3, 200
@@ -58,6 +62,7 @@ def get_config(arg: str | None = None):
   s = config.sfd
   s.nfe, s.v_nfe, s.one_nfe_from = (2, 3, 4), (2, 3, 4), "sfd_v"
   s.batch_size, s.trajectories, s.lr, s.teacher_threshold = 64, 64 * 24, 2e-4, 0.0
+  s.sigma_max = 14.6  # the schedule's noisiest σ_VE = exp(5.36 / 2): SFD's grid must stay where the teacher trained
   s.cfg_student, s.fixed_w = True, ()
 
   s = config.dsd
@@ -88,6 +93,7 @@ def _pixel(config) -> None:
   m = config.model
   m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.head_dim = 64, (1, 2, 2), 2, (8,), 64
   config.teacher.parameterization, config.teacher.weighting = "", "snr_plus_one"
+  m.schedule, config.sfd.sigma_max = "cosine", 80.0  # the pixel-space papers' schedule and SFD grid
 
 
 def _quick(config) -> None:
