@@ -132,7 +132,7 @@ def teacher_params(ctx: Context):
 
 def teacher_model(ctx: Context):
   """The CFG teacher's U-Net (config.model; no w input)."""
-  return models.unet_from_config(ctx.config.model, ctx.config.data)
+  return models.unet_from_config(ctx.config.model, ctx.config.data, channels=ctx.image_shape[-1])
 
 
 def student_model(ctx: Context, *, w_embedding: bool = False, step_embedding: bool = False):
@@ -141,7 +141,8 @@ def student_model(ctx: Context, *, w_embedding: bool = False, step_embedding: bo
   c = ctx.config
   model_cfg = c.model.copy_and_resolve_references()
   model_cfg.dropout = c.distill.dropout
-  return models.unet_from_config(model_cfg, c.data, w_embedding=w_embedding, step_embedding=step_embedding)
+  return models.unet_from_config(model_cfg, c.data, w_embedding=w_embedding, step_embedding=step_embedding,
+                                 channels=ctx.image_shape[-1])
 
 
 def x_fn_of(ctx: Context, model):

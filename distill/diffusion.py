@@ -72,7 +72,13 @@ def x_from_output(output, z, logsnr, parameterization: str):
   output: [B, H, W, C] (or [B, H, W, 2C] for 'both': the x-half then the ε-half); z: [B, H, W, C].
   'both' reconciles its two heads as the progressive-distillation code does:
   x̂ = σ²·x_out + (1 − σ²)·(z − σ ε_out)/α  (x-head near the noise end, ε-head near the data end).
+  ValueError when the output's shape does not fit z's (it would broadcast: a network predicting fewer channels
+  than it is given).
   """
+  expected = tuple(z.shape[:-1]) + (2 * z.shape[-1] if parameterization == "both" else z.shape[-1],)
+  if tuple(output.shape) != expected:
+    raise ValueError(f"network output of shape {tuple(output.shape)} for z of shape {tuple(z.shape)}: a "
+                     f"{parameterization!r} network must output {expected}")
   if parameterization == "x":
     return output
   if parameterization == "eps":

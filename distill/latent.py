@@ -138,6 +138,14 @@ def _scaled_decode(model, params, z, scale):
   return jnp.clip(ae.decode(model, params, z / scale), -1.0, 1.0)
 
 
+def recorded_latent_shape(stage_dir: str) -> tuple | None:
+  """(h, w, c) a finished autoencoder stage (or its workdir) records, without loading it; None before it has."""
+  path = os.path.join(_stage_dir_of(stage_dir), RESULTS)
+  if not epath.Path(path).exists():
+    return None
+  return tuple(int(n) for n in writers.read_json(path)["latent_shape"])
+
+
 def open_space(stage_dir: str) -> LatentSpace:
   """The latent space of a finished 'autoencoder' stage (or the workdir holding it); AutoencoderError (one
   line) when it has not finished or its latent cache is not its own."""

@@ -498,7 +498,13 @@ def _check_teacher_fits(config, workdir: str):
     if meta.get("parameterization") in diffusion.PARAMETERIZATIONS:
       model_cfg.parameterization = meta["parameterization"]  # an ε teacher of a v run (teacher_v)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    expected = models.param_shapes(models.abstract_params(models.unet_from_config(model_cfg, config.data), shape))
+    if config.latent.enabled:  # the U-Net diffuses the autoencoder's latents: their shape, once it has them
+      from distill import latent
+      shape = latent.recorded_latent_shape(config.latent.autoencoder_dir or os.path.join(workdir, "autoencoder"))
+      if shape is None:
+        continue
+    expected = models.param_shapes(models.abstract_params(
+        models.unet_from_config(model_cfg, config.data, channels=shape[-1]), shape))
     why = models.params_mismatch(expected, found)
     if why:
       fail(f"{stage_dir}/final: does not fit config.model ({why}); it was trained with another model config: "

@@ -80,8 +80,8 @@ def check_fits(ctx, params, stage_dir: str, flag: str = "--checkpoint") -> None:
   parameters lack or hold at another shape: a stage trained with another model config (a run resumed with
   --allow_config_change), said in one line instead of Flax's shape error deep inside the first sampler call."""
   from distill import models
-  expected = models.param_shapes(models.abstract_params(models.unet_from_config(ctx.config.model, ctx.config.data),
-                                                        ctx.image_shape))
+  model = models.unet_from_config(ctx.config.model, ctx.config.data, channels=ctx.image_shape[-1])
+  expected = models.param_shapes(models.abstract_params(model, ctx.image_shape))
   why = models.params_mismatch(expected, models.param_shapes(params))
   if why:
     raise SamplingError(f"{flag}={stage_dir!r}: does not fit the model of its run's config.json ({why}); was it "

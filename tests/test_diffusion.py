@@ -218,3 +218,11 @@ def test_guidance_scale_of_latent_diffusion_is_our_w_plus_one():
   c = base_config()
   assert (c.dsd.w_min, c.dsd.w_max) == (diffusion.w_from_guidance_scale(1.0), diffusion.w_from_guidance_scale(3.0))
   assert c.dsd.training_weighting == "constant"  # Eq. 1's distillation term is unweighted
+
+
+def test_x_from_output_refuses_an_output_that_would_broadcast():
+  z = jnp.zeros((2, 4, 4, 4))
+  with pytest.raises(ValueError, match="must output \\(2, 4, 4, 4\\)"):
+    diffusion.x_from_output(jnp.zeros((2, 4, 4, 1)), z, jnp.zeros((2,)), "v")
+  with pytest.raises(ValueError, match="must output \\(2, 4, 4, 8\\)"):
+    diffusion.x_from_output(jnp.zeros((2, 4, 4, 4)), z, jnp.zeros((2,)), "both")

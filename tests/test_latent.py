@@ -61,8 +61,10 @@ def test_a_method_trains_on_latents_and_draws_decoded_grids(tmp_path):
   teacher_lib.run_teacher(ctx)
   from distill import train
   params, meta = train.load_final_params(ctx.stage_dir("teacher"))
-  # The network sees latents: its input convolution has 4 channels, its output 4 (v-prediction).
+  # The network sees latents: its input convolution has 4 channels, and it predicts all 4 (a one-channel output
+  # would broadcast against the 4-channel z without an error).
   assert params["conv_in"]["kernel"].shape[2] == 4
+  assert params["conv_out"]["kernel"].shape[3] == 4
   with Image.open(os.path.join(ctx.stage_dir("teacher"), "samples.png")) as grid:
     width, height = grid.size
   # 3 class rows of 8×8 pictures (not 4×4 latents), upscaled 16×, plus the caption margins.

@@ -10,11 +10,14 @@ from distill import diffusion
 from distill.models.unet import UNet, param_count
 
 
-def unet_from_config(model_cfg, data_cfg, *, w_embedding: bool = False, step_embedding: bool = False) -> UNet:
-  """The U-Net a config describes (config.model, config.data)."""
+def unet_from_config(model_cfg, data_cfg, *, w_embedding: bool = False, step_embedding: bool = False,
+                     channels: int | None = None) -> UNet:
+  """The U-Net a config describes (config.model, config.data). channels: those of what it diffuses (a latent
+  run's latent channels; default data.channels)."""
   return UNet(
       num_classes=data_cfg.num_classes,
-      out_channels=diffusion.output_channels(model_cfg.parameterization, data_cfg.channels),
+      out_channels=diffusion.output_channels(model_cfg.parameterization,
+                                             data_cfg.channels if channels is None else int(channels)),
       ch=model_cfg.ch, ch_mult=tuple(model_cfg.ch_mult), num_res_blocks=model_cfg.num_res_blocks,
       attn_resolutions=tuple(model_cfg.attn_resolutions), head_dim=model_cfg.head_dim,
       dropout=model_cfg.dropout, emb_ch=model_cfg.emb_ch or None, num_groups=model_cfg.num_groups,
