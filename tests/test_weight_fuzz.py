@@ -138,8 +138,15 @@ def crafted():
        "refusing BUILD"),
       ("build_metadata_on_a_new_state_dict", "pth",
        _zip({"a/data.pkl": b"ccollections\nOrderedDict\n)R}V_metadata\n}sb."}), ("ok", lambda r: r == {})),
-      ("ordered_dict_copying_args", "pth",
-       _zip({"a/data.pkl": b"ccollections\nOrderedDict\n(]tR."}), "OrderedDict called with arguments"),
+      # Older torch pickles OrderedDict([[key, value], ...]) (LPIPS's lin weights): pairs are read, anything else not.
+      ("ordered_dict_of_pairs", "pth", _zip({"a/data.pkl": b"ccollections\nOrderedDict\n(](X\x01\x00\x00\x00kK\x07tatR."}),
+       "not a state dict"),  # the pairs are read; 7 is not a tensor
+      ("ordered_dict_of_no_pairs", "pth", _zip({"a/data.pkl": b"ccollections\nOrderedDict\n(]tR."}),
+       ("ok", lambda r: r == {})),
+      ("ordered_dict_of_non_pairs", "pth",
+       _zip({"a/data.pkl": b"ccollections\nOrderedDict\n(]K\x01atR."}), "malformed OrderedDict items"),
+      ("ordered_dict_two_args", "pth",
+       _zip({"a/data.pkl": b"ccollections\nOrderedDict\n(]]tR."}), "OrderedDict called with these arguments"),
       ("reduce_many_args", "pth", _zip({"a/data.pkl": b"ctorch._utils\n_rebuild_parameter\n(" + b"N" * 20 + b"tR."}),
        "malformed arguments"),
       ("reduce_non_callable", "pth", _zip({"a/data.pkl": b"ctorch\nFloatStorage\n)R."}), "refusing to call"),

@@ -51,6 +51,7 @@ _LEGACY_PROTOCOL = 1001
 _MAX_DIMS = 32
 _MAX_INT = 2**62  # sizes, strides, offsets and element counts: far beyond any real tensor, far below overflow
 _MAX_REDUCE_ARGS = 8  # _rebuild_tensor_v2 takes 6 (7 with metadata)
+_MAX_COPIED_ITEMS = 1_000_000  # OrderedDict([...pairs]) items per load: far above any state dict's entries
 _MAX_KEY_CHARS = 256  # storage keys are short ('0', '1', ..., or a number in legacy files)
 # By default the reader may hold this many bytes of storages and tensors: a multiple of the file's size (a state
 # dict references each storage about once; tied weights twice) plus room for small files.
@@ -213,10 +214,12 @@ def _rebuild_parameter(data, *unused):
 
 
 def _ordered_dict(*args, **kwargs):
-  """collections.OrderedDict as torch's pickles call it: empty (its items follow with SETITEMS). With
-  arguments it would copy them, and a pickle could repeat that copy cheaply."""
+  """collections.OrderedDict as torch's pickles call it: empty (its items follow with SETITEMS). The one other
+  form, a single list of (key, value) pairs, is built by the unpickler under a budget
+  (`_RestrictedUnpickler._ordered_dict_of_pairs`); anything else is refused."""
   if args or kwargs:
-    raise UnsafePickleError("refusing OrderedDict called with arguments: torch.save builds it empty")
+    raise UnsafePickleError("refusing OrderedDict called with these arguments: torch.save builds it empty or "
+                            "from one list of (key, value) pairs")
   return collections.OrderedDict()
 
 
@@ -259,7 +262,22 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 — the pure-Pyth
       raise UnsafePickleError(f"refusing to call {_short.repr(func)}")
     if type(args) is not tuple or len(args) > _MAX_REDUCE_ARGS:  # noqa: E721
       raise ValueError(f"malformed arguments for {func.__name__}: {_short.repr(args)}")
+    if func is _ordered_dict and len(args) == 1:
+      self.stack[-1] = self._ordered_dict_of_pairs(args[0])
+      return
     self.stack[-1] = func(*args)
+
+  def _ordered_dict_of_pairs(self, pairs):
+    """OrderedDict([[key, value], ...]): how older torch versions pickled a state dict (LPIPS's lin weights).
+    The pairs are copied, so every copy counts against a budget per load (a pickle could reuse one long list)."""
+    if type(pairs) not in (list, tuple) or any(type(p) not in (list, tuple) or len(p) != 2 for p in pairs):
+      raise ValueError(f"malformed OrderedDict items: {_short.repr(pairs)}")
+    self._copied_items += len(pairs)
+    if self._copied_items > _MAX_COPIED_ITEMS:
+      raise ValueError(f"more than {_MAX_COPIED_ITEMS:,} OrderedDict items copied in one load")
+    target = collections.OrderedDict()
+    self._set_items(target, [x for pair in pairs for x in pair])
+    return target
 
   def load_build(self):
     state = self.stack.pop()
@@ -305,6 +323,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 — the pure-Pyth
   def __init__(self, file, load_storage: Callable[[tuple], Any] | None = None):
     super().__init__(file)
     self._load_storage = load_storage
+    self._copied_items = 0
 
   def find_class(self, module, name):
     try:
