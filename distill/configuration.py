@@ -80,6 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
       classifier_batch_size=128,
       w_values=(0.0, 1.0),              # 'evaluate' stage: guidance strengths scored
       per_class=100,                    # 'evaluate' stage: samples per class for each row
+      seeds=1,                          # noise seeds per row (seed + 2000 + i); > 1: each number is the mean over
+                                        # seeds and its interval the t-interval over seeds (`protocol.combine_seeds`)
       metric="auto",                    # 'inception' | 'classifier' | 'auto' (classifier for embedded data)
       inception_path="~/.cache/distill/inception_fid_2015-12-05.npz",  # convert_inception's output
       max_reference=50000,              # reference images from the training split (FID statistics, P/R)
@@ -171,6 +173,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c, "eval.teacher_ddpm", ("all", "reference"))
   if isinstance(c.eval.bootstrap, bool) or not isinstance(c.eval.bootstrap, int) or c.eval.bootstrap < 0:
     _fail("eval.bootstrap", c.eval.bootstrap, "must be an integer >= 0 (0: no intervals)")
+  if isinstance(c.eval.seeds, bool) or not isinstance(c.eval.seeds, int) or c.eval.seeds < 1:
+    _fail("eval.seeds", c.eval.seeds, "must be an integer >= 1 (noise seeds per evaluated row)")
   if not isinstance(c.eval.reference_stats, str):
     _fail("eval.reference_stats", c.eval.reference_stats, "must be a path ('' = the training split's statistics)")
   registry.validate(c)

@@ -10,7 +10,8 @@ checkpoint or one file of samples.
                                 stage to a run scores only its rows
 
 Every row uses the same noise and labels (`eval.per_class` per class, seed `seed + 2000`), so rows differ
-only by the model and sampler. The protocol (features, quantisation, splits) is in `evaluation/protocol.py`.
+only by the model and sampler. With `eval.seeds` = S > 1 every row is also scored under seeds seed + 2000 + i,
+i < S, and reports the mean over seeds with the t-interval over seeds (`protocol.combine_seeds`). The protocol (features, quantisation, splits) is in `evaluation/protocol.py`.
 """
 from __future__ import annotations
 
@@ -138,12 +139,15 @@ def _save_row_grid(path: str, x: np.ndarray, labels: np.ndarray, per_class: int,
 EVAL_CACHE_VERSION = 1
 
 
-def row_key(c, fingerprint: str, sampler: str, w: float, steps: int, metric: str, reference_images: int) -> str:
-  """The cache key of one row's scores: the model's parameter fingerprint and its sampler, w and steps, and
-  everything else the numbers depend on (noise seed and count, metric, reference, metric settings)."""
+def row_key(c, fingerprint: str, sampler: str, w: float, steps: int, metric: str, reference_images: int,
+            seed: int | None = None) -> str:
+  """The cache key of one row's scores under one noise seed (default c.seed; eval.seeds > 1 scores seeds c.seed,
+  c.seed + 1, …): the model's parameter fingerprint and its sampler, w and steps, and everything else the numbers
+  depend on (noise seed and count, metric, reference, metric settings)."""
   import hashlib
+  seed = c.seed if seed is None else seed
   fields = {"version": EVAL_CACHE_VERSION, "fingerprint": fingerprint, "sampler": sampler, "w": float(w),
-            "steps": int(steps), "per_class": int(c.eval.per_class), "seed": int(c.seed), "metric": metric,
+            "steps": int(steps), "per_class": int(c.eval.per_class), "seed": int(seed), "metric": metric,
             "reference_images": int(reference_images), "data": c.data.name, "image_size": int(c.data.image_size),
             "is_splits": int(c.eval.is_splits), "pr_k": int(c.eval.pr_k), "dc_k": int(c.eval.dc_k),
             "clip": bool(c.sample.clip), "classes": int(c.data.num_classes),
@@ -160,7 +164,7 @@ def run_stage(ctx: Context):
   results_path = os.path.join(ctx.workdir, "results.json")
   evaluated = {"checkpoints": ["teacher"] + [name for name, _ in students], "w_values": list(e.w_values),
                "per_class": e.per_class, "seed": c.seed, "metric": protocol.resolve_metric(c),
-               "teacher_ddpm": e.teacher_ddpm, "reference_stats": e.reference_stats}
+               "teacher_ddpm": e.teacher_ddpm, "reference_stats": e.reference_stats, "seeds": e.seeds}
   if epath.Path(results_path).exists():
     if writers.read_json(results_path).get("evaluated") == evaluated:
       print(f"[evaluate] {results_path} already covers these checkpoints; delete it to evaluate again")
@@ -169,7 +173,6 @@ def run_stage(ctx: Context):
   ref = reference(ctx, net)
   k = c.data.num_classes
   labels = jnp.repeat(jnp.arange(k), e.per_class)
-  z = jax.random.normal(jax.random.PRNGKey(c.seed + 2000), (len(labels),) + ctx.image_shape)
   agreement_clf = get_classifier(ctx)[0] if c.data.name in protocol.EMBEDDED else None
 
   loaded = load_students(ctx.workdir)
@@ -205,39 +208,50 @@ def run_stage(ctx: Context):
   cache_dir = os.path.join(ctx.workdir, "eval_cache")
   for d in (grid_dir, cache_dir):
     epath.Path(d).mkdir(parents=True, exist_ok=True)
-  cached = {j[-1] for j in jobs if epath.Path(cache_dir, j[-1] + ".json").exists()}
+  seeds = [c.seed + i for i in range(e.seeds)]
+  # One cache entry per (row, seed): a row's key names c.seed, the others are derived from the same fields.
+  seed_key = lambda job, seed: job[-1] if seed == c.seed else job[-1] + f"_s{seed}"
+  cached = {seed_key(j, s) for j in jobs for s in seeds if epath.Path(cache_dir, seed_key(j, s) + ".json").exists()}
   # The ETA weighs each row to score by its network evaluations (rows differ 30x in cost); cached rows cost 0.
-  todo_nfe = sum(j[4] for j in jobs if j[-1] not in cached)
-  hits = sum(j[-1] in cached for j in jobs)
+  todo_nfe = sum(j[4] for j in jobs for s in seeds if seed_key(j, s) not in cached)
+  hits = sum(seed_key(j, s) in cached for j in jobs for s in seeds)
   if hits:
-    print(f"[evaluate] {hits} of {len(jobs)} rows are cached in {cache_dir}; scoring the other {len(jobs) - hits}")
+    print(f"[evaluate] {hits} of {len(jobs) * len(seeds)} row scorings are cached in {cache_dir}; scoring the "
+          f"other {len(jobs) * len(seeds) - hits}")
+  noise = {}  # seed -> z, drawn when first needed
   rows, start, done_nfe = [], time.time(), 0
-  for done, (method, sampler, w, steps, nfe, fn, checkpoint, cost, row_id) in enumerate(jobs, start=1):
-    t0 = time.time()
+  for done, job in enumerate(jobs, start=1):
+    method, sampler, w, steps, nfe, fn, checkpoint, cost, _ = job
     head = {"method": method, "sampler": sampler, "w": float(w), "steps": int(steps), "nfe": int(nfe)}
-    if row_id in cached:
-      rows.append({**head, **writers.read_json(os.path.join(cache_dir, row_id + ".json")), "seed": c.seed,
-                   "checkpoint": checkpoint, **cost})
-      continue
-    x = sample_images(ctx, fn, z, labels, jnp.full((len(labels),), w, jnp.float32))
-    scores = protocol.score(net, ref, x, is_splits=e.is_splits, pr_k=e.pr_k, dc_k=e.dc_k,
-                            bootstrap=e.bootstrap, seed=c.seed)
-    if agreement_clf is not None:
-      scores["class_agreement"] = classifier_lib.class_agreement(agreement_clf, x, np.asarray(labels), k)
-    writers.atomic_write_json(os.path.join(cache_dir, row_id + ".json"), scores)
-    row = {**head, **scores, "seed": c.seed, "checkpoint": checkpoint, **cost}
-    rows.append(row)
-    tag = re.sub(r"[^A-Za-z0-9.+-]+", "_", method).strip("_") + f"_{sampler}_w{w:g}_{steps}"
-    _save_row_grid(os.path.join(grid_dir, tag + ".png"), x, np.asarray(labels), e.per_class, c.data,
-                   f"{method} ({sampler}), w = {w:g}, {steps} steps, NFE {nfe}")
-    elapsed = time.time() - start
-    done_nfe += nfe
-    eta = elapsed / done_nfe * (todo_nfe - done_nfe)
-    print(f"[evaluate] {done}/{len(jobs)} {method:<18} {sampler:<13} w={w:<4g} steps={steps:<4} nfe={nfe:<4} "
-          f"{report.metric_label(net.metric)} {row['fid']:8.3f}"
-          f"{' (%.3g–%.3g)' % tuple(row['fid_ci']) if row.get('fid_ci') else ''}  {report.metric_label(net.metric, 'IS')} "
-          f"{row['is']:6.2f}  P/R {row['precision']:.3f}/{row['recall']:.3f} ({time.time() - t0:.0f}s, "
-          f"ETA {writers.format_duration(eta)})")
+    per_seed = []
+    for seed in seeds:
+      row_id, t0 = seed_key(job, seed), time.time()
+      if row_id in cached:
+        per_seed.append(writers.read_json(os.path.join(cache_dir, row_id + ".json")))
+        continue
+      if seed not in noise:
+        noise[seed] = jax.random.normal(jax.random.PRNGKey(seed + 2000), (len(labels),) + ctx.image_shape)
+      x = sample_images(ctx, fn, noise[seed], labels, jnp.full((len(labels),), w, jnp.float32))
+      scores = protocol.score(net, ref, x, is_splits=e.is_splits, pr_k=e.pr_k, dc_k=e.dc_k,
+                              bootstrap=e.bootstrap, seed=seed)
+      if agreement_clf is not None:
+        scores["class_agreement"] = classifier_lib.class_agreement(agreement_clf, x, np.asarray(labels), k)
+      writers.atomic_write_json(os.path.join(cache_dir, row_id + ".json"), scores)
+      per_seed.append(scores)
+      if seed == c.seed:
+        tag = re.sub(r"[^A-Za-z0-9.+-]+", "_", method).strip("_") + f"_{sampler}_w{w:g}_{steps}"
+        _save_row_grid(os.path.join(grid_dir, tag + ".png"), x, np.asarray(labels), e.per_class, c.data,
+                       f"{method} ({sampler}), w = {w:g}, {steps} steps, NFE {nfe}")
+      elapsed = time.time() - start
+      done_nfe += nfe
+      eta = elapsed / done_nfe * (todo_nfe - done_nfe)
+      fid_ci = ' (%.3g–%.3g)' % tuple(scores['fid_ci']) if scores.get('fid_ci') else ''
+      print(f"[evaluate] {done}/{len(jobs)}{f' seed {seed}' if len(seeds) > 1 else ''} {method:<18} {sampler:<13} "
+            f"w={w:<4g} steps={steps:<4} nfe={nfe:<4} {report.metric_label(net.metric)} {scores['fid']:8.3f}{fid_ci}"
+            f"  {report.metric_label(net.metric, 'IS')} {scores['is']:6.2f}  P/R {scores['precision']:.3f}/"
+            f"{scores['recall']:.3f} ({time.time() - t0:.0f}s, ETA {writers.format_duration(eta)})")
+    scores = per_seed[0] if len(per_seed) == 1 else protocol.combine_seeds(per_seed)
+    rows.append({**head, **scores, "seed": c.seed, "checkpoint": checkpoint, **cost})
   write_outputs(ctx.workdir, rows, net, ref, evaluated)
 
 
@@ -246,6 +260,10 @@ def write_outputs(workdir: str, rows, net: protocol.FeatureNet, ref: protocol.Re
   stats = f"FID against {ref.stats_source}; " if ref.stats_source else ""
   notes = [f"Features: {net.description}; {stats}reference features: {ref.num_images:,} training images.",
            "Every row samples the same noise and labels; nfe counts network evaluations per sample."]
+  seeds = max((int(r.get("seeds", 1)) for r in rows), default=1)
+  if seeds > 1:
+    notes.append(f"Each number is the mean over {seeds} noise seeds and its interval the 95 % t-interval of that "
+                 "mean over seeds (per-seed values in results.json, `<metric>_seeds`).")
   claims = registry.claims()
   result = {"rows": rows, "evaluated": evaluated, "metric": net.metric, "reference_images": ref.num_images,
             "protocol": protocol.__doc__.split("\n\n")[-1].strip(),

@@ -65,6 +65,8 @@ BAD_VALUES = [
     ("distill.weighting", "l1", "distill.weighting"),
     ("baselines.single_w", (-1.0,), "baselines.single_w"),
     ("eval.per_class", 0, "eval.per_class"),
+    ("eval.seeds", 0, "eval.seeds"),
+    ("eval.seeds", True, "eval.seeds"),
 ]
 
 

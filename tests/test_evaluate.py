@@ -283,3 +283,58 @@ def test_adding_a_stage_scores_only_its_rows(tmp_path, monkeypatch):
   rows = json.loads((tmp_path / "wd" / "results.json").read_text())["rows"]
   assert len(calls) == 4 and "stats.npz" in (tmp_path / "wd" / "report.md").read_text()
   assert all(r["fid"] > 0 for r in rows) and rows[0]["fid"] != second[0]["fid"]
+
+
+def test_combine_seeds_is_the_mean_and_its_t_interval():
+  """Three seeds: the mean and mean ± t(0.975, 2)·s/√3 with t = 4.302653 (tables), written out by hand; keys a
+  seed lacks (density without enough reference points) are left out; one seed is refused."""
+  per_seed = [{"fid": 1.0, "is": 2.0, "precision": 0.5, "recall": 0.4, "density": None, "fid_ci": [0.0, 2.0],
+               "num_samples": 10},
+              {"fid": 2.0, "is": 2.5, "precision": 0.6, "recall": 0.4, "density": None, "num_samples": 10},
+              {"fid": 4.0, "is": 3.0, "precision": 0.7, "recall": 0.4, "density": None, "num_samples": 10}]
+  out = protocol.combine_seeds(per_seed)
+  s = np.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+  assert out["fid"] == pytest.approx(7 / 3)
+  np.testing.assert_allclose(out["fid_ci"], [7 / 3 - 4.302653 * s / np.sqrt(3), 7 / 3 + 4.302653 * s / np.sqrt(3)],
+                             rtol=1e-6)
+  assert out["fid_seeds"] == [1.0, 2.0, 4.0] and out["is"] == pytest.approx(2.5)
+  np.testing.assert_allclose(out["recall_ci"], [0.4, 0.4], atol=1e-12)  # no spread, no width
+  assert out["density"] is None and "density_ci" not in out
+  assert out["seeds"] == 3 and out["interval"] == "seeds" and out["num_samples"] == 10
+  with pytest.raises(ValueError, match="at least 2 seeds"):
+    protocol.combine_seeds(per_seed[:1])
+
+
+def test_eval_seeds_score_each_seed_once_and_report_their_mean(tmp_path, monkeypatch):
+  """eval.seeds = 2: every row is sampled under two noises; its first seed's scores are the one-seed run's
+  (the same cache entry, not sampled again); raising to 3 samples only the third seed."""
+  from distill import context, models, train
+  from distill.methods.teacher import stage_meta
+  ctx = _tiny_ctx(tmp_path / "wd")
+  c = ctx.config
+  c.data.num_examples = 64
+  c.eval.per_class, c.eval.w_values, c.eval.classifier_steps, c.eval.class_agreement = 3, (0.0,), 20, False
+  c.sample.num_steps, c.sample.batch_size = 2, 32
+  teacher = models.init_params(context.teacher_model(ctx), ctx.image_shape, 0)
+  train._save_final(str(tmp_path / "wd" / "teacher"), teacher, dict(stage_meta(c).to_dict(), num_steps=1))
+  noises = []
+  real = evaluate.sample_images
+  monkeypatch.setattr(evaluate, "sample_images",
+                      lambda ctx, fn, z, *a: noises.append(np.asarray(z)) or real(ctx, fn, z, *a))
+  evaluate.run_stage(ctx)
+  one = json.loads((tmp_path / "wd" / "results.json").read_text())["rows"]
+  assert len(noises) == len(one) == 2 and "seeds" not in one[0]  # teacher DDIM and DDPM at 2 steps
+  c.eval.seeds = 2
+  noises.clear()
+  evaluate.run_stage(ctx)
+  two = json.loads((tmp_path / "wd" / "results.json").read_text())["rows"]
+  assert len(noises) == 2 and not np.allclose(noises[0], np.asarray(
+      __import__("jax").random.normal(__import__("jax").random.PRNGKey(c.seed + 2000), noises[0].shape)))
+  for a, b in zip(one, two):
+    assert b["seeds"] == 2 and b["fid_seeds"][0] == a["fid"]
+    assert b["fid"] == pytest.approx(np.mean(b["fid_seeds"])) and b["fid_ci"][0] <= b["fid"] <= b["fid_ci"][1]
+  assert "mean over 2 noise seeds" in (tmp_path / "wd" / "report.md").read_text()
+  c.eval.seeds = 3
+  noises.clear()
+  evaluate.run_stage(ctx)
+  assert len(noises) == 2  # the third seed only

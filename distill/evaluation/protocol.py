@@ -172,6 +172,31 @@ def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k:
   return out
 
 
+SEED_METRICS = ("fid", "is", "precision", "recall", "density", "coverage", "class_agreement")
+
+
+def combine_seeds(per_seed: list[dict]) -> dict:
+  """One row's scores from S >= 2 noise seeds (each a `score` dict): every metric in SEED_METRICS is the mean
+  over seeds, `<key>_seeds` the per-seed values and `<key>_ci` the 95 % Student-t interval of that mean,
+  mean ± t(0.975, S − 1)·s/√S with s the seeds' standard deviation. A seed's own bootstrap interval is
+  conditional on its noise; the spread over seeds includes the noise, so with seeds it is the interval reported.
+  Other keys come from the first seed; `seeds` = S, `interval` = 'seeds'."""
+  from scipy import stats
+  if len(per_seed) < 2:
+    raise ValueError(f"combine_seeds needs at least 2 seeds, got {len(per_seed)}")
+  out = {k: v for k, v in per_seed[0].items() if not k.endswith("_ci")}
+  t = float(stats.t.ppf(0.975, len(per_seed) - 1))
+  for k in SEED_METRICS:
+    values = [s.get(k) for s in per_seed]
+    if any(v is None for v in values):
+      continue
+    v = np.asarray(values, np.float64)
+    mean, half = float(v.mean()), t * float(v.std(ddof=1)) / np.sqrt(len(v))
+    out.update({k: mean, f"{k}_seeds": [float(x) for x in v], f"{k}_ci": [mean - half, mean + half]})
+  out.update(seeds=len(per_seed), interval="seeds")
+  return out
+
+
 def bootstrap_replicates(feats, logits, ref: Reference, fake_in, real_in, dc, *, dc_k: int, is_splits: int,
                          num: int, seed: int = 0) -> dict:
   """{metric: [num] replicates} of `num` bootstrap resamplings (with replacement, a fixed seed); `score` turns
