@@ -136,7 +136,7 @@ def _save_row_grid(path: str, x: np.ndarray, labels: np.ndarray, per_class: int,
 
 
 # Bumped whenever sampling or scoring changes what a row's numbers are, so cached rows of older code are not reused.
-EVAL_CACHE_VERSION = 1
+EVAL_CACHE_VERSION = 2  # 2: the CFG teacher skips its unconditional pass at w = 0
 
 
 def row_key(c, fingerprint: str, sampler: str, w: float, steps: int, metric: str, reference_images: int,

@@ -46,11 +46,17 @@ def guided_denoiser(model_fn: ModelFn, labels, w, null_label: int) -> Denoiser:
 
   labels: [B] int; w: scalar or [B]; null_label: the class index meaning 'unconditional'.
   """
-  def fn(z, logsnr):
+  def guided(z, logsnr):
     b = z.shape[0]
     both = model_fn(jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]),
                     jnp.concatenate([labels, jnp.full_like(labels, null_label)]), None)
     return diffusion.cfg_mix(both[:b], both[b:], w)
+
+  def fn(z, logsnr):
+    # At w = 0 for every row the mix is (1 + 0)·x̂_c − 0·x̂_∅ = x̂_c: the unconditional pass is skipped (one
+    # branch runs; the result equals the mix up to the batch's rounding). NFE still counts both passes.
+    return jax.lax.cond(jnp.all(jnp.asarray(w) == 0), lambda: model_fn(z, logsnr, labels, None),
+                        lambda: guided(z, logsnr))
   return Denoiser(fn, evals_per_call=2)
 
 

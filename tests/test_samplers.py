@@ -178,9 +178,32 @@ def test_guided_denoiser_is_one_batched_call_of_two_evaluations():
   z = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 2, 1))
   lam = jnp.full((3,), 1.0)
   x = den(z, lam)
-  assert calls == [6] and den.evals_per_call == 2
+  # Both branches of the w = 0 shortcut are traced: the guided one is a single call of 2B rows.
+  assert sorted(calls) == [3, 6] and den.evals_per_call == 2
   ref = 3.0 * GMM.denoise(z, lam, labels) - 2.0 * GMM.denoise(z, lam, jnp.full((3,), 3))
   np.testing.assert_allclose(x, ref, atol=1e-5)
+
+
+def test_guided_denoiser_skips_the_unconditional_pass_only_when_every_w_is_zero():
+  """An unconditional pass that returns NaN poisons the mix wherever it is used (0·NaN = NaN): at w = 0 for
+  every row the output is the conditional prediction itself; with one row at w ≠ 0 both passes run."""
+  def model_fn(z, logsnr, labels, w=None):
+    x = GMM.denoise(z, logsnr, labels)
+    return jnp.where((labels == GMM.num_classes)[:, None, None, None], jnp.nan, x)
+
+  labels = jnp.array([0, 1, 2])
+  z = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 2, 1))
+  lam = jnp.full((3,), 1.0)
+  for w in (0.0, jnp.zeros(3)):
+    x = jax.jit(lambda z, lam: samplers.guided_denoiser(model_fn, labels, w, GMM.num_classes)(z, lam))(z, lam)
+    np.testing.assert_allclose(x, GMM.denoise(z, lam, labels), atol=1e-6)
+  x = samplers.guided_denoiser(model_fn, labels, jnp.array([0.0, 0.0, 0.5]), GMM.num_classes)(z, lam)
+  assert np.all(np.isnan(np.asarray(x)))
+  # Through a whole sampler the shortcut is the two-pass mix (the real GMM's unconditional pass).
+  fast = samplers.ddim_sample(samplers.guided_denoiser(GMM.model_fn, labels, 0.0, GMM.num_classes), z, LOGSNR, 8).x
+  mix = lambda z, lam: diffusion.cfg_mix(GMM.denoise(z, lam, labels), GMM.denoise(z, lam, jnp.full((3,), 3)), 0.0)
+  slow = samplers.ddim_sample(samplers.Denoiser(mix, 2), z, LOGSNR, 8).x
+  np.testing.assert_allclose(fast, slow, atol=1e-6)
 
 
 def test_clipping_bounds_samples():
