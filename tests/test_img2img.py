@@ -104,3 +104,24 @@ def test_img2img_from_the_command_line(tmp_path):
   bad = _main(["--mode=img2img", f"--checkpoint={tmp_path / 'teacher'}", "--strength=2"])
   assert bad.returncode == 2 and "--strength=2" in bad.stderr and "(0, 1]" in bad.stderr
   assert len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_img2img_follows_the_requested_class_at_full_strength_and_keeps_the_input_at_low(tmp_path):
+  """A real digits teacher (`configs/digits.py:quick`'s, trained here) and the run's digits classifier: at s = 1
+  the inputs are fully noised, so 60 test digits decoded to another class (label + 3 mod 10) are classified as
+  that class; at s = 0.1 they stay their own class. Random outputs would agree 10 % of the time."""
+  ok = _main(["--config=configs/digits.py:quick", f"--workdir={tmp_path}", "--config.pipeline=('teacher',)"])
+  assert ok.returncode == 0, ok.stderr
+  ctx = context.Context(*reversed(sampling.find_run(str(tmp_path / "teacher"))))
+  clf, _ = context.get_classifier(ctx)
+  batch = ctx.pixel_source("test").get_batch(np.arange(60))
+  images, labels = np.asarray(batch["image"]), np.asarray(batch["label"], np.int32)
+  targets = (labels + 3) % 10
+  from distill.evaluation import classifier as classifier_lib
+  for strength, expected, other in ((1.0, targets, labels), (0.1, labels, targets)):
+    got = sampling.img2img(str(tmp_path / "teacher"), strength=strength, w_values=(1.0,), images=images,
+                           labels=labels, target_labels=targets, out=str(tmp_path / f"s{strength}"))
+    x = np.asarray(got["outputs"])
+    assert classifier_lib.class_agreement(clf, x, expected, 10) >= 0.7, strength
+    assert classifier_lib.class_agreement(clf, x, other, 10) <= 0.3, strength
