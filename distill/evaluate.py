@@ -240,12 +240,14 @@ def run_stage(ctx: Context):
                               bootstrap=e.bootstrap, seed=seed)
       if agreement_clf is not None:
         scores["class_agreement"] = classifier_lib.class_agreement(agreement_clf, x, np.asarray(labels), k)
-      writers.atomic_write_json(os.path.join(cache_dir, row_id + ".json"), scores)
-      per_seed.append(scores)
       if seed == c.seed:
         tag = re.sub(r"[^A-Za-z0-9.+-]+", "_", method).strip("_") + f"_{sampler}_w{w:g}_{steps}"
         _save_row_grid(os.path.join(grid_dir, tag + ".png"), x, np.asarray(labels), e.per_class, c.data,
                        f"{method} ({sampler}), w = {w:g}, {steps} steps, NFE {nfe}")
+      # Last: a cached row is never sampled again, so its grid is written first (a full disk at the grid leaves
+      # the row to be scored again, not cached without its grid).
+      writers.atomic_write_json(os.path.join(cache_dir, row_id + ".json"), scores)
+      per_seed.append(scores)
       elapsed = time.time() - start
       done_nfe += nfe
       eta = elapsed / done_nfe * (todo_nfe - done_nfe)
