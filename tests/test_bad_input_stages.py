@@ -48,8 +48,11 @@ def run_main(*args, timeout=300):
 
 
 def tiny_args(workdir, pipeline, *extra) -> list[str]:
-  """distill.main's arguments for the tiny run in `workdir` with config.pipeline=`pipeline`."""
-  return [QUICK, f"--workdir={workdir}", f"--config.pipeline={tuple(pipeline)!r}", *TINY, *extra]
+  """distill.main's arguments for the tiny run in `workdir` with config.pipeline=`pipeline`; an --config.x=y of
+  `extra` replaces TINY's."""
+  given = {a.split("=", 1)[0] for a in extra}
+  return [QUICK, f"--workdir={workdir}", f"--config.pipeline={tuple(pipeline)!r}",
+          *(a for a in TINY if a.split("=", 1)[0] not in given), *extra]
 
 
 def train_tiny(workdir, pipeline=TRAINED):
