@@ -475,10 +475,13 @@ def load_npz(path: str, split: str, channels: int, num_classes: int) -> tuple[np
     raise DataError(f"data.path={path!r} cannot be read ({type(e).__name__}: {e})") from e
   if not found:
     raise DataError(f"data.path={path!r} does not exist or is not a file")
-  try:
-    with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as npz:
-      arrays = {k: npz[k] for k in npz.files}
-  except Exception as e:  # zip, pickle or format errors all mean "not a usable npz".
+  from distill import npz_arrays
+  try:  # bounded: each array's header is checked against the file's size and a cap before it is allocated
+    with epath.Path(path).open("rb") as f:
+      size = f.seek(0, os.SEEK_END)
+      f.seek(0)
+      arrays = dict(npz_arrays.read_npz_arrays(f, size))
+  except Exception as e:  # zip, pickle, format or size errors all mean "not a usable npz".
     raise DataError(f"data.path={path!r} is not a readable .npz file ({type(e).__name__}: {e})") from e
 
   has_test = "test_images" in arrays or "test_labels" in arrays

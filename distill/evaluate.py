@@ -40,10 +40,14 @@ class EvaluationError(ValueError):
 def feature_net(ctx: Context) -> protocol.FeatureNet:
   c = ctx.config
   if protocol.resolve_metric(c) == "inception":
+    path = os.path.expanduser(c.eval.inception_path)
     try:
-      return protocol.inception_net(inception.load_inception(os.path.expanduser(c.eval.inception_path)))
-    except (inception.InceptionWeightsMissing, ValueError) as e:
+      return protocol.inception_net(inception.load_inception(path))
+    except inception.InceptionWeightsMissing as e:  # names the path
       raise EvaluationError(f"eval.inception_path: {e}") from e
+    except ValueError as e:  # not an .npz, or other arrays: as distill.main's check before a run says it
+      raise EvaluationError(f"eval.inception_path={path!r}: not the FID Inception's weights ({e}); convert them "
+                            "with `python -m distill.evaluation.convert_inception`") from e
   params, meta = get_classifier(ctx)
   return protocol.classifier_net(params, c.data.num_classes, meta["test_accuracy"])
 
@@ -169,13 +173,13 @@ def run_stage(ctx: Context):
     if writers.read_json(results_path).get("evaluated") == evaluated:
       print(f"[evaluate] {results_path} already covers these checkpoints; delete it to evaluate again")
       return
+  loaded = load_students(ctx.workdir)  # first: an unreadable checkpoint is named before the features are computed
   net = feature_net(ctx)
   ref = reference(ctx, net)
   k = c.data.num_classes
   labels = jnp.repeat(jnp.arange(k), e.per_class)
   agreement_clf = get_classifier(ctx)[0] if c.data.name in protocol.EMBEDDED else None
 
-  loaded = load_students(ctx.workdir)
   costs = chain_costs({n: m for n, (_, m, _) in loaded.items()}, {n: raw for n, (_, _, raw) in loaded.items()})
   metas = {n: (p, m) for n, (p, m, _) in loaded.items() if m.scored}
   prints = {n: train.fingerprint(p) for n, (p, _) in metas.items()}
@@ -236,12 +240,14 @@ def run_stage(ctx: Context):
                               bootstrap=e.bootstrap, seed=seed)
       if agreement_clf is not None:
         scores["class_agreement"] = classifier_lib.class_agreement(agreement_clf, x, np.asarray(labels), k)
-      writers.atomic_write_json(os.path.join(cache_dir, row_id + ".json"), scores)
-      per_seed.append(scores)
       if seed == c.seed:
         tag = re.sub(r"[^A-Za-z0-9.+-]+", "_", method).strip("_") + f"_{sampler}_w{w:g}_{steps}"
         _save_row_grid(os.path.join(grid_dir, tag + ".png"), x, np.asarray(labels), e.per_class, c.data,
                        f"{method} ({sampler}), w = {w:g}, {steps} steps, NFE {nfe}")
+      # Last: a cached row is never sampled again, so its grid is written first (a full disk at the grid leaves
+      # the row to be scored again, not cached without its grid).
+      writers.atomic_write_json(os.path.join(cache_dir, row_id + ".json"), scores)
+      per_seed.append(scores)
       elapsed = time.time() - start
       done_nfe += nfe
       eta = elapsed / done_nfe * (todo_nfe - done_nfe)

@@ -182,8 +182,20 @@ def planned_rows(config, planned) -> list[dict]:
 
 
 def load_meta(stage_dir: str, meta: dict) -> contract.StageMeta:
-  """The contract record of a loaded meta dict (contract.ContractError, one line, for one written before it)."""
-  return contract.StageMeta.from_dict(meta, os.path.join(stage_dir, "final", "meta.json"))
+  """The contract record of a loaded meta dict. contract.ContractError (one line, naming the file) for one written
+  before the contract, or naming a sampler no method registers or a parameterization no model predicts (a
+  meta.json edited by hand or written by other code), before a reader dispatches on either."""
+  from distill import diffusion
+  where = os.path.join(stage_dir, "final", "meta.json")
+  record = contract.StageMeta.from_dict(meta, where)
+  if record.sampler and record.sampler not in sampler_names():
+    raise contract.ContractError(f"{where}: sampler={record.sampler!r} is not registered; registered: "
+                                 f"{', '.join(sampler_names())}")
+  parameterization = record.extra.get("parameterization")
+  if parameterization is not None and parameterization not in diffusion.PARAMETERIZATIONS:
+    raise contract.ContractError(f"{where}: parameterization={parameterization!r}; allowed: "
+                                 f"{', '.join(map(repr, diffusion.PARAMETERIZATIONS))}")
+  return record
 
 
 def upgrade_meta(workdir: str) -> list[str]:

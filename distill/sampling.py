@@ -60,6 +60,8 @@ def load_stage(stage_dir: str, flag: str):
   """(params, meta) of a finished stage, or SamplingError naming the flag and what is wrong with it."""
   try:
     return train.load_final_params(stage_dir)
+  except train.TrainingError as e:  # names the unreadable file
+    raise SamplingError(f"{flag}={stage_dir!r}: {e}") from e
   except Exception as e:  # noqa: BLE001 — Orbax, JSON and OS errors alike mean an unreadable checkpoint
     first = (str(e).strip().splitlines() or [""])[0][:200]
     raise SamplingError(f"{flag}={stage_dir!r}: unreadable checkpoint ({type(e).__name__}: {first})") from e

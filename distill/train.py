@@ -515,7 +515,8 @@ def has_final(stage_dir: str) -> bool:
 
 
 def load_final_params(stage_dir: str) -> tuple[PyTree, dict]:
-  """The parameters a finished stage hands on (EMA if it had EMA) and its meta, read-only."""
+  """The parameters a finished stage hands on (EMA if it had EMA) and its meta, read-only. TrainingError (one
+  line, naming the file) for an unreadable meta.json or parameters."""
   path = os.path.join(stage_dir, "final")
   if not has_final(stage_dir):
     raise TrainingError(f"{stage_dir}: no final parameters (the stage has not finished)")
@@ -524,7 +525,10 @@ def load_final_params(stage_dir: str) -> tuple[PyTree, dict]:
     meta = json.loads(epath.Path(meta_path).read_text())
   except (OSError, ValueError) as e:
     raise TrainingError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from e
-  params = ocp.StandardCheckpointer().restore(orbax_path(os.path.join(path, "params")))
+  try:
+    params = ocp.StandardCheckpointer().restore(orbax_path(os.path.join(path, "params")))
+  except Exception as e:  # noqa: BLE001 — Orbax, tensorstore and OS errors alike: named here, as they may not
+    raise TrainingError(f"{os.path.join(path, 'params')}: unreadable checkpoint ({_one_line(e)})") from e
   return params, meta
 
 
@@ -534,11 +538,17 @@ def load_final_meta(stage_dir: str) -> dict:
 
 
 def final_param_shapes(stage_dir: str) -> dict[str, tuple]:
-  """{'a/b/kernel': shape} of a finished stage's final parameters, from Orbax's metadata (no array is read)."""
+  """{'a/b/kernel': shape} of a finished stage's final parameters, from Orbax's metadata (no array is read).
+  ValueError when there is none: Orbax reads an unreadable _METADATA as no parameters (with a warning), which
+  would otherwise pass for a checkpoint of another model."""
   from distill import models
-  metadata = ocp.StandardCheckpointer().metadata(orbax_path(os.path.join(stage_dir, "final", "params")))
+  path = os.path.join(stage_dir, "final", "params")
+  metadata = ocp.StandardCheckpointer().metadata(orbax_path(path))
   tree = getattr(metadata, "item_metadata", metadata)
-  return models.param_shapes(getattr(tree, "tree", tree))
+  shapes = {} if tree is None else models.param_shapes(getattr(tree, "tree", tree))
+  if not shapes:
+    raise ValueError(f"{path}/_METADATA: missing or unreadable (Orbax finds no parameters in it)")
+  return shapes
 
 
 def _save_final(stage_dir: str, params, meta: dict, is_main_process: bool = True):

@@ -150,11 +150,21 @@ def _setup(name, tmp_path, fake_runs) -> dict:
     from test_weight_fuzz import FLOATS4, tensor_pickle, tensor_zip
     (tmp_path / "w.pth").write_bytes(tensor_zip(tensor_pickle((2**30,), (0,)), FLOATS4))
     paths["pth"] = str(tmp_path / "w.pth")
-  elif name == "npz_deflate_bomb":  # ~64 KB that inflate to 64 MiB
+  elif name in ("npz_deflate_bomb", "npz_deflate_bomb_images"):  # ~64 KB that inflate to 64 MiB
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, mu=np.zeros(8 << 20), sigma=np.zeros((1, 1)))
+    if name == "npz_deflate_bomb":
+      np.savez_compressed(buffer, mu=np.zeros(8 << 20), sigma=np.zeros((1, 1)))
+    else:  # a well-formed data set of 2**20 blank 8x8 digits (72 MiB with their labels)
+      np.savez_compressed(buffer, images=np.zeros((1 << 20, 8, 8, 1), np.uint8), labels=np.zeros(1 << 20, np.uint8))
     (tmp_path / "stats.npz").write_bytes(buffer.getvalue())
     paths["npz"] = str(tmp_path / "stats.npz")
+  elif name == "npz_lying_header":  # 'images' declares 2**32 images of 8x8 (256 GiB) and holds 40
+    from test_weight_fuzz import _zip, npy_header
+    labels = io.BytesIO()
+    np.save(labels, np.arange(40) % 10)
+    (tmp_path / "data.npz").write_bytes(_zip({"images.npy": npy_header((2**32, 8, 8, 1), "|u1") + b"\0" * 40 * 64,
+                                             "labels.npy": labels.getvalue()}))
+    paths["npz"] = str(tmp_path / "data.npz")
   elif name == "ckpt_no_final":
     (tmp_path / "stage").mkdir()
     (tmp_path / "stage" / "checkpoints").mkdir()
@@ -288,6 +298,11 @@ CASES = [
     case("npz_path_empty", [DIGITS, "--config.data.name=npz"], "data.path is empty"),
     case("npz_garbage", [DIGITS, "--config.data.name=npz", "--config.data.path={npz}"], "data.path='{npz}'",
          "not a readable .npz", setup="npz_garbage"),
+    case("npz_deflate_bomb", [DIGITS, "--config.data.name=npz", "--config.data.path={npz}"], "data.path='{npz}'",
+         "its arrays need more than", "the cap for a file of", setup="npz_deflate_bomb_images"),
+    case("npz_header_lies_about_shape", [DIGITS, "--config.data.name=npz", "--config.data.path={npz}"],
+         "data.path='{npz}'", "'images.npy' declares shape (4294967296, 8, 8, 1)", "but holds 2560",
+         setup="npz_lying_header"),
 ] + [
     case(name, [DIGITS, "--config.data.name=npz", "--config.data.path={npz}"], "data.path='{npz}'", needle,
          setup=name)

@@ -24,6 +24,7 @@ def _needles(needles) -> str:
 
 def render() -> str:
   import test_bad_input
+  import test_bad_input_stages
   import test_launch
   import test_weight_fuzz
 
@@ -33,6 +34,11 @@ def render() -> str:
     xfail = [m.kwargs.get("reason") for m in param.marks if m.name == "xfail"]
     note = f"xfail: {xfail[0]}" if xfail else (f"setup: {setup}" if setup else "")
     main_rows.append((param.id, " ".join(args), needles, "2", note))
+  stage_rows = []
+  for param in test_bad_input_stages.CASES:
+    args, code, needles, setup = param.values
+    note = f"setup: {test_bad_input_stages.describe(setup)}" if setup else ""
+    stage_rows.append((param.id, " ".join(args), needles, str(code), note))
   tpu_rows = [(name, " ".join([args[0], "--dry-run", *args[1:]]), needles, "2", "")
               for name, (args, needles) in test_launch.TPU_BAD_INPUT.items()]
   slurm_rows = [(name, " ".join(["--dry-run", "--config=configs/digits.py", "--workdir=/s/r", *args]), needles, "2", "")
@@ -54,22 +60,28 @@ def render() -> str:
       "Generated from the tests' case tables by `python tests/test_bad_input_table.py > docs/bad_input.md`;",
       "`tests/test_bad_input_table.py` fails when this page and the suite disagree. Each command-line case must",
       "print exactly one line, `error: ...`, holding every fragment listed, exit with the code given, and (for",
-      "`distill.main`) leave the files under its directory byte-identical. `{tmp}`, `{run}`, `{npz}`, `{pth}`, ...",
-      "stand for files the case's setup makes.",
+      "`distill.main`, at exit 2) leave the files under its directory byte-identical. `{tmp}`, `{run}`, `{npz}`,",
+      "`{pth}`, ... stand for files the case's setup makes.",
       "",
-      f"Command-line cases: {len(main_rows) + len(tpu_rows) + len(slurm_rows)}; weight-file reader cases: "
-      f"{len(weight_rows)} crafted plus {random_cases} random mutations.",
+      f"Command-line cases: {len(main_rows) + len(stage_rows) + len(tpu_rows) + len(slurm_rows)}; weight-file "
+      f"reader cases: {len(weight_rows)} crafted plus {random_cases} random mutations.",
       "",
   ]
 
-  def table(title, source, rows, what="arguments"):
-    out.extend([f"## {title}", "", f"From `{source}`.", "", f"| case | {what} | expected in the one line | exit | note |",
-                "| --- | --- | --- | --- | --- |"])
+  def table(title, source, rows, what="arguments", intro=()):
+    out.extend([f"## {title}", "", f"From `{source}`.", *intro, "",
+                f"| case | {what} | expected in the one line | exit | note |", "| --- | --- | --- | --- | --- |"])
     out.extend(f"| {name} | {_cell(args)} | {_needles(needles)} | {code} | {note} |"
                for name, args, needles, code, note in rows)
     out.append("")
 
   table("`python -m distill.main`", "tests/test_bad_input.py", main_rows)
+  table("Later stages on real checkpoints (`python -m distill.main`)", "tests/test_bad_input_stages.py", stage_rows,
+        intro=["A tiny digits run (teacher and stage one) is really trained, one thing is broken in a copy of it, and",
+               "a later stage runs on it. `{run}` is that copy (the workdir unless the arguments name another),",
+               "`{tiny}` the overrides that shrink the run (`TINY` there). Exit 2: found before anything is written,",
+               "and nothing is; exit 1: the stage fails on it. Either way the finished stages' final/ are left",
+               "byte-identical."])
   table("`python launch/tpu.py`", "tests/test_launch.py (TPU_BAD_INPUT)", tpu_rows)
   table("`python launch/slurm.py`", "tests/test_launch.py (SLURM_BAD_INPUT, DERIVED_JOB_NAMES)", slurm_rows)
   out.extend(["## Weight files (`.pth`, `.npz`)", "",

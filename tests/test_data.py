@@ -141,6 +141,25 @@ def test_npz_explicit_test_arrays(tmp_path):
 GOOD = dict(images=np.zeros((20, 4, 4, 1), np.uint8), labels=np.zeros(20, np.int64))
 
 
+def test_npz_is_read_as_untrusted_input(tmp_path):
+  """Through the bounded reader (`npz_arrays`): a compressed file reads back; arrays that would inflate past the
+  cap, or that need a pickle, are one-line DataErrors before anything of their size is allocated."""
+  rng = np.random.default_rng(0)
+  images, labels = rng.integers(0, 256, (30, 4, 4, 1), dtype=np.uint8), np.arange(30) % 10
+  np.savez_compressed(tmp_path / "small.npz", images=images, labels=labels)
+  config = data_config(name="npz", path=str(tmp_path / "small.npz"), image_size=4, num_classes=10)
+  source = data.make_source(config, "train")
+  assert len(source) == 27 and source.get_batch(np.arange(27))["image"].shape == (27, 4, 4, 1)
+  np.savez_compressed(tmp_path / "bomb.npz", images=np.zeros((1 << 20, 8, 8, 1), np.uint8), labels=np.zeros(1 << 20))
+  with pytest.raises(data.DataError) as error:
+    data.make_source(data_config(name="npz", path=str(tmp_path / "bomb.npz")))
+  assert_one_line(error, "data.path=", "bomb.npz", "not a readable .npz", "its arrays need more than")
+  np.savez(tmp_path / "objects.npz", images=np.array([None] * 4, dtype=object), labels=np.zeros(4))
+  with pytest.raises(data.DataError) as error:
+    data.make_source(data_config(name="npz", path=str(tmp_path / "objects.npz")))
+  assert_one_line(error, "data.path=", "Python objects")
+
+
 @pytest.mark.parametrize(
     "arrays, needles",
     [

@@ -1,8 +1,8 @@
 """A real full disk (issue 18, item 2): a size-limited tmpfs that fills while a checkpoint's data, final/,
-config.json, a grid, an eval file or summary.json is written. Each ends as one line naming what could not be
-written (a `CheckpointWriteError` / `StageFailed`, which `distill.main` prints as `error: …` with exit code 1),
-leaves the last good checkpoint (or the previous file) intact and no half-written file, and a rerun after
-space is freed resumes bit-identically.
+config.json, a grid, an eval file, summary.json, or the evaluate stage's rows and results.json is written. Each
+ends as one line naming what could not be written (a `CheckpointWriteError` / `StageFailed`, which
+`distill.main` prints as `error: …` with exit code 1), leaves the last good checkpoint (or the previous file)
+intact and no half-written file, and a rerun after space is freed resumes bit-identically.
 
 Mounting needs root (CI runs as root); elsewhere the tests are skipped with the reason. Unlike
 tests/test_resilience.py, which raises ENOSPC at Orbax's final rename with space left, nothing here is
@@ -11,6 +11,7 @@ simulated: the writes fail because the filesystem is full.
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -231,3 +232,115 @@ def test_a_workdir_on_a_read_only_filesystem_is_bad_input(tmp_path):
     assert os.listdir(path) == []
   finally:
     subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+# --- the evaluate stage of a real (tiny) run --------------------------------------------------------------------
+
+# distill.main in a process whose disk fills at a chosen write of the evaluate stage: after its `rows`-th row is
+# cached (leaving `leave` bytes: room for a row's scores, not for its grid), or as results.json is written.
+EVALUATE = r"""
+import sys
+sys.path.insert(0, {tests!r})
+from test_full_disk import fill
+from distill import evaluate, main, writers
+cached, real_json, real_outputs = [], writers.atomic_write_json, evaluate.write_outputs
+
+def atomic_write_json(path, *args, **kwargs):
+  real_json(path, *args, **kwargs)
+  if "/eval_cache/" in str(path):
+    cached.append(path)
+    if len(cached) == {rows}:
+      fill({disk!r}, {leave})
+
+def write_outputs(*args, **kwargs):
+  if {rows} == 0:
+    fill({disk!r})
+  return real_outputs(*args, **kwargs)
+
+writers.atomic_write_json, evaluate.write_outputs = atomic_write_json, write_outputs
+sys.argv = ["distill.main", *{argv!r}]
+main.run()
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+  """A tiny digits run whose teacher is trained (on the normal disk), and the results.json and eval_grids/ its
+  evaluate stage writes there, unconstrained (scoring 4 rows: DDIM and DDPM at w = 0 and 1)."""
+  from test_bad_input_stages import train_tiny
+  root = tmp_path_factory.mktemp("tiny_teacher")
+  train_tiny(root / "run", ("teacher",))
+  shutil.copytree(root / "run", root / "free")
+  proc = subprocess.run([sys.executable, "-m", "distill.main", *_evaluate_args(root / "free")], cwd=ROOT,
+                        env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return root / "run", json.loads((root / "free" / "results.json").read_text()), _hashes(root / "free" / "eval_grids")
+
+
+def _env():
+  return dict(os.environ, DISTILL_JAX_CACHE="", JAX_PLATFORMS="cpu",
+              PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+
+
+def _evaluate_args(workdir, w_values="(0.0,1.0)"):
+  from test_bad_input_stages import tiny_args
+  return tiny_args(workdir, ("evaluate",), f"--config.eval.w_values={w_values}", "--allow_config_change")
+
+
+def _evaluate_filling(disk, workdir, rows, leave=0, w_values="(0.0,1.0)"):
+  script = EVALUATE.format(tests=os.path.join(ROOT, "tests"), disk=str(disk), rows=rows, leave=leave,
+                           argv=_evaluate_args(workdir, w_values))
+  return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                        timeout=600)
+
+
+def _same_rows(got, want):
+  assert [(r["method"], r["w"], r["steps"]) for r in got] == [(r["method"], r["w"], r["steps"]) for r in want]
+  for a, b in zip(got, want):
+    assert a.keys() == b.keys()
+    for key in a:
+      if isinstance(a[key], float):
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["method"], key)
+      else:
+        assert a[key] == b[key], (a["method"], key)
+
+
+@pytest.mark.slow  # ~60 s on 2 cores: a teacher trained and evaluated through distill.main, then evaluated 3 times
+def test_disk_full_while_the_evaluate_stage_writes_its_rows_and_results(disk, tiny_teacher):
+  """The evaluate stage of a real run on a full disk: after 2 of its 4 rows are cached the disk fills (one page
+  left: room for a row's scores, not its grid). One line naming the grid that could not be written, exit 1, no
+  results.json and no half-written file; once space is freed the rerun samples only the other 2 rows (the cached
+  ones are read, unchanged) and its results.json and grids are the unconstrained run's. Then results.json itself
+  meets a full disk: the previous one is kept whole."""
+  run, want, want_grids = tiny_teacher
+  workdir = disk / "run"
+  shutil.copytree(run, workdir)
+  proc = _evaluate_filling(disk, workdir, rows=2, leave=4 << 10)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith("error: [evaluate] the disk is full: ") and "/eval_grids/" in lines[0], lines[0]
+  assert "run the same command again" in lines[0], lines[0]
+  assert not (workdir / "results.json").exists() and not _half_written(disk)
+  cached = _hashes(workdir / "eval_cache")
+  assert len(cached) == 2, sorted(cached)
+  stamps = {f: os.stat(workdir / "eval_cache" / f).st_mtime_ns for f in cached}
+
+  for filler in disk.glob("filler-*"):
+    filler.unlink()
+  rerun = subprocess.run([sys.executable, "-m", "distill.main", *_evaluate_args(workdir)], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "[evaluate] 2 of 4 row scorings are cached" in rerun.stdout, rerun.stdout[-2000:]
+  assert {f: os.stat(workdir / "eval_cache" / f).st_mtime_ns for f in cached} == stamps
+  assert {f: h for f, h in _hashes(workdir / "eval_cache").items() if f in cached} == cached
+  results = json.loads((workdir / "results.json").read_text())
+  _same_rows(results["rows"], want["rows"])
+  assert _hashes(workdir / "eval_grids") == want_grids
+
+  # results.json on a full disk (every row cached, other w values: a new results.json to write).
+  before = (workdir / "results.json").read_bytes()
+  proc = _evaluate_filling(disk, workdir, rows=0, w_values="(0.0,)")
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith("error: [evaluate] the disk is full: ") and "results.json" in lines[0], lines[0]
+  assert (workdir / "results.json").read_bytes() == before and not _half_written(disk)
