@@ -187,8 +187,8 @@ def test_through_a_safetensors_file_reading_only_the_autoencoder(params, tmp_pat
   assert not any(k.startswith("model.") for k in read) and read[
       "first_stage_model.encoder.conv_in.weight"].dtype == np.float16
   loaded, _ = sd_keys.autoencoder_params(read, MODEL)
-  np.testing.assert_array_equal(loaded["encoder"]["conv_in"]["kernel"],
-                                np.asarray(params["encoder"]["conv_in"]["kernel"]).astype(np.float16).astype(np.float32))
+  halved = np.asarray(params["encoder"]["conv_in"]["kernel"]).astype(np.float16).astype(np.float32)
+  np.testing.assert_array_equal(loaded["encoder"]["conv_in"]["kernel"], halved)
   np.testing.assert_array_equal(loaded["decoder"]["conv_out"]["kernel"], params["decoder"]["conv_out"]["kernel"])
 
 

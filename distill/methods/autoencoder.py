@@ -1,6 +1,15 @@
 """The KL autoencoder latent diffusion runs in (`distill.models.autoencoder`), trained as a pipeline stage.
 Registers the stage 'autoencoder' and the config section 'autoencoder'; no sampler (the stage is not sampled).
 
+Pretrained instead (autoencoder.weights = a `.safetensors` / `.ckpt` / `.pth` / `.bin` file or a diffusers `vae/`
+folder, in LDM's / SD's or diffusers' layout, `distill.models.sd_keys`): the stage loads it as its final parameters
+(the trainer with 0 updates, so final/ and a rerun behave as after training), records where it came from
+(meta.json's extra.weights and autoencoder.json's weights: the path, the file read, its layout and prefix) and
+encodes the data set as below. Its latents are scaled by autoencoder.scale_factor (SD's 0.18215), or by the
+measured factor when that is 0. The config's architecture (block_out_channels, layers_per_block, latent_channels,
+data.channels) must be the file's, which is read from its shapes; norm_num_groups cannot be read there (SD: 32).
+A missing, unreadable or mismatched file is one line before anything is written (`preflight`: exit 2).
+
 Training: the trainer's one loop (`train.run_stage`: resumable, EMA, checkpoints) on SD's objective without its
 discriminator — per example Σ_pixels [L1 or L2 + perceptual_weight · LPIPS] + kl_weight · KL(q(z|x) ‖ N(0, I)),
 LPIPS only when its weight files are configured (autoencoder.lpips).
@@ -19,9 +28,11 @@ image of the split in the data set's order, unscaled; `labels` int32 [N]; `scale
 sample keeps both choices open: `load_latents` returns scale_factor · mean (the posterior mode; with SD's small KL
 weight the posterior std is tiny) or, with a seed, one fixed sample scale_factor · (mean + std · ε).
 
-Scale factor (Rombach et al. 2022, §4.3.2 / App. D.1; SD's 0.18215): 1 / std of latents sampled from the posterior
-over the whole training split, in closed form: 1 / sqrt(mean_i (mean_i − m̄)² + mean_i var_i) over every element
-i, m̄ the mean of the means (the law of total variance).
+Scale factor (Rombach et al. 2022, §4.3.2 / App. D.1; SD's 0.18215): with pretrained weights,
+autoencoder.scale_factor unless it is 0; otherwise 1 / std of latents sampled from the posterior over the whole
+training split (autoencoder.json records this measured value either way, as scale_factor_measured), in closed
+form: 1 / sqrt(mean_i (mean_i − m̄)² + mean_i var_i) over every element i, m̄ the mean of the means (the law of
+total variance).
 
 For the stages that run on latents: `load_autoencoder(stage_dir)` → (encode_fn, decode_fn, scale_factor,
 latent_shape), both functions on scaled latents; `load_latents(workdir_or_stage_dir, split)` → (latents, labels).
@@ -29,6 +40,7 @@ latent_shape), both functions on scaled latents; `load_latents(workdir_or_stage_
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import time
@@ -37,13 +49,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from etils import epath
 
-from distill import contract, optimizers, train, validation, writers
+from distill import contract, optimizers, train, validation, weights, writers
 from distill.context import Context, batch_fn, get_classifier, run_stage
 from distill.evaluation import classifier as classifier_lib
 from distill.evaluation import fid, protocol
 from distill.models import autoencoder as ae
+from distill.models import sd_keys
 from distill.latent import (RESULTS, SPLITS, STAGE, AutoencoderError, latents_path, load_autoencoder,  # noqa: F401
                             load_latents, model_of)
 
@@ -61,14 +75,60 @@ def architecture(config) -> dict:
           "norm_num_groups": int(a.norm_num_groups), "image_size": int(config.data.image_size)}
 
 
-def stage_meta(config) -> contract.StageMeta:
-  """The autoencoder's record: not sampled, not scored; trained from data (no teacher evaluations)."""
+def stage_meta(config, weights_record: dict | None = None) -> contract.StageMeta:
+  """The autoencoder's record: not sampled, not scored; trained from data (no teacher evaluations), or loaded
+  from autoencoder.weights (extra.weights: `weights_record`, or only the path before the file is read)."""
   a = config.autoencoder
+  if a.weights:
+    extra = {"architecture": architecture(config), "weights": weights_record or {"path": a.weights}}
+  else:
+    extra = {"architecture": architecture(config), "loss": a.loss, "kl_weight": float(a.kl_weight),
+             "perceptual_weight": float(a.perceptual_weight)}
   return contract.StageMeta(
       kind="autoencoder", method="autoencoder", sampler="", num_sampling_steps=0, w_range=(0.0, 0.0),
       batch_size=int(a.batch_size), teacher_evals_per_update=0.0, student_evals_per_update=1.0, scored=False,
-      extra={"architecture": architecture(config), "loss": a.loss, "kl_weight": float(a.kl_weight),
-             "perceptual_weight": float(a.perceptual_weight)})
+      extra=extra)
+
+
+def load_pretrained(config) -> tuple[dict, dict]:
+  """(params, record) of the autoencoder at config.autoencoder.weights, converted to the config's architecture
+  (`sd_keys.autoencoder_params`); record: {'path' (as configured), 'file' (the file read), 'layout', 'prefix',
+  'ignored_keys'}. OSError when the file cannot be read; ValueError (one line; `sd_keys.ArchitectureMismatch`
+  when the file's architecture is another) otherwise. Reads only the file's autoencoder tensors when it can."""
+  a = config.autoencoder
+  path = os.path.expanduser(a.weights)
+  file = weights.diffusers_weight_file(path) if epath.Path(path).is_dir() else path
+  folder_config = epath.Path(file).parent / "config.json"
+  if epath.Path(path).is_dir() and folder_config.is_file():  # diffusers' config says what the shapes cannot
+    groups = json.loads(folder_config.read_text()).get("norm_num_groups", a.norm_num_groups)
+    if groups != a.norm_num_groups:
+      raise ValueError(f"{folder_config} has norm_num_groups={groups} where the config has "
+                       f"autoencoder.norm_num_groups={a.norm_num_groups}")
+  state = weights.read_state_dict(file, select=sd_keys.is_autoencoder_key)
+  try:
+    params, info = sd_keys.autoencoder_params(state, model_of(architecture(config)))
+  except sd_keys.ArchitectureMismatch:
+    raise
+  except ValueError as e:
+    raise ValueError(f"{file}: {e}") from None
+  return params, {"path": a.weights, "file": file if "://" in file else os.path.abspath(file), "layout": info["layout"],
+                  "prefix": info["prefix"], "ignored_keys": info["ignored"]}
+
+
+def weights_error_line(config, e: BaseException) -> str:
+  """One line for what `load_pretrained` raised, naming the config field to change."""
+  a = config.autoencoder
+  head = f"config.autoencoder.weights={a.weights!r}"
+  if isinstance(e, sd_keys.ArchitectureMismatch):
+    field = "data.channels" if e.field in ("in_channels", "out_channels") else f"autoencoder.{e.field}"
+    return (f"{head}: holds an autoencoder with {e.field}={e.found} but the config has config.{field}="
+            f"{e.expected}; set it to the file's")
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return f"{head}: {type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _no_batches(step):
+  raise AssertionError(f"a pretrained autoencoder trains no steps (asked for batch {step})")
 
 
 def _perceptual(config):
@@ -91,6 +151,8 @@ def run_autoencoder(ctx: Context):
   c = ctx.config
   a = c.autoencoder
   model = model_of(architecture(c))
+  if a.weights:
+    return run_pretrained(ctx, model)
   frozen, perceptual_fn = _perceptual(c)
   optimizer, schedule = optimizers.adam_with_warmup(a.lr, a.warmup_steps, a.grad_clip)
   stage = train.Stage(
@@ -108,7 +170,29 @@ def run_autoencoder(ctx: Context):
   return None
 
 
-def finish(ctx: Context, params, model: ae.AutoencoderKL) -> dict:
+def run_pretrained(ctx: Context, model: ae.AutoencoderKL):
+  """The stage with autoencoder.weights: the file's parameters become final/ through the trainer with 0 updates
+  (read once: a finished stage is not read again), then `finish` as after training."""
+  c = ctx.config
+  record = None
+  if not train.has_final(ctx.stage_dir(STAGE)):
+    try:
+      init, record = load_pretrained(c)
+    except (OSError, ValueError) as e:
+      raise AutoencoderError(weights_error_line(c, e)) from e
+  else:
+    init = None  # run_stage returns final/ without looking at it
+  stage = train.Stage(
+      name=STAGE, loss_fn=ae.reconstruction_loss_fn(model, kl_weight=0.0), init_params=init,
+      optimizer=optax.identity(), num_steps=0, batch_fn=_no_batches, seed=c.seed,
+      fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
+  params, meta = run_stage(ctx, stage, stage_meta(c, record))
+  if ctx.is_main_process:
+    return finish(ctx, jax.device_get(params), model, meta.extra.get("weights"))
+  return None
+
+
+def finish(ctx: Context, params, model: ae.AutoencoderKL, weights_record: dict | None = None) -> dict:
   """The work after training (each part skipped when done): the latent caches, the scale factor, the
   reconstruction metrics and grid, and autoencoder.json. Returns autoencoder.json's contents."""
   from distill import data as data_lib
@@ -130,7 +214,9 @@ def finish(ctx: Context, params, model: ae.AutoencoderKL) -> dict:
       _write_cache(latents_path(stage_dir, split), mean, logvar, labels, None, fp)
       print_(f"encoded the {split} split: {mean.shape[0]} images -> latents {mean.shape[1:]}")
   with writers.read_npz(latents_path(stage_dir, "train")) as d:
-    scale = scale_factor(d["mean"], d["logvar"])
+    measured = scale_factor(d["mean"], d["logvar"])
+  configured = bool(c.autoencoder.weights) and float(c.autoencoder.scale_factor) > 0
+  scale = float(c.autoencoder.scale_factor) if configured else measured
   for split in SPLITS:  # the factor into both caches (once)
     with writers.read_npz(latents_path(stage_dir, split)) as d:
       if float(d["scale_factor"]) == scale:  # exact: the same float64 written before
@@ -161,12 +247,17 @@ def finish(ctx: Context, params, model: ae.AutoencoderKL) -> dict:
                            for r in range(8)])
     writers.save_image_grid(os.path.join(stage_dir, "reconstructions.png"), grid, ncols=k,
                             upscale=max(1, 64 // ctx.pixel_shape[0]))
-  results = {"scale_factor": scale, "latent_shape": list(model.latent_shape(ctx.pixel_shape)),
+  results = {"scale_factor": scale, "scale_factor_measured": measured,
+             "scale_factor_source": "config.autoencoder.scale_factor" if configured else "measured",
+             "latent_shape": list(model.latent_shape(ctx.pixel_shape)),
              "image_shape": list(ctx.pixel_shape), "fingerprint": fp, "architecture": architecture(c),
              "test": {**metrics, "num_images": int(len(test_images))},
              "seconds": time.time() - start}
+  if weights_record is not None:
+    results["weights"] = weights_record
   writers.atomic_write_json(results_path, results, indent=1)
-  print_(f"scale factor {scale:.4f}; test reconstructions: L1 {metrics['l1']:.4f}, L2 {metrics['l2']:.5f}, "
+  print_(f"scale factor {scale:.4f} ({results['scale_factor_source']}); test reconstructions: "
+         f"L1 {metrics['l1']:.4f}, L2 {metrics['l2']:.5f}, "
          f"PSNR {metrics['psnr']:.2f} dB, classifier-FID {metrics['classifier_fid']:.3f} "
          f"(training images: {metrics['classifier_fid_train_vs_test']:.3f}) "
          f"(classifier accuracy {metrics['classifier_accuracy_reconstructions']:.4f} on reconstructions, "
@@ -249,6 +340,10 @@ def config_sections():
           resize=64,                    # bilinear resize before LPIPS (0: none; the alex trunk needs >= 31 px)
       )),
       encode_batch_size=500,            # rows per encode/decode call after training
+      # Pretrained instead of trained: a .safetensors / .ckpt / .pth / .bin file or a diffusers vae/ folder in LDM's,
+      # SD's or diffusers' layout (docs/weights.md); '' trains it. The architecture above must be the file's.
+      weights="",
+      scale_factor=0.18215,             # with weights: the latents' factor (SD's); 0: measured from the latents
       log_every=100, ckpt_every=500, skip_nonfinite=False,
   ))}
 
@@ -278,6 +373,10 @@ def validate(c) -> None:
   validation.number(c, "autoencoder.perceptual_weight", 0.0)
   validation.choice(c, "autoencoder.loss", LOSSES)
   validation.boolean(c, "autoencoder.skip_nonfinite")
+  if not isinstance(a.weights, str):
+    validation.fail("autoencoder.weights", a.weights, "must be a path to a weight file or a diffusers vae/ folder "
+                    "('' trains the autoencoder)")
+  validation.number(c, "autoencoder.scale_factor", 0.0)
   if a.perceptual_weight:
     validation.choice(c, "autoencoder.lpips.net", ("alex", "vgg"))
     for f, what in (("trunk", "the torchvision trunk's state dict"), ("lin", "the lpips package's lin weights")):
@@ -290,7 +389,14 @@ def validate(c) -> None:
 
 
 def preflight(c) -> None:
-  """With a perceptual loss: both LPIPS weight files load before anything is written."""
+  """Before anything is written: pretrained weights load and fit the config's architecture; or, with a perceptual
+  loss, both LPIPS weight files load."""
+  if c.autoencoder.weights:
+    try:
+      load_pretrained(c)
+    except Exception as e:  # noqa: BLE001 — a missing file, an unreadable one, another architecture
+      raise validation.ConfigError(weights_error_line(c, e)) from e
+    return
   if not c.autoencoder.perceptual_weight:
     return
   try:
