@@ -215,8 +215,27 @@ def test_a_finished_pretrained_stage_does_not_read_the_file_again(pretrained, tm
   os.remove(copy / "autoencoder" / "autoencoder.json")  # the stage redoes its encoding from final/
   moved = config.copy_and_resolve_references()
   moved.autoencoder.weights = str(tmp_path / "gone.safetensors")
+  # Metrics on the first 40 test images, without the classifier (as a data set scored with Inception has them).
+  moved.autoencoder.metric_images, moved.eval.metric = 40, "inception"
   again = stage_lib.run_autoencoder(Context(moved, str(copy)))
   assert again["weights"] == results["weights"] and again["scale_factor"] == results["scale_factor"]
+  assert again["test"]["num_images"] == 40 and "classifier_fid" not in again["test"]
+
+
+def test_encode_split_reads_in_chunks_and_pads_the_last():
+  from distill import data
+  from distill.models import autoencoder as ae
+  config = tiny_config()
+  model = stage_lib.model_of(stage_lib.architecture(config))
+  params = ae.init_params(model, (8, 8, 1), 0)
+  images, labels = data.load_digits("test", 8)
+  source = data.ArraySource(images[:37], labels[:37], 10, 8)
+  mean, logvar, got_labels = stage_lib.encode_split(model, params, source, 16)
+  want_mean, want_logvar = ae.encode(model, params, images[:37])
+  assert mean.shape == (37, 4, 4, 2) and mean.dtype == np.float32
+  np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(logvar, want_logvar, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got_labels, labels[:37])
 
 
 def test_a_diffusers_folder_and_its_config_json(tmp_path):

@@ -15,10 +15,13 @@ discriminator — per example Σ_pixels [L1 or L2 + perceptual_weight · LPIPS] 
 LPIPS only when its weight files are configured (autoencoder.lpips).
 
 After training, once (each file is skipped when present and made for these parameters):
-  WORKDIR/autoencoder/latents_train.npz, latents_test.npz   the data set encoded once (the cache below)
+  WORKDIR/autoencoder/latents_train.npz, latents_test.npz   the data set encoded once, encode_batch_size images
+                                                            at a time (the cache below)
   WORKDIR/autoencoder/autoencoder.json                      scale factor, latent shape, reconstruction error
-                                                            (L1, L2, PSNR) and classifier-FID of the test split's
-                                                            reconstructions (beside that of as many training
+                                                            (L1, L2, PSNR) of the test split's first
+                                                            metric_images images (0: all) and, where the run
+                                                            scores with the classifier (embedded data), their
+                                                            classifier-FID (beside that of as many training
                                                             images, its floor); written last: the stage is complete
   WORKDIR/autoencoder/reconstructions.png                   test images (odd rows) over their reconstructions
 
@@ -209,8 +212,7 @@ def finish(ctx: Context, params, model: ae.AutoencoderKL, weights_record: dict |
   # Encode without a scale first: the factor comes from the training latents themselves.
   for split in SPLITS:
     if not _cache_ok(latents_path(stage_dir, split), fp):
-      images, labels = _all(sources[split])
-      mean, logvar = encode_all(model, params, images, batch)
+      mean, logvar, labels = encode_split(model, params, sources[split], batch)
       _write_cache(latents_path(stage_dir, split), mean, logvar, labels, None, fp)
       print_(f"encoded the {split} split: {mean.shape[0]} images -> latents {mean.shape[1:]}")
   with writers.read_npz(latents_path(stage_dir, "train")) as d:
@@ -224,22 +226,17 @@ def finish(ctx: Context, params, model: ae.AutoencoderKL, weights_record: dict |
       mean, logvar, labels = d["mean"], d["logvar"], d["labels"]
     _write_cache(latents_path(stage_dir, split), mean, logvar, labels, scale, fp)
 
-  test_images, test_labels = _all(sources["test"])
+  # Reconstructions of the test split's first metric_images images (0: all), held in memory with the originals.
+  count = min(int(c.autoencoder.metric_images) or len(sources["test"]), len(sources["test"]))
+  test = sources["test"].get_batch(np.arange(count))
+  test_images, test_labels = test["image"], test["label"]
   with writers.read_npz(latents_path(stage_dir, "test")) as d:
-    recon = decode_all(model, params, d["mean"], batch)
+    recon = decode_all(model, params, d["mean"][:count], batch)
   metrics = reconstruction_metrics(test_images, recon)
-  clf_params, clf_meta = get_classifier(ctx)
-  net = protocol.classifier_net(clf_params, c.data.num_classes, clf_meta["test_accuracy"])
-  real_feats, real_logits = net.outputs(test_images)
-  recon_feats, recon_logits = net.outputs(recon)
-  # The floor of that number: the same distance between the test split and as many training images.
-  train_images = sources["train"].get_batch(np.arange(min(len(sources["train"]), len(test_images))))["image"]
-  metrics.update({
-      "classifier_fid": fid.feature_fid(recon_feats, real_feats),
-      "classifier_fid_train_vs_test": fid.feature_fid(net.outputs(train_images)[0], real_feats),
-      "classifier_accuracy_reconstructions": float(np.mean(np.argmax(recon_logits, -1) == test_labels)),
-      "classifier_accuracy_test": float(np.mean(np.argmax(real_logits, -1) == test_labels)),
-      "classifier": net.description})
+  # The classifier's numbers where the run scores with it (embedded data): training it reads its whole training
+  # split into memory, which an Inception-scored data set (ImageNet at 256²: 1 TB of float32) neither needs nor fits.
+  if protocol.resolve_metric(c) == "classifier":
+    metrics.update(_classifier_metrics(ctx, test_images, test_labels, recon, sources["train"]))
   k = min(10, len(test_images))
   pairs = np.stack([test_images[:8 * k], recon[:8 * k]]) if len(test_images) >= 8 * k else None
   if pairs is not None:
@@ -256,18 +253,45 @@ def finish(ctx: Context, params, model: ae.AutoencoderKL, weights_record: dict |
   if weights_record is not None:
     results["weights"] = weights_record
   writers.atomic_write_json(results_path, results, indent=1)
-  print_(f"scale factor {scale:.4f} ({results['scale_factor_source']}); test reconstructions: "
-         f"L1 {metrics['l1']:.4f}, L2 {metrics['l2']:.5f}, "
-         f"PSNR {metrics['psnr']:.2f} dB, classifier-FID {metrics['classifier_fid']:.3f} "
-         f"(training images: {metrics['classifier_fid_train_vs_test']:.3f}) "
-         f"(classifier accuracy {metrics['classifier_accuracy_reconstructions']:.4f} on reconstructions, "
-         f"{metrics['classifier_accuracy_test']:.4f} on the originals)")
+  line = (f"scale factor {scale:.4f} ({results['scale_factor_source']}); {count} test reconstructions: "
+          f"L1 {metrics['l1']:.4f}, L2 {metrics['l2']:.5f}, PSNR {metrics['psnr']:.2f} dB")
+  if "classifier_fid" in metrics:
+    line += (f", classifier-FID {metrics['classifier_fid']:.3f} "
+             f"(training images: {metrics['classifier_fid_train_vs_test']:.3f}) "
+             f"(classifier accuracy {metrics['classifier_accuracy_reconstructions']:.4f} on reconstructions, "
+             f"{metrics['classifier_accuracy_test']:.4f} on the originals)")
+  print_(line)
   return results
 
 
-def _all(source) -> tuple[np.ndarray, np.ndarray]:
-  b = source.get_batch(np.arange(len(source)))
-  return b["image"], b["label"]
+def _classifier_metrics(ctx: Context, images, labels, recon, train_source) -> dict:
+  """Classifier-FID and accuracy of reconstructions against their originals, beside its floor: the same distance
+  between the originals and as many training images."""
+  clf_params, clf_meta = get_classifier(ctx)
+  net = protocol.classifier_net(clf_params, ctx.config.data.num_classes, clf_meta["test_accuracy"])
+  real_feats, real_logits = net.outputs(images)
+  recon_feats, recon_logits = net.outputs(recon)
+  train_images = train_source.get_batch(np.arange(min(len(train_source), len(images))))["image"]
+  return {"classifier_fid": fid.feature_fid(recon_feats, real_feats),
+          "classifier_fid_train_vs_test": fid.feature_fid(net.outputs(train_images)[0], real_feats),
+          "classifier_accuracy_reconstructions": float(np.mean(np.argmax(recon_logits, -1) == labels)),
+          "classifier_accuracy_test": float(np.mean(np.argmax(real_logits, -1) == labels)),
+          "classifier": net.description}
+
+
+def encode_split(model, params, source, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Every image of `source` -> (mean, logvar) float32 [N, h, w, c] (unscaled) and labels int32 [N], read and encoded
+  `batch` images at a time (the last chunk padded: one compiled shape), so the split's pixels are never held whole."""
+  n = len(source)
+  means, logvars, labels = [], [], []
+  for start in range(0, n, batch):
+    rows = np.arange(start, min(start + batch, n))
+    part = source.get_batch(np.pad(rows, (0, batch - len(rows)), mode="edge") if n > batch else rows)
+    mean, logvar = ae.encode(model, params, jnp.asarray(part["image"]))
+    means.append(np.asarray(mean)[:len(rows)])
+    logvars.append(np.asarray(logvar)[:len(rows)])
+    labels.append(np.asarray(part["label"], np.int32)[:len(rows)])
+  return np.concatenate(means), np.concatenate(logvars), np.concatenate(labels)
 
 
 def _in_batches(fn, arrays: np.ndarray, batch: int):
@@ -280,11 +304,6 @@ def _in_batches(fn, arrays: np.ndarray, batch: int):
       part = np.concatenate([part, np.repeat(part[-1:], batch - valid, 0)])
     outs.append(jax.tree.map(lambda o: np.asarray(o)[:valid], fn(jnp.asarray(part))))
   return jax.tree.map(lambda *o: np.concatenate(o), *outs)
-
-
-def encode_all(model, params, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
-  """images [N, H, W, C] in [−1, 1] → (mean, logvar) float32 [N, h, w, c], unscaled."""
-  return _in_batches(lambda x: ae.encode(model, params, x), images, batch)
 
 
 def decode_all(model, params, latents: np.ndarray, batch: int) -> np.ndarray:
@@ -340,6 +359,7 @@ def config_sections():
           resize=64,                    # bilinear resize before LPIPS (0: none; the alex trunk needs >= 31 px)
       )),
       encode_batch_size=500,            # rows per encode/decode call after training
+      metric_images=0,                  # test images reconstructed for autoencoder.json's metrics (0: all)
       # Pretrained instead of trained: a .safetensors / .ckpt / .pth / .bin file or a diffusers vae/ folder in LDM's,
       # SD's or diffusers' layout (docs/weights.md); '' trains it. The architecture above must be the file's.
       weights="",
@@ -353,6 +373,8 @@ def validate(c) -> None:
   for f in ("layers_per_block", "latent_channels", "norm_num_groups", "steps", "batch_size", "encode_batch_size",
             "log_every", "ckpt_every"):
     validation.positive_int(c, f"autoencoder.{f}")
+  if isinstance(a.metric_images, bool) or not isinstance(a.metric_images, int) or a.metric_images < 0:
+    validation.fail("autoencoder.metric_images", a.metric_images, "must be an integer >= 0 (0: the whole test split)")
   widths = a.block_out_channels
   if (not isinstance(widths, (tuple, list)) or not widths
       or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 or w % a.norm_num_groups for w in widths)):
