@@ -396,8 +396,8 @@ def validate(c) -> None:
   validation.choice(c, "autoencoder.loss", LOSSES)
   validation.boolean(c, "autoencoder.skip_nonfinite")
   if not isinstance(a.weights, str):
-    validation.fail("autoencoder.weights", a.weights, "must be a path to a weight file or a diffusers vae/ folder "
-                    "('' trains the autoencoder)")
+    validation.fail("autoencoder.weights", a.weights, "must be set: the path of the autoencoder's weight file or "
+                    "diffusers vae/ folder (docs/weights.md), or '' to train it")
   validation.number(c, "autoencoder.scale_factor", 0.0)
   if a.perceptual_weight:
     validation.choice(c, "autoencoder.lpips.net", ("alex", "vgg"))
