@@ -38,7 +38,9 @@ What runs, in order (config.pipeline):
                 20,000 (distill.final_rounds), each after 500 warm-up updates (distill.round_warmup); truncated-SNR
                 weighting; batch 2048.
   evaluate      FID, IS, precision/recall of 50,000 decoded samples per row against the training split's Inception
-                statistics (eval.inception_path: the converted FID Inception, docs/results.md).
+                statistics (eval.inception_path: the converted FID Inception, docs/results.md): 120 rows (teacher
+                DDIM at every step count and DDPM at 512, both students at every round, w ∈ {0, 1, 2, 4}), 6M
+                samples in all; `--mode=plan` lists them, and eval.w_values or the pipeline trims them.
 
 Settings from App. C.1: ε → v fine-tuning first, the 512-step DDIM teacher target, stage one 2,000 updates with
 constant weighting, stage two 2,000 updates per round and 20,000 for the 1-, 2- and 4-step rounds with truncated-SNR
@@ -109,6 +111,7 @@ def get_config(arg: str | None = None):
   e.metric, e.per_class, e.max_reference, e.is_splits, e.bootstrap = "inception", 50, 50_000, 10, 0
   e.w_values = (0.0, 1.0, 2.0, 4.0)
   e.class_agreement = False  # no classifier of ImageNet here
+  e.teacher_ddpm = "reference"  # teacher DDPM at 512 steps only: each row is 50,000 samples decoded at 256²
 
   def quick(config):  # tiny sizes and a tiny autoencoder trained here: a path check, not a result
     a = config.autoencoder
