@@ -395,6 +395,20 @@ def _preflight(config):
     fail(str(e))
 
 
+def _weight_file_like(path: str) -> bool:
+  """Whether `path` is a weight file (by its suffix, or a file at all) or a diffusers model folder."""
+  from etils import epath
+  from distill import weights
+  if path.rstrip("/").endswith(weights.SUFFIXES):
+    return True
+  try:
+    p = epath.Path(path)
+    return p.is_file() or (p.is_dir() and ((p / "model_index.json").exists() or any(
+        (folder / name).exists() for folder in (p, p / "unet") for name in weights.DIFFUSERS_FILES)))
+  except Exception:  # noqa: BLE001 — unreachable: the checks after this one say so
+    return False
+
+
 def _check_teacher_dir(config):
   """distill.teacher_dir, when the pipeline uses a teacher trained elsewhere: a finished CFG teacher of the
   same data set and architecture, checked before anything is written."""
@@ -403,6 +417,10 @@ def _check_teacher_dir(config):
     return
   from etils import epath
   field = f"config.distill.teacher_dir={teacher_dir!r}"
+  if _weight_file_like(teacher_dir):
+    fail(f"{field}: a weight file, not a finished stage; this framework's U-Net cannot load LDM's or Stable "
+         "Diffusion's U-Net weights (openaimodel / diffusers UNet: another architecture): train the teacher here "
+         "('teacher', 'teacher_v' in config.pipeline) or point at a run's teacher/ or teacher_v/ directory")
   meta_path = os.path.join(teacher_dir, "final", "meta.json")
   try:
     found = epath.Path(meta_path).is_file()

@@ -22,9 +22,15 @@ def adam_with_warmup(lr: float, warmup_steps: int, grad_clip: float, weight_deca
 
 
 @functools.lru_cache(maxsize=8)
-def annealed_adam(lr, num_updates, grad_clip):
-  """Adam with lr annealed linearly to 0 over the round (cached: equal rounds share one compiled step)."""
+def annealed_adam(lr, num_updates, grad_clip, warmup_steps=0):
+  """Adam with lr annealed linearly to 0 over the round, after a linear warm-up from 0 over its first
+  `warmup_steps` updates when > 0 (the latent rounds of Meng et al. 2023, App. C). Cached: equal rounds share one
+  compiled step."""
   schedule = optax.linear_schedule(lr, 0.0, num_updates)
+  if warmup_steps:
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps),
+                                     optax.linear_schedule(lr, 0.0, max(num_updates - warmup_steps, 1))],
+                                    [warmup_steps])
   return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(schedule)), schedule
 
 

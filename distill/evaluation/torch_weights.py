@@ -461,9 +461,12 @@ _MALFORMED = (pickle.UnpicklingError, EOFError, KeyError, IndexError, TypeError,
               zlib.error)
 
 
-def state_dict_from_bytes(raw: bytes, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+def state_dict_from_bytes(raw: bytes, max_bytes: int | None = None, entry: str | None = None
+                          ) -> dict[str, np.ndarray]:
   """`load_torch_state_dict` of a file's bytes. max_bytes: the cap on storages and tensors the reader may hold
-  (default `default_max_bytes(len(raw))`)."""
+  (default `default_max_bytes(len(raw))`). entry: when the file's top level is a dict holding this key (a
+  PyTorch Lightning `.ckpt` keeps its tensors under 'state_dict', beside plain values such as 'epoch'), the
+  state dict is that entry."""
   budget = _Budget(default_max_bytes(len(raw)) if max_bytes is None else max_bytes)
   try:
     if raw[:4] == b"PK\x03\x04":  # how torch itself tells the zip format from the legacy one
@@ -471,6 +474,8 @@ def state_dict_from_bytes(raw: bytes, max_bytes: int | None = None) -> dict[str,
         obj = _load_zip(archive, budget, len(raw))
     else:
       obj = _load_legacy(io.BytesIO(raw))
+    if entry is not None and isinstance(obj, dict) and isinstance(obj.get(entry), dict):
+      obj = obj[entry]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, _Tensor) for k, v in obj.items()):
       raise ValueError("not a state dict (a flat mapping of names to tensors)")
     for name, tensor in obj.items():  # every size checked and counted before the first copy is made
@@ -486,15 +491,16 @@ def state_dict_from_bytes(raw: bytes, max_bytes: int | None = None) -> dict[str,
     raise ValueError(f"not a readable torch state dict ({type(e).__name__}: {_short.repr(str(e))[1:-1]})") from None
 
 
-def load_torch_state_dict(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+def load_torch_state_dict(path: str | os.PathLike, max_bytes: int | None = None, entry: str | None = None
+                          ) -> dict[str, np.ndarray]:
   """A `torch.save`d state dict (zip or legacy format) -> {name: np.ndarray}, in the file's order.
 
     Arrays keep torch's dtype (float32, int64 for BatchNorm's num_batches_tracked, ...), size and
     element order, as contiguous copies. Raises OSError if the file cannot be read, ValueError (one line,
     not naming the file) if it is not a flat name -> tensor mapping within `max_bytes` (see
     `state_dict_from_bytes`); UnsafePickleError, a ValueError, if the pickle names anything but a state
-    dict's parts.
+    dict's parts. entry: see `state_dict_from_bytes` ('state_dict' reads a Lightning `.ckpt`).
     """
   from etils import epath
   raw = epath.Path(path).read_bytes()  # local or a URL
-  return state_dict_from_bytes(raw, max_bytes)
+  return state_dict_from_bytes(raw, max_bytes, entry)

@@ -36,8 +36,10 @@ def config_sections():
           stage_one_weighting="snr",
           start_steps=64, end_steps=1,      # first round's teacher steps → last student's steps (powers of two)
           encoder_start_steps=0,            # first teacher steps of the encoder chain (0 = start_steps)
-          round_steps=500, final_round_steps=1000,  # updates per round; N = 2 and N = 1 get final_round_steps
+          round_steps=500, final_round_steps=1000,  # updates per round; the rounds to N in final_rounds get
+          final_rounds=(2, 1),              # final_round_steps (App. C's latent runs: (4, 2, 1))
           lr=3e-4, grad_clip=1.0,           # Adam, annealed linearly to 0 within each round; no EMA
+          round_warmup=0,                   # > 0: each round's lr first rises linearly from 0 over this many updates
           weighting="truncated_snr",
           log_every=100, ckpt_every=250,
           grid_w=(0.0, 0.3, 1.0, 2.0, 4.0), # rows of each round's sample grid (columns = classes)
@@ -74,6 +76,17 @@ def validate(c) -> None:
     n = v.get(c, field)
     if n != 0 and (isinstance(n, bool) or not isinstance(n, int) or n <= c.distill.end_steps or n & (n - 1)):
       v.fail(field, n, f"0 (= distill.start_steps) or a power of two above distill.end_steps={c.distill.end_steps}")
+  rounds = c.distill.final_rounds
+  if not isinstance(rounds, (tuple, list)) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 or n & (n - 1)
+                                                  for n in rounds):
+    v.fail("distill.final_rounds", rounds, "must be a tuple of student step counts (powers of two) whose rounds get "
+           "distill.final_round_steps")
+  w = c.distill.round_warmup
+  if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+    v.fail("distill.round_warmup", w, "must be an integer >= 0")
+  for f in ("round_steps", "final_round_steps"):
+    if w and c.distill[f] <= w:
+      v.fail(f"distill.{f}", c.distill[f], f"must exceed distill.round_warmup={w} (the warm-up is part of a round)")
   v.guidance_values("distill.grid_w", tuple(c.distill.grid_w))
   v.guidance_values("baselines.single_w", tuple(c.baselines.single_w))
 

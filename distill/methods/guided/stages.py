@@ -70,13 +70,13 @@ def run_rounds(ctx: Context, name: str, kind: str, teacher_p, student_m, w_min, 
   student_x = x_fn_of(ctx, student_m)
   loss_fn = ROUND_LOSSES[kind](student_x, student_x, **kw)  # rounds reuse one compiled step
   for k, n in enumerate(progressive.round_plan(start_steps, d.end_steps), start=1):
-    num_updates = d.final_round_steps if n <= 2 else d.round_steps
+    num_updates = round_updates(d, n)
     if kind == "stochastic" and n == 1:
       # Alg. 3 at N = 1 has only i = 1, whose target is the teacher's own x̂(z_1): the student starts at the
       # optimum (loss 0, gradient 0 but for float rounding), and Adam's normalised updates would turn that
       # rounding noise, which depends on the device layout, into lr-sized steps. The student is its teacher.
       num_updates = 0
-    optimizer, schedule = optimizers.annealed_adam(d.lr, num_updates, d.grad_clip)
+    optimizer, schedule = optimizers.annealed_adam(d.lr, num_updates, d.grad_clip, d.round_warmup)
     round_name = f"{name}/N{n:04d}"
     meta = round_meta(d, kind, k, n, w_min, w_max, bool(student_m.w_embedding), method, parent,
                       teacher_fingerprint)
@@ -88,6 +88,12 @@ def run_rounds(ctx: Context, name: str, kind: str, teacher_p, student_m, w_min, 
     teacher_p, parent = params, round_name
     teacher_fingerprint = train.fingerprint(teacher_p)
   return teacher_p
+
+
+def round_updates(d, n: int) -> int:
+  """Updates of the halving round to an n-step student (d: config.distill): final_round_steps for n in
+  final_rounds, else round_steps (the warm-up, round_warmup, is part of them)."""
+  return d.final_round_steps if n in tuple(d.final_rounds) else d.round_steps
 
 
 def stage_one_meta(d, w_min: float, w_max: float, w_conditioned: bool, method: str) -> contract.StageMeta:
