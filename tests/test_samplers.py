@@ -238,3 +238,21 @@ def test_stochastic_rows_do_not_depend_on_the_batch_they_are_sampled_in():
   # ... and a z given twice in one batch is sampled alike wherever it sits.
   twice = np.asarray(sample(jnp.concatenate([z[:2], z[:2]]), jnp.zeros(4, jnp.int32), jnp.zeros(4)))
   np.testing.assert_allclose(twice[:2], twice[2:], atol=1e-6)
+
+
+def test_chunks_sampled_from_threads_equal_the_serial_result_in_order(monkeypatch):
+  """On one CPU device `sample_in_chunks` runs chunks from several threads: the rows come back in their order
+  and bit-identical to one thread's (each chunk is the same computation whichever thread runs it)."""
+  from distill import context
+  if jax.device_count() > 1:
+    pytest.skip("several devices shard each chunk instead")
+  z = jax.random.normal(jax.random.PRNGKey(5), (70, 2, 2, 1))
+  labels, w = jnp.arange(70) % 3, jnp.linspace(0.0, 2.0, 70)
+  sample = jax.jit(lambda z, labels, w: samplers.ddim_sample(
+      samplers.guided_denoiser(GMM.model_fn, labels, w, GMM.num_classes), z, LOGSNR, 4).x)
+  monkeypatch.setattr(context, "cpu_workers", lambda: 1)
+  serial = context.sample_in_chunks(sample, z, labels, w, 16)
+  monkeypatch.setattr(context, "cpu_workers", lambda: 3)
+  threaded = context.sample_in_chunks(sample, z, labels, w, 16)
+  np.testing.assert_array_equal(threaded, serial)
+  np.testing.assert_allclose(serial[37:38], sample(z[37:38], labels[37:38], w[37:38]), atol=1e-5)
