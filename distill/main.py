@@ -121,7 +121,11 @@ def default_workdir(config_arg: str) -> str:
 RESULT_NEUTRAL_FIELDS = ("data.num_workers", "data.prefetch", "train.async_checkpoints", "train.keep_checkpoints")
 
 
-def _first_difference(a, b, prefix=""):
+def _first_difference(a, b, prefix="", defaults=None):
+  """The first field where the saved config `a` and the current one `b` differ, as "field: saved …, now …", or
+  None. A field the saved config lacks (written before the field existed) whose current value is its default
+  (`defaults`, the framework's base config) is no difference: a new field's default keeps the old behaviour."""
+  defaults = {} if defaults is None else defaults
   for k in sorted(set(a) | set(b)):
     if f"{prefix}{k}" in RESULT_NEUTRAL_FIELDS:
       continue
@@ -129,9 +133,11 @@ def _first_difference(a, b, prefix=""):
     if isinstance(x, dict) or isinstance(y, dict):  # a section one side lacks: compared field by field
       x, y = ({} if x is None else x), ({} if y is None else y)
     if isinstance(x, dict) and isinstance(y, dict):
-      d = _first_difference(x, y, f"{prefix}{k}.")
+      d = _first_difference(x, y, f"{prefix}{k}.", defaults.get(k) if isinstance(defaults.get(k), dict) else {})
       if d:
         return d
+    elif k not in a and k in defaults and y == defaults[k]:
+      continue
     elif a.get(k) != b.get(k):
       return f"{prefix}{k}: saved {a.get(k)!r}, now {b.get(k)!r}"
   return None
@@ -620,7 +626,8 @@ def _main(argv):
       saved = writers.read_json(config_path)
     except ValueError as e:
       fail(f"{config_path}: unreadable ({_one_line(e)}); delete it to run this config in {workdir}")
-    diff = _first_difference(saved, resolved)
+    from distill import configuration
+    diff = _first_difference(saved, resolved, defaults=json.loads(configuration.base_config().to_json_best_effort()))
     if diff:
       fail(f"{workdir} holds a run with another config ({diff}); use another --workdir or --allow_config_change")
   if main_process:

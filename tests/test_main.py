@@ -159,3 +159,17 @@ def test_a_rerun_may_change_how_data_is_read_and_checkpoints_written():
   assert main_lib._first_difference(saved, now) is None
   now["data"]["image_size"] = 16
   assert main_lib._first_difference(saved, now) == "data.image_size: saved 32, now 16"
+
+
+def test_a_field_added_after_a_run_is_no_change_at_its_default():
+  """A workdir's config.json written before eval.seeds existed resumes when the field is at its default (the
+  behaviour the run had), and is refused when it is not."""
+  from distill import configuration
+  from distill import main as main_lib
+  defaults = json.loads(configuration.base_config().to_json_best_effort())
+  saved = {"seed": 0, "eval": {"per_class": 200}}
+  now = {"seed": 0, "eval": {"per_class": 200, "seeds": 1}}
+  assert main_lib._first_difference(saved, now, defaults=defaults) is None
+  now["eval"]["seeds"] = 3
+  assert main_lib._first_difference(saved, now, defaults=defaults) == "eval.seeds: saved None, now 3"
+  assert main_lib._first_difference(saved, {"seed": 0, "eval": {"per_class": 200, "seeds": 1}}) is not None
