@@ -20,6 +20,7 @@ setup(
         "ml_collections>=1.1,<1.2",
         "numpy>=2.0,<3",
         "scikit-learn>=1.5,<2",
+        "scipy>=1.13,<2",                 # Student-t quantiles of eval.seeds intervals (distill.evaluation.protocol)
         "pillow>=10,<14",
         "tensorboard>=2.18,<3",
         "absl-py>=2.1,<3",

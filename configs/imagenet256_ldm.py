@@ -6,13 +6,9 @@ guided-distillation paper's latent class-conditional run (Meng et al. 2023, §4.
   python -m distill.main --config=configs/imagenet256_ldm.py --mode=plan --config.autoencoder.weights=PATH
   python -m distill.main --config=configs/imagenet256_ldm.py:quick --workdir=runs/imagenet256_quick  # path check
 
-NOT RUNNABLE YET: the data layer has no ImageNet at 256×256. `distill/data.py` reads TFDS 'imagenet_resized/64x64'
-only ('imagenet64'), and its TFDS source stacks records of one shape and resizes by stretching; ImageNet's JPEGs
-come in every size and LDM's loader center-crops to the short side before resizing. This config names
-data.name='imagenet2012' (TFDS 'imagenet2012', 'validation' served as 'test', 1,000 classes), which validation
-refuses today in one line (config.data.name). What the data layer needs: that name in its TFDS table and
-configuration.DATA_NAMES, and a per-record center crop to the short side, then an antialiased resize to
-data.image_size, before records are stacked. Everything else in this file validates (tests/test_imagenet256_config).
+Data: TFDS 'imagenet2012' (data.name='imagenet2012'; 'validation' served as 'test', 1,000 classes), prepared
+once in array_record format from the two ImageNet tarballs (the one-line error of a missing dataset says how);
+each image is center-cropped and resized to 256×256 as ADM prepares ImageNet (`data.center_crop_resize`).
 
 What runs, in order (config.pipeline):
   autoencoder   loads the autoencoder from --config.autoencoder.weights (required: no default; docs/weights.md) —

@@ -13,7 +13,7 @@ from distill import diffusion, registry
 from distill.validation import ConfigError, choice as _choice, fail as _fail, number as _number  # noqa: F401
 from distill.validation import check_unet_size, guidance_values, positive_int as _positive_int
 
-DATA_NAMES = ("digits", "cifar10", "imagenet64", "npz", "mixture", "fashion_mnist")
+DATA_NAMES = ("digits", "cifar10", "imagenet64", "imagenet2012", "npz", "mixture", "fashion_mnist")
 SCHEDULES = ("cosine", "linear_beta", "scaled_linear_beta")
 
 

@@ -14,6 +14,8 @@ Sources:
   digits      scikit-learn's bundled 8x8 digits (offline, tiny: for smoke tests).
   cifar10     TFDS 'cifar10', read with `tfds.data_source` (array_record).
   imagenet64  TFDS 'imagenet_resized/64x64', likewise; test split = 'validation'.
+  imagenet2012  TFDS 'imagenet2012' (full-size images; test split = 'validation'), each image center-cropped
+              and resized to data.image_size as ADM prepares ImageNet 256 (`center_crop_resize`).
   fashion_mnist  Fashion-MNIST (60,000 train + 10,000 test, 28x28x1, 10 classes) from
               the four standard IDX files (`*-ubyte.gz`) in data.data_dir (default: the
               Debian package dataset-fashion-mnist's /usr/share/datasets/fashion-mnist),
@@ -46,7 +48,7 @@ import weakref
 
 import numpy as np
 
-NAMES = ("digits", "cifar10", "imagenet64", "npz", "mixture", "fashion_mnist")
+NAMES = ("digits", "cifar10", "imagenet64", "imagenet2012", "npz", "mixture", "fashion_mnist")
 SPLITS = ("train", "test")
 
 # Digits: a fixed permutation of the 1797 examples; its last 297 (~1/6) are 'test'.
@@ -61,6 +63,7 @@ NPZ_TEST_FRACTION = 0.1
 _TFDS = {
     "cifar10": ("cifar10", "test", (32, 32, 3), 10),
     "imagenet64": ("imagenet_resized/64x64", "validation", (64, 64, 3), 1000),
+    "imagenet2012": ("imagenet2012", "validation", (None, None, 3), 1000),  # any size: center_crop_resize
     "fashion_mnist": ("fashion_mnist", "test", (28, 28, 1), 10),
 }
 
@@ -213,10 +216,13 @@ class TfdsSource(Source):
     records: a sequence of {'image': uint8 [h, w, C], 'label': int} as returned
       by `tfds.data_source` (picklable, so worker processes can read it).
     read_ahead: how `Batches` reads it (data.num_workers, data.prefetch).
+    center_crop: records of varying sizes (ImageNet): each is `center_crop_resize`d; else all share one shape and
+      are resized together (bilinear, stretched to square).
     """
 
   def __init__(self, records, num_classes: int, image_size: int, channels: int,
-               read_ahead: ReadAhead = ReadAhead()):
+               read_ahead: ReadAhead = ReadAhead(), center_crop: bool = False):
+    self.center_crop = center_crop
     self._records = records
     self._length = len(records)
     self._image_size = image_size
@@ -228,9 +234,30 @@ class TfdsSource(Source):
     # Item by item rather than `__getitems__`: the latter is broken under
     # `tfds.testing.mock_data` (4.9.10), and decoding dominates anyway.
     records = [self._records[int(i)] for i in np.asarray(indices)]
-    images = uint8_to_unit_range(np.stack([r["image"] for r in records]))
     labels = np.asarray([r["label"] for r in records], np.int32)
+    if self.center_crop:  # images of any size: each cropped and resized on its own before they are stacked
+      images = np.stack([center_crop_resize(r["image"], self._image_size) for r in records])
+      return {"image": uint8_to_unit_range(images), "label": labels}
+    images = uint8_to_unit_range(np.stack([r["image"] for r in records]))
     return {"image": resize_images(images, self._image_size), "label": labels}
+
+
+def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [h, w, C] → uint8 [size, size, C]: the ImageNet preprocessing of ADM (Dhariwal & Nichol 2021,
+  `center_crop_arr`), whose reference batches ImageNet FIDs are computed against and which LDM follows: halve with
+  a box filter while the short side is at least 2·size, scale the short side to `size` (bicubic), then take the
+  central size×size square."""
+  from PIL import Image
+  squeeze = image.ndim == 3 and image.shape[-1] == 1
+  pil = Image.fromarray(image[..., 0] if squeeze else image)
+  while min(pil.size) >= 2 * size:
+    pil = pil.resize(tuple(x // 2 for x in pil.size), resample=Image.BOX)
+  scale = size / min(pil.size)
+  pil = pil.resize(tuple(round(x * scale) for x in pil.size), resample=Image.BICUBIC)
+  arr = np.asarray(pil)
+  top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+  arr = arr[top:top + size, left:left + size]
+  return arr[..., None] if squeeze else arr
 
 
 # ----------------------------------------------------------------------------
@@ -308,7 +335,8 @@ def make_source(config, split: str = "train") -> Source:
   read_ahead = ReadAhead(_non_negative_int(config, "num_workers", 0), _non_negative_int(config, "prefetch", 2))
   data_dir = config.get("data_dir", "") or ""
   records = open_tfds(name, "train" if split == "train" else test_split, data_dir)
-  return TfdsSource(records, num_classes, image_size, channels, read_ahead)
+  return TfdsSource(records, num_classes, image_size, channels, read_ahead,
+                    center_crop=_TFDS[name][2][0] is None)
 
 
 def load_digits(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -535,7 +563,7 @@ def _check_npz_labels(labels: np.ndarray, key: str, n: int, path: str, num_class
 def open_tfds(name: str, tfds_split: str, data_dir: str):
   """Opens an already prepared TFDS dataset for random access (never downloads).
 
-    name: 'cifar10' | 'imagenet64'; tfds_split: a TFDS split name.
+    name: a key of _TFDS ('cifar10', 'imagenet64', 'imagenet2012', 'fashion_mnist'); tfds_split: a TFDS split name.
     Raises DataError saying how to prepare the data when it is not there.
     """
   import tensorflow_datasets as tfds  # Deferred: 0.5 s, only TFDS sources need it.
@@ -570,6 +598,12 @@ def _tfds_missing_message(name: str, data_dir: str, error: Exception) -> str:
     return (
         f"imagenet64: {tfds_name} is not prepared under {where}. TFDS cannot fetch it (image-net.org needs a login): "
         f"download {', '.join(_IMAGENET64_FILES)} from https://image-net.org/download-images "
+        f"into {os.path.join(root, 'downloads', 'manual')}/, then on a machine with TensorFlow run {build} "
+        f"(or set data.data_dir to a directory that already holds {tfds_name} in array_record format)")
+  if name == "imagenet2012":
+    return (
+        f"imagenet2012: {tfds_name} is not prepared under {where}. TFDS cannot fetch it (image-net.org needs a login): "
+        "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org/download-images "
         f"into {os.path.join(root, 'downloads', 'manual')}/, then on a machine with TensorFlow run {build} "
         f"(or set data.data_dir to a directory that already holds {tfds_name} in array_record format)")
   return (

@@ -261,6 +261,15 @@ def test_imagenet64_absent_says_what_to_do(tmp_path):
   assert list(tmp_path.iterdir()) == []  # Nothing was downloaded or created.
 
 
+def test_imagenet2012_absent_says_what_to_do(tmp_path):
+  config = data_config(name="imagenet2012", image_size=256, channels=3, num_classes=1000, data_dir=str(tmp_path))
+  with pytest.raises(data.DataError) as error:
+    data.make_source(config)
+  assert_one_line(error, "imagenet2012", "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar",
+                  f"{tmp_path}/downloads/manual", f"tfds build imagenet2012 --data_dir={tmp_path}")
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_cifar10_absent_says_what_to_do(tmp_path):
   config = data_config(name="cifar10", image_size=32, channels=3, num_classes=10, data_dir=str(tmp_path))
   with pytest.raises(data.DataError) as error:
@@ -496,3 +505,30 @@ def test_read_ahead_validation(tfds_cifar, overrides, needle):
   with pytest.raises(data.DataError) as error:
     data.make_source(cifar_config(tfds_cifar[0], **overrides))
   assert_one_line(error, needle)
+
+
+def test_center_crop_resize_keeps_the_central_square_as_adm_prepares_imagenet():
+  """ADM's center_crop_arr: a 3:1 image of three coloured thirds keeps the middle third; a constant image stays
+  constant through the box halvings and the bicubic resize; the result is [size, size, C] uint8; 1 channel too."""
+  wide = np.zeros((100, 300, 3), np.uint8)
+  wide[:, :100, 0], wide[:, 100:200, 1], wide[:, 200:, 2] = 255, 255, 255
+  out = data.center_crop_resize(wide, 32)
+  assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+  assert out[2:-2, 2:-2, 1].min() == 255 and out[2:-2, 2:-2, [0, 2]].max() == 0  # the green middle alone
+  tall = np.full((700, 260, 3), 77, np.uint8)  # halved once by the box filter (260 >= 2·64), then bicubic
+  np.testing.assert_array_equal(data.center_crop_resize(tall, 64), np.full((64, 64, 3), 77, np.uint8))
+  gray = np.arange(40 * 50, dtype=np.uint8).reshape(40, 50, 1)
+  assert data.center_crop_resize(gray, 20).shape == (20, 20, 1)
+
+
+def test_imagenet2012_records_of_any_size_are_cropped_and_resized():
+  """TFDS 'imagenet2012' offline through tfds.testing.mock_data (random records of the builder's features,
+  images of varying sizes): batches have the configured shape in [-1, 1]."""
+  import tensorflow_datasets as tfds
+  config = data_config(name="imagenet2012", image_size=16, channels=3, num_classes=1000)
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = data.make_source(config, "train")
+    batch = source.get_batch(np.arange(6))
+    assert batch["image"].shape == (6, 16, 16, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert len(data.make_source(config, "test")) == 6
