@@ -230,8 +230,8 @@ def run_stage(ctx: Context):
     per_seed = []
     for seed in seeds:
       row_id, t0 = seed_key(job, seed), time.time()
-      if row_id in cached:
-        per_seed.append(writers.read_json(os.path.join(cache_dir, row_id + ".json")))
+      if row_id in cached:  # (clipped: entries written before intervals were clipped to a metric's range)
+        per_seed.append(protocol.clip_intervals(writers.read_json(os.path.join(cache_dir, row_id + ".json"))))
         continue
       if seed not in noise:
         noise[seed] = jax.random.normal(jax.random.PRNGKey(seed + 2000), (len(labels),) + ctx.image_shape)

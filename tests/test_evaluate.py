@@ -295,7 +295,10 @@ def test_combine_seeds_is_the_mean_and_its_t_interval():
   out = protocol.combine_seeds(per_seed)
   s = np.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
   assert out["fid"] == pytest.approx(7 / 3)
-  np.testing.assert_allclose(out["fid_ci"], [7 / 3 - 4.302653 * s / np.sqrt(3), 7 / 3 + 4.302653 * s / np.sqrt(3)],
+  half = 4.302653 * s / np.sqrt(3)
+  assert 7 / 3 - half < 0  # the t-interval reaches below 0 and is clipped to FID's range
+  np.testing.assert_allclose(out["fid_ci"], [0.0, 7 / 3 + half], rtol=1e-6)
+  np.testing.assert_allclose(out["is_ci"], [2.5 - 4.302653 * 0.5 / np.sqrt(3), 2.5 + 4.302653 * 0.5 / np.sqrt(3)],
                              rtol=1e-6)
   assert out["fid_seeds"] == [1.0, 2.0, 4.0] and out["is"] == pytest.approx(2.5)
   np.testing.assert_allclose(out["recall_ci"], [0.4, 0.4], atol=1e-12)  # no spread, no width

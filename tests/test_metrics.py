@@ -237,3 +237,16 @@ def test_indicators_with_the_reference_radii_given_equal_those_computing_them():
       np.testing.assert_array_equal(a, b)
     wrong = fn(real, fake, k=k, real_radii=np.zeros(len(real)))  # the radii are used, not recomputed
     assert not all(np.array_equal(a, b) for a, b in zip(plain, wrong, strict=True))
+
+
+def test_intervals_are_clipped_to_each_metrics_range():
+  """An FID near 0 with a wide bootstrap spread would reach below 0, a precision near 1 above 1: the reported
+  intervals stop at the range's ends; values inside it, and keys without a range, are left alone."""
+  from distill.evaluation import protocol
+  scores = {"fid": 0.05, "fid_ci": [-0.04, 0.14], "precision": 0.99, "precision_ci": [0.97, 1.01],
+            "recall": 0.5, "recall_ci": [0.4, 0.6], "is": 1.02, "is_ci": [0.98, 1.06], "other_ci": [-1.0, 1.0],
+            "density": None, "density_ci": [float("nan"), float("nan")]}
+  out = protocol.clip_intervals(scores)
+  assert out["fid_ci"] == [0.0, 0.14] and out["precision_ci"] == [0.97, 1.0] and out["is_ci"] == [1.0, 1.06]
+  assert out["recall_ci"] == [0.4, 0.6] and out["other_ci"] == [-1.0, 1.0] and np.isnan(out["density_ci"][0])
+  assert scores["fid_ci"] == [-0.04, 0.14]  # the input is not changed

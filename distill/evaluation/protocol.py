@@ -150,7 +150,8 @@ def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k:
           bootstrap: int = 0, seed: int = 0) -> dict:
   """FID, IS (mean and std over splits), precision and recall (k = pr_k), density and coverage (k = dc_k) of
   `images` [N, H, W, C] in [−1, 1]; with bootstrap = B > 0 a 95 % interval of each (`<key>_ci`): the estimate ±
-  1.96 standard deviations of B resamplings of the samples (`bootstrap_replicates`)."""
+  1.96 standard deviations of B resamplings of the samples (`bootstrap_replicates`), clipped to the metric's
+  range (`clip_intervals`)."""
   feats, logits = net.outputs(images)
   mu, sigma = fid.gaussian_stats(feats)
   # IS splits are contiguous chunks; samples come class by class, so split a fixed random permutation (a
@@ -169,6 +170,22 @@ def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k:
     reps = bootstrap_replicates(feats, logits[order], ref, fake_in, real_in, dc, dc_k=dc_k,
                                 is_splits=min(is_splits, len(images)), num=bootstrap, seed=seed)
     out.update({f"{k}_ci": metrics.normal_interval(out[k], v) for k, v in reps.items()})
+  return clip_intervals(out)
+
+
+# Where each metric can lie: an interval is clipped to it (an estimate ± 1.96 SD near 0 would reach below an
+# FID's 0). IS lies in [1, classes]; its upper end is left open here.
+METRIC_RANGES = {"fid": (0.0, None), "is": (1.0, None), "precision": (0.0, 1.0), "recall": (0.0, 1.0),
+                 "density": (0.0, None), "coverage": (0.0, 1.0), "class_agreement": (0.0, 1.0)}
+
+
+def clip_intervals(scores: dict) -> dict:
+  """scores with every `<metric>_ci` clipped to the metric's range (METRIC_RANGES); other keys as they are."""
+  out = dict(scores)
+  for k, (lo, hi) in METRIC_RANGES.items():
+    ci = out.get(f"{k}_ci")
+    if ci and all(v is not None and np.isfinite(v) for v in ci):
+      out[f"{k}_ci"] = [max(ci[0], lo) if lo is not None else ci[0], min(ci[1], hi) if hi is not None else ci[1]]
   return out
 
 
@@ -194,7 +211,7 @@ def combine_seeds(per_seed: list[dict]) -> dict:
     mean, half = float(v.mean()), t * float(v.std(ddof=1)) / np.sqrt(len(v))
     out.update({k: mean, f"{k}_seeds": [float(x) for x in v], f"{k}_ci": [mean - half, mean + half]})
   out.update(seeds=len(per_seed), interval="seeds")
-  return out
+  return clip_intervals(out)
 
 
 def bootstrap_replicates(feats, logits, ref: Reference, fake_in, real_in, dc, *, dc_k: int, is_splits: int,
