@@ -233,6 +233,9 @@ def run_stage(ctx: Context):
       if row_id in cached:  # (clipped: entries written before intervals were clipped to a metric's range)
         per_seed.append(protocol.clip_intervals(writers.read_json(os.path.join(cache_dir, row_id + ".json"))))
         continue
+      if reason := train.agreed_stop():  # every process asks at the same rows (the cache is the workdir's)
+        raise train.Stopped(f"evaluate stopped by {reason} before row {done} of {len(jobs)}; the {done - 1} scored "
+                            f"rows are cached in {cache_dir}", "evaluate", done - 1, len(jobs), None)
       if seed not in noise:
         noise[seed] = jax.random.normal(jax.random.PRNGKey(seed + 2000), (len(labels),) + ctx.image_shape)
       x = sample_images(ctx, fn, noise[seed], labels, jnp.full((len(labels),), w, jnp.float32))

@@ -341,3 +341,38 @@ def test_eval_seeds_score_each_seed_once_and_report_their_mean(tmp_path, monkeyp
   noises.clear()
   evaluate.run_stage(ctx)
   assert len(noises) == 2  # the third seed only
+
+
+def test_a_stop_request_ends_evaluate_between_rows_and_the_rerun_scores_only_the_rest(tmp_path, monkeypatch):
+  """SIGTERM during the evaluate stage (recorded by the stop handler) ends it before the next row to sample
+  with `train.Stopped` (main prints how to resume, exit 0); the rows scored so far are cached and the rerun
+  samples only the others."""
+  import signal
+  from distill import context, models, train
+  from distill.methods.teacher import stage_meta
+  ctx = _tiny_ctx(tmp_path / "wd")
+  c = ctx.config
+  c.data.num_examples = 64
+  c.eval.per_class, c.eval.w_values, c.eval.classifier_steps, c.eval.class_agreement = 3, (0.0, 1.0), 20, False
+  c.sample.num_steps, c.sample.batch_size = 2, 32
+  teacher = models.init_params(context.teacher_model(ctx), ctx.image_shape, 0)
+  train._save_final(str(tmp_path / "wd" / "teacher"), teacher, dict(stage_meta(c).to_dict(), num_steps=1))
+  calls = []
+  real = evaluate.sample_images
+
+  def sample_then_stop(ctx, fn, *a):
+    calls.append(1)
+    train._STOP["signal"] = signal.SIGTERM  # as the handler records a SIGTERM arriving during this row
+    return real(ctx, fn, *a)
+
+  monkeypatch.setattr(evaluate, "sample_images", sample_then_stop)
+  try:
+    with pytest.raises(train.Stopped, match="SIGTERM before row 2 of 4; the 1 scored rows are cached"):
+      evaluate.run_stage(ctx)
+  finally:
+    train.clear_stop_request()
+  assert len(calls) == 1 and len(list((tmp_path / "wd" / "eval_cache").glob("*.json"))) == 1
+  assert not (tmp_path / "wd" / "results.json").exists()
+  monkeypatch.setattr(evaluate, "sample_images", lambda ctx, fn, *a: calls.append(1) or real(ctx, fn, *a))
+  evaluate.run_stage(ctx)
+  assert len(calls) == 4 and len(json.loads((tmp_path / "wd" / "results.json").read_text())["rows"]) == 4
