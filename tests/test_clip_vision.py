@@ -175,3 +175,22 @@ def test_config_of_a_vision_model_with_projection_and_defaults():
   assert (m.image_size, m.hidden_size, m.projection_dim, m.act, m.eps) == (224, 1024, 768, "quick_gelu", 1e-5)
   _one_line(lambda: clip_vision.from_config({"hidden_act": "relu6"}), r"hidden_act 'relu6'")
   _one_line(lambda: clip_vision.from_config({"hidden_size": 30}), r"not divisible by num_attention_heads")
+
+
+@pytest.mark.parametrize("vision, projection_dim, params", [
+    (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14),
+     768, 303_966_208),  # OpenAI's ViT-L/14
+    (dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=40, num_attention_heads=16, patch_size=14,
+          hidden_act="gelu"), 1024, 1_012_645_632)])  # LAION's ViT-g/14, the paper's evaluation model
+def test_full_size_configs_have_flax_clip_models_tree(vision, projection_dim, params):
+  transformers = pytest.importorskip("transformers", reason="transformers is the optional reference")
+  import jax
+  from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule
+  config = transformers.CLIPConfig(vision_config=vision, projection_dim=projection_dim)
+  ids = jnp.zeros((1, 77), jnp.int32)
+  tree = jax.eval_shape(FlaxCLIPModule(config).init, jax.random.PRNGKey(0), ids, jnp.zeros((1, 224, 224, 3)),
+                        jnp.ones_like(ids), jnp.arange(77)[None])["params"]
+  want = traverse_util.flatten_dict({k: tree[k] for k in ("vision_model", "visual_projection")})
+  got = clip_vision.param_shapes(clip_vision.from_config(config.to_dict()))
+  assert got == {k: tuple(v.shape) for k, v in want.items()}
+  assert sum(int(np.prod(s)) for s in got.values()) == params
