@@ -27,10 +27,14 @@ setup(
         "matplotlib>=3.8,<4",
         "ml_dtypes>=0.5",
         "etils[epath]>=1.7",
+        "tokenizers>=0.22,<0.24",         # CLIP's tokenizer from the user's files (distill.models.clip_tokenizer)
     ],
     # gcs: gs:// workdirs (etils.epath reaches GCS through gcsfs; Orbax checkpoints use tensorstore's own driver).
     # cuda12 / tpu: jax with its accelerator plugins (both resolve for jax 0.10.2).
+    # reference: the implementations tests check our SD networks against, never imported by distill/: diffusers
+    # 0.39 (its last release with Flax models) and transformers 4.57 (its last with Flax CLIP); neither needs torch.
     extras_require={"test": ["pytest>=8,<10", "scipy>=1.13,<2"], "gcs": ["gcsfs>=2024.2"],
-                    "cuda12": ["jax[cuda12]>=0.10,<0.11"], "tpu": ["jax[tpu]>=0.10,<0.11"]},
+                    "cuda12": ["jax[cuda12]>=0.10,<0.11"], "tpu": ["jax[tpu]>=0.10,<0.11"],
+                    "reference": ["diffusers==0.39.0", "transformers>=4.57,<4.58", "safetensors>=0.4"]},
     license="Apache-2.0",
 )

@@ -37,6 +37,8 @@ SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 # A diffusers model folder's weight file, in the order diffusers itself prefers them.
 DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                    "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+# A transformers model folder's (a pipeline's text_encoder/), likewise.
+TRANSFORMERS_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
 
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 80
@@ -179,26 +181,34 @@ def write_safetensors(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
   writers.atomic_write_bytes(str(path), safetensors_bytes(arrays, metadata))
 
 
-def diffusers_weight_file(folder: str | os.PathLike) -> str:
-  """The weight file of a diffusers model folder (`DIFFUSERS_FILES`, the first present), or of its `vae/`
-  subfolder when `folder` is a whole pipeline's. ValueError (one line) when there is none."""
+def diffusers_weight_file(folder: str | os.PathLike, subfolder: str = "vae") -> str:
+  """The weight file of a diffusers or transformers model folder (`DIFFUSERS_FILES`, then `TRANSFORMERS_FILES`,
+  the first present), or of its `subfolder` (vae, unet, text_encoder) when `folder` is a whole pipeline's.
+  ValueError (one line) when there is none (sharded weights, *.safetensors.index.json, are not read)."""
   root = epath.Path(folder)
-  for base in (root, root / "vae"):
-    for name in DIFFUSERS_FILES:
+  for base in (root, root / subfolder):
+    for name in DIFFUSERS_FILES + TRANSFORMERS_FILES:
       if (base / name).is_file():
         return str(base / name)
+  for base in (root, root / subfolder):
+    for name in (DIFFUSERS_FILES[0], TRANSFORMERS_FILES[0]):
+      if (base / f"{name}.index.json").is_file():
+        raise ValueError(f"{base}: sharded weights ({name}.index.json) are not read; join the shards into one "
+                         f"{name}")
   raise ValueError(f"{folder}: a folder without a diffusers weight file ({DIFFUSERS_FILES[0]} or "
-                   f"{DIFFUSERS_FILES[2]}, in it or in its vae/)")
+                   f"{DIFFUSERS_FILES[2]}, in it or in its {subfolder}/)")
 
 
-def read_state_dict(path: str | os.PathLike, select: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
+def read_state_dict(path: str | os.PathLike, select: Callable[[str], bool] | None = None,
+                    subfolder: str = "vae") -> dict[str, np.ndarray]:
   """A weight file -> {name: array}: `.safetensors` here, `.ckpt` / `.pth` / `.pt` / `.bin` through the pickle-free
   torch reader (a Lightning `.ckpt`'s 'state_dict' entry), a diffusers model folder through its weight file
-  (`diffusers_weight_file`). select(name): keep only those tensors (a safetensors file reads no others).
-  OSError when a file cannot be read; ValueError (one line naming the file) when it is not a weight file."""
+  (`diffusers_weight_file`, a pipeline folder's `subfolder`). select(name): keep only those tensors (a
+  safetensors file reads no others). OSError when a file cannot be read; ValueError (one line naming the file)
+  when it is not a weight file."""
   p = str(path)
   if epath.Path(p).is_dir():
-    p = diffusers_weight_file(p)
+    p = diffusers_weight_file(p, subfolder)
   if p.endswith(".safetensors"):
     return read_safetensors(p, select)
   if not p.endswith(TORCH_SUFFIXES):

@@ -311,3 +311,19 @@ def test_diffusers_folders(tmp_path):
   weights.write_safetensors(pipeline / "vae" / "diffusion_pytorch_model.safetensors", {"x": np.ones(2, np.float32)})
   for folder in (pipeline, pipeline / "vae"):  # a pipeline's root or its vae/; the fp32 file first
     assert weights.read_state_dict(folder)["x"].dtype == np.float32
+
+
+def test_a_pipelines_unet_and_text_encoder_folders(tmp_path):
+  pipeline = tmp_path / "sd"
+  for sub, name in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+    (pipeline / sub).mkdir(parents=True)
+    weights.write_safetensors(pipeline / sub / name, {sub: np.ones(2, np.float32)})
+  assert list(weights.read_state_dict(pipeline, subfolder="unet")) == ["unet"]
+  assert list(weights.read_state_dict(pipeline, subfolder="text_encoder")) == ["text_encoder"]
+  assert list(weights.read_state_dict(pipeline / "text_encoder")) == ["text_encoder"]
+  (pipeline / "big").mkdir()
+  (pipeline / "big" / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
+  with pytest.raises(ValueError, match=r"sharded weights \(diffusion_pytorch_model.safetensors.index.json\) are "
+                                       "not read") as error:
+    weights.read_state_dict(pipeline, subfolder="big")
+  assert "\n" not in str(error.value)

@@ -53,11 +53,12 @@ _LEVEL_CONV = {"ldm": "encoder.down.{i}.block.{j}.conv1.weight",
 
 
 class ArchitectureMismatch(ValueError):
-  """The file's autoencoder is another architecture than the model's: `field` (of ARCHITECTURE_FIELDS), the
-  file's value `found` and the model's `expected`."""
+  """The file's network (`what`: autoencoder, U-Net, text encoder) is another architecture than the model's:
+  `field` (of ARCHITECTURE_FIELDS, or the U-Net's and text encoder's own), the file's value `found` and the
+  model's `expected`."""
 
-  def __init__(self, field: str, found, expected):
-    super().__init__(f"the file's autoencoder has {field}={found} where the model has {expected}")
+  def __init__(self, field: str, found, expected, what: str = "autoencoder"):
+    super().__init__(f"the file's {what} has {field}={found} where the model has {expected}")
     self.field, self.found, self.expected = field, found, expected
 
 
@@ -159,7 +160,7 @@ def model_architecture(model: AutoencoderKL) -> dict:
           "latent_channels": model.latent_channels}
 
 
-def _to_flax(value: np.ndarray, shape: tuple[int, ...], key: str) -> np.ndarray:
+def torch_to_flax(value: np.ndarray, shape: tuple[int, ...], key: str) -> np.ndarray:
   """A torch tensor -> our leaf of `shape`: conv [O, I, kh, kw] -> [kh, kw, I, O]; linear [out, in] or 1×1 conv
   [out, in, 1, 1] -> Dense [in, out]; vectors unchanged. float32."""
   value = np.asarray(value)
@@ -203,7 +204,7 @@ def autoencoder_params(state: Mapping[str, np.ndarray], model: AutoencoderKL) ->
     key = torch_key(path, layout, levels)
     if key not in state:
       raise ValueError(f"missing key {prefix + key!r} (layout {layout!r})")
-    flat[path] = _to_flax(state[key], shape, prefix + key)
+    flat[path] = torch_to_flax(state[key], shape, prefix + key)
     used.add(key)
   ignored = [k for k in state if k not in used and layout == "ldm" and k.startswith(IGNORED)]
   unknown = [k for k in state if k not in used and k not in ignored]
