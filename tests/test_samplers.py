@@ -242,7 +242,7 @@ def test_stochastic_rows_do_not_depend_on_the_batch_they_are_sampled_in():
 
 def test_chunks_sampled_from_threads_equal_the_serial_result_in_order(monkeypatch):
   """On one CPU device `sample_in_chunks` runs chunks from several threads: the rows come back in their order
-  and bit-identical to one thread's (each chunk is the same computation whichever thread runs it)."""
+  and equal to one thread's (each chunk is the same computation whichever thread runs it)."""
   from distill import context
   if jax.device_count() > 1:
     pytest.skip("several devices shard each chunk instead")
@@ -254,5 +254,6 @@ def test_chunks_sampled_from_threads_equal_the_serial_result_in_order(monkeypatc
   serial = context.sample_in_chunks(sample, z, labels, w, 16)
   monkeypatch.setattr(context, "cpu_workers", lambda: 3)
   threaded = context.sample_in_chunks(sample, z, labels, w, 16)
-  np.testing.assert_array_equal(threaded, serial)
+  # Equal to rounding (one executable, the same inputs; rows out of order would differ by O(1)).
+  np.testing.assert_allclose(threaded, serial, rtol=0, atol=1e-6)
   np.testing.assert_allclose(serial[37:38], sample(z[37:38], labels[37:38], w[37:38]), atol=1e-5)
