@@ -69,7 +69,15 @@ def get_config(arg: str | None = None):
   # With a finished digits run's teacher (and its stage one and rounds copied into the workdir for the report):
   #   python -m distill.main --config=configs/digits.py:dsd --workdir=runs/digits_dsd \
   #     --config.distill.teacher_dir=runs/digits/teacher --config.pipeline="('dsd','tsd','training_dsd','evaluate')"
+  # Inpainting (SD Inpainting's input layout, §4.2.4): the teacher extended and fine-tuned, then distilled:
+  #   python -m distill.main --config=configs/digits.py:inpaint --workdir=runs/digits_inpaint
+  #   python -m distill.main --mode=inpaint --checkpoint=runs/digits_inpaint/distill_deterministic/N0004 --w=0,1
   guided = ("teacher", "stage_one", "distill_deterministic")
   pipelines = {"dsd": guided + ("dsd", "tsd", "training_dsd", "evaluate"),
-               "sfd": guided + ("sfd", "sfd_v", "sfd_one_nfe", "evaluate")}
-  return apply_variants(config, arg, pipelines, source="configs/digits.py")
+               "sfd": guided + ("sfd", "sfd_v", "sfd_one_nfe", "evaluate"),
+               "inpaint": ("teacher", "teacher_inpaint", "stage_one", "distill_deterministic", "evaluate")}
+  config.teacher.inpaint_steps = 1000
+  config = apply_variants(config, arg, pipelines, source="configs/digits.py")
+  if "inpaint" in (arg or "").split(","):
+    config.inpaint.enabled = True
+  return config

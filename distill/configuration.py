@@ -45,6 +45,17 @@ def base_config() -> ml_collections.ConfigDict:
       autoencoder_dir="",               # its finished stage: '' = WORKDIR/autoencoder
   ))
 
+  # Inpainting (distill/conditions.py): the 'teacher_inpaint' stage extends the finished teacher to SD
+  # Inpainting's input layout (mask + masked image channels, zero-initialised) and every later stage trains on
+  # (label, mask, masked image) conditions of the training data.
+  c.inpaint = ml_collections.ConfigDict(dict(
+      enabled=False,
+      min_frac=0.25, max_frac=0.75,     # training boxes: sides uniform in this fraction of the image's
+      p_full=0.25,                      # training masks that cover the whole image (plain generation)
+      eval_box=(0.25, 0.0, 1.0, 1.0),   # grids, class agreement and evaluate: the region generated in test images
+                                        # (top, left, bottom, right as fractions)
+  ))
+
   for name, section in registry.default_sections().items():
     c[name] = section
 
@@ -124,6 +135,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("latent.enabled", c.latent.enabled, "must be True or False")
   if not isinstance(c.latent.autoencoder_dir, str):
     _fail("latent.autoencoder_dir", c.latent.autoencoder_dir, "must be a path ('' = WORKDIR/autoencoder)")
+  if not isinstance(c.inpaint.enabled, bool):
+    _fail("inpaint.enabled", c.inpaint.enabled, "must be True or False")
+  _number(c, "inpaint.min_frac", 0.0, 1.0, lo_open=True)
+  _number(c, "inpaint.max_frac", c.inpaint.min_frac, 1.0)
+  _number(c, "inpaint.p_full", 0.0, 1.0)
+  box = c.inpaint.eval_box
+  if (not isinstance(box, (tuple, list)) or len(box) != 4
+      or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in box)
+      or not (box[0] < box[2] and box[1] < box[3])):
+    _fail("inpaint.eval_box", box, "must be (top, left, bottom, right), fractions in [0, 1] with top < bottom and "
+          "left < right")
   if c.latent.enabled and c.sample.clip:
     _fail("sample.clip", c.sample.clip, "must be False in a latent run (latents are not images in [-1, 1])")
 
@@ -181,8 +203,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 def all_stages() -> tuple[str, ...]:
-  """Every registered stage, in the order one pipeline of all of them runs (`evaluate` last)."""
-  return registry.stage_names()
+  """Every registered stage but the opt-in ones ('teacher_inpaint'), in the order one pipeline of all of them runs
+  (`evaluate` last)."""
+  return registry.default_stage_names()
 
 
 def apply_variants(config: ml_collections.ConfigDict, arg: str | None, pipelines: dict | None = None, *,

@@ -12,7 +12,7 @@ import numpy as np
 
 from distill import data as data_lib
 from distill import latent as latent_lib
-from distill import contract, models, parallel, samplers, schedules, train, writers
+from distill import conditions, contract, models, parallel, samplers, schedules, train, writers
 from distill.evaluation import classifier as classifier_lib
 from distill.evaluation import protocol
 
@@ -42,6 +42,46 @@ class Context:
   @property
   def is_latent(self) -> bool:
     return bool(self.config.get("latent") and self.config.latent.enabled)
+
+  @property
+  def inpaint(self) -> bool:
+    """An inpainting run (config.inpaint.enabled): every model after the plain teacher takes SD Inpainting's
+    (label, mask, masked image) condition (`distill.conditions`)."""
+    return bool(self.config.get("inpaint") and self.config.inpaint.enabled)
+
+  def train_batches(self, batch_size: int, *, plain: bool = False):
+    """`batch_fn` of the training data (`train_source`): in an inpainting run (unless `plain`) each batch's
+    'label' is the inpainting condition of its images with random training masks (config.inpaint), drawn from
+    (seed, step) alone so that a resumed run sees the same batches."""
+    fn = batch_fn(self.train_source, batch_size, self.config.seed)
+    if plain or not self.inpaint:
+      return fn
+    p, seed, proc = self.config.inpaint, self.config.seed, jax.process_index()
+
+    def with_masks(step):
+      batch = fn(step)
+      x = np.asarray(batch["image"])
+      masks = conditions.random_masks(np.random.default_rng([seed, 4099, step, proc]), len(x), x.shape[1], x.shape[2],
+                                      min_frac=p.min_frac, max_frac=p.max_frac, p_full=p.p_full)
+      return {**batch, "label": conditions.inpaint(x, np.asarray(batch["label"], np.int32), masks)}
+    return with_masks
+
+  def sample_condition(self, labels):
+    """The condition grids, class agreement and evaluation sample at, for labels [N]: the labels themselves, or in
+    an inpainting run the inpainting condition of the first N test images (cycled) with inpaint.eval_box
+    generated and `labels` requested. A condition already built (a dict) is returned as it is."""
+    if not self.inpaint or isinstance(labels, dict):
+      return labels
+    n = len(labels)
+    if self.is_latent:
+      x, _ = self.latent.latents("test")
+    else:
+      test = self.pixel_source("test")
+      x = test.get_batch(np.arange(min(n, len(test))))["image"]
+    x = np.asarray(x)[np.arange(n) % min(n, len(x))].astype(np.float32)
+    mask = np.broadcast_to(conditions.box_mask(x.shape[1], x.shape[2], self.config.inpaint.eval_box),
+                           x.shape[:3] + (1,))
+    return jax.tree.map(jnp.asarray, conditions.inpaint(x, np.asarray(labels, np.int32), mask))
 
   @property
   def latent(self) -> latent_lib.LatentSpace | None:
@@ -100,9 +140,10 @@ def autoencoder_dir(ctx: Context) -> str:
 
 
 def sample_images(ctx: Context, fn, z, labels, w) -> np.ndarray:
-  """Pictures of fn(z, labels, w)'s samples: sampled in chunks of sample.batch_size, then `Context.decode`d.
-  z: [N, *image_shape]; labels, w: [N]. Returns [N, H, W, C] in [−1, 1] (numpy)."""
-  return ctx.decode(sample_in_chunks(fn, z, labels, w, ctx.config.sample.batch_size))
+  """Pictures of fn(z, condition, w)'s samples: sampled in chunks of sample.batch_size, then `Context.decode`d.
+  z: [N, *image_shape]; labels, w: [N] (the condition is `Context.sample_condition(labels)`). Returns
+  [N, H, W, C] in [−1, 1] (numpy)."""
+  return ctx.decode(sample_in_chunks(fn, z, ctx.sample_condition(labels), w, ctx.config.sample.batch_size))
 
 
 def teacher_dir(ctx: Context) -> str:
@@ -110,6 +151,8 @@ def teacher_dir(ctx: Context) -> str:
   fine-tuned WORKDIR/teacher_v once it has finished, else WORKDIR/teacher."""
   if ctx.config.distill.teacher_dir:
     return ctx.config.distill.teacher_dir
+  if ctx.inpaint:  # an inpainting run distils the inpainting teacher
+    return ctx.stage_dir("teacher_inpaint")
   fine_tuned = ctx.stage_dir("teacher_v")
   return fine_tuned if train.has_final(fine_tuned) else ctx.stage_dir("teacher")
 
@@ -130,9 +173,11 @@ def teacher_params(ctx: Context):
   return ctx.cache["teacher"]
 
 
-def teacher_model(ctx: Context):
-  """The CFG teacher's U-Net (config.model; no w input)."""
-  return models.unet_from_config(ctx.config.model, ctx.config.data, channels=ctx.image_shape[-1])
+def teacher_model(ctx: Context, *, plain: bool = False):
+  """The CFG teacher's U-Net (config.model; no w input); in an inpainting run (unless `plain`: the teacher it is
+  made from) with SD Inpainting's extra input channels."""
+  return models.unet_from_config(ctx.config.model, ctx.config.data, channels=ctx.image_shape[-1],
+                                 inpaint=ctx.inpaint and not plain)
 
 
 def student_model(ctx: Context, *, w_embedding: bool = False, step_embedding: bool = False):
@@ -142,7 +187,7 @@ def student_model(ctx: Context, *, w_embedding: bool = False, step_embedding: bo
   model_cfg = c.model.copy_and_resolve_references()
   model_cfg.dropout = c.distill.dropout
   return models.unet_from_config(model_cfg, c.data, w_embedding=w_embedding, step_embedding=step_embedding,
-                                 channels=ctx.image_shape[-1])
+                                 channels=ctx.image_shape[-1], inpaint=ctx.inpaint)
 
 
 def x_fn_of(ctx: Context, model):
@@ -241,12 +286,12 @@ def sample_in_chunks(fn, z, labels, w, chunk: int):
 
   def run(i):
     pad = max(0, i + chunk - len(z))
-    part = [jnp.concatenate([a[i:i + chunk], jnp.repeat(a[-1:], pad, axis=0)]) for a in (z, labels, w)]
+    part = [conditions.rows(a, i, i + chunk, pad) for a in (z, labels, w)]
     if sharding is not None:
-      part = [jax.device_put(a, sharding) for a in part]
+      part = jax.device_put(part, sharding)
     return np.asarray(fn(*part))[:chunk - pad]
 
-  starts = list(range(0, len(z), chunk))
+  starts = list(range(0, len(z), chunk))  # labels may be any condition pytree (`distill.conditions`)
   workers = 1 if sharding is not None else min(cpu_workers(), len(starts))
   if workers == 1:
     return np.concatenate([run(i) for i in starts])

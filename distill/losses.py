@@ -10,7 +10,8 @@ the exact Gaussian mixture and tiny MLPs):
       -> x̂ [B, H, W, C]
 
 An x-function always receives w; a model without a w-input (a plain CFG teacher) ignores it. The
-unconditional pass uses `null_label` (= num_classes).
+unconditional pass uses `null_label` (= num_classes). `labels` may be any condition of `distill.conditions`
+(an inpainting model's labels, mask and masked image): only its labels are ever dropped to the null class.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from distill import diffusion
+from distill import conditions, diffusion
 from distill.schedules import LogSNRFn
 
 # x_fn(params, z, logsnr, labels, w, *, train=False, rng=None) -> x̂; see the module docstring.
@@ -43,7 +44,7 @@ def cond_uncond(x_fn: XFn, params, z, logsnr, labels, w, null_label: int, **kwar
   """
   b = z.shape[0]
   both = x_fn(params, jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]),
-              jnp.concatenate([labels, jnp.full_like(labels, null_label)]), jnp.concatenate([w, w]), **kwargs)
+              conditions.cond_and_null(labels, null_label), jnp.concatenate([w, w]), **kwargs)
   return both[:b], both[b:]
 
 
@@ -68,7 +69,7 @@ def noised_batch(batch, rng, logsnr_fn: LogSNRFn, p_uncond: float, null_label: i
   eps = jax.random.normal(k_eps, x.shape, x.dtype)
   z = diffusion.q_sample(x, eps, logsnr)
   if p_uncond > 0:
-    labels = jnp.where(jax.random.uniform(k_drop, labels.shape) < p_uncond, null_label, labels)
+    labels = conditions.drop_labels(labels, jax.random.uniform(k_drop, (x.shape[0],)) < p_uncond, null_label)
   return t, logsnr, eps, z, labels, k_dropout
 
 

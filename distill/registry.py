@@ -14,7 +14,7 @@ import os
 import pkgutil
 import sys
 
-from distill import contract
+from distill import contract, validation
 
 # The pipeline's last stage, the framework's own (distill/evaluate.py): scores every finished student.
 EVALUATE = "evaluate"
@@ -56,6 +56,12 @@ def method(name: str) -> contract.Method:
 def stage_names() -> tuple[str, ...]:
   """Every stage a pipeline may name, in the order a pipeline of all of them runs (`evaluate` last)."""
   return tuple(s for m in methods() for s in m.stages) + (EVALUATE,)
+
+
+def default_stage_names() -> tuple[str, ...]:
+  """`stage_names` less the methods' opt-in stages: what a pipeline of 'all' stages runs."""
+  opt_in = {s for m in methods() for s in m.opt_in_stages}
+  return tuple(s for s in stage_names() if s not in opt_in)
 
 
 def stage_owner(stage: str) -> contract.Method:
@@ -107,6 +113,12 @@ def validate(config) -> None:
   for m in methods():
     if m.validate:
       m.validate(config)
+  if config.get("inpaint") and config.inpaint.enabled:
+    for m in methods():
+      used = [s for s in config.pipeline if s in m.stages]
+      if used and not m.image_conditions:
+        validation.fail("pipeline", tuple(config.pipeline), f"stage {used[0]!r} ({m.name}) draws class labels of "
+                        "its own and cannot distil an inpainting teacher (inpaint.enabled=True); leave it out")
 
 
 def preflight(config) -> None:

@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from distill import diffusion
+from distill import conditions, diffusion
 from distill.schedules import LogSNRFn, alpha_sigma
 
 
@@ -44,12 +44,13 @@ def conditional_denoiser(model_fn: ModelFn, labels, w=None) -> Denoiser:
 def guided_denoiser(model_fn: ModelFn, labels, w, null_label: int) -> Denoiser:
   """Classifier-free guidance (1 + w)·x̂_c − w·x̂_∅ with both passes batched as one call of 2B rows.
 
-  labels: [B] int; w: scalar or [B]; null_label: the class index meaning 'unconditional'.
+  labels: [B] int (or a `distill.conditions` condition); w: scalar or [B]; null_label: the class index meaning
+  'unconditional'.
   """
   def guided(z, logsnr):
     b = z.shape[0]
     both = model_fn(jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]),
-                    jnp.concatenate([labels, jnp.full_like(labels, null_label)]), None)
+                    conditions.cond_and_null(labels, null_label), None)
     return diffusion.cfg_mix(both[:b], both[b:], w)
 
   def fn(z, logsnr):

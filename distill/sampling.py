@@ -15,7 +15,7 @@ import numpy as np
 from etils import epath
 
 from distill import data as data_lib
-from distill import contract, registry, samplers, train, writers
+from distill import conditions, contract, registry, samplers, train, writers
 from distill.context import Context, class_captions, sample_images, student_model, x_fn_of
 from distill.diffusion import q_sample
 
@@ -82,7 +82,8 @@ def check_fits(ctx, params, stage_dir: str, flag: str = "--checkpoint") -> None:
   parameters lack or hold at another shape: a stage trained with another model config (a run resumed with
   --allow_config_change), said in one line instead of Flax's shape error deep inside the first sampler call."""
   from distill import models
-  model = models.unet_from_config(ctx.config.model, ctx.config.data, channels=ctx.image_shape[-1])
+  model = models.unet_from_config(ctx.config.model, ctx.config.data, channels=ctx.image_shape[-1],
+                                  inpaint=ctx.inpaint)
   expected = models.param_shapes(models.abstract_params(model, ctx.image_shape))
   why = models.params_mismatch(expected, models.param_shapes(params))
   if why:
@@ -177,7 +178,10 @@ def img2img(stage_dir: str, *, strength: float, w_values=(0.0,), target_labels=N
   n = len(images)
   ws = np.asarray(w_values, np.float32)
   z = jnp.tile(z_s, (len(ws),) + (1,) * (z_s.ndim - 1))
-  outputs = sample_images(ctx, fn, z, jnp.tile(jnp.asarray(targets), len(ws)), jnp.repeat(jnp.asarray(ws), n))
+  cond = jnp.tile(jnp.asarray(targets), len(ws))
+  if ctx.inpaint:  # an inpainting model, asked to generate the whole image
+    cond = conditions.inpaint(jnp.zeros_like(z), cond, jnp.ones(z.shape[:3] + (1,)))
+  outputs = sample_images(ctx, fn, z, cond, jnp.repeat(jnp.asarray(ws), n))
   out = out or os.path.join(stage_dir, f"img2img_s{strength:g}_{taken}steps_seed{seed}")
   captions = class_captions(ctx.config.data, k)
   writers.save_image_grid(out + ".png", np.concatenate([images, outputs]), ncols=n,
@@ -188,6 +192,91 @@ def img2img(stage_dir: str, *, strength: float, w_values=(0.0,), target_labels=N
   writers.atomic_write_bytes(out + ".npz", writers.npz_bytes(
       inputs=images, outputs=outputs, labels=labels, target_labels=targets, w=np.repeat(ws, n)))
   return {"png": out + ".png", "npz": out + ".npz", "steps": taken, "outputs": outputs}
+
+
+def parse_mask(spec: str, height: int, width: int) -> np.ndarray:
+  """`--mask`: 'box:TOP,LEFT,BOTTOM,RIGHT' (fractions of the image in [0, 1]) or a PNG file of the image's size
+  (white, >= 128 = the region to generate). Returns float32 [H, W, 1] in {0, 1}; SamplingError (one line) else."""
+  if spec.startswith("box:"):
+    try:
+      box = tuple(float(v) for v in spec[4:].split(","))
+    except ValueError:
+      box = ()
+    if len(box) != 4 or not all(0 <= v <= 1 for v in box) or not (box[0] < box[2] and box[1] < box[3]):
+      raise SamplingError(f"--mask={spec!r}: a box is box:TOP,LEFT,BOTTOM,RIGHT, fractions in [0, 1] with TOP < "
+                          "BOTTOM and LEFT < RIGHT")
+    mask = conditions.box_mask(height, width, box)
+  else:
+    from PIL import Image
+    try:
+      with Image.open(spec) as im:  # the header only: nothing is decoded unless it has the images' size
+        fmt, size = im.format, im.size
+        gray = np.asarray(im.convert("L")) if fmt == "PNG" and size == (width, height) else None
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+      raise SamplingError(f"--mask={spec!r}: unreadable ({type(e).__name__}); give a PNG of {height}x{width} or "
+                          "box:T,L,B,R") from e
+    if fmt != "PNG":
+      raise SamplingError(f"--mask={spec!r}: not a PNG file ({fmt}); give a PNG or box:T,L,B,R")
+    if gray is None:
+      raise SamplingError(f"--mask={spec!r}: a {size[1]}x{size[0]} image; the data's images are {height}x{width}")
+    mask = (gray >= 128).astype(np.float32)[..., None]
+  if not mask.any():
+    raise SamplingError(f"--mask={spec!r}: marks no pixel to generate")
+  return mask
+
+
+def inpaint(stage_dir: str, *, mask: str = "box:0.25,0,1,1", w_values=(0.0,), target_labels=None, num: int = 8,
+            steps: int | None = None, sampler: str | None = None, force: bool = False, seed: int = 0,
+            out: str | None = None, images=None, labels=None) -> dict:
+  """Inpainting (guided distillation §4.2.4, Fig. 9) with a finished stage of an inpainting run (inpaint.enabled):
+  `num` test images (or `images` [N, H, W, C] in [−1, 1] with `labels`) have the `mask` region (`parse_mask`;
+  in a latent run max-pooled to the latents' resolution) generated anew by the stage's own sampler from noise,
+  conditioned on the mask, the rest of the image (its latents in a latent run) and `target_labels` (default: the
+  images' own classes), at each w. The network's output is written as it is: nothing is pasted back. Writes
+  OUT.png (rows: inputs, masked inputs, one row per w) and OUT.npz; returns the paths, the pixel mask [H, W, 1]
+  and the outputs [len(w) · N, H, W, C]."""
+  for w in w_values:
+    if not (w >= 0 and np.isfinite(w)):
+      raise SamplingError(f"--w={w}: guidance strengths must be finite and >= 0")
+  ctx, params, meta, steps, sampler = resolve_checkpoint(stage_dir, steps=steps, sampler=sampler, force=force)
+  if not ctx.inpaint:
+    raise SamplingError(f"--checkpoint={stage_dir!r}: not a stage of an inpainting run (its config has "
+                        "inpaint.enabled=False); train one with a config's :inpaint variant")
+  check_fits(ctx, params, stage_dir)
+  h, w_px = ctx.pixel_shape[:2]
+  pixel_mask = parse_mask(mask, h, w_px)
+  k = ctx.config.data.num_classes
+  if images is None:
+    source = ctx.pixel_source("test")
+    idx = np.random.default_rng(seed).choice(len(source), size=min(num, len(source)), replace=False)
+    batch = source.get_batch(idx)
+    images, labels = np.asarray(batch["image"]), np.asarray(batch["label"], np.int32)
+  images = np.asarray(images, np.float32)
+  labels = np.asarray(labels if labels is not None else np.zeros(len(images)), np.int32)
+  targets = labels if target_labels is None else np.resize(np.asarray(target_labels, np.int32), len(images))
+  for y in targets:
+    if not 0 <= y < k:
+      raise SamplingError(f"--labels={y}: classes are 0..{k - 1}")
+  x0 = np.asarray(ctx.latent.encode(jnp.asarray(images))) if ctx.is_latent else images
+  cond_mask = conditions.downsample_mask(pixel_mask, *x0.shape[1:3]) if ctx.is_latent else pixel_mask
+  n, ws = len(images), np.asarray(w_values, np.float32)
+  cond = conditions.inpaint(np.tile(x0, (len(ws),) + (1,) * (x0.ndim - 1)), np.tile(targets, len(ws)),
+                            np.broadcast_to(cond_mask, (len(ws) * n,) + cond_mask.shape))
+  fn, _ = registry.sampler(ctx, params, meta, num_steps=steps, name=sampler)
+  z = jax.random.normal(jax.random.PRNGKey(seed + 41), (n,) + tuple(x0.shape[1:]))
+  z = jnp.tile(z, (len(ws),) + (1,) * (z.ndim - 1))
+  outputs = sample_images(ctx, fn, z, jax.tree.map(jnp.asarray, cond), jnp.repeat(jnp.asarray(ws), n))
+  masked = np.where(pixel_mask > 0, 0.0, images)  # the region to generate shown grey
+  out = out or os.path.join(stage_dir, f"inpaint_{steps}steps_seed{seed}")
+  captions = class_captions(ctx.config.data, k)
+  writers.save_image_grid(out + ".png", np.concatenate([images, masked, outputs]), ncols=n,
+                          upscale=max(1, 128 // ctx.pixel_shape[0]),
+                          row_labels=["input", "masked"] + [f"w = {w:g}" for w in ws],
+                          col_labels=[captions[int(y)] for y in targets],
+                          title=f"inpainting: {steps} {sampler} steps")
+  writers.atomic_write_bytes(out + ".npz", writers.npz_bytes(
+      inputs=images, mask=pixel_mask, outputs=outputs, labels=labels, target_labels=targets, w=np.repeat(ws, n)))
+  return {"png": out + ".png", "npz": out + ".npz", "steps": steps, "mask": pixel_mask, "outputs": outputs}
 
 
 def _rescaled_logsnr(base, s: float, t):

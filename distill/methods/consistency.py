@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from distill import contract, diffusion, losses, samplers, train, validation
-from distill.context import (Context, batch_fn, init_params as context_init_params, run_stage, student_model,
+from distill.context import (Context, init_params as context_init_params, run_stage, student_model,
                              teacher_model, teacher_params, write_student_grid, x_fn_of)
 from distill.losses import XFn
 from distill.schedules import LogSNRFn, alpha_sigma, sigma_ratio
@@ -285,7 +285,7 @@ def run_consistency(ctx: Context):
   stage = train.Stage(
       name="consistency", loss_fn=loss_fn, init_params=init_params(context_init_params(ctx, student, t_params)),
       optimizer=ema_target_optimizer(inner, float(s.mu)), num_steps=int(s.num_steps),
-      batch_fn=batch_fn(ctx.train_source, s.batch_size, c.seed), seed=c.seed, ema_decay=None,
+      batch_fn=ctx.train_batches(s.batch_size), seed=c.seed, ema_decay=None,
       frozen={"teacher": t_params}, log_every=s.log_every, ckpt_every=s.ckpt_every, images_per_step=s.batch_size,
       lr_schedule=lambda step: s.lr, fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
   params, meta = run_stage(ctx, stage, stage_meta(c))

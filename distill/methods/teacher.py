@@ -10,6 +10,12 @@ predict ε (`teacher.parameterization='eps'`, as Stable Diffusion and the LDMs a
 weights, with the same loss but its output read as v, for `teacher.v_steps` updates (a teacher that already
 predicts v is simply trained on). The distilling stages then
 read WORKDIR/teacher_v (`context.teacher_dir`).
+
+The 'teacher_inpaint' stage (inpaint.enabled; §4.2.4) makes an inpainting teacher the way Stable Diffusion
+Inpainting was made from Stable Diffusion: the finished teacher (teacher_v, else teacher) gains input channels
+for the mask and the masked image, zero-initialised so that it starts out computing exactly what it computed,
+and is fine-tuned for `teacher.inpaint_steps` on (label, mask, masked image) conditions (`distill.conditions`).
+Every later stage of the run distils it.
 """
 from __future__ import annotations
 
@@ -20,13 +26,13 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from distill import contract, diffusion, optimizers, train, validation, writers
-from distill.context import (EMBEDDED, Context, batch_fn, cfg_sample, init_params, run_stage, teacher_class_agreement,
+from distill import conditions, contract, diffusion, models, optimizers, train, validation, writers
+from distill.context import (EMBEDDED, Context, cfg_sample, init_params, run_stage, teacher_class_agreement,
                              teacher_model, write_cfg_grid)
 from distill.losses import LossFn, noised_batch
 from distill.schedules import LogSNRFn
 
-TEACHER, TEACHER_V = "teacher", "teacher_v"
+TEACHER, TEACHER_V, TEACHER_INPAINT = "teacher", "teacher_v", "teacher_inpaint"
 
 
 def teacher_loss(model, parameterization: str, weighting: str, p_uncond: float, logsnr_fn: LogSNRFn,
@@ -57,34 +63,51 @@ def trained_parameterization(config) -> str:
 
 def stage_meta(config, name: str = TEACHER) -> contract.StageMeta:
   """A teacher's record: CFG-sampled at any w >= 0. 'teacher' is trained from data (no teacher evaluations);
-  'teacher_v' fine-tunes it into v-prediction (its cost builds on the teacher's)."""
-  v = name == TEACHER_V
+  'teacher_v' fine-tunes it into v-prediction and 'teacher_inpaint' into an inpainting model (their costs build
+  on the teachers they start from)."""
+  fine_tuned_v = TEACHER_V in config.pipeline
+  parents = {TEACHER: (), TEACHER_V: (TEACHER,),
+             TEACHER_INPAINT: (TEACHER_V, TEACHER) if fine_tuned_v else (TEACHER,)}[name]
+  predicts = "v" if name == TEACHER_V or (name == TEACHER_INPAINT and fine_tuned_v) else trained_parameterization(config)
+  extra = {"parameterization": predicts}
+  if name == TEACHER_INPAINT:
+    extra["inpaint"] = True
   return contract.StageMeta(
       kind="cfg_teacher", method="teacher", sampler="cfg_ddim", num_sampling_steps=int(config.sample.num_steps),
       w_range=(0.0, float("inf")), batch_size=int(config.teacher.batch_size), teacher_evals_per_update=0.0,
-      student_evals_per_update=1.0, evals_per_step=2, scored=False, cost_parents=(TEACHER,) if v else (),
-      extra={"parameterization": "v" if v else trained_parameterization(config)})
+      student_evals_per_update=1.0, evals_per_step=2, scored=False, cost_parents=parents, extra=extra)
 
 
 def _train(ctx: Context, name: str, parameterization: str, num_steps: int, lr: float, weighting: str, start=None):
-  """Trains the CFG loss under WORKDIR/<name> (from `start`'s parameters, else fresh) and writes its grid and
-  class agreement. Returns the parameters."""
+  """Trains the CFG loss under WORKDIR/<name> (from `start`'s parameters, else fresh; 'teacher_inpaint' from a
+  plain teacher's, extended) and writes its grid and class agreement. Returns the parameters."""
   c = ctx.config
   tc = c.teacher
-  model = teacher_model(ctx)
+  plain = name != TEACHER_INPAINT
+  model = teacher_model(ctx, plain=plain)
+  if plain:
+    init = init_params(ctx, model, start)
+  else:
+    try:
+      init = models.extend_input_channels(models.init_params(model, ctx.image_shape, c.seed), start)
+    except ValueError as e:
+      raise train.TrainingError(f"teacher_inpaint: {e}") from e
   optimizer, schedule = optimizers.adam_with_warmup(lr, tc.warmup_steps, tc.grad_clip, tc.weight_decay)
   stage = train.Stage(
       name=name,
       loss_fn=teacher_loss(model, parameterization, weighting, tc.p_uncond, ctx.logsnr_fn, ctx.null_label),
-      init_params=init_params(ctx, model, start), optimizer=optimizer, num_steps=num_steps,
-      batch_fn=batch_fn(ctx.train_source, tc.batch_size, c.seed),
+      init_params=init, optimizer=optimizer, num_steps=num_steps,
+      batch_fn=ctx.train_batches(tc.batch_size, plain=plain),
       seed=c.seed, ema_decay=tc.ema_decay, log_every=tc.log_every, ckpt_every=tc.ckpt_every,
       skip_nonfinite=tc.skip_nonfinite, images_per_step=tc.batch_size, lr_schedule=schedule,
       fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
   stage_dir = ctx.stage_dir(name)
   params, meta = run_stage(ctx, stage, stage_meta(c, name))
-  sample_fn = functools.partial(cfg_sample, params, model=model, parameterization=parameterization,
-                                logsnr_fn=ctx.logsnr_fn, null_label=ctx.null_label, clip=c.sample.clip)
+  guided = functools.partial(cfg_sample, params, model=model, parameterization=parameterization,
+                             logsnr_fn=ctx.logsnr_fn, null_label=ctx.null_label, clip=c.sample.clip)
+  # A plain teacher of an inpainting run is sampled at the labels of the run's conditions.
+  sample_fn = guided if not plain or not ctx.inpaint else (
+      lambda z, cond, w, **kw: guided(z, conditions.label_of(cond), w, **kw))
   if ctx.is_main_process and not epath.Path(stage_dir, "samples.png").exists():
     write_cfg_grid(ctx, functools.partial(sample_fn, num_steps=c.sample.num_steps), os.path.join(stage_dir, "samples.png"))
   if (ctx.is_main_process and c.eval.class_agreement and c.data.name in EMBEDDED
@@ -116,6 +139,22 @@ def run_teacher_v(ctx: Context):
   _train(ctx, TEACHER_V, "v", c.teacher.v_steps, c.teacher.v_lr, c.teacher.v_weighting, start=params)
 
 
+def run_teacher_inpaint(ctx: Context):
+  """The finished teacher (teacher_v, else teacher) extended to SD Inpainting's input and fine-tuned on
+  inpainting conditions (§4.2.4)."""
+  c = ctx.config
+  if not ctx.inpaint:
+    raise train.TrainingError("teacher_inpaint needs inpaint.enabled=True (the later stages then distil it)")
+  start_dir = next((ctx.stage_dir(n) for n in (TEACHER_V, TEACHER) if train.has_final(ctx.stage_dir(n))), None)
+  if start_dir is None:
+    raise train.TrainingError(f"teacher_inpaint fine-tunes the finished teacher {ctx.stage_dir(TEACHER)} (or "
+                              f"{TEACHER_V}); put 'teacher' before it in config.pipeline")
+  params, meta = train.load_final_params(start_dir)
+  predicts = meta.get("parameterization", "v")
+  weighting = c.teacher.weighting if predicts == "eps" else c.teacher.v_weighting
+  _train(ctx, TEACHER_INPAINT, predicts, c.teacher.inpaint_steps, c.teacher.inpaint_lr, weighting, start=params)
+
+
 def cfg_sampler(ctx: Context, params, meta: contract.StageMeta, num_steps: int, sampler: str):
   """'cfg_ddim' / 'cfg_ddpm': a model of the CFG teacher's architecture (no w input) guided at sampling, 2
   evaluations per step (DDPM's noise from a fixed key)."""
@@ -139,6 +178,7 @@ def config_sections():
       parameterization="",              # what 'teacher' trains to predict: '' = model.parameterization; 'eps' for ε→v
       v_steps=1000, v_lr=2e-4,          # 'teacher_v': ε → v fine-tuning updates and learning rate,
       v_weighting="snr_plus_one",       # and its loss weighting (v-MSE)
+      inpaint_steps=1000, inpaint_lr=2e-4,  # 'teacher_inpaint': fine-tuning updates and learning rate
   ))}
 
 
@@ -156,6 +196,14 @@ def validate(c) -> None:
   if c.teacher.parameterization:
     validation.choice(c, "teacher.parameterization", diffusion.PARAMETERIZATIONS)
   validation.positive_int(c, "teacher.v_steps")
+  validation.positive_int(c, "teacher.inpaint_steps")
+  validation.number(c, "teacher.inpaint_lr", 0.0, 1.0, lo_open=True)
+  if TEACHER_INPAINT in c.pipeline:
+    if not c.inpaint.enabled:
+      validation.fail("inpaint.enabled", c.inpaint.enabled, "must be True when the pipeline runs 'teacher_inpaint'")
+    pipe = list(c.pipeline)
+    if any(n in pipe and pipe.index(n) > pipe.index(TEACHER_INPAINT) for n in (TEACHER, TEACHER_V)):
+      validation.fail("pipeline", tuple(c.pipeline), "must run 'teacher_inpaint' after 'teacher' and 'teacher_v'")
   validation.choice(c, "teacher.v_weighting", diffusion.WEIGHTINGS)
   if trained_parameterization(c) == "eps" and c.teacher.weighting != "snr":
     # x̂ = (z − σε̂)/α: any weight that stays >= 1 as α → 0 multiplies the ε error by σ²/α² (e^20 at λ = −20).
@@ -176,7 +224,7 @@ def validate(c) -> None:
 
 def quick(c) -> None:
   c.teacher.num_steps, c.teacher.batch_size, c.teacher.log_every, c.teacher.ckpt_every = 150, 64, 50, 75
-  c.teacher.v_steps = 50
+  c.teacher.v_steps = c.teacher.inpaint_steps = 50
 
 
 def upgrade_meta(name: str, meta: dict, run_config: dict):
@@ -191,10 +239,12 @@ def upgrade_meta(name: str, meta: dict, run_config: dict):
 
 
 METHOD = contract.Method(
-    name="teacher", order=0, stages={TEACHER: run_teacher, TEACHER_V: run_teacher_v},
+    name="teacher", order=0, stages={TEACHER: run_teacher, TEACHER_V: run_teacher_v,
+                                     TEACHER_INPAINT: run_teacher_inpaint},
     samplers={"cfg_ddim": cfg_sampler, "cfg_ddpm": cfg_sampler}, schedule_samplers=("cfg_ddim", "cfg_ddpm"),
     config=config_sections, validate=validate, quick=quick, data_batches=("teacher.batch_size",),
     plan=lambda config, stage: [(stage, stage_meta(config, stage))], upgrade_meta=upgrade_meta,
+    opt_in_stages=(TEACHER_INPAINT,),
     # Guidance trades diversity for fidelity: IS rises with w, for the teacher and every student of it.
     claims=(contract.Claim("IS rises with w (most steps)", contract.Side("*", steps="most", w="highest"),
                            contract.Side("*", w="lowest"), quantity="is", relation="better",

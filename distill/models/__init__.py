@@ -7,22 +7,21 @@ import jax
 import jax.numpy as jnp
 
 from distill import diffusion
-from distill.models.unet import UNet, param_count
+from distill.models.unet import UNet, example_condition, param_count
 
 
 def unet_from_config(model_cfg, data_cfg, *, w_embedding: bool = False, step_embedding: bool = False,
-                     channels: int | None = None) -> UNet:
+                     channels: int | None = None, inpaint: bool = False) -> UNet:
   """The U-Net a config describes (config.model, config.data). channels: those of what it diffuses (a latent
-  run's latent channels; default data.channels)."""
+  run's latent channels; default data.channels). inpaint: SD Inpainting's input layout (mask + masked image)."""
+  c = data_cfg.channels if channels is None else int(channels)
   return UNet(
-      num_classes=data_cfg.num_classes,
-      out_channels=diffusion.output_channels(model_cfg.parameterization,
-                                             data_cfg.channels if channels is None else int(channels)),
+      num_classes=data_cfg.num_classes, out_channels=diffusion.output_channels(model_cfg.parameterization, c),
       ch=model_cfg.ch, ch_mult=tuple(model_cfg.ch_mult), num_res_blocks=model_cfg.num_res_blocks,
       attn_resolutions=tuple(model_cfg.attn_resolutions), head_dim=model_cfg.head_dim,
       dropout=model_cfg.dropout, emb_ch=model_cfg.emb_ch or None, num_groups=model_cfg.num_groups,
       resample_with_resblock=model_cfg.resample_with_resblock,
-      w_embedding=w_embedding, step_embedding=step_embedding)
+      w_embedding=w_embedding, step_embedding=step_embedding, cond_channels=c + 1 if inpaint else 0)
 
 
 def x_prediction_fn(model: UNet, params, parameterization: str):
@@ -32,7 +31,7 @@ def x_prediction_fn(model: UNet, params, parameterization: str):
   return lambda z, logsnr, labels, w=None: x_fn(params, z, logsnr, labels, w)
 
 
-__all__ = ["UNet", "init_params", "param_count", "unet_from_config", "x_function", "x_prediction_fn"]
+__all__ = ["UNet", "example_condition", "extend_input_channels", "init_params", "param_count", "unet_from_config", "x_function", "x_prediction_fn"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -62,9 +61,22 @@ def init_params(model: UNet, image_shape: tuple, seed: int):
   w = jnp.zeros((b,)) if model.w_embedding else None
   steps = jnp.ones((b,), jnp.int32) if model.step_embedding else None
   init = jax.jit(lambda key: model.init(key, jnp.zeros((b,) + tuple(image_shape)), jnp.zeros((b,)),
-                                        jnp.zeros((b,), jnp.int32), w, steps, train=False))
+                                        example_condition(model, image_shape, b), w, steps, train=False))
   # Init runs once: XLA's lowest backend optimisation compiles it ~4x faster on CPU (5 s, not 20 s, for digits).
   return init.lower(key).compile({"xla_backend_optimization_level": 0})(key)["params"]
+
+
+def extend_input_channels(fresh, loaded):
+  """An inpainting network's parameters (`fresh`, its own init) from a plain network's (`loaded`), as SD
+  Inpainting was made from SD: every shared entry copied, and conv_in's kernel [3, 3, C + extra, ch] takes the
+  plain kernel on its first C input channels and zeros on the extra ones (mask, masked image), so the network
+  starts out computing exactly what the plain one computes. ValueError when anything else differs."""
+  kernel, plain = fresh["conv_in"]["kernel"], jnp.asarray(loaded["conv_in"]["kernel"])
+  if kernel.shape[:2] + kernel.shape[3:] != plain.shape[:2] + plain.shape[3:] or kernel.shape[2] < plain.shape[2]:
+    raise ValueError(f"conv_in kernel of shape {plain.shape} does not extend to {kernel.shape}")
+  extended = jnp.zeros_like(kernel).at[:, :, :plain.shape[2], :].set(plain)
+  loaded = {**loaded, "conv_in": {**loaded["conv_in"], "kernel": extended}}
+  return merge_params(fresh, loaded)
 
 
 def merge_params(fresh, loaded):
@@ -84,7 +96,7 @@ def abstract_params(model: UNet, image_shape: tuple):
   w = jnp.zeros((1,)) if model.w_embedding else None
   steps = jnp.ones((1,), jnp.int32) if model.step_embedding else None
   init = lambda key: model.init(key, jnp.zeros((1,) + tuple(image_shape)), jnp.zeros((1,)),  # noqa: E731
-                                jnp.zeros((1,), jnp.int32), w, steps, train=False)["params"]
+                                example_condition(model, image_shape), w, steps, train=False)["params"]
   return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 

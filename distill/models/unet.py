@@ -214,6 +214,7 @@ class UNet(nn.Module):
   resample_with_resblock: bool = True  # down/upsampling inside res blocks (BigGAN style)
   num_groups: int = 32  # GroupNorm groups, min(num_groups, channels) / divisor-safe
   w_max: float = 8.0  # w is embedded as sinusoidal features of 1000·w/w_max (cf. 1000·t)
+  cond_channels: int = 0  # > 0: an inpainting model (SD Inpainting's layout): mask (1) + masked image (C) channels
 
   def res_blocks(self) -> tuple[tuple[str, int], ...]:
     """(name, output channels) of every residual block, in call order."""
@@ -236,10 +237,19 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, z, logsnr, labels, w=None, steps=None, *, train: bool):
     """z: [B, H, W, C]; logsnr: [B] float; labels: [B] int32 in [0, num_classes] (num_classes =
-    null); w: [B] float (required iff w_embedding); steps: [B] int (required iff step_embedding).
+    null), or with cond_channels an inpainting condition {'label', 'mask' [B, H, W, 1], 'masked' [B, H, W, C]}
+    (`distill.conditions`) whose mask and masked image join z on channels before conv_in; w: [B] float
+    (required iff w_embedding); steps: [B] int (required iff step_embedding).
     Scalars broadcast to [B]. H and W must be divisible by 2**(len(ch_mult) − 1).
     Returns [B, H, W, out_channels].
     """
+    if self.cond_channels != (labels["mask"].shape[-1] + labels["masked"].shape[-1]
+                              if isinstance(labels, dict) else 0):
+      raise ValueError(f"an inpainting condition must be given iff cond_channels > 0 (cond_channels="
+                       f"{self.cond_channels}, labels {'a dict' if isinstance(labels, dict) else 'an array'})")
+    if isinstance(labels, dict):
+      z = jnp.concatenate([z, labels["mask"].astype(z.dtype), labels["masked"].astype(z.dtype)], axis=-1)
+      labels = labels["label"]
     b, height, width, _ = z.shape
     factor = 2 ** (len(self.ch_mult) - 1)
     if height % factor or width % factor:
@@ -315,10 +325,22 @@ def example_inputs(model: UNet, image_shape: tuple[int, int, int], batch: int = 
   return dict(
       z=sds((batch, *image_shape), jnp.float32),
       logsnr=sds((batch,), jnp.float32),
-      labels=sds((batch,), jnp.int32),
+      labels=example_condition(model, image_shape, batch, sds),
       w=sds((batch,), jnp.float32) if model.w_embedding else None,
       steps=sds((batch,), jnp.int32) if model.step_embedding else None,
   )
+
+
+def example_condition(model: UNet, image_shape, batch: int = 1, make=None):
+  """A condition of the form `model` takes, of zeros (or `make(shape, dtype)`, e.g. jax.ShapeDtypeStruct):
+  labels [batch], or an inpainting model's {'label', 'mask', 'masked'}."""
+  make = make or jnp.zeros
+  labels = make((batch,), jnp.int32)
+  if not model.cond_channels:
+    return labels
+  h, w, c = image_shape
+  return {"label": labels, "mask": make((batch, h, w, 1), jnp.float32),
+          "masked": make((batch, h, w, model.cond_channels - 1), jnp.float32)}
 
 
 def param_count(model: UNet, image_shape: tuple[int, int, int]) -> int:

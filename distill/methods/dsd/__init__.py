@@ -120,4 +120,5 @@ def quick(c) -> None:
 # training_dsd draws the teacher recipe's batches from the training set.
 METHOD = contract.Method(name="dsd", order=30, stages=STAGES, config=config_sections, validate=validate, quick=quick,
                          data_batches=("teacher.batch_size",), plan=stages.plan,
-                         pipelines={"dsd": ("teacher", "dsd", "tsd", "training_dsd", "evaluate")})
+                         pipelines={"dsd": ("teacher", "dsd", "tsd", "training_dsd", "evaluate")},
+                         image_conditions=False)  # its trajectory batches draw labels of their own

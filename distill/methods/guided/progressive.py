@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from distill import diffusion, samplers
+from distill import conditions, diffusion, samplers
 from distill.losses import LossFn, XFn, cond_uncond, sample_w, two_step_distillation_target, weighted_regression
 from distill.schedules import LogSNRFn
 
@@ -92,7 +92,7 @@ def two_student_target(teacher_x: XFn, teacher_params, z_t, i, num_steps, labels
   two = lambda a: jnp.concatenate([a, a])
   logsnrs = (two(logsnr_t), two(logsnr_1), two(logsnr_2))
   heads, _ = two_step_distillation_target(teacher_x, teacher_params, two(z_t), logsnrs,
-                                          jnp.concatenate([labels, jnp.full_like(labels, null_label)]), two(w),
+                                          conditions.cond_and_null(labels, null_label), two(w),
                                           is_last=two(i == 1), x_hat_t=two(diffusion.cfg_mix(cond_t, uncond_t, w)))
   b = z_t.shape[0]
   return heads[:b], heads[b:]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from distill import contract, optimizers, samplers, train
-from distill.context import (Context, batch_fn, init_params, load_stage, run_stage, student_model, teacher_model,
+from distill.context import (Context, init_params, load_stage, run_stage, student_model, teacher_model,
                              teacher_params, write_student_grid, x_fn_of)
 from distill.methods.guided import progressive
 from distill.methods.guided import stage_one as guided
@@ -20,7 +20,7 @@ STAGE_ONE = "stage_one"
 def _training_stage(ctx, name, loss_fn, init, frozen, num_steps, optimizer, schedule, ema):
   c = ctx.config.distill
   return train.Stage(name=name, loss_fn=loss_fn, init_params=init, optimizer=optimizer, num_steps=num_steps,
-                     batch_fn=batch_fn(ctx.train_source, c.batch_size, ctx.config.seed), seed=ctx.config.seed,
+                     batch_fn=ctx.train_batches(c.batch_size), seed=ctx.config.seed,
                      ema_decay=ema, frozen=frozen, log_every=c.log_every, ckpt_every=c.ckpt_every,
                      images_per_step=c.batch_size, lr_schedule=schedule,
                      fsdp=ctx.config.mesh.fsdp, fsdp_min_size=ctx.config.mesh.fsdp_min_size)
