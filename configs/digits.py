@@ -76,7 +76,7 @@ def get_config(arg: str | None = None):
   pipelines = {"dsd": guided + ("dsd", "tsd", "training_dsd", "evaluate"),
                "sfd": guided + ("sfd", "sfd_v", "sfd_one_nfe", "evaluate"),
                "inpaint": ("teacher", "teacher_inpaint", "stage_one", "distill_deterministic", "evaluate")}
-  config.teacher.inpaint_steps = 1000
+  config.teacher.inpaint_steps, config.teacher.inpaint_lr = 1000, 2e-3  # at 2e-4 the new channels barely learn
   config = apply_variants(config, arg, pipelines, source="configs/digits.py")
   if "inpaint" in (arg or "").split(","):
     config.inpaint.enabled = True

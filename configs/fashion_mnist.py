@@ -15,6 +15,10 @@ Pixel space instead (the same pipeline without the autoencoder, sized for one GP
 Image-to-image with any finished stage (SDEdit: noise to --strength, decode with the student):
   python -m distill.main --mode=img2img --checkpoint=runs/fashion_mnist/distill_deterministic/N0004 \
       --strength=0.75 --labels=0,1,7 --w=0,2
+Inpainting (SD Inpainting's input layout; the v teacher extended and fine-tuned, then distilled; docs/inpainting.md):
+  python -m distill.main --config=configs/fashion_mnist.py:inpaint --workdir=runs/fashion_mnist_inpaint
+  python -m distill.main --mode=inpaint --checkpoint=runs/fashion_mnist_inpaint/distill_deterministic/N0004 \
+      --mask=box:0.5,0,1,1 --w=0,2
 """
 from distill.configuration import apply_variants, base_config
 
@@ -45,6 +49,7 @@ def get_config(arg: str | None = None):
   t.parameterization, t.weighting = "eps", "snr"  # ε-MSE, as the LDMs and Stable Diffusion are trained
   t.num_steps, t.batch_size, t.lr, t.warmup_steps = 4000, 128, 1e-3, 200
   t.v_steps, t.v_lr = 1000, 2e-4
+  t.inpaint_steps, t.inpaint_lr = 1000, 1e-3
   # Latents are not images in [−1, 1]: no clipping of x̂ and no dynamic thresholding anywhere.
   config.sample.clip = False
   config.sample.num_steps = 128
@@ -79,8 +84,12 @@ def get_config(arg: str | None = None):
   # Held-out accuracy 0.90 at these settings (measured by the autoencoder stage's classifier, 1,600 updates).
   e.classifier_steps, e.classifier_widths, e.classifier_features = 1600, (16, 16, 32, 64, 128), 128
 
-  pipelines = {"pixel": tuple(s for s in LATENT_PIPELINE if s not in ("autoencoder", "teacher_v"))}
+  pipelines = {"pixel": tuple(s for s in LATENT_PIPELINE if s not in ("autoencoder", "teacher_v")),
+               "inpaint": ("autoencoder", "teacher", "teacher_v", "teacher_inpaint", "stage_one",
+                           "distill_deterministic", "evaluate")}
   config = apply_variants(config, arg, pipelines, quick=_quick, source="configs/fashion_mnist.py")
+  if "inpaint" in (arg or "").split(","):
+    config.inpaint.enabled = True
   if "pixel" in (arg or "").split(","):
     _pixel(config)
   return config

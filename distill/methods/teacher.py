@@ -178,7 +178,7 @@ def config_sections():
       parameterization="",              # what 'teacher' trains to predict: '' = model.parameterization; 'eps' for ε→v
       v_steps=1000, v_lr=2e-4,          # 'teacher_v': ε → v fine-tuning updates and learning rate,
       v_weighting="snr_plus_one",       # and its loss weighting (v-MSE)
-      inpaint_steps=1000, inpaint_lr=2e-4,  # 'teacher_inpaint': fine-tuning updates and learning rate
+      inpaint_steps=1000, inpaint_lr=1e-3,  # 'teacher_inpaint': fine-tuning updates and learning rate
   ))}
 
 
