@@ -3,6 +3,11 @@ that lets every loss, sampler and stage pass "the condition" around without know
 
   class-conditional       labels: int32 [B] in [0, num_classes]; num_classes is the null class
   inpainting              {'label': int32 [B], 'mask': float32 [B, H, W, 1], 'masked': float32 [B, H, W, C]}
+  text                    {'label': int32 [B], 'context': float32 [B, L, D]} (+ the inpainting keys)
+
+A text condition's context is the frozen text encoder's hidden states of each row's prompt; its label is the
+row's class where it has one and the null class on unconditional rows, where the network cross-attends to its
+learned unconditional context instead (`models.text_unet`).
 
 Inpainting follows Stable Diffusion Inpainting's input layout (guided-distillation paper §4.2.4): the network
 sees z_t, the mask (1 = the region to generate, 0 = kept) and the masked image x·(1 − mask), concatenated on
@@ -29,6 +34,15 @@ def is_inpaint(cond) -> bool:
 def label_of(cond):
   """The class labels [B] of a condition."""
   return cond["label"] if isinstance(cond, dict) else cond
+
+
+def without_image(cond):
+  """`cond` less inpainting's mask and masked image (what the plain model an inpainting one is made from takes):
+  the labels, or a text condition's {'label', 'context'}."""
+  if not is_inpaint(cond):
+    return cond
+  rest = {k: v for k, v in cond.items() if k not in ("mask", "masked")}
+  return rest if len(rest) > 1 else rest["label"]
 
 
 def with_label(cond, labels):
@@ -78,11 +92,12 @@ def batch_size(cond) -> int:
 
 
 def inpaint(x, labels, mask):
-  """The inpainting condition of data x [B, H, W, C] (images or latents), labels [B] and mask [B, H, W, 1]
-  (1 = generate): {'label', 'mask', 'masked': x·(1 − mask)}. numpy or jax, as x."""
+  """The inpainting condition of data x [B, H, W, C] (images or latents), labels [B] (or a text condition, which
+  it extends) and mask [B, H, W, 1] (1 = generate): {'label', 'mask', 'masked': x·(1 − mask)}. numpy or jax, as x."""
   xp = np if isinstance(x, np.ndarray) else jnp
   mask = xp.asarray(mask, xp.float32)
-  return {"label": labels, "mask": mask, "masked": (x * (1.0 - mask)).astype(xp.float32)}
+  base = labels if isinstance(labels, dict) else {"label": labels}
+  return {**base, "mask": mask, "masked": (x * (1.0 - mask)).astype(xp.float32)}
 
 
 def random_masks(rng: np.random.Generator, n: int, height: int, width: int, *, min_frac: float, max_frac: float,

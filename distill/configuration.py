@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from distill import diffusion, registry
+from distill import diffusion, models, registry
 from distill.validation import ConfigError, choice as _choice, fail as _fail, number as _number  # noqa: F401
 from distill.validation import check_unet_size, guidance_values, positive_int as _positive_int
 
@@ -38,6 +38,15 @@ def base_config() -> ml_collections.ConfigDict:
       num_groups=32, resample_with_resblock=True,
       parameterization="v",             # network output: 'x' | 'eps' | 'v' | 'both'
       schedule="cosine", logsnr_min=-20.0, logsnr_max=20.0,
+      # 'unet': the PD/ADM U-Net above (class labels); 'sd_unet': Stable Diffusion's cross-attention U-Net on text
+      # conditions (distill/models/text_unet.py), sized by model.sd (its cross_attention_dim is the text encoder's)
+      kind="unet",
+      sd=ml_collections.ConfigDict(dict(
+          block_out_channels=(32, 64), layers_per_block=1, num_attention_heads=4,
+          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+          use_linear_projection=False, transformer_layers_per_block=1, norm_num_groups=16,
+          dtype="float32",              # compute dtype ('bfloat16' on accelerators); parameters stay float32
+      )),
   ))
 
   c.latent = ml_collections.ConfigDict(dict(
@@ -150,6 +159,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("sample.clip", c.sample.clip, "must be False in a latent run (latents are not images in [-1, 1])")
 
   _choice(c, "model.parameterization", diffusion.PARAMETERIZATIONS)
+  _choice(c, "model.kind", ("unet", "sd_unet"))
+  _choice(c, "model.sd.dtype", ("float32", "bfloat16"))
+  if c.model.kind == "sd_unet":
+    sd = c.model.sd
+    levels = len(tuple(sd.block_out_channels))
+    if not levels or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in sd.block_out_channels):
+      _fail("model.sd.block_out_channels", tuple(sd.block_out_channels), "must be a non-empty tuple of positive "
+            "integers")
+    for f in ("down_block_types", "up_block_types"):
+      if len(tuple(sd[f])) != levels:
+        _fail(f"model.sd.{f}", tuple(sd[f]), f"must name one block per level ({levels}, as block_out_channels)")
+    _positive_int(c, "model.sd.layers_per_block")
+    _positive_int(c, "model.sd.norm_num_groups")
+    try:
+      models.sd_unet_from_config(c.model, out_channels=1, in_channels=1, context_dim=8).check()
+    except ValueError as e:
+      _fail("model.sd", "…", str(e))
   _choice(c, "model.schedule", SCHEDULES)
   _number(c, "model.logsnr_min")
   _number(c, "model.logsnr_max")

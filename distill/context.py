@@ -33,6 +33,8 @@ class Context:
     self._pixel_train = train_source
     self._latent_train = None
     self._latent = latent_space
+    self._text_encoder = None
+    self._contexts = {}  # prompt tokens (bytes) -> the text encoder's hidden states [L, D]
     self.logsnr_fn = schedules.get_logsnr_fn(config.model.schedule, config.model.logsnr_min, config.model.logsnr_max)
     self.pixel_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     self.null_label = config.data.num_classes
@@ -49,11 +51,70 @@ class Context:
     (label, mask, masked image) condition (`distill.conditions`)."""
     return bool(self.config.get("inpaint") and self.config.inpaint.enabled)
 
+  @property
+  def text(self) -> bool:
+    """A text-to-image run (config.text.enabled): models take text conditions {'label', 'context'}
+    (`distill.conditions`), the context being the frozen text encoder's hidden states of each row's prompt."""
+    return bool(self.config.get("text") and self.config.text.enabled)
+
+  @property
+  def text_encoder(self):
+    """The frozen text encoder of a text run: text.encoder_dir, '' = WORKDIR/text_encoder."""
+    if self._text_encoder is None:
+      from distill import text_encoder_io
+      self._text_encoder = text_encoder_io.load_text_encoder(self.config.text.encoder_dir
+                                                             or self.stage_dir("text_encoder"))
+    return self._text_encoder
+
+  @property
+  def text_shape(self) -> tuple | None:
+    """(L, D) of the hidden states a text run's U-Net cross-attends to; None in other runs."""
+    if not self.text:
+      return None
+    return (int(self.text_encoder.tokenizer.max_length), int(self.text_encoder.hidden_size))
+
+  def text_contexts(self, tokens) -> np.ndarray:
+    """float32 [N, L, D]: the text encoder's hidden states of prompts `tokens` int32 [N, L], each distinct prompt
+    encoded once per process."""
+    tokens = np.asarray(tokens, np.int32)
+    keys = [row.tobytes() for row in tokens]
+    new = sorted({k for k in keys if k not in self._contexts})
+    if new:
+      rows = np.stack([np.frombuffer(k, np.int32) for k in new])
+      states = np.asarray(self.text_encoder.hidden_states(rows), np.float32)
+      self._contexts.update(zip(new, states))
+    return np.stack([self._contexts[k] for k in keys])
+
+  def prompts(self, split: str) -> np.ndarray:
+    """int32 [N, L]: the tokens of the captions of the split's rows, in their order (the text encoder stage's
+    captions_<split>.npz)."""
+    key = ("prompts", split)
+    if key not in self.cache:
+      self.cache[key] = np.asarray(self.text_encoder.caption_tokens(split), np.int32)
+    return self.cache[key]
+
+  def sample_prompts(self, labels) -> np.ndarray:
+    """int32 [N, L]: the prompts grids, class agreement and evaluation sample a text run at, for labels [N]: for
+    the k-th row asking for class y, the caption of the k-th test image of class y (cycled)."""
+    labels = np.asarray(labels)
+    tokens = self.prompts("test")
+    if "test_labels" not in self.cache:
+      self.cache["test_labels"] = np.asarray(self.pixel_source("test").get_batch(np.arange(len(tokens)))["label"])
+    test_labels = self.cache["test_labels"]
+    out = np.zeros((len(labels), tokens.shape[1]), np.int32)
+    for y in np.unique(labels):
+      rows = np.flatnonzero(labels == y)
+      of_class = np.flatnonzero(test_labels == y)
+      if not len(of_class):
+        raise data_lib.DataError(f"the test split has no image of class {y} to caption")
+      out[rows] = tokens[of_class[np.arange(len(rows)) % len(of_class)]]
+    return out
+
   def train_batches(self, batch_size: int, *, plain: bool = False):
     """`batch_fn` of the training data (`train_source`): in an inpainting run (unless `plain`) each batch's
     'label' is the inpainting condition of its images with random training masks (config.inpaint), drawn from
     (seed, step) alone so that a resumed run sees the same batches."""
-    fn = batch_fn(self.train_source, batch_size, self.config.seed)
+    fn = batch_fn(self.diffusion_source(), batch_size, self.config.seed)
     if plain or not self.inpaint:
       return fn
     p, seed, proc = self.config.inpaint, self.config.seed, jax.process_index()
@@ -63,15 +124,21 @@ class Context:
       x = np.asarray(batch["image"])
       masks = conditions.random_masks(np.random.default_rng([seed, 4099, step, proc]), len(x), x.shape[1], x.shape[2],
                                       min_frac=p.min_frac, max_frac=p.max_frac, p_full=p.p_full)
-      return {**batch, "label": conditions.inpaint(x, np.asarray(batch["label"], np.int32), masks)}
+      return {**batch, "label": conditions.inpaint(x, batch["label"], masks)}
     return with_masks
 
   def sample_condition(self, labels):
     """The condition grids, class agreement and evaluation sample at, for labels [N]: the labels themselves, or in
     an inpainting run the inpainting condition of the first N test images (cycled) with inpaint.eval_box
     generated and `labels` requested. A condition already built (a dict) is returned as it is."""
-    if not self.inpaint or isinstance(labels, dict):
+    if isinstance(labels, dict):
       return labels
+    cond = labels
+    if self.text:
+      cond = {"label": jnp.asarray(labels, jnp.int32),
+              "context": jnp.asarray(self.text_contexts(self.sample_prompts(np.asarray(labels))))}
+    if not self.inpaint:
+      return cond
     n = len(labels)
     if self.is_latent:
       x, _ = self.latent.latents("test")
@@ -81,7 +148,7 @@ class Context:
     x = np.asarray(x)[np.arange(n) % min(n, len(x))].astype(np.float32)
     mask = np.broadcast_to(conditions.box_mask(x.shape[1], x.shape[2], self.config.inpaint.eval_box),
                            x.shape[:3] + (1,))
-    return jax.tree.map(jnp.asarray, conditions.inpaint(x, np.asarray(labels, np.int32), mask))
+    return jax.tree.map(jnp.asarray, conditions.inpaint(x, cond if self.text else np.asarray(labels, np.int32), mask))
 
   @property
   def latent(self) -> latent_lib.LatentSpace | None:
@@ -114,6 +181,17 @@ class Context:
       self._latent_train = data_lib.ArraySource(z, labels, self.config.data.num_classes, int(z.shape[1]))
     return self._latent_train
 
+  def diffusion_source(self):
+    """`train_source` as the diffusion stages draw it: in a text run each row's label is its text condition
+    {'label', 'context'} (the hidden states of its caption, `prompts('train')`)."""
+    if not self.text:
+      return self.train_source
+    if "text_source" not in self.cache:
+      tokens = self.prompts("train")
+      unique, index = np.unique(tokens, axis=0, return_inverse=True)
+      self.cache["text_source"] = TextSource(self.train_source, self.text_contexts(unique), index.reshape(-1))
+    return self.cache["text_source"]
+
   def decode(self, x) -> np.ndarray:
     """Pictures [N, H, W, C] in [−1, 1] of samples x [N, ...] of the diffusion space (the identity in pixel space)."""
     if not self.is_latent:
@@ -122,6 +200,23 @@ class Context:
 
   def stage_dir(self, name: str) -> str:
     return os.path.join(self.workdir, name)
+
+
+class TextSource(data_lib.Source):
+  """A source whose rows' labels are text conditions: {'image', 'label': {'label' int32 [B], 'context' float32
+  [B, L, D]}}, the context of row i being table[index[i]] (the hidden states of its caption)."""
+
+  def __init__(self, source, table: np.ndarray, index: np.ndarray):
+    if len(index) != len(source):
+      raise data_lib.DataError(f"{len(index)} captions for {len(source)} training examples: the text encoder "
+                               "stage captioned another split")
+    self.source, self.table, self.index = source, np.asarray(table, np.float32), np.asarray(index)
+    self.image_shape, self.num_classes, self._length = source.image_shape, source.num_classes, len(source)
+
+  def get_batch(self, indices: np.ndarray) -> dict:
+    batch = self.source.get_batch(indices)
+    return {**batch, "label": {"label": np.asarray(batch["label"], np.int32),
+                               "context": self.table[self.index[np.asarray(indices, np.int64)]]}}
 
 
 def batch_fn(source, batch_size: int, seed: int):
@@ -177,7 +272,7 @@ def teacher_model(ctx: Context, *, plain: bool = False):
   """The CFG teacher's U-Net (config.model; no w input); in an inpainting run (unless `plain`: the teacher it is
   made from) with SD Inpainting's extra input channels."""
   return models.unet_from_config(ctx.config.model, ctx.config.data, channels=ctx.image_shape[-1],
-                                 inpaint=ctx.inpaint and not plain)
+                                 inpaint=ctx.inpaint and not plain, text=ctx.text_shape)
 
 
 def student_model(ctx: Context, *, w_embedding: bool = False, step_embedding: bool = False):
@@ -187,7 +282,7 @@ def student_model(ctx: Context, *, w_embedding: bool = False, step_embedding: bo
   model_cfg = c.model.copy_and_resolve_references()
   model_cfg.dropout = c.distill.dropout
   return models.unet_from_config(model_cfg, c.data, w_embedding=w_embedding, step_embedding=step_embedding,
-                                 channels=ctx.image_shape[-1], inpaint=ctx.inpaint)
+                                 channels=ctx.image_shape[-1], inpaint=ctx.inpaint, text=ctx.text_shape)
 
 
 def x_fn_of(ctx: Context, model):

@@ -544,6 +544,8 @@ def _check_teacher_fits(config, workdir: str):
       fail(f"{stage_dir}/final: unreadable ({_one_line(e)}); delete the stage directory to train it again")
     finally:
       logging.set_verbosity(logging.WARNING)
+    if config.model.kind == "sd_unet":  # its shape needs the text encoder: checked as the stage loads it
+      continue
     model_cfg = config.model.copy_and_resolve_references()
     if meta.get("parameterization") in diffusion.PARAMETERIZATIONS:
       model_cfg.parameterization = meta["parameterization"]  # an ε teacher of a v run (teacher_v)

@@ -83,7 +83,7 @@ def check_fits(ctx, params, stage_dir: str, flag: str = "--checkpoint") -> None:
   --allow_config_change), said in one line instead of Flax's shape error deep inside the first sampler call."""
   from distill import models
   model = models.unet_from_config(ctx.config.model, ctx.config.data, channels=ctx.image_shape[-1],
-                                  inpaint=ctx.inpaint)
+                                  inpaint=ctx.inpaint, text=ctx.text_shape)
   expected = models.param_shapes(models.abstract_params(model, ctx.image_shape))
   why = models.params_mismatch(expected, models.param_shapes(params))
   if why:

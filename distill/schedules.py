@@ -107,6 +107,36 @@ def linear_beta_logsnr_fn(num_timesteps: int = 1000, beta_start: float = 1e-4, b
   return logsnr_fn
 
 
+def linear_beta_time_fn(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                        scaled: bool = False, logsnr_max: float = LOGSNR_MAX) -> LogSNRFn:
+  """The inverse of `linear_beta_logsnr_fn`: λ → t (linear in λ between grid points, as λ is linear in t there),
+  clamped to [0, 1] outside the grid."""
+  grid = np.concatenate([[logsnr_max], linear_beta_logsnrs(num_timesteps, beta_start, beta_end, scaled)])
+  ts = jnp.linspace(0.0, 1.0, num_timesteps + 1)
+  increasing = jnp.asarray(grid[::-1], jnp.float32)  # jnp.interp needs increasing abscissae
+
+  def time_fn(logsnr):
+    logsnr = jnp.asarray(logsnr, jnp.float32)
+    return jnp.interp(logsnr.reshape(-1), increasing, ts[::-1]).reshape(logsnr.shape)
+
+  return time_fn
+
+
+def get_time_fn(name: str, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> LogSNRFn:
+  """λ → t, the inverse of `get_logsnr_fn(name, …)`: the time a network that takes t (Stable Diffusion's U-Net,
+  as the timestep T·t − 1 of a discrete schedule) is given for log-SNR λ."""
+  if name == "cosine":
+    return lambda logsnr: cosine_time(logsnr, logsnr_min, logsnr_max)
+  if name == "linear_beta":
+    return linear_beta_time_fn(logsnr_max=logsnr_max)
+  if name == "scaled_linear_beta":
+    return linear_beta_time_fn(beta_start=0.00085, beta_end=0.012, scaled=True, logsnr_max=logsnr_max)
+  raise ValueError(f"schedule: unknown name {name!r}; allowed: 'cosine', 'linear_beta', 'scaled_linear_beta'")
+
+
+DISCRETE_SCHEDULES = {"linear_beta": 1000, "scaled_linear_beta": 1000}  # name -> its number of timesteps T
+
+
 def get_logsnr_fn(name: str, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> LogSNRFn:
   """The t → λ map a config names: 'cosine' | 'linear_beta' | 'scaled_linear_beta'."""
   if name == "cosine":

@@ -107,7 +107,7 @@ def _train(ctx: Context, name: str, parameterization: str, num_steps: int, lr: f
                              logsnr_fn=ctx.logsnr_fn, null_label=ctx.null_label, clip=c.sample.clip)
   # A plain teacher of an inpainting run is sampled at the labels of the run's conditions.
   sample_fn = guided if not plain or not ctx.inpaint else (
-      lambda z, cond, w, **kw: guided(z, conditions.label_of(cond), w, **kw))
+      lambda z, cond, w, **kw: guided(z, conditions.without_image(cond), w, **kw))
   if ctx.is_main_process and not epath.Path(stage_dir, "samples.png").exists():
     write_cfg_grid(ctx, functools.partial(sample_fn, num_steps=c.sample.num_steps), os.path.join(stage_dir, "samples.png"))
   if (ctx.is_main_process and c.eval.class_agreement and c.data.name in EMBEDDED

@@ -10,11 +10,36 @@ from distill import diffusion
 from distill.models.unet import UNet, example_condition, param_count
 
 
+def sd_unet_from_config(model_cfg, *, in_channels: int, out_channels: int, context_dim: int):
+  """Stable Diffusion's U-Net as config.model.sd describes it (cross-attending to context_dim features)."""
+  from distill.models.sd_unet import SDUNet
+  sd = model_cfg.sd
+  return SDUNet(
+      in_channels=int(in_channels), out_channels=int(out_channels), block_out_channels=tuple(sd.block_out_channels),
+      down_block_types=tuple(sd.down_block_types), up_block_types=tuple(sd.up_block_types),
+      layers_per_block=int(sd.layers_per_block), num_attention_heads=sd.num_attention_heads,
+      cross_attention_dim=int(context_dim), use_linear_projection=bool(sd.use_linear_projection),
+      transformer_layers_per_block=sd.transformer_layers_per_block, norm_num_groups=int(sd.norm_num_groups),
+      dtype=jnp.bfloat16 if sd.dtype == "bfloat16" else jnp.float32)
+
+
 def unet_from_config(model_cfg, data_cfg, *, w_embedding: bool = False, step_embedding: bool = False,
-                     channels: int | None = None, inpaint: bool = False) -> UNet:
+                     channels: int | None = None, inpaint: bool = False, text: tuple | None = None):
   """The U-Net a config describes (config.model, config.data). channels: those of what it diffuses (a latent
-  run's latent channels; default data.channels). inpaint: SD Inpainting's input layout (mask + masked image)."""
+  run's latent channels; default data.channels). inpaint: SD Inpainting's input layout (mask + masked image).
+  text: (L, D) of the text encoder's hidden states, for model.kind='sd_unet' (a `TextUNet`)."""
   c = data_cfg.channels if channels is None else int(channels)
+  if model_cfg.get("kind", "unet") == "sd_unet":
+    from distill.models.text_unet import TextUNet
+    if text is None:
+      raise ValueError("model.kind='sd_unet' is text-conditioned: it needs the text encoder's (length, width)")
+    unet = sd_unet_from_config(model_cfg, in_channels=c + (c + 1 if inpaint else 0),
+                               out_channels=diffusion.output_channels(model_cfg.parameterization, c),
+                               context_dim=int(text[1]))
+    return TextUNet(unet=unet, num_classes=data_cfg.num_classes, context_length=int(text[0]),
+                    context_dim=int(text[1]), schedule=model_cfg.schedule, logsnr_min=float(model_cfg.logsnr_min),
+                    logsnr_max=float(model_cfg.logsnr_max), w_embedding=w_embedding, step_embedding=step_embedding,
+                    cond_channels=c + 1 if inpaint else 0)
   return UNet(
       num_classes=data_cfg.num_classes, out_channels=diffusion.output_channels(model_cfg.parameterization, c),
       ch=model_cfg.ch, ch_mult=tuple(model_cfg.ch_mult), num_res_blocks=model_cfg.num_res_blocks,
@@ -71,6 +96,9 @@ def extend_input_channels(fresh, loaded):
   Inpainting was made from SD: every shared entry copied, and conv_in's kernel [3, 3, C + extra, ch] takes the
   plain kernel on its first C input channels and zeros on the extra ones (mask, masked image), so the network
   starts out computing exactly what the plain one computes. ValueError when anything else differs."""
+  if "conv_in" not in fresh and "unet" in fresh:  # a TextUNet: SD's U-Net under 'unet'
+    rest = merge_params({k: v for k, v in fresh.items() if k != "unet"}, loaded)
+    return {**rest, "unet": extend_input_channels(fresh["unet"], loaded["unet"])}
   kernel, plain = fresh["conv_in"]["kernel"], jnp.asarray(loaded["conv_in"]["kernel"])
   if kernel.shape[:2] + kernel.shape[3:] != plain.shape[:2] + plain.shape[3:] or kernel.shape[2] < plain.shape[2]:
     raise ValueError(f"conv_in kernel of shape {plain.shape} does not extend to {kernel.shape}")

@@ -342,7 +342,10 @@ class SDUNet(nn.Module):
                      self.gelu_approximate, self.dtype)
 
   @nn.compact
-  def __call__(self, sample, timesteps, encoder_hidden_states):
+  def __call__(self, sample, timesteps, encoder_hidden_states, extra_emb=None):
+    """sample [B, H, W, in_channels], timesteps [B] (or a scalar), encoder_hidden_states [B, L, cross_attention_dim];
+    extra_emb [B, 4·block_out_channels[0]] or None: added to the time embedding (a distilled student's guidance-w
+    embedding). Returns [B, H, W, out_channels] float32."""
     self.check()
     spec, widths = self.spec(), self.block_out_channels
     heads, depths = self.per_level(self.num_attention_heads), self.per_level(self.transformer_layers_per_block)
@@ -350,6 +353,8 @@ class SDUNet(nn.Module):
     t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (sample.shape[0],))
     features = timestep_features(t, widths[0], self.flip_sin_to_cos, self.freq_shift)
     emb = TimestepEmbedding(4 * widths[0], self.dtype, name="time_embedding")(features.astype(self.dtype))
+    if extra_emb is not None:
+      emb = emb + extra_emb.astype(self.dtype)
     context = encoder_hidden_states.astype(self.dtype)
 
     h = _conv(widths[0], 3, "conv_in", self.dtype)(sample.astype(self.dtype))

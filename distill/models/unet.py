@@ -336,11 +336,14 @@ def example_condition(model: UNet, image_shape, batch: int = 1, make=None):
   labels [batch], or an inpainting model's {'label', 'mask', 'masked'}."""
   make = make or jnp.zeros
   labels = make((batch,), jnp.int32)
-  if not model.cond_channels:
-    return labels
-  h, w, c = image_shape
-  return {"label": labels, "mask": make((batch, h, w, 1), jnp.float32),
-          "masked": make((batch, h, w, model.cond_channels - 1), jnp.float32)}
+  cond = {}
+  if getattr(model, "context_length", 0):  # a text U-Net (`text_unet.TextUNet`)
+    cond["context"] = make((batch, model.context_length, model.context_dim), jnp.float32)
+  if model.cond_channels:
+    h, w, c = image_shape
+    cond.update(mask=make((batch, h, w, 1), jnp.float32), masked=make((batch, h, w, model.cond_channels - 1),
+                                                                      jnp.float32))
+  return {"label": labels, **cond} if cond else labels
 
 
 def param_count(model: UNet, image_shape: tuple[int, int, int]) -> int:

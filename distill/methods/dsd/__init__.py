@@ -121,4 +121,4 @@ def quick(c) -> None:
 METHOD = contract.Method(name="dsd", order=30, stages=STAGES, config=config_sections, validate=validate, quick=quick,
                          data_batches=("teacher.batch_size",), plan=stages.plan,
                          pipelines={"dsd": ("teacher", "dsd", "tsd", "training_dsd", "evaluate")},
-                         image_conditions=False)  # its trajectory batches draw labels of their own
+                         batch_conditions=False)  # its trajectory batches draw labels of their own
