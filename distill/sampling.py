@@ -133,14 +133,14 @@ def partial_steps(strength: float, num_steps: int) -> int:
 
 def img2img(stage_dir: str, *, strength: float, w_values=(0.0,), target_labels=None, num: int = 8,
             steps: int | None = None, sampler: str | None = None, force: bool = False, seed: int = 0,
-            out: str | None = None, images=None, labels=None) -> dict:
+            out: str | None = None, images=None, labels=None, prompts=None) -> dict:
   """Image-to-image (SDEdit, Meng et al. 2022; guided distillation Fig. 8) with a finished stage: `num` test
   images (or `images` [N, H, W, C] in [−1, 1] with `labels`) — their autoencoder latents in a latent run — are
   noised stochastically to t = strength, z_s = α_s x + σ_s ε, then decoded deterministically by the stage's own
   sampler over [0, s]: with the schedule rescaled to t ↦ λ(s·t), k = `partial_steps(s, N)` of its steps, i.e. for
   s = k/N exactly the last k steps of its N-step trajectory. Each row of w decodes to `target_labels` (default:
-  the images' own classes). Writes OUT.png (row 1 the inputs, then one row per w) and OUT.npz; returns the paths,
-  the steps taken and the outputs [len(w) · N, H, W, C]."""
+  the images' own classes; in a text run, `prompts` cycled over the images). Writes OUT.png (row 1 the inputs, then
+  one row per w) and OUT.npz; returns the paths, the steps taken and the outputs [len(w) · N, H, W, C]."""
   if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
     raise SamplingError(f"--strength={strength!r}: must be in (0, 1] (the noise level the images are taken to)")
   for w in w_values:
@@ -178,7 +178,7 @@ def img2img(stage_dir: str, *, strength: float, w_values=(0.0,), target_labels=N
   n = len(images)
   ws = np.asarray(w_values, np.float32)
   z = jnp.tile(z_s, (len(ws),) + (1,) * (z_s.ndim - 1))
-  cond = jnp.tile(jnp.asarray(targets), len(ws))
+  cond = _tile(prompt_condition(ctx, prompts, n), len(ws)) if prompts else jnp.tile(jnp.asarray(targets), len(ws))
   if ctx.inpaint:  # an inpainting model, asked to generate the whole image
     cond = conditions.inpaint(jnp.zeros_like(z), cond, jnp.ones(z.shape[:3] + (1,)))
   outputs = sample_images(ctx, fn, z, cond, jnp.repeat(jnp.asarray(ws), n))
@@ -187,11 +187,31 @@ def img2img(stage_dir: str, *, strength: float, w_values=(0.0,), target_labels=N
   writers.save_image_grid(out + ".png", np.concatenate([images, outputs]), ncols=n,
                           upscale=max(1, 128 // ctx.pixel_shape[0]),
                           row_labels=["input"] + [f"w = {w:g}" for w in ws],
-                          col_labels=[captions[int(y)] for y in targets],
+                          col_labels=[prompts[i % len(prompts)] for i in range(n)] if prompts
+                          else [captions[int(y)] for y in targets],
                           title=f"img2img: strength {strength:g}, {taken} of {steps} {sampler} steps")
   writers.atomic_write_bytes(out + ".npz", writers.npz_bytes(
       inputs=images, outputs=outputs, labels=labels, target_labels=targets, w=np.repeat(ws, n)))
   return {"png": out + ".png", "npz": out + ".npz", "steps": taken, "outputs": outputs}
+
+
+def prompt_condition(ctx, prompts, n: int | None = None):
+  """The text condition of `prompts` (list of str) for a text run's model: {'label': zeros, 'context': the text
+  encoder's hidden states [P, L, D]}, cycled to n rows when n is given. SamplingError (one line) when the run is
+  not text-conditioned or a prompt has a word the tokenizer does not know."""
+  if not ctx.text:
+    raise SamplingError(f"--prompt={prompts[0]!r}: the checkpoint's run is not text-conditioned (text.enabled=False); "
+                        "use --labels")
+  try:
+    tokens = np.asarray(ctx.text_encoder.tokenizer.encode(list(prompts)), np.int32)
+  except ValueError as e:
+    raise SamplingError(f"--prompt={','.join(prompts)!r}: {e}") from e
+  rows = np.arange(len(prompts) if n is None else n) % len(prompts)
+  return {"label": jnp.zeros((len(rows),), jnp.int32), "context": jnp.asarray(ctx.text_contexts(tokens[rows]))}
+
+
+def _tile(cond, times: int):
+  return jax.tree.map(lambda a: jnp.tile(jnp.asarray(a), (times,) + (1,) * (jnp.ndim(a) - 1)), cond)
 
 
 def parse_mask(spec: str, height: int, width: int) -> np.ndarray:
@@ -227,12 +247,12 @@ def parse_mask(spec: str, height: int, width: int) -> np.ndarray:
 
 def inpaint(stage_dir: str, *, mask: str = "box:0.25,0,1,1", w_values=(0.0,), target_labels=None, num: int = 8,
             steps: int | None = None, sampler: str | None = None, force: bool = False, seed: int = 0,
-            out: str | None = None, images=None, labels=None) -> dict:
+            out: str | None = None, images=None, labels=None, prompts=None) -> dict:
   """Inpainting (guided distillation §4.2.4, Fig. 9) with a finished stage of an inpainting run (inpaint.enabled):
   `num` test images (or `images` [N, H, W, C] in [−1, 1] with `labels`) have the `mask` region (`parse_mask`;
   in a latent run max-pooled to the latents' resolution) generated anew by the stage's own sampler from noise,
   conditioned on the mask, the rest of the image (its latents in a latent run) and `target_labels` (default: the
-  images' own classes), at each w. The network's output is written as it is: nothing is pasted back. Writes
+  images' own classes; in a text run, `prompts` cycled over the images), at each w. The network's output is written as it is: nothing is pasted back. Writes
   OUT.png (rows: inputs, masked inputs, one row per w) and OUT.npz; returns the paths, the pixel mask [H, W, 1]
   and the outputs [len(w) · N, H, W, C]."""
   for w in w_values:
@@ -260,7 +280,8 @@ def inpaint(stage_dir: str, *, mask: str = "box:0.25,0,1,1", w_values=(0.0,), ta
   x0 = np.asarray(ctx.latent.encode(jnp.asarray(images))) if ctx.is_latent else images
   cond_mask = conditions.downsample_mask(pixel_mask, *x0.shape[1:3]) if ctx.is_latent else pixel_mask
   n, ws = len(images), np.asarray(w_values, np.float32)
-  cond = conditions.inpaint(np.tile(x0, (len(ws),) + (1,) * (x0.ndim - 1)), np.tile(targets, len(ws)),
+  base = _tile(prompt_condition(ctx, prompts, n), len(ws)) if prompts else np.tile(targets, len(ws))
+  cond = conditions.inpaint(np.tile(x0, (len(ws),) + (1,) * (x0.ndim - 1)), base,
                             np.broadcast_to(cond_mask, (len(ws) * n,) + cond_mask.shape))
   fn, _ = registry.sampler(ctx, params, meta, num_steps=steps, name=sampler)
   z = jax.random.normal(jax.random.PRNGKey(seed + 41), (n,) + tuple(x0.shape[1:]))
@@ -272,7 +293,8 @@ def inpaint(stage_dir: str, *, mask: str = "box:0.25,0,1,1", w_values=(0.0,), ta
   writers.save_image_grid(out + ".png", np.concatenate([images, masked, outputs]), ncols=n,
                           upscale=max(1, 128 // ctx.pixel_shape[0]),
                           row_labels=["input", "masked"] + [f"w = {w:g}" for w in ws],
-                          col_labels=[captions[int(y)] for y in targets],
+                          col_labels=[prompts[i % len(prompts)] for i in range(n)] if prompts
+                          else [captions[int(y)] for y in targets],
                           title=f"inpainting: {steps} {sampler} steps")
   writers.atomic_write_bytes(out + ".npz", writers.npz_bytes(
       inputs=images, mask=pixel_mask, outputs=outputs, labels=labels, target_labels=targets, w=np.repeat(ws, n)))
@@ -286,12 +308,13 @@ def _rescaled_logsnr(base, s: float, t):
 
 def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0,), sampler: str | None = None,
                       labels=None, num: int = 8, seed: int = 0, out: str | None = None,
-                      force: bool = False) -> dict:
-  """Samples `num` images per (w, label) from a finished stage; writes OUT.png (rows = w, columns = samples)
-  and OUT.npz (images uint8 [N, H, W, C], labels, w). Returns the paths and the evaluation count."""
+                      force: bool = False, prompts=None) -> dict:
+  """Samples `num` images per (w, label) — or per (w, prompt) of a text run's stage — from a finished stage;
+  writes OUT.png (rows = w, columns = samples) and OUT.npz (images uint8 [N, H, W, C], labels, w). Returns the
+  paths and the evaluation count."""
   ctx, params, meta, steps, sampler = resolve_checkpoint(stage_dir, steps=steps, sampler=sampler, force=force)
   k = ctx.config.data.num_classes
-  labels = list(range(min(k, 10))) if labels is None else list(labels)
+  labels = (list(range(min(k, 10))) if labels is None else list(labels)) if not prompts else [0] * len(prompts)
   for y in labels:
     if not 0 <= y < k:
       raise SamplingError(f"--labels={y}: classes are 0..{k - 1}")
@@ -305,15 +328,19 @@ def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0
   ws = np.asarray(w_values, np.float32)
   per_row = len(labels) * num
   y = jnp.tile(jnp.repeat(jnp.asarray(labels, jnp.int32), num), len(ws))
+  cond = y
+  if prompts:
+    cond = _tile(jax.tree.map(lambda a: jnp.repeat(a, num, axis=0), prompt_condition(ctx, prompts)), len(ws))
   w = jnp.repeat(jnp.asarray(ws), per_row)
   noise = jax.random.normal(jax.random.PRNGKey(seed), (1, per_row) + ctx.image_shape)
   z = jnp.broadcast_to(noise, (len(ws), per_row) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
-  x = sample_images(ctx, fn, z, y, w)
+  x = sample_images(ctx, fn, z, cond, w)
   out = out or os.path.join(stage_dir, f"sample_{sampler}_{steps}steps_seed{seed}")
-  captions = class_captions(ctx.config.data, ctx.config.data.num_classes)
+  captions = list(prompts) if prompts else class_captions(ctx.config.data, ctx.config.data.num_classes)
+  columns = range(len(prompts)) if prompts else labels
   writers.save_image_grid(out + ".png", x, ncols=per_row, upscale=max(1, 128 // ctx.pixel_shape[0]),
                           row_labels=[f"w = {v:g}" for v in ws],
-                          col_labels=[captions[int(y)] for y in labels for _ in range(num)],
+                          col_labels=[captions[int(c)] for c in columns for _ in range(num)],
                           title=f"{sampler}, {steps} steps, seed {seed}")
   images = np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)
   writers.atomic_write_bytes(out + ".npz", writers.npz_bytes(images=images, labels=np.asarray(y), w=np.asarray(w)))
