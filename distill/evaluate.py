@@ -31,7 +31,7 @@ from distill import contract, registry, sampling, train, writers
 from distill.context import (Context, cfg_sample, class_captions, get_classifier, sample_images, teacher_model,
                              teacher_params)
 from distill.evaluation import classifier as classifier_lib
-from distill.evaluation import inception, protocol, report
+from distill.evaluation import inception, metrics, protocol, report
 
 class EvaluationError(ValueError):
   """Bad evaluation input (a missing weight file, an unreadable samples file): one line, exit code 2."""
@@ -159,6 +159,20 @@ def row_key(c, fingerprint: str, sampler: str, w: float, steps: int, metric: str
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def text_score(ctx: Context, images, prompts, bootstrap: int, seed: int) -> dict:
+  """{'text_score': the mean over samples of 100·max(cos, 0) between each image and its prompt under the text
+  encoder stage's two towers (the CLIP score's definition on the run's own encoder), 'text_score_ci': its 95 %
+  bootstrap interval (B = bootstrap resamplings of the samples; none at 0)}. images [N, H, W, C] in [−1, 1];
+  prompts int32 [N, L]."""
+  s = np.asarray(ctx.text_encoder.score(np.asarray(images), np.asarray(prompts)), np.float64)
+  out = {"text_score": float(s.mean())}
+  if bootstrap:
+    rng = np.random.default_rng(seed)
+    reps = [s[rng.integers(0, len(s), len(s))].mean() for _ in range(bootstrap)]
+    out["text_score_ci"] = list(metrics.normal_interval(out["text_score"], reps))
+  return protocol.clip_intervals(out)
+
+
 def run_stage(ctx: Context):
   """The pipeline's 'evaluate' stage: the CFG teacher (DDIM at the reference step count and at every student
   step count, DDPM at the reference) and every finished student, at each w of eval.w_values."""
@@ -243,6 +257,8 @@ def run_stage(ctx: Context):
                               bootstrap=e.bootstrap, seed=seed)
       if agreement_clf is not None:
         scores["class_agreement"] = classifier_lib.class_agreement(agreement_clf, x, np.asarray(labels), k)
+      if ctx.text:
+        scores.update(text_score(ctx, x, ctx.sample_prompts(np.asarray(labels)), e.bootstrap, seed))
       if seed == c.seed:
         tag = re.sub(r"[^A-Za-z0-9.+-]+", "_", method).strip("_") + f"_{sampler}_w{w:g}_{steps}"
         _save_row_grid(os.path.join(grid_dir, tag + ".png"), x, np.asarray(labels), e.per_class, c.data,

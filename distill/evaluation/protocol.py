@@ -176,7 +176,8 @@ def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k:
 # Where each metric can lie: an interval is clipped to it (an estimate ± 1.96 SD near 0 would reach below an
 # FID's 0). IS lies in [1, classes]; its upper end is left open here.
 METRIC_RANGES = {"fid": (0.0, None), "is": (1.0, None), "precision": (0.0, 1.0), "recall": (0.0, 1.0),
-                 "density": (0.0, None), "coverage": (0.0, 1.0), "class_agreement": (0.0, 1.0)}
+                 "density": (0.0, None), "coverage": (0.0, 1.0), "class_agreement": (0.0, 1.0),
+                 "text_score": (0.0, 100.0)}
 
 
 def clip_intervals(scores: dict) -> dict:
@@ -189,7 +190,7 @@ def clip_intervals(scores: dict) -> dict:
   return out
 
 
-SEED_METRICS = ("fid", "is", "precision", "recall", "density", "coverage", "class_agreement")
+SEED_METRICS = ("fid", "is", "precision", "recall", "density", "coverage", "class_agreement", "text_score")
 
 
 def combine_seeds(per_seed: list[dict]) -> dict:
