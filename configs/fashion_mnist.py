@@ -19,6 +19,12 @@ Inpainting (SD Inpainting's input layout; the v teacher extended and fine-tuned,
   python -m distill.main --config=configs/fashion_mnist.py:inpaint --workdir=runs/fashion_mnist_inpaint
   python -m distill.main --mode=inpaint --checkpoint=runs/fashion_mnist_inpaint/distill_deterministic/N0004 \
       --mask=box:0.5,0,1,1 --w=0,2
+Text-to-image (captions from each image's class and pixels, a text encoder trained here, Stable Diffusion's U-Net
+on the latents; docs/text_to_image.md), and its smoke run (`:text_quick` = `:text,quick`):
+  python -m distill.main --config=configs/fashion_mnist.py:text --workdir=runs/fashion_mnist_text
+  python -m distill.main --config=configs/fashion_mnist.py:text_quick --workdir=runs/fashion_mnist_text_quick
+  python -m distill.main --mode=sample --checkpoint=runs/fashion_mnist_text/distill_deterministic/N0004 \
+      --prompt="a bright large trouser" --prompt="a dark small bag" --w=0,2
 """
 from distill.configuration import apply_variants, base_config
 
@@ -26,7 +32,12 @@ LATENT_PIPELINE = ("autoencoder", "teacher", "teacher_v", "stage_one", "distill_
                    "single_w", "two_student", "sfd", "dsd", "consistency", "evaluate")
 
 
+TEXT_PIPELINE = ("autoencoder", "text_encoder", "teacher", "teacher_v", "stage_one", "distill_deterministic",
+                 "evaluate")
+
+
 def get_config(arg: str | None = None):
+  arg = (arg or "").replace("text_quick", "text,quick")
   config = base_config()
   d = config.data
   d.name, d.image_size, d.channels, d.num_classes = "fashion_mnist", 32, 1, 10
@@ -86,10 +97,14 @@ def get_config(arg: str | None = None):
 
   pipelines = {"pixel": tuple(s for s in LATENT_PIPELINE if s not in ("autoencoder", "teacher_v")),
                "inpaint": ("autoencoder", "teacher", "teacher_v", "teacher_inpaint", "stage_one",
-                           "distill_deterministic", "evaluate")}
+                           "distill_deterministic", "evaluate"),
+               "text": TEXT_PIPELINE}
   config = apply_variants(config, arg, pipelines, quick=_quick, source="configs/fashion_mnist.py")
-  if "inpaint" in (arg or "").split(","):
+  names = arg.split(",")
+  if "inpaint" in names:
     config.inpaint.enabled = True
+  if "text" in names:
+    _text(config, quick="quick" in names)
   if "pixel" in (arg or "").split(","):
     _pixel(config)
   return config
@@ -103,6 +118,19 @@ def _pixel(config) -> None:
   m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.head_dim = 64, (1, 2, 2), 2, (8,), 64
   config.teacher.parameterization, config.teacher.weighting = "", "snr_plus_one"
   m.schedule, config.sfd.sigma_max = "cosine", 80.0  # the pixel-space papers' schedule and SFD grid
+
+
+def _text(config, quick: bool) -> None:
+  """Text-to-image on the latents: Stable Diffusion's U-Net (cross-attention at 8×8 and 4×4) conditioned on the
+  captions' hidden states under the text encoder stage's frozen transformer."""
+  config.text.enabled = True
+  m = config.model
+  m.kind = "sd_unet"
+  m.sd.block_out_channels, m.sd.layers_per_block, m.sd.num_attention_heads, m.sd.norm_num_groups = (32, 64), 1, 4, 16
+  m.sd.down_block_types = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+  m.sd.up_block_types = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+  if quick:
+    m.sd.block_out_channels = (16, 32)
 
 
 def _quick(config) -> None:
