@@ -90,7 +90,8 @@ class Context:
     captions_<split>.npz)."""
     key = ("prompts", split)
     if key not in self.cache:
-      self.cache[key] = np.asarray(self.text_encoder.caption_tokens(split), np.int32)
+      from distill import text_encoder_io
+      self.cache[key] = np.asarray(text_encoder_io.load_captions(self.text_encoder.stage_dir, split)["tokens"], np.int32)
     return self.cache[key]
 
   def sample_prompts(self, labels) -> np.ndarray:

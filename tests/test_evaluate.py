@@ -143,7 +143,7 @@ def test_stage_meta_round_trips_through_json_and_refuses_pre_contract_metas():
 
 def test_registry_lists_every_method_stage_in_pipeline_order():
   names = registry.stage_names()
-  assert names[:2] == ("autoencoder", "teacher") and names[-1] == "evaluate"
+  assert names[:3] == ("autoencoder", "text_encoder", "teacher") and names[-1] == "evaluate"
   assert names.index("stage_one") < names.index("distill_deterministic") < names.index("sfd") < names.index("dsd")
   assert len(set(names)) == len(names)
   assert registry.sampler_owner("stochastic").name == "guided"

@@ -51,10 +51,11 @@ def _code_words(path: str) -> set[str]:
 def test_every_method_module_is_registered_by_listing_the_package():
   modules = {info.name for info in pkgutil.iter_modules(distill.methods.__path__)}
   names = {m.name for m in registry.methods()}
-  assert names == modules == {"autoencoder", "teacher", "guided", "sfd", "dsd", "consistency"}
+  assert names == modules == {"autoencoder", "text_encoder", "teacher", "guided", "sfd", "dsd", "consistency"}
   orders = [m.order for m in registry.methods()]
-  # The autoencoder first: a latent teacher trains on its latents.
-  assert orders == sorted(orders) and [m.name for m in registry.methods()[:2]] == ["autoencoder", "teacher"]
+  # The autoencoder and text encoder first: a latent teacher trains on its latents, a text one on its captions.
+  assert orders == sorted(orders)
+  assert [m.name for m in registry.methods()[:3]] == ["autoencoder", "text_encoder", "teacher"]
 
 
 def test_the_framework_names_no_method():
