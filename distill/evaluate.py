@@ -274,7 +274,8 @@ def run_stage(ctx: Context):
       print(f"[evaluate] {done}/{len(jobs)}{f' seed {seed}' if len(seeds) > 1 else ''} {method:<18} {sampler:<13} "
             f"w={w:<4g} steps={steps:<4} nfe={nfe:<4} {report.metric_label(net.metric)} {scores['fid']:8.3f}{fid_ci}"
             f"  {report.metric_label(net.metric, 'IS')} {scores['is']:6.2f}  P/R {scores['precision']:.3f}/"
-            f"{scores['recall']:.3f} ({time.time() - t0:.0f}s, ETA {writers.format_duration(eta)})")
+            f"{scores['recall']:.3f}" + (f"  text {scores['text_score']:.2f}" if "text_score" in scores else "")
+            + f" ({time.time() - t0:.0f}s, ETA {writers.format_duration(eta)})")
     scores = per_seed[0] if len(per_seed) == 1 else protocol.combine_seeds(per_seed)
     rows.append({**head, **scores, "seed": c.seed, "checkpoint": checkpoint, **cost})
   write_outputs(ctx.workdir, rows, net, ref, evaluated)
