@@ -28,7 +28,8 @@ from distill import sd_import  # noqa: E402
 WIDTH = 32  # the text encoder's hidden size = the U-Net's cross_attention_dim
 UNET = {"_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
         "block_out_channels": [32, 64], "layers_per_block": 1,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
         "attention_head_dim": 2, "cross_attention_dim": WIDTH, "use_linear_projection": False,
         "flip_sin_to_cos": True, "freq_shift": 0, "norm_num_groups": 32, "norm_eps": 1e-5}
 TEXT = {"vocab_size": len(VOCAB), "hidden_size": WIDTH, "intermediate_size": 37, "num_hidden_layers": 2,
@@ -269,7 +270,8 @@ def test_remat_keeps_parameters_outputs_and_gradients():
   assert jax.tree.structure(shapes) == jax.tree.structure(params)
   np.testing.assert_allclose(jax.jit(remat.apply)({"params": params}, x, t, context),
                              jax.jit(plain.apply)({"params": params}, x, t, context), rtol=1e-6, atol=1e-6)
-  grad = lambda m: jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x, t, context) ** 2)))(params)  # noqa: E731
+  def grad(m):
+    return jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x, t, context) ** 2)))(params)
   ours, theirs = jax.tree.leaves(grad(remat)), jax.tree.leaves(grad(plain))
   scale = max(float(np.max(np.abs(b))) for b in theirs)
   # recomputation reorders float32 sums: equal up to rounding, relative to the largest gradient
