@@ -74,8 +74,8 @@ def test_validates(monkeypatch):
     monkeypatch.setattr(configuration, "DATA_NAMES", configuration.DATA_NAMES + ("image_text",))
   for arg in (None, "256", "512,quick"):
     configuration.validate(filled(arg))
-  with pytest.raises(configuration.ConfigError, match="autoencoder.weights"):
-    configuration.validate(module().get_config())  # the SD folder is required
+  with pytest.raises(configuration.ConfigError, match=r"(autoencoder|model\.sd)\.weights=None"):
+    configuration.validate(module().get_config())  # the SD folder is required (model.sd.weights follows it)
 
 
 def test_proposed_fields_follow_the_sd_folder_where_they_exist(monkeypatch):
@@ -93,8 +93,18 @@ def test_proposed_fields_follow_the_sd_folder_where_they_exist(monkeypatch):
   c.autoencoder.weights = "/models/sd"
   assert (c.model.sd.weights, c.model.sd.remat, c.text.enabled, c.text.encoder_dir) == ("/models/sd", True, True,
                                                                                        "/models/sd")
-  monkeypatch.setattr(m, "base_config", base)
-  assert "weights" not in m.get_config().model.sd  # not added where the field does not exist
+  def without_fields():
+    c = base()
+    for field in ("weights", "remat"):
+      if field in c.model.sd:
+        del c.model.sd[field]
+    if "text" in c:
+      del c["text"]
+    return c
+
+  monkeypatch.setattr(m, "base_config", without_fields)
+  c = m.get_config()  # not added where the field does not exist
+  assert "weights" not in c.model.sd and "remat" not in c.model.sd and "text" not in c
 
 
 def test_catalogue_entries_and_the_tpu_dry_run():
