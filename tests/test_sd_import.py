@@ -11,6 +11,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -276,3 +277,28 @@ def test_remat_keeps_parameters_outputs_and_gradients():
   scale = max(float(np.max(np.abs(b))) for b in theirs)
   # recomputation reorders float32 sums: equal up to rounding, relative to the largest gradient
   assert max(float(np.max(np.abs(a - b))) for a, b in zip(ours, theirs)) < 1e-5 * scale
+
+
+def test_the_teacher_stage_imports_the_folder(sd, tmp_path):
+  """With model.sd.weights set, the 'teacher' stage writes the imported teacher as a finished CFG teacher (no
+  training), which is not read again once finished; a teacher.parameterization the folder does not predict is one
+  line. Skipped until the teacher stage has that wiring (`teacher.import_sd_teacher`)."""
+  from distill import context, train
+  from distill.methods import teacher
+  if not hasattr(teacher, "import_sd_teacher") or "weights" not in configuration.base_config().model.sd:
+    pytest.skip("the teacher stage does not import SD folders yet (model.sd.weights, teacher.import_sd_teacher)")
+  folder, _, unet_params, _, _ = sd
+  c = sd_config("v")
+  c.teacher.parameterization, c.model.sd.weights, c.pipeline = "eps", str(folder), ("teacher", "teacher_v")
+  if "text" not in c:
+    c.text = ml_collections.ConfigDict(dict(enabled=True, encoder_dir=str(folder)))
+  c.text.enabled, c.text.encoder_dir = True, str(folder)
+  ctx = context.Context(c, str(tmp_path / "work"))
+  assert isinstance(ctx.text_encoder, sd_import.SDTextEncoder) and ctx.text_shape == (77, WIDTH)
+  teacher.run_teacher(ctx)
+  params, meta = train.load_final_params(ctx.stage_dir("teacher"))
+  assert meta["kind"] == "cfg_teacher" and meta["parameterization"] == "eps"
+  np.testing.assert_array_equal(params["unet"]["conv_in"]["kernel"], unet_params["conv_in"]["kernel"])
+  c.teacher.parameterization = "v"
+  with pytest.raises(train.TrainingError, match="predicts 'eps' but teacher.parameterization is 'v'"):
+    teacher.run_teacher(context.Context(c, str(tmp_path / "other")))
