@@ -23,6 +23,8 @@ Sources:
               not there. At image_size 32 the 28x28 images are padded with the
               background (-1) by 2 pixels a side, not resized.
   npz         a user file with `images` uint8 [N, H, W, C] and `labels` int [N].
+  image_text  a user directory of captioned images (data.path): one class, each row's caption read through
+              the source's `captions(indices)`; center-cropped and resized when read (distill/image_text.py).
   mixture     a Gaussian mixture with known means, so the exact denoiser is
               available to tests.
 
@@ -48,7 +50,7 @@ import weakref
 
 import numpy as np
 
-NAMES = ("digits", "cifar10", "imagenet64", "imagenet2012", "npz", "mixture", "fashion_mnist")
+NAMES = ("digits", "cifar10", "imagenet64", "imagenet2012", "npz", "mixture", "fashion_mnist", "image_text")
 SPLITS = ("train", "test")
 
 # Digits: a fixed permutation of the 1797 examples; its last 297 (~1/6) are 'test'.
@@ -324,6 +326,9 @@ def make_source(config, split: str = "train") -> Source:
     path = _field(config, "path", why)
     images, labels = load_npz(path, split, channels, num_classes)
     return ArraySource(images, labels, num_classes, image_size)
+  if name == "image_text":
+    from distill import image_text
+    return image_text.make_image_text_source(config, split)
   if name == "fashion_mnist":
     _expect(channels, 1, "channels", name)
     _expect(num_classes, 10, "num_classes", name)

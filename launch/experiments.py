@@ -48,6 +48,15 @@ EXPERIMENTS = {
                            "imagenet64-guided", "distilled 16-step encoder and decoder for style transfer "
                                                 "(paper Fig. 12)"),
     "imagenet64-quick": ("configs/imagenet64.py:quick", [], None, "path check on ImageNet 64 shapes (needs the data)"),
+    # Stable Diffusion (App. C.2): SD's weights and the image-text data are the user's; paths are read on every
+    # host (a local disk or a mounted bucket), the workdir may be gs://.
+    "sd-laion-512": ("configs/sd_laion.py:512", ["--config.autoencoder.weights=/mnt/models/stable-diffusion-v1-5",
+                                                 "--config.data.path=/mnt/data/laion-512"], None,
+                     "Stable Diffusion distilled on captioned images at 512x512, batch 512, w in [2, 14]: eps -> v "
+                     "fine-tune, stage one, halving 512 -> 1 (paper App. C.2, Table 2)"),
+    "sd-laion-256": ("configs/sd_laion.py:256", ["--config.autoencoder.weights=/mnt/models/stable-diffusion-v1-5",
+                                                 "--config.data.path=/mnt/data/laion-256"], None,
+                     "the same at 256x256, batch 1024 (paper App. C.2, Fig. 26)"),
 }
 
 

@@ -287,6 +287,10 @@ class MidBlock(nn.Module):
     return self.spec.resnet(c, "resnets_1")(x, emb)
 
 
+# The blocks with gradient checkpointing (SDUNet.remat): same parameters, activations recomputed in the backward pass.
+REMAT_BLOCKS = {block: nn.remat(block) for block in (DownBlock, MidBlock, UpBlock)}
+
+
 class SDUNet(nn.Module):
   """SD's U-Net: __call__(sample [B, H, W, in_channels], timesteps [B] or scalar, encoder_hidden_states
   [B, L, cross_attention_dim]) → [B, H, W, out_channels] float32. Per-level fields hold one entry per level
@@ -310,6 +314,10 @@ class SDUNet(nn.Module):
   transformer_norm_eps: float = 1e-6
   gelu_approximate: bool = False
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+  # Gradient checkpointing: each down, mid and up block recomputes its activations in the backward pass instead of
+  # keeping them (`nn.remat`), trading about one more forward pass for the memory of SD's 512² activations. The
+  # parameter tree and the outputs are the same either way.
+  remat: bool = False
 
   def per_level(self, value) -> tuple[int, ...]:
     """An int or per-level tuple field → one int per level."""
@@ -356,22 +364,23 @@ class SDUNet(nn.Module):
     if extra_emb is not None:
       emb = emb + extra_emb.astype(self.dtype)
     context = encoder_hidden_states.astype(self.dtype)
+    down, mid, up = (REMAT_BLOCKS[b] if self.remat else b for b in (DownBlock, MidBlock, UpBlock))
 
     h = _conv(widths[0], 3, "conv_in", self.dtype)(sample.astype(self.dtype))
     skips = [h]
     for i, width in enumerate(widths):
       attends = self.down_block_types[i] == CROSS_ATTN_DOWN
-      h, outs = DownBlock(width, self.layers_per_block, heads[i] if attends else 0, depths[i], i < levels - 1,
-                          spec, name=f"down_blocks_{i}")(h, emb, context)
+      h, outs = down(width, self.layers_per_block, heads[i] if attends else 0, depths[i], i < levels - 1,
+                     spec, name=f"down_blocks_{i}")(h, emb, context)
       skips += outs
-    h = MidBlock(heads[-1], depths[-1], spec, name="mid_block")(h, emb, context)
+    h = mid(heads[-1], depths[-1], spec, name="mid_block")(h, emb, context)
     per_block = self.layers_per_block + 1
     for i in range(levels):
       level = levels - 1 - i  # the up blocks run the levels in reverse, with reversed per-level fields
       attends = self.up_block_types[i] == CROSS_ATTN_UP
       block_skips, skips = skips[-per_block:], skips[:-per_block]
-      h = UpBlock(widths[level], heads[level] if attends else 0, depths[level], i < levels - 1, spec,
-                  name=f"up_blocks_{i}")(h, block_skips, emb, context)
+      h = up(widths[level], heads[level] if attends else 0, depths[level], i < levels - 1, spec,
+             name=f"up_blocks_{i}")(h, block_skips, emb, context)
     h = nn.GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="conv_norm_out")(h)
     return _conv(self.out_channels, 3, "conv_out", self.dtype)(nn.swish(h)).astype(jnp.float32)
 

@@ -25,6 +25,8 @@ from distill.models.clip_text import SD1_TEXT, CLIPTextModel, clip_text_from_con
 from distill.models.sd_unet import SDUNet, sd_unet_from_diffusers_config
 
 _MAX_CONFIG_BYTES = 1 << 20
+# CLIPTextModelWithProjection's pooled-output projection [E, D]: refused by `load_text_encoder` (see there).
+TEXT_PROJECTION = "text_projection.weight"
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -80,7 +82,10 @@ def load_unet(path: str | os.PathLike, model: SDUNet | None = None, ema: bool = 
 def load_text_encoder(path: str | os.PathLike, model: CLIPTextModel | None = None,
                       **overrides) -> tuple[CLIPTextModel, dict, dict]:
   """(model, params, info) of the text encoder at `path` (the module docstring). model: None reads a folder's
-  config.json (with `overrides`: dtype), or takes SD 1.x's for a single file. ValueError (one line)."""
+  config.json (with `overrides`: dtype), or takes SD 1.x's for a single file. ValueError (one line); a file
+  holding `text_projection.weight` is refused rather than read without it: it is CLIPTextModelWithProjection
+  (SDXL's text_encoder_2, or a CLIP model's text half), whose U-Nets also read the projected pooled output, so
+  dropping the projection silently would condition a U-Net on less than it was trained with."""
   file, config = _weights_and_config(str(path), "text_encoder")
   if model is None:
     try:
@@ -88,6 +93,12 @@ def load_text_encoder(path: str | os.PathLike, model: CLIPTextModel | None = Non
     except (ValueError, TypeError) as e:
       raise ValueError(f"{epath.Path(file).parent / 'config.json'}: {e}") from None
   state = weights.read_state_dict(file, select=clip_keys.is_text_encoder_key)
+  projection = next((k for k in state if k.endswith(TEXT_PROJECTION)), None)
+  if projection is not None:
+    raise ValueError(f"{file}: key {projection!r} is CLIPTextModelWithProjection's projection of the pooled output "
+                     "(SDXL's second text encoder, CLIP's contrastive head), not an SD 1.x/2.x text encoder: their "
+                     "U-Net cross-attends to the last hidden states, which no projection touches; use an SD 1.x/2.x "
+                     "text_encoder/")
   try:
     params, info = clip_keys.text_encoder_params(state, model)
   except ValueError as e:
