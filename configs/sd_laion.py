@@ -21,7 +21,7 @@ What runs, in order (config.pipeline):
                 (32×32×4 at 256, 64×64×4 at 512).
   teacher       SD's ε-prediction U-Net made a CFG teacher (`sd_import.teacher_from_sd`: the folder's U-Net, the
                 empty prompt's hidden states as the null context) — once the teacher stage reads
-                model.sd.weights (SD_FIELDS; the wiring is the lead's, see docs/stable_diffusion.md).
+                model.sd.weights (SD_FIELDS; see docs/stable_diffusion.md).
   teacher_v     ε → v fine-tuning (C.2: "we first fine-tune the original ε-prediction model to a v-prediction
                 model"); the students predict v.
   stage_one     w ~ U[2, 14], constant weighting, 5,000 updates after 1,000 warm-up updates (C.2: 2,000–5,000
@@ -60,8 +60,7 @@ SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, laten
 # App. C.2 per resolution: batch, warm-up updates (stage one and every round).
 RESOLUTIONS = {256: dict(batch_size=1024, warmup=1000), 512: dict(batch_size=512, warmup=1000)}
 
-# ---- PROPOSED FIELDS: not in distill/configuration.py yet. Each is set only when the field exists (the lead adds
-# them), so this file validates before and after. "@sd" means: the SD folder, linked to autoencoder.weights.
+# The fields that read the SD folder besides autoencoder.weights; "@sd" means: that folder (a FieldReference).
 SD_FIELDS = {
     "model.sd.weights": "@sd",      # the SD folder the 'teacher' stage imports (sd_import.teacher_from_sd)
     "model.sd.remat": True,         # gradient checkpointing of the U-Net's blocks (SDUNet.remat)
@@ -70,17 +69,12 @@ SD_FIELDS = {
 }
 
 
-def _set_if_present(config, dotted: str, value) -> bool:
+def _set(config, dotted: str, value) -> None:
   *parents, leaf = dotted.split(".")
   node = config
   for part in parents:
-    if part not in node:
-      return False
     node = node[part]
-  if leaf not in node:
-    return False
   node[leaf] = value
-  return True
 
 
 def get_config(arg: str | None = None):
@@ -104,14 +98,13 @@ def get_config(arg: str | None = None):
   a.scale_factor = 0.18215
   a.encode_batch_size, a.metric_images = 64, 1000
   for field, value in SD_FIELDS.items():
-    _set_if_present(config, field, a.get_ref("weights") if value == "@sd" else value)
+    _set(config, field, a.get_ref("weights") if value == "@sd" else value)
 
   m = config.model
   m.kind, m.parameterization, m.schedule = "sd_unet", "v", "scaled_linear_beta"
   m.sd.update(SD1_UNET)
   m.sd.dtype = "bfloat16"
   m.dropout = 0.0
-  m.attn_resolutions = ()  # the PD U-Net's fields are unused with kind='sd_unet' but still validated
   config.mesh.fsdp = 8
 
   t = config.teacher

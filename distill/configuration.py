@@ -13,7 +13,7 @@ from distill import diffusion, models, registry
 from distill.validation import ConfigError, choice as _choice, fail as _fail, number as _number  # noqa: F401
 from distill.validation import check_unet_size, guidance_values, positive_int as _positive_int
 
-DATA_NAMES = ("digits", "cifar10", "imagenet64", "imagenet2012", "npz", "mixture", "fashion_mnist")
+DATA_NAMES = ("digits", "cifar10", "imagenet64", "imagenet2012", "npz", "mixture", "fashion_mnist", "image_text")
 SCHEDULES = ("cosine", "linear_beta", "scaled_linear_beta")
 
 
@@ -46,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
           use_linear_projection=False, transformer_layers_per_block=1, norm_num_groups=16,
           dtype="float32",              # compute dtype ('bfloat16' on accelerators); parameters stay float32
+          remat=False,                  # gradient checkpointing of the U-Net's blocks (SDUNet.remat)
+          weights="",                   # a Stable Diffusion diffusers folder: 'teacher' imports its U-Net (sd_import)
       )),
   ))
 
@@ -171,6 +173,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
       if len(tuple(sd[f])) != levels:
         _fail(f"model.sd.{f}", tuple(sd[f]), f"must name one block per level ({levels}, as block_out_channels)")
     _positive_int(c, "model.sd.layers_per_block")
+    if not isinstance(sd.remat, bool):
+      _fail("model.sd.remat", sd.remat, "must be True or False")
+    if not isinstance(sd.weights, str):
+      _fail("model.sd.weights", sd.weights, "must be a path (a Stable Diffusion diffusers folder) or ''")
     _positive_int(c, "model.sd.norm_num_groups")
     try:
       models.sd_unet_from_config(c.model, out_channels=1, in_channels=1, context_dim=8).check()

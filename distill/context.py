@@ -61,9 +61,12 @@ class Context:
   def text_encoder(self):
     """The frozen text encoder of a text run: text.encoder_dir, '' = WORKDIR/text_encoder."""
     if self._text_encoder is None:
-      from distill import text_encoder_io
-      self._text_encoder = text_encoder_io.load_text_encoder(self.config.text.encoder_dir
-                                                             or self.stage_dir("text_encoder"))
+      from distill import sd_import, text_encoder_io
+      path = self.config.text.encoder_dir or self.stage_dir("text_encoder")
+      if sd_import.is_sd_folder(path):  # a Stable Diffusion folder's CLIP text encoder (docs/stable_diffusion.md)
+        self._text_encoder = sd_import.load_sd_text_encoder(path, data_config=self.config.data)
+      else:
+        self._text_encoder = text_encoder_io.load_text_encoder(path)
     return self._text_encoder
 
   @property
@@ -90,8 +93,7 @@ class Context:
     captions_<split>.npz)."""
     key = ("prompts", split)
     if key not in self.cache:
-      from distill import text_encoder_io
-      self.cache[key] = np.asarray(text_encoder_io.load_captions(self.text_encoder.stage_dir, split)["tokens"], np.int32)
+      self.cache[key] = np.asarray(self.text_encoder.caption_tokens(split), np.int32)
     return self.cache[key]
 
   def sample_prompts(self, labels) -> np.ndarray:

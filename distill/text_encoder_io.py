@@ -181,6 +181,11 @@ class TextEncoder:
     cross-attends to). A jax array; a pure jitted function of the tokens, so it may be called inside jit."""
     return self._hidden_fn(self.text_params, jnp.asarray(tokens, jnp.int32))
 
+  def caption_tokens(self, split: str) -> np.ndarray:
+    """int32 [N, L]: the tokens of the split's captions in its row order (`load_captions`), the same method as
+    `sd_import.SDTextEncoder.caption_tokens`."""
+    return np.asarray(load_captions(self.stage_dir, split)["tokens"], np.int32)
+
   def embed_text(self, tokens) -> np.ndarray:
     """tokens int [N, L] → float32 [N, E], L2-normalised."""
     return in_batches(lambda t: self._text_embed_fn(self.params, t), self._tokens(tokens), self.batch_size)

@@ -58,7 +58,14 @@ def boolean(c, field) -> None:
 
 def check_unet_size(c, size: int, what: str) -> None:
   """ConfigError unless model.ch_mult's levels halve `size` (the side of what the U-Net sees, named `what`)
-  evenly and model.attn_resolutions are among its resolutions."""
+  evenly and model.attn_resolutions are among its resolutions; for Stable Diffusion's U-Net (model.kind='sd_unet'),
+  that model.sd.block_out_channels' levels halve it evenly."""
+  if c.model.get("kind", "unet") == "sd_unet":
+    levels = len(tuple(c.model.sd.block_out_channels))
+    if size % 2 ** (levels - 1):
+      fail("model.sd.block_out_channels", tuple(c.model.sd.block_out_channels), f"{levels} levels halve the "
+           f"resolution {levels - 1} times; {what}={size} must divide by {2 ** (levels - 1)}")
+    return
   mult = tuple(c.model.ch_mult)
   down = 2 ** (len(mult) - 1)
   if size % down:

@@ -11,7 +11,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -282,16 +281,12 @@ def test_remat_keeps_parameters_outputs_and_gradients():
 def test_the_teacher_stage_imports_the_folder(sd, tmp_path):
   """With model.sd.weights set, the 'teacher' stage writes the imported teacher as a finished CFG teacher (no
   training), which is not read again once finished; a teacher.parameterization the folder does not predict is one
-  line. Skipped until the teacher stage has that wiring (`teacher.import_sd_teacher`)."""
+  line."""
   from distill import context, train
   from distill.methods import teacher
-  if not hasattr(teacher, "import_sd_teacher") or "weights" not in configuration.base_config().model.sd:
-    pytest.skip("the teacher stage does not import SD folders yet (model.sd.weights, teacher.import_sd_teacher)")
   folder, _, unet_params, _, _ = sd
   c = sd_config("v")
   c.teacher.parameterization, c.model.sd.weights, c.pipeline = "eps", str(folder), ("teacher", "teacher_v")
-  if "text" not in c:
-    c.text = ml_collections.ConfigDict(dict(enabled=True, encoder_dir=str(folder)))
   c.text.enabled, c.text.encoder_dir = True, str(folder)
   ctx = context.Context(c, str(tmp_path / "work"))
   assert isinstance(ctx.text_encoder, sd_import.SDTextEncoder) and ctx.text_shape == (77, WIDTH)

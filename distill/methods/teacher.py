@@ -19,11 +19,13 @@ Every later stage of the run distils it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
 import jax.numpy as jnp
 import ml_collections
+import optax
 from etils import epath
 
 from distill import conditions, contract, diffusion, models, optimizers, train, validation, writers
@@ -122,7 +124,38 @@ def _train(ctx: Context, name: str, parameterization: str, num_steps: int, lr: f
 
 def run_teacher(ctx: Context):
   c = ctx.config
+  if c.model.get("kind") == "sd_unet" and c.model.sd.get("weights"):
+    return import_sd_teacher(ctx)
   _train(ctx, TEACHER, trained_parameterization(c), c.teacher.num_steps, c.teacher.lr, c.teacher.weighting)
+
+
+def import_sd_teacher(ctx: Context):
+  """'teacher' from a Stable Diffusion folder (model.sd.weights): its U-Net, with the empty prompt's hidden states as
+  the null context (`sd_import.teacher_from_sd`), becomes final/ through the trainer with 0 updates; the folder is
+  read once (a finished stage is not read again)."""
+  from distill import sd_import
+  c = ctx.config
+  folder = c.model.sd.weights
+  model = teacher_model(ctx, plain=True)
+  init, extra = None, {}
+  if not train.has_final(ctx.stage_dir(TEACHER)):
+    encoder = ctx.text_encoder if isinstance(ctx.text_encoder, sd_import.SDTextEncoder) else None
+    try:
+      init, extra = sd_import.teacher_from_sd(folder, model, ctx.image_shape, text_encoder=encoder)
+    except (OSError, ValueError) as e:
+      raise train.TrainingError(f"model.sd.weights: {e}") from e
+    if extra["parameterization"] != trained_parameterization(c):
+      raise train.TrainingError(f"model.sd.weights={folder!r} predicts {extra['parameterization']!r} but "
+                                f"teacher.parameterization is {trained_parameterization(c)!r}; set it to match")
+  meta = stage_meta(c, TEACHER)
+  meta = dataclasses.replace(meta, extra={**meta.extra, **extra})
+  stage = train.Stage(
+      name=TEACHER, loss_fn=teacher_loss(model, trained_parameterization(c), c.teacher.weighting, 0.0, ctx.logsnr_fn,
+                                         ctx.null_label),
+      init_params=init, optimizer=optax.identity(), num_steps=0, batch_fn=lambda step: {}, seed=c.seed,
+      fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
+  params, _ = run_stage(ctx, stage, meta)
+  return params
 
 
 def run_teacher_v(ctx: Context):

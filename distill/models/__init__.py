@@ -20,7 +20,7 @@ def sd_unet_from_config(model_cfg, *, in_channels: int, out_channels: int, conte
       layers_per_block=int(sd.layers_per_block), num_attention_heads=sd.num_attention_heads,
       cross_attention_dim=int(context_dim), use_linear_projection=bool(sd.use_linear_projection),
       transformer_layers_per_block=sd.transformer_layers_per_block, norm_num_groups=int(sd.norm_num_groups),
-      dtype=jnp.bfloat16 if sd.dtype == "bfloat16" else jnp.float32)
+      dtype=jnp.bfloat16 if sd.dtype == "bfloat16" else jnp.float32, remat=bool(sd.get("remat", False)))
 
 
 def unet_from_config(model_cfg, data_cfg, *, w_embedding: bool = False, step_embedding: bool = False,
