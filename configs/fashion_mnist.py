@@ -24,7 +24,8 @@ on the latents; docs/text_to_image.md), and its smoke run (`:text_quick` = `:tex
   python -m distill.main --config=configs/fashion_mnist.py:text --workdir=runs/fashion_mnist_text
   python -m distill.main --config=configs/fashion_mnist.py:text_quick --workdir=runs/fashion_mnist_text_quick
   python -m distill.main --mode=sample --checkpoint=runs/fashion_mnist_text/distill_deterministic/N0004 \
-      --prompt="a bright large trouser" --prompt="a dark small bag" --w=0,2
+      --prompt="a bright large wide trouser" --prompt="a dark small narrow bag" --w=0,2
+Text-guided inpainting (`:text,inpaint`; `--mode=inpaint --prompt=...` on its students).
 """
 from distill.configuration import apply_variants, base_config
 
@@ -105,6 +106,9 @@ def get_config(arg: str | None = None):
     config.inpaint.enabled = True
   if "text" in names:
     _text(config, quick="quick" in names)
+  if "text" in names and "inpaint" in names:  # text-guided inpainting: the text teacher extended, then distilled
+    i = config.pipeline.index("teacher_v") + 1
+    config.pipeline = config.pipeline[:i] + ("teacher_inpaint",) + config.pipeline[i:]
   if "pixel" in (arg or "").split(","):
     _pixel(config)
   return config

@@ -1,0 +1,45 @@
+"""Text-to-image end to end from the command line on a real 2,000 + 500 image subset of Fashion-MNIST: the
+autoencoder, the text encoder stage, a text-conditioned ε teacher on Stable Diffusion's U-Net, its inpainting
+extension, stage one, a halving round and the evaluation with the text-image score; then --prompt with
+--mode=sample, img2img and inpaint on the finished student."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.test_fashion_e2e import DEBIAN, ROOT, write_subset
+
+
+def _main(args):
+  return subprocess.run([sys.executable, "-m", "distill.main", *args], capture_output=True, text=True, timeout=1500,
+                        cwd=ROOT)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(DEBIAN), reason=f"{DEBIAN} absent: apt-get install dataset-fashion-mnist")
+def test_text_guided_pipeline_and_prompt_modes(tmp_path):
+  write_subset(tmp_path / "fmnist")
+  workdir = tmp_path / "run"
+  run = _main([f"--config={ROOT}/configs/fashion_mnist.py:text,inpaint,quick", f"--workdir={workdir}",
+               f"--config.data.data_dir={tmp_path / 'fmnist'}", "--config.distill.start_steps=2",
+               "--config.eval.w_values=(0.0,)", "--config.eval.max_reference=2000", "--config.text.steps=150"])
+  assert run.returncode == 0, run.stderr[-3000:]
+  rows = json.loads((workdir / "results.json").read_text())["rows"]
+  scores = [r["text_score"] for r in rows]
+  assert rows and all(0.0 <= s <= 100.0 for s in scores) and all(r.get("text_score_ci") for r in rows)
+  assert "text-image score" in (workdir / "report.md").read_text()
+  student = workdir / "distill_deterministic" / "N0001"
+  prompts = ["--prompt=a bright large wide trouser", "--prompt=a dark small narrow bag"]
+  for mode, extra in (("sample", ["--num=2"]), ("img2img", ["--num=2", "--strength=0.8"]),
+                      ("inpaint", ["--num=2", "--mask=box:0.5,0,1,1"])):
+    out = tmp_path / mode
+    ok = _main([f"--mode={mode}", f"--checkpoint={student}", *prompts, "--w=0,2", *extra, f"--out={out}"])
+    assert ok.returncode == 0, (mode, ok.stderr[-2000:])
+    with np.load(str(out) + ".npz") as d:
+      images = d["images"] if "images" in d else d["outputs"]
+      assert np.all(np.isfinite(images)) and len(images) == 4 * (2 if mode == "sample" else 1)
+  bad = _main(["--mode=sample", f"--checkpoint={student}", "--prompt=a purple trouser"])
+  assert bad.returncode == 2 and "unknown word 'purple'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
