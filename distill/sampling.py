@@ -323,6 +323,7 @@ def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0
   for w in w_values:
     if not (math.isfinite(w) and w >= 0):
       raise SamplingError(f"--w={w}: guidance strengths must be finite numbers >= 0")
+  prompted = prompt_condition(ctx, prompts) if prompts else None
   check_fits(ctx, params, stage_dir)
   fn, nfe = registry.sampler(ctx, params, meta, num_steps=steps, name=sampler)
   ws = np.asarray(w_values, np.float32)
@@ -330,7 +331,7 @@ def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0
   y = jnp.tile(jnp.repeat(jnp.asarray(labels, jnp.int32), num), len(ws))
   cond = y
   if prompts:
-    cond = _tile(jax.tree.map(lambda a: jnp.repeat(a, num, axis=0), prompt_condition(ctx, prompts)), len(ws))
+    cond = _tile(jax.tree.map(lambda a: jnp.repeat(a, num, axis=0), prompted), len(ws))
   w = jnp.repeat(jnp.asarray(ws), per_row)
   noise = jax.random.normal(jax.random.PRNGKey(seed), (1, per_row) + ctx.image_shape)
   z = jnp.broadcast_to(noise, (len(ws), per_row) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
