@@ -107,8 +107,8 @@ def get_config(arg: str | None = None):
   if "text" in names:
     _text(config, quick="quick" in names)
   if "text" in names and "inpaint" in names:  # text-guided inpainting: the text teacher extended, then distilled
-    i = config.pipeline.index("teacher_v") + 1
-    config.pipeline = config.pipeline[:i] + ("teacher_inpaint",) + config.pipeline[i:]
+    i = TEXT_PIPELINE.index("teacher_v") + 1
+    config.pipeline = TEXT_PIPELINE[:i] + ("teacher_inpaint",) + TEXT_PIPELINE[i:]
   if "pixel" in (arg or "").split(","):
     _pixel(config)
   return config

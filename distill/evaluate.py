@@ -257,7 +257,7 @@ def run_stage(ctx: Context):
                               bootstrap=e.bootstrap, seed=seed)
       if agreement_clf is not None:
         scores["class_agreement"] = classifier_lib.class_agreement(agreement_clf, x, np.asarray(labels), k)
-      if ctx.text:
+      if ctx.text and hasattr(ctx.text_encoder, "embed_images"):  # an SD folder's encoder has no image tower
         scores.update(text_score(ctx, x, ctx.sample_prompts(np.asarray(labels)), e.bootstrap, seed))
       if seed == c.seed:
         tag = re.sub(r"[^A-Za-z0-9.+-]+", "_", method).strip("_") + f"_{sampler}_w{w:g}_{steps}"

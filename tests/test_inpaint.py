@@ -260,3 +260,12 @@ def test_inpaint_variants_validate_as_inpainting_runs(name):
     c = load_config(name, arg)
     configuration.validate(c)
     assert c.inpaint.enabled and "teacher_inpaint" in c.pipeline and c.pipeline[-1] == "evaluate"
+
+
+def test_text_and_inpaint_combine_into_one_pipeline():
+  from tests.test_configuration import load_config
+  c = load_config("fashion_mnist", "text,inpaint,quick")
+  assert c.pipeline == ("autoencoder", "text_encoder", "teacher", "teacher_v", "teacher_inpaint", "stage_one",
+                        "distill_deterministic", "evaluate")
+  assert c.text.enabled and c.inpaint.enabled and c.model.kind == "sd_unet"
+  configuration.validate(c)
