@@ -179,8 +179,7 @@ def img2img(stage_dir: str, *, strength: float, w_values=(0.0,), target_labels=N
   ws = np.asarray(w_values, np.float32)
   z = jnp.tile(z_s, (len(ws),) + (1,) * (z_s.ndim - 1))
   cond = _tile(prompt_condition(ctx, prompts, n), len(ws)) if prompts else jnp.tile(jnp.asarray(targets), len(ws))
-  if ctx.inpaint:  # an inpainting model, asked to generate the whole image
-    cond = conditions.inpaint(jnp.zeros_like(z), cond, jnp.ones(z.shape[:3] + (1,)))
+  cond = _whole_image(ctx, cond, z)  # an inpainting model, asked to generate the whole image
   outputs = sample_images(ctx, fn, z, cond, jnp.repeat(jnp.asarray(ws), n))
   out = out or os.path.join(stage_dir, f"img2img_s{strength:g}_{taken}steps_seed{seed}")
   captions = class_captions(ctx.config.data, k)
@@ -208,6 +207,13 @@ def prompt_condition(ctx, prompts, n: int | None = None):
     raise SamplingError(f"--prompt={','.join(prompts)!r}: {e}") from e
   rows = np.arange(len(prompts) if n is None else n) % len(prompts)
   return {"label": jnp.zeros((len(rows),), jnp.int32), "context": jnp.asarray(ctx.text_contexts(tokens[rows]))}
+
+
+def _whole_image(ctx, cond, z):
+  """`cond` for generating whole images: in an inpainting run, with a mask of ones (nothing kept)."""
+  if not ctx.inpaint:
+    return cond
+  return conditions.inpaint(jnp.zeros_like(z), cond, jnp.ones(z.shape[:3] + (1,)))
 
 
 def _tile(cond, times: int):
@@ -330,11 +336,11 @@ def sample_checkpoint(stage_dir: str, *, steps: int | None = None, w_values=(0.0
   per_row = len(labels) * num
   y = jnp.tile(jnp.repeat(jnp.asarray(labels, jnp.int32), num), len(ws))
   cond = y
-  if prompts:
-    cond = _tile(jax.tree.map(lambda a: jnp.repeat(a, num, axis=0), prompted), len(ws))
   w = jnp.repeat(jnp.asarray(ws), per_row)
   noise = jax.random.normal(jax.random.PRNGKey(seed), (1, per_row) + ctx.image_shape)
   z = jnp.broadcast_to(noise, (len(ws), per_row) + ctx.image_shape).reshape((-1,) + ctx.image_shape)
+  if prompts:  # (in an inpainting run, whole images; with labels, the run's own test-image condition)
+    cond = _whole_image(ctx, _tile(jax.tree.map(lambda a: jnp.repeat(a, num, axis=0), prompted), len(ws)), z)
   x = sample_images(ctx, fn, z, cond, w)
   out = out or os.path.join(stage_dir, f"sample_{sampler}_{steps}steps_seed{seed}")
   captions = list(prompts) if prompts else class_captions(ctx.config.data, ctx.config.data.num_classes)
