@@ -266,12 +266,7 @@ def img2img_main():
   w_values = _guidance_flag()
   if not (math.isfinite(_STRENGTH.value) and 0 < _STRENGTH.value <= 1):
     fail(f"--strength={_STRENGTH.value}: must lie in (0, 1] (the noise level the images are taken to)")
-  try:
-    labels = None if _LABELS.value is None else [int(v) for v in _LABELS.value]
-  except ValueError:
-    fail(f"--labels={','.join(_LABELS.value)}: class labels must be integers")
-  if _NUM.value < 1:
-    fail(f"--num={_NUM.value}: must be >= 1")
+  labels = _target_labels_and_num()
   try:
     result = sampling.img2img(_CHECKPOINT.value, strength=_STRENGTH.value, w_values=w_values, target_labels=labels,
                               num=_NUM.value, steps=_STEPS.value, sampler=_SAMPLER.value, force=_FORCE.value,
@@ -281,17 +276,23 @@ def img2img_main():
   print(f"wrote {result['png']} (top: inputs; then one row per w; {result['steps']} steps) and {result['npz']}")
 
 
-def inpaint_main():
-  from distill import sampling
-  if not _CHECKPOINT.value:
-    fail("--checkpoint=STAGE_DIR is required with --mode=inpaint")
-  w_values = _guidance_flag()
+def _target_labels_and_num():
+  """img2img and inpaint: --labels as integers (None: the images' own) after checking --num."""
   try:
     labels = None if _LABELS.value is None else [int(v) for v in _LABELS.value]
   except ValueError:
     fail(f"--labels={','.join(_LABELS.value)}: class labels must be integers")
   if _NUM.value < 1:
     fail(f"--num={_NUM.value}: must be >= 1")
+  return labels
+
+
+def inpaint_main():
+  from distill import sampling
+  if not _CHECKPOINT.value:
+    fail("--checkpoint=STAGE_DIR is required with --mode=inpaint")
+  w_values = _guidance_flag()
+  labels = _target_labels_and_num()
   try:
     result = sampling.inpaint(_CHECKPOINT.value, mask=_MASK.value, w_values=w_values, target_labels=labels,
                               num=_NUM.value, steps=_STEPS.value, sampler=_SAMPLER.value, force=_FORCE.value,

@@ -152,17 +152,7 @@ def img2img(stage_dir: str, *, strength: float, w_values=(0.0,), target_labels=N
                         "cannot start part-way; img2img needs one that follows the schedule "
                         f"({', '.join(s for s in registry.sampler_names() if registry.follows_schedule(s))})")
   k = ctx.config.data.num_classes
-  if images is None:
-    source = ctx.pixel_source("test")
-    idx = np.random.default_rng(seed).choice(len(source), size=min(num, len(source)), replace=False)
-    batch = source.get_batch(idx)
-    images, labels = np.asarray(batch["image"]), np.asarray(batch["label"], np.int32)
-  images = np.asarray(images, np.float32)
-  labels = np.asarray(labels if labels is not None else np.zeros(len(images)), np.int32)
-  targets = labels if target_labels is None else np.resize(np.asarray(target_labels, np.int32), len(images))
-  for y in targets:
-    if not 0 <= y < k:
-      raise SamplingError(f"--labels={y}: classes are 0..{k - 1}")
+  images, labels, targets = _inputs(ctx, images, labels, target_labels, num, seed)
   x0 = jnp.asarray(images)
   if ctx.is_latent:
     x0 = jnp.asarray(ctx.latent.encode(x0))
@@ -272,17 +262,7 @@ def inpaint(stage_dir: str, *, mask: str = "box:0.25,0,1,1", w_values=(0.0,), ta
   h, w_px = ctx.pixel_shape[:2]
   pixel_mask = parse_mask(mask, h, w_px)
   k = ctx.config.data.num_classes
-  if images is None:
-    source = ctx.pixel_source("test")
-    idx = np.random.default_rng(seed).choice(len(source), size=min(num, len(source)), replace=False)
-    batch = source.get_batch(idx)
-    images, labels = np.asarray(batch["image"]), np.asarray(batch["label"], np.int32)
-  images = np.asarray(images, np.float32)
-  labels = np.asarray(labels if labels is not None else np.zeros(len(images)), np.int32)
-  targets = labels if target_labels is None else np.resize(np.asarray(target_labels, np.int32), len(images))
-  for y in targets:
-    if not 0 <= y < k:
-      raise SamplingError(f"--labels={y}: classes are 0..{k - 1}")
+  images, labels, targets = _inputs(ctx, images, labels, target_labels, num, seed)
   x0 = np.asarray(ctx.latent.encode(jnp.asarray(images))) if ctx.is_latent else images
   cond_mask = conditions.downsample_mask(pixel_mask, *x0.shape[1:3]) if ctx.is_latent else pixel_mask
   n, ws = len(images), np.asarray(w_values, np.float32)
@@ -305,6 +285,25 @@ def inpaint(stage_dir: str, *, mask: str = "box:0.25,0,1,1", w_values=(0.0,), ta
   writers.atomic_write_bytes(out + ".npz", writers.npz_bytes(
       inputs=images, mask=pixel_mask, outputs=outputs, labels=labels, target_labels=targets, w=np.repeat(ws, n)))
   return {"png": out + ".png", "npz": out + ".npz", "steps": steps, "mask": pixel_mask, "outputs": outputs}
+
+
+def _inputs(ctx, images, labels, target_labels, num: int, seed: int):
+  """(images float32 [N, H, W, C], labels int32 [N], targets int32 [N]) of img2img and inpainting: `images` with
+  `labels` (zeros when None), or `num` test images drawn with `seed`; targets are `target_labels` cycled over them,
+  else the labels. SamplingError (one line) for a target outside the classes."""
+  k = ctx.config.data.num_classes
+  if images is None:
+    source = ctx.pixel_source("test")
+    idx = np.random.default_rng(seed).choice(len(source), size=min(num, len(source)), replace=False)
+    batch = source.get_batch(idx)
+    images, labels = np.asarray(batch["image"]), np.asarray(batch["label"], np.int32)
+  images = np.asarray(images, np.float32)
+  labels = np.asarray(labels if labels is not None else np.zeros(len(images)), np.int32)
+  targets = labels if target_labels is None else np.resize(np.asarray(target_labels, np.int32), len(images))
+  for y in targets:
+    if not 0 <= y < k:
+      raise SamplingError(f"--labels={y}: classes are 0..{k - 1}")
+  return images, labels, targets
 
 
 def _rescaled_logsnr(base, s: float, t):

@@ -2,12 +2,10 @@
 pixel loop and hand-computed attributes, the word tokenizer and CLIP's pooled-output rules, the contrastive loss
 and the held-out numbers against slow numpy loops, the 'text_encoder' stage on a real Fashion-MNIST subset with
 its files and loader (distill/methods/text_encoder.py, distill/text_encoder_io.py), and the config's refusals."""
-import gzip
 import json
 import math
 import os
 import shutil
-import struct
 
 import jax
 import jax.numpy as jnp
@@ -287,15 +285,7 @@ def test_caption_attribute_and_zero_shot_accuracy_on_constructed_embeddings():
 # --- the stage on real Fashion-MNIST -------------------------------------------------------------------------
 
 
-def write_subset(directory, n_train, n_test):
-  """The first n images of each real split, as IDX files the data source reads (data.data_dir)."""
-  os.makedirs(directory, exist_ok=True)
-  for split, n in (("train", n_train), ("test", n_test)):
-    images, labels = data.load_fashion_mnist(split)
-    for name, array in zip(data.FASHION_MNIST_FILES[split], (images[:n, ..., 0], labels[:n].astype(np.uint8))):
-      header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-      with gzip.open(os.path.join(directory, name + ".gz"), "wb") as f:
-        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+from tests.test_fashion_e2e import write_subset  # noqa: E402  (the first n images of each real split)
 
 
 def tiny_config(data_dir, **text_fields):
