@@ -47,6 +47,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -167,6 +168,8 @@ def _orbax_errors_held():
     absl_logger.removeFilter(hold)
     absl_logger.addFilter(_ORBAX_THREAD_ERRORS)  # the same object each time: added once
     logging.getLogger("asyncio").addFilter(_ORBAX_THREAD_ERRORS)
+    # The failed save's write coroutines that never ran are collected at exit, each as a RuntimeWarning.
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     quiet_closed_event_loops()
     raise
   absl_logger.removeFilter(hold)
