@@ -31,9 +31,11 @@ What runs, in order (config.pipeline):
                 sampling steps") down to 1 step: rounds to 256, …, 8 steps take 5,000 updates and those to 4, 2, 1
                 steps 50,000 (C.2: 2,000–5,000 and 10,000–50,000), each after 1,000 warm-up updates; truncated-SNR
                 weighting.
-  evaluate      FID / IS of 5,000 samples at w ∈ {2, 8} against the test split (Table 2 is at w = 8; the paper
-                scores COCO2017 captions with FID and CLIP score, neither of which this config can reproduce
-                without those captions and a CLIP image tower).
+  evaluate      FID / IS of 5,000 samples at w ∈ {2, 8} against the test split (Table 2 is at w = 8). The
+                paper's protocol, FID and CLIP score on COCO2017 captions: add
+                --config.eval.clip_path=CLIP_FOLDER (e.g. a local openai/clip-vit-large-patch14) and
+                --config.eval.captions=COCO_CAPTIONS.txt (one per line), and --config.eval.reference_stats=
+                the COCO images' FID statistics (docs/text_to_image.md).
 
 Batch: 1,024 at 256, 512 at 512 (C.2). We chose the upper ends of the paper's ranges (5,000 / 50,000 updates;
 lower them for the few-thousand-update runs of Fig. 26). Not stated by the paper, ours: learning rates (1e-4,

@@ -114,6 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
                                         # FID (a 2048-d eigendecomposition with Inception features)
       teacher_ddpm="all",               # teacher DDPM rows at every step count DDIM is scored at, or 'reference'
                                         # (sample.num_steps only)
+      clip_path="",                     # text runs: a CLIP model folder (transformers' layout: config.json,
+                                        # model.safetensors, tokenizer): each row also gets its CLIP score
+      captions="",                      # text runs: a UTF-8 file, one caption per line, that every row samples
+                                        # at (cycled) in place of the test split's captions ('' = those)
   ))
   return c
 
@@ -231,6 +235,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("eval.seeds", c.eval.seeds, "must be an integer >= 1 (noise seeds per evaluated row)")
   if not isinstance(c.eval.reference_stats, str):
     _fail("eval.reference_stats", c.eval.reference_stats, "must be a path ('' = the training split's statistics)")
+  text_run = bool(c.get("text") and c.text.enabled)
+  for field in ("clip_path", "captions"):
+    value = c.eval[field]
+    if not isinstance(value, str):
+      _fail(f"eval.{field}", value, "must be a path ('' = none)")
+    if value and not text_run:
+      _fail(f"eval.{field}", value, "is for text-to-image runs (text.enabled=True): the CLIP score compares each "
+            "sample with its caption; leave it '' here")
   registry.validate(c)
 
 

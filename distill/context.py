@@ -99,18 +99,29 @@ class Context:
   def sample_prompts(self, labels) -> np.ndarray:
     """int32 [N, L]: the prompts grids, class agreement and evaluation sample a text run at, for labels [N]: for
     the k-th row asking for class y, the caption of the k-th test image of class y (cycled)."""
+    return self.prompts("test")[self._sample_rows(labels)]
+
+  def sample_captions(self, labels) -> list[str]:
+    """The caption strings of `sample_prompts(labels)`, row for row."""
+    key = ("captions", "test")
+    if key not in self.cache:
+      self.cache[key] = list(self.text_encoder.captions("test"))
+    return [self.cache[key][i] for i in self._sample_rows(labels)]
+
+  def _sample_rows(self, labels) -> np.ndarray:
+    """int [N]: the test rows whose captions `sample_prompts(labels)` takes."""
     labels = np.asarray(labels)
-    tokens = self.prompts("test")
     if "test_labels" not in self.cache:
-      self.cache["test_labels"] = np.asarray(self.pixel_source("test").get_batch(np.arange(len(tokens)))["label"])
+      n = len(self.prompts("test"))
+      self.cache["test_labels"] = np.asarray(self.pixel_source("test").get_batch(np.arange(n))["label"])
     test_labels = self.cache["test_labels"]
-    out = np.zeros((len(labels), tokens.shape[1]), np.int32)
+    out = np.zeros(len(labels), np.int64)
     for y in np.unique(labels):
       rows = np.flatnonzero(labels == y)
       of_class = np.flatnonzero(test_labels == y)
       if not len(of_class):
         raise data_lib.DataError(f"the test split has no image of class {y} to caption")
-      out[rows] = tokens[of_class[np.arange(len(rows)) % len(of_class)]]
+      out[rows] = of_class[np.arange(len(rows)) % len(of_class)]
     return out
 
   def train_batches(self, batch_size: int, *, plain: bool = False):
@@ -130,16 +141,17 @@ class Context:
       return {**batch, "label": conditions.inpaint(x, batch["label"], masks)}
     return with_masks
 
-  def sample_condition(self, labels):
+  def sample_condition(self, labels, prompts=None):
     """The condition grids, class agreement and evaluation sample at, for labels [N]: the labels themselves, or in
     an inpainting run the inpainting condition of the first N test images (cycled) with inpaint.eval_box
-    generated and `labels` requested. A condition already built (a dict) is returned as it is."""
+    generated and `labels` requested. A text run's prompts are `prompts` (tokens int [N, L]) when given, else
+    `sample_prompts(labels)`. A condition already built (a dict) is returned as it is."""
     if isinstance(labels, dict):
       return labels
     cond = labels
     if self.text:
-      cond = {"label": jnp.asarray(labels, jnp.int32),
-              "context": jnp.asarray(self.text_contexts(self.sample_prompts(np.asarray(labels))))}
+      prompts = self.sample_prompts(np.asarray(labels)) if prompts is None else prompts
+      cond = {"label": jnp.asarray(labels, jnp.int32), "context": jnp.asarray(self.text_contexts(prompts))}
     if not self.inpaint:
       return cond
     n = len(labels)
@@ -237,11 +249,12 @@ def autoencoder_dir(ctx: Context) -> str:
   return ctx.config.latent.autoencoder_dir or ctx.stage_dir("autoencoder")
 
 
-def sample_images(ctx: Context, fn, z, labels, w) -> np.ndarray:
+def sample_images(ctx: Context, fn, z, labels, w, prompts=None) -> np.ndarray:
   """Pictures of fn(z, condition, w)'s samples: sampled in chunks of sample.batch_size, then `Context.decode`d.
-  z: [N, *image_shape]; labels, w: [N] (the condition is `Context.sample_condition(labels)`). Returns
+  z: [N, *image_shape]; labels, w: [N] (the condition is `Context.sample_condition(labels, prompts)`). Returns
   [N, H, W, C] in [−1, 1] (numpy)."""
-  return ctx.decode(sample_in_chunks(fn, z, ctx.sample_condition(labels), w, ctx.config.sample.batch_size))
+  cond = ctx.sample_condition(labels, prompts)
+  return ctx.decode(sample_in_chunks(fn, z, cond, w, ctx.config.sample.batch_size))
 
 
 def teacher_dir(ctx: Context) -> str:

@@ -156,6 +156,11 @@ def row_key(c, fingerprint: str, sampler: str, w: float, steps: int, metric: str
             "is_splits": int(c.eval.is_splits), "pr_k": int(c.eval.pr_k), "dc_k": int(c.eval.dc_k),
             "clip": bool(c.sample.clip), "classes": int(c.data.num_classes),
             "reference_stats": c.eval.get("reference_stats", ""), "bootstrap": int(c.eval.get("bootstrap", 0))}
+  for field in ("clip_path", "captions"):  # named only when set: rows cached without them keep their keys
+    if c.eval.get(field):
+      fields[field] = c.eval[field]
+  if c.eval.get("captions"):
+    fields["captions_sha256"] = hashlib.sha256(epath.Path(os.path.expanduser(c.eval.captions)).read_bytes()).hexdigest()
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -173,6 +178,49 @@ def text_score(ctx: Context, images, prompts, bootstrap: int, seed: int) -> dict
   return protocol.clip_intervals(out)
 
 
+def read_captions(path: str) -> list[str]:
+  """eval.captions: a UTF-8 text file, one caption per line; blank lines are skipped. EvaluationError (one line
+  naming the file) when it cannot be read or holds no caption."""
+  try:
+    lines = epath.Path(os.path.expanduser(path)).read_text(encoding="utf-8").splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise EvaluationError(f"eval.captions={path!r}: cannot be read as UTF-8 text ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160]})") from None
+  captions = [line.strip() for line in lines if line.strip()]
+  if not captions:
+    raise EvaluationError(f"eval.captions={path!r}: holds no caption (one per line)")
+  return captions
+
+
+def clip_scorer(path: str):
+  """The `clip_score.Scorer` of eval.clip_path; EvaluationError (one line naming the file) when the folder does
+  not hold a CLIP model's weights, config and tokenizer."""
+  from distill.evaluation import clip_score
+  try:
+    return clip_score.Scorer(os.path.expanduser(path))
+  except (OSError, ImportError, ValueError) as e:
+    raise EvaluationError(f"eval.clip_path={path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+        from None
+
+
+def row_captions(ctx: Context, labels) -> tuple[list[str] | None, np.ndarray | None]:
+  """(caption strings [N], their prompt tokens int32 [N, L]) a text run's evaluation rows sample at, for labels
+  [N]: eval.captions' lines cycled, tokenized by the run's text encoder, or the test split's captions
+  (`Context.sample_captions`); (None, None) in other runs."""
+  if not ctx.text:
+    return None, None
+  labels = np.asarray(labels)
+  if ctx.config.eval.captions:
+    file = read_captions(ctx.config.eval.captions)
+    captions = [file[i % len(file)] for i in range(len(labels))]
+    try:
+      return captions, np.asarray(ctx.text_encoder.encode(captions), np.int32)
+    except ValueError as e:  # a word the run's own tokenizer does not know
+      raise EvaluationError(f"eval.captions={ctx.config.eval.captions!r}: the run's text encoder cannot tokenize "
+                            f"it ({str(e).splitlines()[0][:200]})") from None
+  return ctx.sample_captions(labels), ctx.sample_prompts(labels)
+
+
 def run_stage(ctx: Context):
   """The pipeline's 'evaluate' stage: the CFG teacher (DDIM at the reference step count and at every student
   step count, DDPM at the reference) and every finished student, at each w of eval.w_values."""
@@ -182,7 +230,8 @@ def run_stage(ctx: Context):
   results_path = os.path.join(ctx.workdir, "results.json")
   evaluated = {"checkpoints": ["teacher"] + [name for name, _ in students], "w_values": list(e.w_values),
                "per_class": e.per_class, "seed": c.seed, "metric": protocol.resolve_metric(c),
-               "teacher_ddpm": e.teacher_ddpm, "reference_stats": e.reference_stats, "seeds": e.seeds}
+               "teacher_ddpm": e.teacher_ddpm, "reference_stats": e.reference_stats, "seeds": e.seeds,
+               **{f: e[f] for f in ("clip_path", "captions") if e[f]}}
   if epath.Path(results_path).exists():
     if writers.read_json(results_path).get("evaluated") == evaluated:
       print(f"[evaluate] {results_path} already covers these checkpoints; delete it to evaluate again")
@@ -192,7 +241,10 @@ def run_stage(ctx: Context):
   ref = reference(ctx, net)
   k = c.data.num_classes
   labels = jnp.repeat(jnp.arange(k), e.per_class)
-  agreement_clf = get_classifier(ctx)[0] if c.data.name in protocol.EMBEDDED else None
+  captions, prompts = row_captions(ctx, labels)
+  # Class agreement asks whether a sample shows its label's class: not a question for captions from a file.
+  agreement_clf = get_classifier(ctx)[0] if c.data.name in protocol.EMBEDDED and not e.captions else None
+  scorer = clip_scorer(e.clip_path) if e.clip_path else None
 
   costs = chain_costs({n: m for n, (_, m, _) in loaded.items()}, {n: raw for n, (_, _, raw) in loaded.items()})
   metas = {n: (p, m) for n, (p, m, _) in loaded.items() if m.scored}
@@ -252,17 +304,24 @@ def run_stage(ctx: Context):
                             f"rows are cached in {cache_dir}", "evaluate", done - 1, len(jobs), None)
       if seed not in noise:
         noise[seed] = jax.random.normal(jax.random.PRNGKey(seed + 2000), (len(labels),) + ctx.image_shape)
-      x = sample_images(ctx, fn, noise[seed], labels, jnp.full((len(labels),), w, jnp.float32))
+      x = sample_images(ctx, fn, noise[seed], labels, jnp.full((len(labels),), w, jnp.float32), prompts)
       scores = protocol.score(net, ref, x, is_splits=e.is_splits, pr_k=e.pr_k, dc_k=e.dc_k,
                               bootstrap=e.bootstrap, seed=seed)
       if agreement_clf is not None:
         scores["class_agreement"] = classifier_lib.class_agreement(agreement_clf, x, np.asarray(labels), k)
       if ctx.text and hasattr(ctx.text_encoder, "embed_images"):  # an SD folder's encoder has no image tower
-        scores.update(text_score(ctx, x, ctx.sample_prompts(np.asarray(labels)), e.bootstrap, seed))
+        scores.update(text_score(ctx, x, prompts, e.bootstrap, seed))
+      if scorer is not None:
+        scores.update(scorer.score(x, captions, bootstrap=e.bootstrap, seed=seed))
       if seed == c.seed:
         tag = re.sub(r"[^A-Za-z0-9.+-]+", "_", method).strip("_") + f"_{sampler}_w{w:g}_{steps}"
-        _save_row_grid(os.path.join(grid_dir, tag + ".png"), x, np.asarray(labels), e.per_class, c.data,
-                       f"{method} ({sampler}), w = {w:g}, {steps} steps, NFE {nfe}")
+        title = f"{method} ({sampler}), w = {w:g}, {steps} steps, NFE {nfe}"
+        if e.captions:
+          writers.save_image_grid(os.path.join(grid_dir, tag + ".png"), x[:100], ncols=10,
+                                  upscale=max(1, 64 // c.data.image_size),
+                                  title=f"{title}; the first captions of {os.path.basename(e.captions)}")
+        else:
+          _save_row_grid(os.path.join(grid_dir, tag + ".png"), x, np.asarray(labels), e.per_class, c.data, title)
       # Last: a cached row is never sampled again, so its grid is written first (a full disk at the grid leaves
       # the row to be scored again, not cached without its grid).
       writers.atomic_write_json(os.path.join(cache_dir, row_id + ".json"), scores)
@@ -275,6 +334,7 @@ def run_stage(ctx: Context):
             f"w={w:<4g} steps={steps:<4} nfe={nfe:<4} {report.metric_label(net.metric)} {scores['fid']:8.3f}{fid_ci}"
             f"  {report.metric_label(net.metric, 'IS')} {scores['is']:6.2f}  P/R {scores['precision']:.3f}/"
             f"{scores['recall']:.3f}" + (f"  text {scores['text_score']:.2f}" if "text_score" in scores else "")
+            + (f"  CLIP {scores['clip_score']:.2f}" if "clip_score" in scores else "")
             + f" ({time.time() - t0:.0f}s, ETA {writers.format_duration(eta)})")
     scores = per_seed[0] if len(per_seed) == 1 else protocol.combine_seeds(per_seed)
     rows.append({**head, **scores, "seed": c.seed, "checkpoint": checkpoint, **cost})
@@ -287,6 +347,13 @@ def write_outputs(workdir: str, rows, net: protocol.FeatureNet, ref: protocol.Re
   notes = [f"Features: {net.description}; {stats}reference features: {ref.num_images:,} training images.",
            "Every row samples the same noise and labels; nfe counts network evaluations per sample."]
   seeds = max((int(r.get("seeds", 1)) for r in rows), default=1)
+  if any("clip_score" in r for r in rows):
+    source = (f"the captions of {evaluated['captions']} (one per line, cycled over a row's samples)"
+              if evaluated and evaluated.get("captions") else "the test split's captions of each row's classes")
+    where = f" of {evaluated['clip_path']}" if evaluated and evaluated.get("clip_path") else ""
+    notes.append(f"CLIP score (Hessel et al. 2021): mean over samples of 100·max(cos, 0) between the CLIP image and "
+                 f"text embeddings{where} of each sample and the caption it was sampled at: {source}; each row at "
+                 "its own guidance w.")
   if seeds > 1:
     notes.append(f"Each number is the mean over {seeds} noise seeds and its interval the 95 % t-interval of that "
                  "mean over seeds (per-seed values in results.json, `<metric>_seeds`).")

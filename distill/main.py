@@ -421,6 +421,21 @@ def _check_reference_stats(config):
     fail(f"eval.reference_stats={config.eval.reference_stats!r}: {_one_line(e)}")
 
 
+def _check_clip(config):
+  """eval.clip_path and eval.captions, when the pipeline evaluates: the CLIP folder loads (weights, config,
+  tokenizer) and the captions file holds captions, before anything is written."""
+  if "evaluate" not in tuple(config.pipeline):
+    return
+  from distill import evaluate
+  try:
+    if config.eval.captions:
+      evaluate.read_captions(config.eval.captions)
+    if config.eval.clip_path:
+      evaluate.clip_scorer(config.eval.clip_path)
+  except evaluate.EvaluationError as e:
+    fail(str(e))
+
+
 def _preflight(config):
   """Before anything is written: the pre-run checks (weight files, …) of the methods the pipeline runs."""
   from distill import registry, validation
@@ -632,6 +647,7 @@ def _main(argv):
   _check_devices(config)
   _check_inception_weights(config)
   _check_reference_stats(config)
+  _check_clip(config)
   _check_teacher_dir(config)
   _preflight(config)
 

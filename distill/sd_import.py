@@ -121,12 +121,16 @@ class SDTextEncoder:
 
   def caption_tokens(self, split: str) -> np.ndarray:
     """int32 [N, L]: the tokens of the captions of the image-text source's rows of `split`, in row order."""
+    return self.encode(self.captions(split))
+
+  def captions(self, split: str) -> list[str]:
+    """The caption strings of the image-text source's rows of `split`, in row order."""
     if self.data_config is None or self.data_config.get("name") != "image_text":
       raise ValueError(f"{self.folder}: an SD text encoder tokenizes the captions of an image-text data set; "
                        "set data.name='image_text' and data.path to its directory (distill/image_text.py)")
     from distill import image_text
     source = image_text.make_image_text_source(self.data_config, split)
-    return self.encode(source.captions(np.arange(len(source))))
+    return list(source.captions(np.arange(len(source))))
 
   def score(self, images, tokens):
     raise ValueError(f"{self.folder}: an SD folder holds no image tower; CLIP scores need a CLIP vision model")

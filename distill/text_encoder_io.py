@@ -186,6 +186,10 @@ class TextEncoder:
     `sd_import.SDTextEncoder.caption_tokens`."""
     return np.asarray(load_captions(self.stage_dir, split)["tokens"], np.int32)
 
+  def captions(self, split: str) -> list[str]:
+    """The split's caption strings in its row order (`load_captions`)."""
+    return list(load_captions(self.stage_dir, split)["captions"])
+
   def embed_text(self, tokens) -> np.ndarray:
     """tokens int [N, L] → float32 [N, E], L2-normalised."""
     return in_batches(lambda t: self._text_embed_fn(self.params, t), self._tokens(tokens), self.batch_size)

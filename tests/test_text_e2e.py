@@ -31,6 +31,20 @@ def test_text_guided_pipeline_and_prompt_modes(tmp_path):
   scores = [r["text_score"] for r in rows]
   assert rows and all(0.0 <= s <= 100.0 for s in scores) and all(r.get("text_score_ci") for r in rows)
   assert "text-image score" in (workdir / "report.md").read_text()
+  # The CLIP score from a CLIP model folder, every row sampled at the captions of a file (issue 17, item 6).
+  from test_clip_scorer import write_clip_folder
+  (tmp_path / "captions.txt").write_text("a bright large wide trouser\na dark small narrow bag\n")
+  scored = _main([f"--config={ROOT}/configs/fashion_mnist.py:text,inpaint,quick", f"--workdir={workdir}",
+                  f"--config.data.data_dir={tmp_path / 'fmnist'}", "--config.distill.start_steps=2",
+                  "--config.eval.w_values=(0.0,)", "--config.eval.max_reference=2000", "--config.text.steps=150",
+                  f"--config.eval.clip_path={write_clip_folder(tmp_path / 'clip')}",
+                  f"--config.eval.captions={tmp_path / 'captions.txt'}", "--allow_config_change"])
+  assert scored.returncode == 0, scored.stderr[-3000:]
+  clip_rows = json.loads((workdir / "results.json").read_text())["rows"]
+  assert len(clip_rows) == len(rows) and all(0.0 <= r["clip_score"] <= 100.0 and r.get("clip_score_ci")
+                                             for r in clip_rows)
+  report = (workdir / "report.md").read_text()
+  assert "CLIP score" in report and "the captions of" in report and "captions.txt" in report
   student = workdir / "distill_deterministic" / "N0001"
   prompts = ["--prompt=a bright large wide trouser", "--prompt=a dark small narrow bag"]
   for mode, extra in (("sample", ["--num=2"]), ("img2img", ["--num=2", "--strength=0.8"]),

@@ -8,9 +8,12 @@ here as an array so the metric does not depend on how captions were encoded. Hes
 each sample; torchmetrics weighs by 100 and clips the mean; we weigh by 100 and clip each sample (the two agree
 when no cosine is negative, as with any real caption). The paper reports the cosine itself (score / 100).
 
-Weights: the image tower and `visual_projection` of a transformers CLIP checkpoint in PyTorch layout
-(`vision_model.*`, `visual_projection.weight`; a CLIPModel's or a CLIPVisionModelWithProjection's folder or file),
-read without torch through `distill.weights.read_state_dict`; the file's text tower is not read.
+Weights: a transformers CLIP checkpoint in PyTorch layout, read without torch through
+`distill.weights.read_state_dict`: the image tower and `visual_projection` (`vision_model.*`,
+`visual_projection.weight`; a CLIPModel's or a CLIPVisionModelWithProjection's folder or file, `load_vision`) and
+the text tower and `text_projection` (`text_model.*`, `text_projection.weight`, `load_text`). `Scorer` holds both
+towers and the folder's tokenizer: the evaluation's CLIP score of images against caption strings
+(eval.clip_path).
 """
 from __future__ import annotations
 
@@ -24,11 +27,17 @@ from flax import traverse_util
 
 from distill import weights
 from distill.evaluation import metrics
-from distill.models import clip_vision
+from distill.models import clip_keys, clip_text, clip_tokenizer, clip_vision
 
 SCALE = 100.0
 RANGE = (0.0, SCALE)
 VISION_PREFIXES = ("vision_model.", "visual_projection.")
+TEXT_PREFIXES = ("text_model.", "text_projection.")
+TEXT_PROJECTION = "text_projection.weight"
+# transformers' CLIPTextConfig defaults, for the fields a config.json leaves out (save_pretrained writes them all).
+TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+                 "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                 "layer_norm_eps": 1e-5, "eos_token_id": 2}
 IGNORED = ("vision_model.embeddings.position_ids",)  # a buffer older transformers saved with the weights
 # A transformers model folder's weight file, in the order transformers prefers them.
 MODEL_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -171,3 +180,112 @@ def load_vision(path: str, model: clip_vision.ClipVision | None = None
     return model, vision_params(state, model)
   except ValueError as e:
     raise ValueError(f"{file}: {e}") from None
+
+
+def _read_json_config(file: epath.Path) -> dict:
+  import json
+  config = file.parent / "config.json"
+  if not config.is_file():
+    raise ValueError(f"{file.parent}: no config.json beside the weights to read the architecture from")
+  try:
+    out = json.loads(config.read_text())
+  except ValueError as e:
+    raise ValueError(f"{config}: not a JSON config ({str(e).splitlines()[0][:120]})") from None
+  if not isinstance(out, dict):
+    raise ValueError(f"{config}: the config is a JSON {type(out).__name__}, not an object")
+  return out
+
+
+def text_model_of(config: Mapping) -> tuple[clip_text.CLIPTextModel, int]:
+  """(the text tower, projection_dim) of a transformers config: a CLIPModel's (`text_config` and top-level
+  `projection_dim`) or a CLIPTextModelWithProjection's (its own fields). Fields left out take TEXT_DEFAULTS."""
+  text = config.get("text_config", config)
+  if not isinstance(text, Mapping):
+    raise ValueError(f"text_config is a {type(text).__name__}, not an object")
+  merged = {**TEXT_DEFAULTS, **{k: v for k, v in text.items() if k in TEXT_DEFAULTS and v is not None}}
+  projection = config.get("projection_dim", text.get("projection_dim", 512))
+  try:
+    return clip_text.clip_text_from_config(merged), int(projection)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"text_config: {e}") from None
+
+
+def text_params(state: Mapping[str, np.ndarray], model: clip_text.CLIPTextModel, projection_dim: int) -> dict:
+  """A transformers CLIP state dict (PyTorch layout) → {'tower': `model`'s parameters, 'projection': float32
+  [hidden_size, projection_dim]}, reading only `text_model.*` and `text_projection.weight` (`clip_keys` checks
+  the tower: every key, shape and the architecture). ValueError, one line naming the key, otherwise."""
+  tower = {k: v for k, v in state.items() if k.startswith("text_model.")}
+  if not tower:
+    raise ValueError("holds no CLIP text-tower tensors (text_model.*, text_projection.weight)")
+  params, _ = clip_keys.text_encoder_params(tower, model)
+  if TEXT_PROJECTION not in state:
+    raise ValueError(f"missing key {TEXT_PROJECTION!r} (a CLIPTextModel without the projection?)")
+  unknown = [k for k in state if k.startswith("text_projection.") and k != TEXT_PROJECTION]
+  if unknown:
+    raise ValueError(f"unknown key {unknown[0]!r}")
+  projection = _to_flax(state[TEXT_PROJECTION], (model.hidden_size, projection_dim), TEXT_PROJECTION)
+  return {"tower": params, "projection": projection}
+
+
+def load_text(path: str) -> tuple[clip_text.CLIPTextModel, dict]:
+  """(model, `text_params`) of a transformers CLIP checkpoint's text tower and text_projection: a folder
+  (config.json beside model.safetensors or pytorch_model.bin) or one weight file with config.json beside it.
+  ValueError (one line naming the file and the key) for anything that does not fit."""
+  p = epath.Path(path)
+  file = _weight_file(p) if p.is_dir() else p
+  config = _read_json_config(file)
+  try:
+    model, projection_dim = text_model_of(config)
+  except ValueError as e:
+    raise ValueError(f"{file.parent / 'config.json'}: {e}") from None
+  state = weights.read_state_dict(str(file), select=lambda k: k.startswith(TEXT_PREFIXES))
+  try:
+    return model, text_params(state, model, projection_dim)
+  except ValueError as e:
+    raise ValueError(f"{file}: {e}") from None
+
+
+def embed_text(params, model: clip_text.CLIPTextModel, ids) -> jnp.ndarray:
+  """ids int [B, L] → text embeddings [B, projection_dim] (not normalised): the pooled state at the end-of-text
+  token through text_projection, as transformers' CLIPModel.get_text_features. Causal attention keeps the
+  padding after the end-of-text token out of the pooled state, so no attention mask is needed."""
+  _, pooled = model.apply({"params": params["tower"]}, ids)
+  return pooled @ params["projection"]
+
+
+class Scorer:
+  """The CLIP score of images against caption strings under a CLIP checkpoint's two towers and its tokenizer
+  (eval.clip_path: a transformers CLIPModel folder with config.json, model.safetensors or pytorch_model.bin, and
+  tokenizer.json or vocab.json + merges.txt, in it or in its tokenizer/). Each distinct caption is encoded once.
+  ValueError (one line naming the file) when the folder does not hold all of it."""
+
+  def __init__(self, path: str, batch_size: int = 64):
+    self.path = str(path)
+    if not epath.Path(self.path).is_dir():
+      raise ValueError(f"{self.path}: not a folder (a CLIP model folder: config.json, its weights and tokenizer)")
+    vision_model, vision = load_vision(self.path)
+    self.embed_images = image_embedder(vision, vision_model, batch_size)
+    self.text_model, params = load_text(self.path)
+    self.tokenizer = clip_tokenizer.load_clip_tokenizer(self.path,
+                                                        max_length=self.text_model.max_position_embeddings)
+    params = jax.device_put(params)
+    apply = jax.jit(lambda p, ids: embed_text(p, self.text_model, ids))
+    self._embed_ids = lambda ids: np.asarray(apply(params, jnp.asarray(ids)), np.float64)
+    self.batch_size, self._texts = batch_size, {}
+
+  def embed_texts(self, captions) -> np.ndarray:
+    """N caption strings → text embeddings float64 [N, projection_dim] (not normalised)."""
+    captions = list(captions)
+    new = sorted({c for c in captions if c not in self._texts})
+    for i in range(0, len(new), self.batch_size):
+      chunk = new[i:i + self.batch_size]
+      ids = self.tokenizer(chunk + [chunk[-1]] * (self.batch_size - len(chunk)))  # one compiled shape
+      self._texts.update(zip(chunk, self._embed_ids(ids)[:len(chunk)]))
+    return np.stack([self._texts[c] for c in captions])
+
+  def score(self, images, captions, *, bootstrap: int = 0, seed: int = 0) -> dict:
+    """{'clip_score', and with bootstrap > 0 'clip_score_ci'} (`clip_score`) of images [N, H, W, C] in [−1, 1]
+    against their captions (N strings, row i with row i)."""
+    out = clip_score(self.embed_images(images), self.embed_texts(captions), bootstrap=bootstrap, seed=seed)
+    out.pop("num_samples")
+    return out

@@ -177,7 +177,7 @@ def score(net: FeatureNet, ref: Reference, images, *, is_splits: int = 10, pr_k:
 # FID's 0). IS lies in [1, classes]; its upper end is left open here.
 METRIC_RANGES = {"fid": (0.0, None), "is": (1.0, None), "precision": (0.0, 1.0), "recall": (0.0, 1.0),
                  "density": (0.0, None), "coverage": (0.0, 1.0), "class_agreement": (0.0, 1.0),
-                 "text_score": (0.0, 100.0)}
+                 "text_score": (0.0, 100.0), "clip_score": (0.0, 100.0)}
 
 
 def clip_intervals(scores: dict) -> dict:
@@ -190,7 +190,8 @@ def clip_intervals(scores: dict) -> dict:
   return out
 
 
-SEED_METRICS = ("fid", "is", "precision", "recall", "density", "coverage", "class_agreement", "text_score")
+SEED_METRICS = ("fid", "is", "precision", "recall", "density", "coverage", "class_agreement", "text_score",
+                "clip_score")
 
 
 def combine_seeds(per_seed: list[dict]) -> dict:
@@ -227,15 +228,18 @@ def bootstrap_replicates(feats, logits, ref: Reference, fake_in, real_in, dc, *,
   rng = np.random.default_rng(seed)
   m, n = len(feats), len(real_in)
   reps = {k: [] for k in ("fid", "is", "precision", "recall", "density", "coverage")}
+  draws = []
   for _ in range(num):
     i = rng.integers(0, m, m)
     j = rng.integers(0, n, n)
-    mu, sigma = fid.gaussian_stats(feats[i])
-    reps["fid"].append(fid.frechet_distance(mu, sigma, ref.mu, ref.sigma))
+    draws.append(i)
     reps["is"].append(metrics.inception_score(logits[i], splits=is_splits, from_logits=True)[0])
     reps["precision"].append(fake_in[i].mean())
     reps["recall"].append(real_in[j].mean())
     if dc is not None:
       reps["density"].append(dc[0][i].sum() / (dc_k * m))
       reps["coverage"].append(dc[1][j].mean())
+  if draws:  # every resampling's FID at once (`fid.resampled_distances`): one batched eigendecomposition
+    counts = np.stack([np.bincount(i, minlength=m) for i in draws])
+    reps["fid"] = list(fid.resampled_distances(feats, counts, ref.mu, ref.sigma))
   return {k: v for k, v in reps.items() if v}

@@ -32,7 +32,8 @@ _TABLES = (("fid", "FID", ".3g", "lower is better"), ("is", "IS", ".3g", "higher
            ("precision", "precision", ".3g", "higher is better"), ("recall", "recall", ".3g", "higher is better"),
            ("density", "density", ".3g", "about 1 for the data's own distribution"),
            ("coverage", "coverage", ".3g", "higher is better"),
-           ("text_score", "text-image score", ".3g", "higher is better; 100·cos of the run's text and image towers"))
+           ("text_score", "text-image score", ".3g", "higher is better; 100·cos of the run's text and image towers"),
+           ("clip_score", "CLIP score", ".3g", "higher is better; 100·max(cos, 0) of eval.clip_path's CLIP towers"))
 _COST_KEYS = ("student_updates", "teacher_evals", "student_evals", "train_seconds")
 
 
@@ -345,7 +346,7 @@ def markdown_report(rows: Iterable[Row], *, title: str, notes: Sequence[str] = (
             "- D / S: deterministic / stochastic sampler; NFE counts 2 network evaluations per guided step.", ""]
   for key, name, _, direction in _TABLES:
     if any(_value(r, key) is not None for r in rows):
-      label = name if key == "text_score" else metric_label(metric, name)
+      label = name if key in ("text_score", "clip_score") else metric_label(metric, name)
       lines += [f"## {label} ({direction})", ""] + metric_table(rows, key) + [""]
   lines += [f"## Speed-up: fewest NFE reaching the teacher's {metric_label(metric)}", ""]
   if any(r.get("fid_ci") for r in rows):
