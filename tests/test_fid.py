@@ -95,3 +95,23 @@ def test_scaled_covariance_closed_form():
   for c in (0.5, 2.0, 3.0):
     mu = rng.standard_normal(10)
     assert fid.frechet_distance(mu, s1, mu, c * c * s1) == pytest.approx(np.trace(s1) * (1 - c) ** 2, rel=1e-7)
+
+
+@pytest.mark.parametrize("rank", [12, 4])
+def test_resampled_distances_match_one_resampling_at_a_time(rank):
+  """The bootstrap's batched FIDs against the obvious loop: draw indices, fit the Gaussian, one distance each
+  (scipy's sqrtm as the reference); also with a reference covariance of low rank."""
+  rng = np.random.default_rng(rank)
+  feats = rng.standard_normal((300, 12)) @ rng.standard_normal((12, 12)) + 5.0  # far from 0: centring matters
+  ref = rng.standard_normal((400, rank)) @ rng.standard_normal((rank, 12))
+  mu2, s2 = fid.gaussian_stats(ref)
+  draws = [rng.integers(0, len(feats), len(feats)) for _ in range(7)]
+  counts = np.stack([np.bincount(i, minlength=len(feats)) for i in draws])
+  got = fid.resampled_distances(feats, counts, mu2, s2)
+  want = [fid.frechet_distance(*fid.gaussian_stats(feats[i]), mu2, s2) for i in draws]
+  np.testing.assert_allclose(got, want, rtol=1e-8)
+  if rank == 12:
+    np.testing.assert_allclose(got, [scipy_frechet(*fid.gaussian_stats(feats[i]), mu2, s2) for i in draws], rtol=1e-6)
+  assert np.ptp(got) > 1e-3 * np.mean(got)  # the resamplings differ by far more than the tolerance
+  with pytest.raises(ValueError, match="counts"):
+    fid.resampled_distances(feats, counts[:, :-1], mu2, s2)

@@ -33,5 +33,34 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
 
+def resampled_distances(features: np.ndarray, counts: np.ndarray, mu2, sigma2) -> np.ndarray:
+  """Fréchet distances [B] of B resamplings of features [M, F] against one Gaussian (mu2 [F], sigma2 [F, F]):
+  resampling b takes row k counts[b, k] times (counts int [B, M], each row summing to M), as
+  `frechet_distance(*gaussian_stats(features[i_b]), mu2, sigma2)` with i_b its drawn indices, at once:
+
+    μ_b = c_b·x / M,   Σ_b = (Σ_k c_bk x_k x_kᵀ − M μ_b μ_bᵀ) / (M − 1),
+    tr((Σ_b Σ2)^½) = tr((Σ2^½ Σ_b Σ2^½)^½)   (the same eigenvalues; Σ2^½ is computed once).
+
+  Features are centred on their mean first (a shift moves every μ_b and mu2 alike and no covariance)."""
+  f = np.asarray(features, np.float64)
+  c = np.asarray(counts, np.float64)
+  m = len(f)
+  if f.ndim != 2 or m < 2 or c.ndim != 2 or c.shape[1] != m:
+    raise ValueError(f"features [M >= 2, F] and counts [B, M] expected, got {f.shape} and {c.shape}")
+  center = f.mean(0)
+  f = f - center
+  mu2 = np.asarray(mu2, np.float64) - center
+  s2 = np.asarray(sigma2, np.float64)
+  means = c @ f / m                                                          # [B, F]
+  second = np.einsum("bm,mf,mg->bfg", c, f, f, optimize=True)               # [B, F, F]
+  sigmas = (second - m * means[:, :, None] * means[:, None, :]) / (m - 1)
+  root2 = _psd_sqrt(s2)
+  middle = root2 @ sigmas @ root2
+  vals = np.linalg.eigvalsh((middle + np.swapaxes(middle, 1, 2)) / 2)      # [B, F]
+  tr_covmean = np.sqrt(np.clip(vals, 0.0, None)).sum(1)
+  traces = np.trace(sigmas, axis1=1, axis2=2)
+  return np.sum((means - mu2) ** 2, 1) + traces + np.trace(s2) - 2.0 * tr_covmean
+
+
 def feature_fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
   return frechet_distance(*gaussian_stats(features_a), *gaussian_stats(features_b))
