@@ -250,3 +250,15 @@ def test_intervals_are_clipped_to_each_metrics_range():
   assert out["fid_ci"] == [0.0, 0.14] and out["precision_ci"] == [0.97, 1.0] and out["is_ci"] == [1.0, 1.06]
   assert out["recall_ci"] == [0.4, 0.6] and out["other_ci"] == [-1.0, 1.0] and np.isnan(out["density_ci"][0])
   assert scores["fid_ci"] == [-0.04, 0.14]  # the input is not changed
+
+
+@pytest.mark.parametrize("n, splits, classes", [(500, 10, 10), (103, 7, 10), (50, 5, 100_000)])
+def test_resampled_inception_scores_match_one_resampling_at_a_time(n, splits, classes):
+  """The bootstrap's batched IS against `inception_score` on each resampled copy, including splits of unequal
+  size and blocks smaller than the number of resamplings."""
+  rng = np.random.default_rng(n)
+  logits = 3 * rng.standard_normal((n, classes))  # 100,000 classes: blocks of 3 resamplings
+  draws = rng.integers(0, n, (12, n))
+  want = [metrics.inception_score(logits[i], splits=splits, from_logits=True)[0] for i in draws]
+  np.testing.assert_allclose(metrics.resampled_inception_scores(logits, draws, splits), want, rtol=1e-12)
+  assert np.ptp(want) > 1e-3

@@ -59,6 +59,35 @@ def inception_score(logits_or_probs: np.ndarray, splits: int = 10, *,
   return float(np.mean(scores)), float(np.std(scores))
 
 
+def resampled_inception_scores(logits: np.ndarray, draws: np.ndarray, splits: int = 10) -> np.ndarray:
+  """The Inception score's mean over splits [B] of B resamplings: row b is
+  `inception_score(logits[draws[b]], splits, from_logits=True)[0]`, computed for blocks of resamplings at once
+  (at most 2²⁴ gathered log-probabilities each). logits [N, C]; draws int [B, M] (indices into the rows,
+  M >= splits). The log-probabilities are computed once: a per-row operation, so the same arithmetic as
+  computing them on each resampling."""
+  log_p = _log_probs(logits, True)
+  draws = np.asarray(draws)
+  if draws.ndim != 2 or not 1 <= splits <= draws.shape[1]:
+    raise ValueError(f"draws must be [B, M >= splits = {splits}], got shape {draws.shape}")
+  m = draws.shape[1]
+  block = max(1, (1 << 24) // (m * log_p.shape[1]))
+  out = []
+  for start in range(0, len(draws), block):
+    lp = log_p[draws[start:start + block]]                                  # [b, M, C]
+    scores = []
+    for s in range(splits):
+      part = lp[:, s * m // splits:(s + 1) * m // splits]                  # [b, n, C]
+      top = part.max(1)
+      finite_top = np.where(np.isfinite(top), top, 0.0)
+      p = np.exp(part)
+      with np.errstate(divide="ignore", invalid="ignore"):  # as `_split_score`
+        log_marginal = finite_top + np.log(np.exp(part - finite_top[:, None]).sum(1) / part.shape[1])
+        terms = np.where(p > 0, p * (part - log_marginal[:, None]), 0.0)
+      scores.append(np.exp(terms.sum(2).mean(1)))
+    out.append(np.mean(scores, axis=0))
+  return np.concatenate(out)
+
+
 def _features(x, name: str) -> np.ndarray:
   f = np.asarray(x, np.float64)
   if f.ndim != 2:

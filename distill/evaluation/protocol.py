@@ -233,13 +233,13 @@ def bootstrap_replicates(feats, logits, ref: Reference, fake_in, real_in, dc, *,
     i = rng.integers(0, m, m)
     j = rng.integers(0, n, n)
     draws.append(i)
-    reps["is"].append(metrics.inception_score(logits[i], splits=is_splits, from_logits=True)[0])
     reps["precision"].append(fake_in[i].mean())
     reps["recall"].append(real_in[j].mean())
     if dc is not None:
       reps["density"].append(dc[0][i].sum() / (dc_k * m))
       reps["coverage"].append(dc[1][j].mean())
-  if draws:  # every resampling's FID at once (`fid.resampled_distances`): one batched eigendecomposition
+  if draws:  # every resampling's FID and IS at once (the same numbers as one resampling at a time)
     counts = np.stack([np.bincount(i, minlength=m) for i in draws])
     reps["fid"] = list(fid.resampled_distances(feats, counts, ref.mu, ref.sigma))
+    reps["is"] = list(metrics.resampled_inception_scores(logits, np.stack(draws), is_splits))
   return {k: v for k, v in reps.items() if v}
