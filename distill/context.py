@@ -141,6 +141,16 @@ class Context:
       return {**batch, "label": conditions.inpaint(x, batch["label"], masks)}
     return with_masks
 
+  def data_conditions(self, batch_size: int):
+    """For a data-free method (its trajectories start from noise): index -> this process's rows of the
+    conditions of training batch `index` (`train_batches(batch_size)`'s 'label': a text run's captions' hidden
+    states, an inpainting run's masks and masked images), or None in a class-conditional run, where the
+    method draws class labels of its own. Numpy pytrees (`distill.conditions`), a pure function of the index."""
+    if not (self.text or self.inpaint):
+      return None
+    batches = self.train_batches(batch_size)
+    return lambda index: batches(index)["label"]
+
   def sample_condition(self, labels, prompts=None):
     """The condition grids, class agreement and evaluation sample at, for labels [N]: the labels themselves, or in
     an inpainting run the inpainting condition of the first N test images (cycled) with inpaint.eval_box

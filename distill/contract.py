@@ -54,9 +54,6 @@ class Method:
   schedule_samplers: those of its samplers whose time grid follows the run's schedule (`Context.logsnr_fn`), so
   that a context with the schedule rescaled to t ↦ λ(s·t) samples the last part [0, s] of the trajectory
   (image-to-image, `sampling.img2img`); a sampler on a grid of its own (SFD's σ grid) is not one.
-  batch_conditions: its stages take their conditions from the training batches (`Context.train_batches`) and
-  pass them through as pytrees (`distill.conditions`), so they distil an inpainting or text teacher; False for a
-  method that draws labels of its own (refused when inpaint.enabled or text.enabled).
   opt_in_stages: those of its stages a pipeline of every stage ('all', ':quick') leaves out, as they change what
   the later stages train ('teacher_inpaint': an inpainting run).
   """
@@ -74,7 +71,6 @@ class Method:
   upgrade_meta: Callable[[str, dict, dict], "StageMeta | None"] | None = None
   claims: tuple["Claim", ...] = ()
   schedule_samplers: tuple[str, ...] = ()
-  batch_conditions: bool = True
   opt_in_stages: tuple[str, ...] = ()
 
 

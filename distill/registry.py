@@ -14,7 +14,7 @@ import os
 import pkgutil
 import sys
 
-from distill import contract, validation
+from distill import contract
 
 # The pipeline's last stage, the framework's own (distill/evaluate.py): scores every finished student.
 EVALUATE = "evaluate"
@@ -108,22 +108,11 @@ def default_sections() -> dict:
   return out
 
 
-PHRASES = {"inpaint": "an inpainting", "text": "a text-to-image"}
-
-
 def validate(config) -> None:
   """Every method's own checks (validation.ConfigError on the first bad field)."""
   for m in methods():
     if m.validate:
       m.validate(config)
-  kinds = [k for k in ("inpaint", "text") if config.get(k) and config[k].get("enabled")]
-  if kinds:
-    for m in methods():
-      used = [s for s in config.pipeline if s in m.stages]
-      if used and not m.batch_conditions:
-        validation.fail("pipeline", tuple(config.pipeline), f"stage {used[0]!r} ({m.name}) draws class labels of "
-                        f"its own and cannot distil {PHRASES[kinds[0]]} teacher ({kinds[0]}.enabled=True); "
-                        "leave it out")
 
 
 def preflight(config) -> None:

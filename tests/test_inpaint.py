@@ -144,8 +144,8 @@ def test_config_checks(tmp_path):
   with pytest.raises(validation.ConfigError, match="inpaint.enabled=False: must be True"):
     configuration.validate(c)
   c = tiny_config()
-  c.pipeline = ("teacher", "teacher_inpaint", "sfd")
-  with pytest.raises(validation.ConfigError, match="'sfd' .*cannot distil an inpainting teacher"):
+  c.pipeline = ("teacher", "teacher_inpaint", "training_dsd")
+  with pytest.raises(validation.ConfigError, match="'training_dsd' trains a plain model"):
     configuration.validate(c)
   c = tiny_config()
   c.pipeline = ("teacher_inpaint", "teacher")

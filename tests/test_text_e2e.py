@@ -1,6 +1,6 @@
 """Text-to-image end to end from the command line on a real 2,000 + 500 image subset of Fashion-MNIST: the
 autoencoder, the text encoder stage, a text-conditioned ε teacher on Stable Diffusion's U-Net, its inpainting
-extension, stage one, a halving round and the evaluation with the text-image score; then --prompt with
+extension, stage one, a halving round, SFD and DSD, and the evaluation with the text-image score; then --prompt with
 --mode=sample, img2img and inpaint on the finished student."""
 import json
 import os
@@ -23,21 +23,23 @@ def _main(args):
 def test_text_guided_pipeline_and_prompt_modes(tmp_path):
   write_subset(tmp_path / "fmnist")
   workdir = tmp_path / "run"
-  run = _main([f"--config={ROOT}/configs/fashion_mnist.py:text,inpaint,quick", f"--workdir={workdir}",
-               f"--config.data.data_dir={tmp_path / 'fmnist'}", "--config.distill.start_steps=2",
-               "--config.eval.w_values=(0.0,)", "--config.eval.max_reference=2000", "--config.text.steps=150"])
+  # SFD and DSD too: their trajectories take the text + inpainting conditions of the training batches.
+  common = [f"--config={ROOT}/configs/fashion_mnist.py:text,inpaint,quick", f"--workdir={workdir}",
+            f"--config.data.data_dir={tmp_path / 'fmnist'}", "--config.distill.start_steps=2",
+            "--config.eval.w_values=(0.0,)", "--config.eval.max_reference=2000", "--config.text.steps=150",
+            "--config.pipeline=('autoencoder','text_encoder','teacher','teacher_v','teacher_inpaint','stage_one',"
+            "'distill_deterministic','sfd','dsd','evaluate')", "--config.dsd.kinds=('DSDI',)"]
+  run = _main(common)
   assert run.returncode == 0, run.stderr[-3000:]
   rows = json.loads((workdir / "results.json").read_text())["rows"]
+  assert {"SFD (CFG)", "DSDI"} <= {r["method"] for r in rows}
   scores = [r["text_score"] for r in rows]
   assert rows and all(0.0 <= s <= 100.0 for s in scores) and all(r.get("text_score_ci") for r in rows)
   assert "text-image score" in (workdir / "report.md").read_text()
   # The CLIP score from a CLIP model folder, every row sampled at the captions of a file (issue 17, item 6).
   from test_clip_scorer import write_clip_folder
   (tmp_path / "captions.txt").write_text("a bright large wide trouser\na dark small narrow bag\n")
-  scored = _main([f"--config={ROOT}/configs/fashion_mnist.py:text,inpaint,quick", f"--workdir={workdir}",
-                  f"--config.data.data_dir={tmp_path / 'fmnist'}", "--config.distill.start_steps=2",
-                  "--config.eval.w_values=(0.0,)", "--config.eval.max_reference=2000", "--config.text.steps=150",
-                  f"--config.eval.clip_path={write_clip_folder(tmp_path / 'clip')}",
+  scored = _main([*common, f"--config.eval.clip_path={write_clip_folder(tmp_path / 'clip')}",
                   f"--config.eval.captions={tmp_path / 'captions.txt'}", "--allow_config_change"])
   assert scored.returncode == 0, scored.stderr[-3000:]
   clip_rows = json.loads((workdir / "results.json").read_text())["rows"]

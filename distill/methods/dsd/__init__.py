@@ -106,6 +106,9 @@ def validate(c) -> None:
   number(c, "dsd.beta", 0.0)
   if c.dsd.alpha == 0 and c.dsd.beta == 0:
     fail("dsd.beta", c.dsd.beta, "dsd.alpha and dsd.beta are both 0: the loss would be 0")
+  if "training_dsd" in c.pipeline and c.get("inpaint") and c.inpaint.enabled:
+    fail("pipeline", tuple(c.pipeline), "stage 'training_dsd' trains a plain model from data, which does not "
+         "take an inpainting run's condition (inpaint.enabled=True); leave it out")
   if "training_dsd" in c.pipeline and c.model.parameterization != "v":
     fail("model.parameterization", c.model.parameterization, "the 'training_dsd' stage trains v-prediction "
           "(Eq. 1); allowed: 'v'")
@@ -120,5 +123,4 @@ def quick(c) -> None:
 # training_dsd draws the teacher recipe's batches from the training set.
 METHOD = contract.Method(name="dsd", order=30, stages=STAGES, config=config_sections, validate=validate, quick=quick,
                          data_batches=("teacher.batch_size",), plan=stages.plan,
-                         pipelines={"dsd": ("teacher", "dsd", "tsd", "training_dsd", "evaluate")},
-                         batch_conditions=False)  # its trajectory batches draw labels of their own
+                         pipelines={"dsd": ("teacher", "dsd", "tsd", "training_dsd", "evaluate")})

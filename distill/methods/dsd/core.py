@@ -155,7 +155,7 @@ def _trajectory_loss(model_x: XFn, teacher_x: XFn | None, logsnr_fn: LogSNRFn, w
 
   def loss_fn(params, frozen, batch, rng):
     labels, w = batch["label"], jnp.asarray(batch["w"], jnp.float32)
-    b = labels.shape[0]
+    b = w.shape[0]
     position = jnp.broadcast_to(jnp.asarray(batch["position"], jnp.int32), (b,))
     num_steps = jnp.broadcast_to(jnp.asarray(batch["num_steps"], jnp.int32), (b,))
     teacher_params = None if teacher_x is None else frozen["teacher"]

@@ -9,7 +9,8 @@
 The math is `distill.methods.dsd`; this module builds `train.Stage`s from the config (`config.dsd`).
 
 One stage per schedule, across all its depths. Each update's batch is `dsd.trajectory_batch(plan, step)`:
-B trajectories at one (N_i, position j). N_i and j travel in the batch as [B] int32 arrays, the loss replays
+B trajectories at one (N_i, position j); in a text or inpainting run a trajectory's condition is that of
+training batch `trajectory` (`Context.data_conditions`) in place of its drawn class labels. N_i and j travel in the batch as [B] int32 arrays, the loss replays
 the trajectory prefix in a `fori_loop` whose trip count is traced, so one compiled step serves every depth
 and position (tests/test_dsd_stages.py counts the compilations). The schedules of one stage type share the
 loss and the optimizer, so all kinds of 'dsd' reuse one compiled step, and all kinds of 'tsd' another.
@@ -45,7 +46,7 @@ import optax
 
 from distill import data as data_lib
 from distill import contract, optimizers, registry, train
-from distill.context import (Context, init_params, batch_fn, load_stage, run_stage, student_model, teacher_model,
+from distill.context import (Context, init_params, load_stage, run_stage, student_model, teacher_model,
                              teacher_params, write_student_grid, x_fn_of)
 from distill.losses import cfg_x_fn
 from distill.methods.dsd import core as dsd
@@ -83,9 +84,11 @@ def evals_per_update(plan, mode: str, evals_per_call: int) -> tuple[float, float
 
 
 def trajectory_batch_fn(plan, *, batch_size: int, image_shape, num_classes: int, w_min: float, w_max: float,
-                        seed: int):
+                        seed: int, conditions_fn=None):
   """step -> this process's rows of `dsd.trajectory_batch(plan, step)` (numpy, [batch_size / processes]):
-  a pure function of the step, so a resumed run sees the same trajectories."""
+  a pure function of the step, so a resumed run sees the same trajectories. conditions_fn
+  (`Context.data_conditions`, a text or inpainting run): trajectory id -> this process's rows of the condition
+  that replaces the drawn labels (every update of a trajectory sees the same rows)."""
   if batch_size % jax.device_count():
     raise data_lib.DataError(f"dsd.batch_size={batch_size} does not split over the {jax.device_count()} devices; "
                              f"use a multiple of {jax.device_count()}")
@@ -95,7 +98,10 @@ def trajectory_batch_fn(plan, *, batch_size: int, image_shape, num_classes: int,
   def batch_at(step):
     batch = dsd.trajectory_batch(plan, step, batch_size=batch_size, shape=image_shape, num_classes=num_classes,
                                  w_min=w_min, w_max=w_max, seed=seed)
-    return {k: v[lo:lo + per_process] for k, v in batch.items()}
+    rows = {k: v[lo:lo + per_process] for k, v in batch.items()}
+    if conditions_fn is not None:
+      rows["label"] = conditions_fn(dsd.update_position(plan, step)[1])
+    return rows
 
   return batch_at
 
@@ -223,7 +229,8 @@ def fine_tuning_stage(ctx: Context, mode: str, kind: str) -> tuple[train.Stage, 
       name=f"{mode}/{kind}", loss_fn=_loss(ctx, mode, x_fn), init_params=params, optimizer=optimizer,
       num_steps=sum(per_depth),
       batch_fn=trajectory_batch_fn(plan, batch_size=d.batch_size, image_shape=ctx.image_shape,
-                                   num_classes=c.data.num_classes, w_min=d.w_min, w_max=d.w_max, seed=c.seed),
+                                   num_classes=c.data.num_classes, w_min=d.w_min, w_max=d.w_max, seed=c.seed,
+                                   conditions_fn=ctx.data_conditions(d.batch_size)),
       seed=c.seed, ema_decay=d.ema_decay, frozen={"teacher": params} if mode == "tsd" else None,
       log_every=d.log_every, ckpt_every=d.ckpt_every, images_per_step=d.batch_size, lr_schedule=schedule,
       meta=meta.to_dict(), fsdp=c.mesh.fsdp, fsdp_min_size=c.mesh.fsdp_min_size)
@@ -267,7 +274,8 @@ def tsd_depth_stage(ctx: Context, kind: str, depth: int, params) -> tuple[train.
                           optax.adam(schedule, b1=float(d.adam_b1), b2=float(d.adam_b2)))
   meta = tsd_depth_meta(d, kind, depth, train.fingerprint(params))
   whole = trajectory_batch_fn(plan, batch_size=d.batch_size, image_shape=ctx.image_shape,
-                              num_classes=c.data.num_classes, w_min=d.w_min, w_max=d.w_max, seed=c.seed)
+                              num_classes=c.data.num_classes, w_min=d.w_min, w_max=d.w_max, seed=c.seed,
+                              conditions_fn=ctx.data_conditions(d.batch_size))
   stage = train.Stage(
       name=f"tsd/{kind}/N{n:04d}", loss_fn=_loss(ctx, "tsd", x_fn), init_params=params, optimizer=optimizer,
       # seed + depth: the trainer counts steps from 0 in every stage, so each depth draws its own keys.
@@ -330,7 +338,7 @@ def training_stage(ctx: Context) -> train.Stage:
   return train.Stage(
       name="training_dsd", loss_fn=loss_fn, init_params=init_params(ctx, model),
       optimizer=optimizer, num_steps=d.training_steps or tc.num_steps,
-      batch_fn=batch_fn(ctx.train_source, tc.batch_size, c.seed), seed=c.seed, ema_decay=tc.ema_decay,
+      batch_fn=ctx.train_batches(tc.batch_size, plain=True), seed=c.seed, ema_decay=tc.ema_decay,
       log_every=tc.log_every, ckpt_every=tc.ckpt_every, skip_nonfinite=tc.skip_nonfinite,
       images_per_step=tc.batch_size, lr_schedule=schedule, meta=meta.to_dict(), fsdp=c.mesh.fsdp,
       fsdp_min_size=c.mesh.fsdp_min_size)

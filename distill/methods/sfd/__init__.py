@@ -129,5 +129,4 @@ def quick(c) -> None:
 METHOD = contract.Method(
     name="sfd", order=20, stages=STAGES, samplers={"sfd": stages.sample_fn},
     config=config_sections, validate=validate, preflight=preflight, quick=quick, plan=stages.plan,
-    pipelines={"sfd": ("teacher", "sfd", "sfd_v", "sfd_one_nfe", "evaluate")},
-    batch_conditions=False)  # its trajectories and their label dropout are drawn in numpy per class label
+    pipelines={"sfd": ("teacher", "sfd", "sfd_v", "sfd_one_nfe", "evaluate")})

@@ -29,8 +29,9 @@ serves every N ≤ max_steps (a shape-N form compiles once per N, ~40 s each for
   trajectory_plan, make_plan  which (trajectory, N, k) each trainer update serves; SFD-v draws N ~ U(L) (Alg. 6)
 
 Models are x-functions (see `distill.losses`): x_fn(params, z, logsnr, labels, w, *, train, rng) -> x̂, called on
-VP inputs (z = α x, λ = −2 log σ). An SFD-v student (Alg. 6, App. D.1) also takes steps=[B] int32, the student's
-step count N (the grid's intervals, the AFS step included; the SFD code passes N + 1, its count of grid points).
+VP inputs (z = α x, λ = −2 log σ); `labels` is class labels [B] or any condition of `distill.conditions` (a text or
+inpainting run's), passed through untouched. An SFD-v student (Alg. 6, App. D.1) also takes steps=[B] int32, the
+student's step count N (the grid's intervals, the AFS step included; the SFD code passes N + 1, its count of grid points).
 The teacher is x̂_θ(z) conditional (SFD §3.4: distil at guidance scale 1, i.e. our w = 0, and guide the student
 at sampling) or classifier-free guided at a fixed w (two evaluations per call); its states come in the batch.
 """
@@ -42,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill import samplers, solvers
+from distill import conditions, samplers, solvers
 from distill.losses import LossFn, XFn
 
 DISTANCES = ("l1", "l2", "pseudo_huber")
@@ -99,21 +100,21 @@ def refine_grid(sigmas, k: int, rho: float = RHO):
 
 
 def denoiser(x_fn: XFn, params, labels, w=None, null_label: int | None = None, steps=None) -> samplers.Denoiser:
-  """The x-function at fixed labels [B] as a `samplers.Denoiser`, called x_fn(params, z, λ, labels, None) (no w
+  """The x-function at fixed labels [B] (or a `distill.conditions` condition) as a `samplers.Denoiser`, called x_fn(params, z, λ, labels, None) (no w
   input): conditional for w None; else classifier-free guided (1 + w)·x̂_c − w·x̂_∅ at w (scalar or [B]), two
   evaluations per call, the unconditional rows labelled null_label. steps (an int, traced or not): the step count
   told to a step-conditioned (SFD-v) model as steps=[rows] int32."""
   def model_fn(z, logsnr, y, w_):
     del w_
-    extra = {"steps": jnp.full(y.shape, steps, jnp.int32)} if steps is not None else {}
+    extra = {"steps": jnp.full(z.shape[:1], steps, jnp.int32)} if steps is not None else {}
     return x_fn(params, z, logsnr, y, None, **extra)
 
   if w is None:
     return samplers.conditional_denoiser(model_fn, labels)
   if null_label is None:
     raise ValueError("sfd: a guided denoiser (w is not None) needs null_label")
-  return samplers.guided_denoiser(model_fn, labels, jnp.broadcast_to(jnp.asarray(w, jnp.float32), labels.shape),
-                                  null_label)
+  rows = conditions.label_of(labels).shape
+  return samplers.guided_denoiser(model_fn, labels, jnp.broadcast_to(jnp.asarray(w, jnp.float32), rows), null_label)
 
 
 def teacher_trajectory(solver: solvers.Solver, teacher: samplers.Denoiser, x_init, sigmas, k: int,
@@ -157,8 +158,8 @@ def student_x_hat(student_x: XFn, params, x, sigma, labels, steps=None, **kwargs
   """The student's x̂ at VE state x [B, ...], σ scalar (Python or traced), via its VP x-function, called with
   w = 0 (the student has no w input) and, for an SFD-v student, steps=[B] int32 the grid's N."""
   z, logsnr = solvers.ve_to_vp(x, sigma)
-  w_b = jnp.full(labels.shape, 0.0, jnp.float32)
-  extra = {"steps": jnp.full(labels.shape, steps, jnp.int32)} if steps is not None else {}
+  w_b = jnp.zeros(x.shape[:1], jnp.float32)
+  extra = {"steps": jnp.full(x.shape[:1], steps, jnp.int32)} if steps is not None else {}
   return student_x(params, z, logsnr, labels, w_b, **extra, **kwargs)
 
 

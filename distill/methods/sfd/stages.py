@@ -13,7 +13,7 @@ CFG-guided student makes two per step). With AFS (the default) an NFE-n student 
 the EDM grid, the first one analytic (`sfd.analytical_first_step`): the SFD code's "num_steps = n + 2
 timestamps". Directory names, `num_sampling_steps`, `eval_steps` and the report's steps column are NFE.
 
-Guidance variants (`<variant>`), both data-free (a batch is noise and labels, no data set):
+Guidance variants (`<variant>`), both data-free in a class run (a batch is noise and labels, no images):
   cfg   SFD §3.4: distil at guidance scale 1 — our w = 0, the conditional teacher — and guide the student at
         sampling with classifier-free guidance, 2 evaluations per step at every w. A fraction
         sfd.label_dropout of the rows carries the null label, so the unconditional branch that CFG needs at
@@ -43,7 +43,10 @@ Training form (sfd.loss_form):
 
 The batch function (`TrajectoryBatches`) is a pure function of the trainer step: the plan of (trajectory,
 N, k) per update is fixed by the seed, a trajectory's noise and labels come from a generator seeded by
-(seed, stage, trajectory), and the teacher states are a jitted, deterministic function of them. A one-entry
+(seed, stage, trajectory), and the teacher states are a jitted, deterministic function of them. In a text or
+inpainting run a trajectory's condition is that of training batch `trajectory` instead (`Context.data_conditions`:
+its captions' hidden states, or its masks and masked images), its rows dropped to the null label where the
+generator's label draw is; every loss, teacher and sampler passes the condition through as a pytree. A one-entry
 cache keyed by the trajectory id means the teacher runs once per trajectory; after a resume it reruns for the
 trajectory in progress and serves the same numbers, so resumption stays bit-identical.
 
@@ -63,8 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill import contract, optimizers, parallel, samplers, solvers, train
-from distill.context import (Context, batch_fn, init_params, load_stage, run_stage, student_model,
+from distill import conditions, contract, optimizers, parallel, samplers, solvers, train
+from distill.context import (Context, init_params, load_stage, run_stage, student_model,
                              teacher_model, teacher_params, write_student_grid, x_fn_of)
 from distill.methods.sfd import core as sfd
 
@@ -190,20 +193,22 @@ def trajectory_inputs(seed: int, stream: int, trajectory: int, batch_size: int, 
 
 
 class TrajectoryBatches:
-  """step -> this process's rows of update `step`: {'noise' [b, ...], 'label' [b], 'step_index' int32,
-  'num_steps' int32 (the trajectory's grid N), 'teacher' [b, N+1, ...], or [b, pad_to+1, ...] padded} (numpy).
-  A pure function of the step; the teacher runs once per trajectory (a one-entry cache keyed by the plan's
-  trajectory id; `teacher_runs` counts its runs)."""
+  """step -> this process's rows of update `step`: {'noise' [b, ...], 'label' [b] (or a condition pytree),
+  'step_index' int32, 'num_steps' int32 (the trajectory's grid N), 'teacher' [b, N+1, ...], or [b, pad_to+1, ...]
+  padded} (numpy). A pure function of the step; the teacher runs once per trajectory (a one-entry cache keyed by
+  the plan's trajectory id; `teacher_runs` counts its runs). conditions_fn (`Context.data_conditions`): trajectory
+  id -> this process's rows of its condition, its labels then dropped where the drawn labels are null; None:
+  the drawn labels are the condition."""
 
   def __init__(self, plan: dict, teacher_fn, *, seed: int, stream: int, batch_size: int, image_shape,
-               num_classes: int, label_dropout: float, pad_to: int | None = None):
+               num_classes: int, label_dropout: float, pad_to: int | None = None, conditions_fn=None):
     if batch_size % jax.device_count():
       raise ValueError(f"sfd: batch size {batch_size} does not split over the {jax.device_count()} devices; "
                        f"use a multiple of {jax.device_count()}")
     self.plan, self.teacher_fn = plan, teacher_fn
     self.seed, self.stream, self.batch_size = seed, stream, batch_size
     self.image_shape, self.num_classes, self.label_dropout = tuple(image_shape), num_classes, label_dropout
-    self.pad_to = pad_to
+    self.pad_to, self.conditions_fn = pad_to, conditions_fn
     per = batch_size // jax.process_count()
     self.rows = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
     self._key, self._value = None, None
@@ -214,6 +219,8 @@ class TrajectoryBatches:
       noise, labels = trajectory_inputs(self.seed, self.stream, j, self.batch_size, self.image_shape,
                                         self.num_classes, self.label_dropout)
       noise, labels = noise[self.rows], labels[self.rows]
+      if self.conditions_fn is not None:  # the drawn labels are in [0, num_classes): null exactly where dropped
+        labels = conditions.drop_labels(self.conditions_fn(j), labels == self.num_classes, self.num_classes)
       teacher = np.asarray(self.teacher_fn(n, noise, labels))
       if self.pad_to is not None:  # repeat the last state: never read, it only fixes the shape
         teacher = np.concatenate([teacher] + [teacher[:, -1:]] * (self.pad_to - n), axis=1)
@@ -266,9 +273,10 @@ def local_targets(params, x, labels, sigma, sigma_next, *, spec: TeacherSpec, n:
 
 class LocalBatches:
   """step -> this process's rows of Alg. 3 update `step`: {'state' x_k [b, ...] (data noised to σ_k, VE),
-  'label' [b], 'step_index', 'num_steps' int32, 'target' [b, ...] the teacher's state at σ_{k+1}} (numpy).
-  A pure function of the step: data from `data_fn(step)` ({'image', 'label'}, this process's rows), noise
-  and null labels from a generator seeded by (seed, stream, step), the target from `target_fn`."""
+  'label' [b] (or the batch's condition pytree), 'step_index', 'num_steps' int32, 'target' [b, ...] the
+  teacher's state at σ_{k+1}} (numpy). A pure function of the step: data from `data_fn(step)` ({'image',
+  'label'}, this process's rows: `Context.train_batches`), noise and null labels from a generator seeded by
+  (seed, stream, step), the target from `target_fn`."""
 
   def __init__(self, plan: dict, data_fn, target_fn, *, seed: int, stream: int, batch_size: int,
                num_classes: int, label_dropout: float, sigmas_of_n):
@@ -285,7 +293,7 @@ class LocalBatches:
     rng = np.random.default_rng([self.seed, self.stream, int(self.plan["trajectory"][step])])
     eps = rng.standard_normal((self.batch_size,) + x0.shape[1:], dtype=np.float32)[self.rows]
     drop = (rng.random(self.batch_size) < self.label_dropout)[self.rows]
-    labels = np.where(drop, self.num_classes, np.asarray(data["label"])).astype(np.int32)
+    labels = conditions.drop_labels(data["label"], drop, self.num_classes)
     sig = self.sigmas_of_n(n)
     x = (x0 + np.float32(sig[k]) * eps).astype(np.float32)
     target = np.asarray(self.target_fn(n, x, labels, float(sig[k]), float(sig[k + 1])))
@@ -395,7 +403,7 @@ def train_student(ctx: Context, name: str, *, model, init, spec: TeacherSpec, te
   label_dropout = s.label_dropout if meta.extra["guided_sampling"] else 0.0
   stream = zlib.crc32(name.encode())
   if form == "local":
-    batches = LocalBatches(plan, batch_fn(ctx.train_source, s.batch_size, c.seed),
+    batches = LocalBatches(plan, ctx.train_batches(s.batch_size),
                            local_target_fn(spec, teacher_params), seed=c.seed, stream=stream,
                            batch_size=s.batch_size, num_classes=c.data.num_classes, label_dropout=label_dropout,
                            sigmas_of_n=spec.student_grid)
@@ -403,7 +411,8 @@ def train_student(ctx: Context, name: str, *, model, init, spec: TeacherSpec, te
     batches = TrajectoryBatches(plan, local_teacher_fn(spec, teacher_params), seed=c.seed, stream=stream,
                                 batch_size=s.batch_size, image_shape=ctx.image_shape,
                                 num_classes=c.data.num_classes, label_dropout=label_dropout,
-                                pad_to=max_grid_steps(c) if form == "global" else None)
+                                pad_to=max_grid_steps(c) if form == "global" else None,
+                                conditions_fn=ctx.data_conditions(s.batch_size))
   optimizer, schedule = optimizers.adam_tenfold_drop(float(lr), num_updates)
   metric = meta.extra["metric"]
   student_x = x_fn_of(ctx, model)
