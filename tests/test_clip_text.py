@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 import sd_reference
-from distill.models import clip_keys, clip_text, sd_weights
+from distill.models import clip_encoder, clip_keys, clip_text, sd_weights
 from distill.testing import assert_trees_equal
 
 # transformers' CLIPTextConfig fields of tiny text encoders like SD 1.x's (quick_gelu, the legacy eos id 2: pool
@@ -92,9 +92,9 @@ def test_attention_bias_and_activations():
   low = np.finfo(np.float32).min
   np.testing.assert_array_equal(bias[0, 0], [[0, low, low], [0, 0, low], [0, 0, low]])
   x = np.linspace(-4, 4, 9).astype(np.float32)
-  np.testing.assert_allclose(clip_text.activation("quick_gelu", x), x / (1 + np.exp(-1.702 * x)), rtol=1e-6)
+  np.testing.assert_allclose(clip_encoder.activation("quick_gelu", x), x / (1 + np.exp(-1.702 * x)), rtol=1e-6)
   exact = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x])
-  np.testing.assert_allclose(clip_text.activation("gelu", x), exact, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(clip_encoder.activation("gelu", x), exact, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="hidden_act='relu'"):
     clip_text.clip_text_from_config({**TINY, "hidden_act": "relu"})
   with pytest.raises(ValueError, match="not a CLIPTextModel"):

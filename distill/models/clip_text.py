@@ -16,14 +16,13 @@ real id; CLIP's EOS is its vocabulary's last id), else the first position holdin
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-ACTIVATIONS = ("quick_gelu", "gelu")
+from distill.models.clip_encoder import ACTIVATIONS, Encoder, LayerSpec
 
 # Published text encoders (transformers' text_encoder/config.json of each).
 SD1_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -31,68 +30,6 @@ SD1_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, 
             "layer_norm_eps": 1e-5, "eos_token_id": 2}
 SD2_TEXT = {**SD1_TEXT, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
             "num_attention_heads": 16, "hidden_act": "gelu"}
-
-
-def activation(name: str, x: jax.Array) -> jax.Array:
-  """quick_gelu: x · σ(1.702 x) (OpenAI CLIP); gelu: the exact (erf) GELU (OpenCLIP)."""
-  if name == "quick_gelu":
-    return x * jax.nn.sigmoid(1.702 * x)
-  if name == "gelu":
-    return jax.nn.gelu(x, approximate=False)
-  raise ValueError(f"hidden_act={name!r}: allowed {', '.join(map(repr, ACTIVATIONS))}")
-
-
-class SelfAttention(nn.Module):
-  """x [B, L, D], bias [B or 1, 1, L, L] (0 or a large negative) → [B, L, D]."""
-  heads: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, bias):
-    b, length, d = x.shape
-    head = d // self.heads
-    q, k, v = (nn.Dense(d, dtype=self.dtype, name=name)(x).reshape(b, length, self.heads, head)
-               for name in ("q_proj", "k_proj", "v_proj"))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head ** -0.5 + bias
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, length, d)
-    return nn.Dense(d, dtype=self.dtype, name="out_proj")(out)
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-  """What every encoder layer shares: heads, MLP width, activation, LayerNorm ε, the compute dtype; and how many
-  layers there are."""
-  heads: int
-  intermediate_size: int
-  hidden_act: str
-  eps: float
-  layers: int
-  dtype: Any = jnp.float32
-
-
-class EncoderLayer(nn.Module):
-  """x [B, L, D], bias → [B, L, D]: x += self_attn(layer_norm1(x)); x += mlp(layer_norm2(x))."""
-  spec: LayerSpec
-
-  @nn.compact
-  def __call__(self, x, bias):
-    s = self.spec
-    h = nn.LayerNorm(epsilon=s.eps, dtype=s.dtype, name="layer_norm1")(x)
-    x = x + SelfAttention(s.heads, s.dtype, name="self_attn")(h, bias)
-    h = nn.LayerNorm(epsilon=s.eps, dtype=s.dtype, name="layer_norm2")(x)
-    return x + _MLP(s.intermediate_size, s.hidden_act, s.dtype, name="mlp")(h)
-
-
-class _MLP(nn.Module):
-  intermediate_size: int
-  hidden_act: str
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    h = activation(self.hidden_act, nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x))
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
 
 
 class _Embeddings(nn.Module):
@@ -109,24 +46,6 @@ class _Embeddings(nn.Module):
     return tokens + positions
 
 
-class _Layers(nn.Module):
-  spec: LayerSpec
-
-  @nn.compact
-  def __call__(self, x, bias):
-    for i in range(self.spec.layers):
-      x = EncoderLayer(self.spec, name=str(i))(x, bias)
-    return x
-
-
-class _Encoder(nn.Module):  # transformers nests the layers one module deeper: encoder/layers/{i}
-  spec: LayerSpec
-
-  @nn.compact
-  def __call__(self, x, bias):
-    return _Layers(self.spec, name="layers")(x, bias)
-
-
 class _TextTransformer(nn.Module):
   vocab_size: int
   hidden_size: int
@@ -137,7 +56,7 @@ class _TextTransformer(nn.Module):
   def __call__(self, input_ids, attention_mask, position_ids):
     x = _Embeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings, self.spec.dtype,
                     name="embeddings")(input_ids, position_ids)
-    x = _Encoder(self.spec, name="encoder")(x, attention_bias(input_ids.shape[1], attention_mask))
+    x = Encoder(self.spec, name="encoder")(x, attention_bias(input_ids.shape[1], attention_mask))
     return nn.LayerNorm(epsilon=self.spec.eps, dtype=self.spec.dtype, name="final_layer_norm")(x)
 
 
