@@ -13,15 +13,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-ACTIVATIONS = ("quick_gelu", "gelu")
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 
 
 def activation(name: str, x: jax.Array) -> jax.Array:
-  """quick_gelu: x · σ(1.702 x) (OpenAI CLIP); gelu: the exact (erf) GELU (OpenCLIP)."""
+  """quick_gelu: x · σ(1.702 x) (OpenAI CLIP); gelu: the exact (erf) GELU (OpenCLIP); gelu_new and
+  gelu_pytorch_tanh: its tanh approximation (transformers' names for it)."""
   if name == "quick_gelu":
     return x * jax.nn.sigmoid(1.702 * x)
   if name == "gelu":
     return jax.nn.gelu(x, approximate=False)
+  if name in ("gelu_new", "gelu_pytorch_tanh"):
+    return jax.nn.gelu(x, approximate=True)
   raise ValueError(f"hidden_act={name!r}: allowed {', '.join(map(repr, ACTIVATIONS))}")
 
 

@@ -24,7 +24,6 @@ with `MEAN` / `STD`.
 from __future__ import annotations
 
 import json
-import math
 from typing import Mapping
 
 import flax.linen as nn
@@ -32,12 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill.models.clip_encoder import ACTIVATIONS, Encoder, LayerSpec
+
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's training-set pixel statistics, RGB in [0, 1]
 STD = (0.26862954, 0.26130258, 0.27577711)
-ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-               "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-               "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-               "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 # transformers' CLIPVisionConfig defaults (ViT-B/32), used for fields a config.json leaves out.
 DEFAULTS = {"image_size": 224, "patch_size": 32, "hidden_size": 768, "num_hidden_layers": 12,
             "num_attention_heads": 12, "intermediate_size": 3072, "projection_dim": 512, "hidden_act": "quick_gelu",
@@ -63,73 +60,6 @@ class Embeddings(nn.Module):
     return tokens + table[None]
 
 
-class Attention(nn.Module):
-  """Unmasked multi-head self-attention: x [B, T, D] → [B, T, D]."""
-  num_heads: int
-
-  @nn.compact
-  def __call__(self, x):
-    b, t, d = x.shape
-    h = self.num_heads
-    q, k, v = (nn.Dense(d, name=n)(x).reshape(b, t, h, d // h) for n in ("q_proj", "k_proj", "v_proj"))
-    logits = jnp.einsum("bqhc,bkhc->bhqk", q / math.sqrt(d // h), k)
-    out = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v)
-    return nn.Dense(d, name="out_proj")(out.reshape(b, t, d))
-
-
-class EncoderLayer(nn.Module):
-  """Pre-norm transformer block: x [B, T, D] → [B, T, D]."""
-  num_heads: int
-  intermediate_size: int
-  act: str
-  eps: float
-
-  @nn.compact
-  def __call__(self, x):
-    x = x + Attention(self.num_heads, name="self_attn")(nn.LayerNorm(self.eps, name="layer_norm1")(x))
-    h = nn.LayerNorm(self.eps, name="layer_norm2")(x)
-    h = MLP(self.intermediate_size, self.act, name="mlp")(h)
-    return x + h
-
-
-class MLP(nn.Module):
-  """fc1 → act → fc2: x [B, T, D] → [B, T, D]."""
-  intermediate_size: int
-  act: str
-
-  @nn.compact
-  def __call__(self, x):
-    h = ACTIVATIONS[self.act](nn.Dense(self.intermediate_size, name="fc1")(x))
-    return nn.Dense(x.shape[-1], name="fc2")(h)
-
-
-class Layers(nn.Module):
-  """The encoder's layers, named '0' … 'L−1' as transformers' FlaxCLIPLayerCollection names them."""
-  num_layers: int
-  num_heads: int
-  intermediate_size: int
-  act: str
-  eps: float
-
-  @nn.compact
-  def __call__(self, x):
-    for i in range(self.num_layers):
-      x = EncoderLayer(self.num_heads, self.intermediate_size, self.act, self.eps, name=str(i))(x)
-    return x
-
-
-class Encoder(nn.Module):
-  num_layers: int
-  num_heads: int
-  intermediate_size: int
-  act: str
-  eps: float
-
-  @nn.compact
-  def __call__(self, x):
-    return Layers(self.num_layers, self.num_heads, self.intermediate_size, self.act, self.eps, name="layers")(x)
-
-
 class VisionTransformer(nn.Module):
   """pixels [B, S, S, 3] (normalised) → pooled class-token state [B, D] (after post_layernorm)."""
   image_size: int
@@ -145,7 +75,8 @@ class VisionTransformer(nn.Module):
   def __call__(self, pixels):
     x = Embeddings(self.image_size, self.patch_size, self.hidden_size, name="embeddings")(pixels)
     x = nn.LayerNorm(self.eps, name="pre_layrnorm")(x)  # sic: transformers' name
-    x = Encoder(self.num_layers, self.num_heads, self.intermediate_size, self.act, self.eps, name="encoder")(x)
+    spec = LayerSpec(self.num_heads, self.intermediate_size, self.act, self.eps, self.num_layers)
+    x = Encoder(spec, name="encoder")(x, 0.0)  # no mask: every token sees every token
     return nn.LayerNorm(self.eps, name="post_layernorm")(x[:, 0])
 
 
