@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from distill import train, writers
+from distill import batching, train, writers
 from distill.models import autoencoder as ae
 
 STAGE = "autoencoder"
@@ -53,12 +53,10 @@ class LatentSpace:
 
 
 def in_chunks(fn: Callable, x, batch: int) -> np.ndarray:
-  """fn over x [N, ...] in chunks of `batch` rows, as one numpy array (decoding thousands of samples at once
-  would hold every activation of the decoder)."""
+  """fn over x [N, ...] in chunks of `batch` rows (`batching.in_batches`), as one numpy array (decoding thousands
+  of samples at once would hold every activation of the decoder)."""
   x = np.asarray(x)
-  if len(x) == 0:
-    return x
-  return np.concatenate([np.asarray(fn(x[i:i + batch])) for i in range(0, len(x), batch)])
+  return x if len(x) == 0 else batching.in_batches(fn, x, batch)
 
 
 # --- what the latent stages read ----------------------------------------------------------------------

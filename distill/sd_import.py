@@ -22,11 +22,10 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from distill import models
+from distill import batching, models
 from distill.models import clip_tokenizer, sd_weights
 
 # diffusers' scheduler config → our names. SD 1.x and 2.x-base predict ε; SD 2.x (768) predicts v.
@@ -110,14 +109,10 @@ class SDTextEncoder:
                                                                                            np.integer):
       raise ValueError(f"tokens must be integers [N, {self.tokenizer.max_length}], got shape {tokens.shape} "
                        f"({tokens.dtype})")
-    n, length = tokens.shape
-    out = np.zeros((n, length, self.hidden_size), np.float32)
-    size = min(self.batch_size, max(n, 1))
-    for start in range(0, n, size):
-      chunk = tokens[start:start + size].astype(np.int32)
-      padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
-      out[start:start + len(chunk)] = np.asarray(self._hidden_fn(self.text_params, jnp.asarray(padded)))[:len(chunk)]
-    return out
+    if not len(tokens):
+      return np.zeros((0, tokens.shape[1], self.hidden_size), np.float32)
+    return np.asarray(batching.in_batches(lambda t: self._hidden_fn(self.text_params, t), tokens.astype(np.int32),
+                                          self.batch_size), np.float32)
 
   def caption_tokens(self, split: str) -> np.ndarray:
     """int32 [N, L]: the tokens of the captions of the image-text source's rows of `split`, in row order."""

@@ -28,7 +28,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from distill import text, train, writers
+from distill import batching, text, train, writers
 from distill.models import clip_text
 
 STAGE = "text_encoder"
@@ -125,21 +125,6 @@ def normalize(x, axis: int = -1):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
-def in_batches(fn: Callable, array: np.ndarray, batch: int) -> np.ndarray:
-  """fn over rows of `array` in batches of exactly min(batch, N) rows (the last padded by repeating its last
-  row), numpy out: one compiled shape for every N."""
-  array = np.asarray(array)
-  size = min(batch, len(array))
-  outs = []
-  for i in range(0, len(array), size):
-    part = array[i:i + size]
-    valid = len(part)
-    if valid < size:
-      part = np.concatenate([part, np.repeat(part[-1:], size - valid, 0)])
-    outs.append(np.asarray(fn(jnp.asarray(part)))[:valid])
-  return np.concatenate(outs)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class TextEncoder:
   """A finished text encoder stage, read-only (`load_text_encoder`).
@@ -192,14 +177,14 @@ class TextEncoder:
 
   def embed_text(self, tokens) -> np.ndarray:
     """tokens int [N, L] → float32 [N, E], L2-normalised."""
-    return in_batches(lambda t: self._text_embed_fn(self.params, t), self._tokens(tokens), self.batch_size)
+    return batching.in_batches(lambda t: self._text_embed_fn(self.params, t), self._tokens(tokens), self.batch_size)
 
   def embed_images(self, images) -> np.ndarray:
     """images [N, H, W, C] in [−1, 1] → float32 [N, E], L2-normalised."""
     images = np.asarray(images, np.float32)
     if images.ndim != 4:
       raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
-    return in_batches(lambda x: self._image_embed_fn(self.params, x), images, self.batch_size)
+    return batching.in_batches(lambda x: self._image_embed_fn(self.params, x), images, self.batch_size)
 
   def score(self, images, tokens) -> np.ndarray:
     """The CLIP score's per-pair term 100 · max(cos, 0), float32 [N], of images [N, H, W, C] in [−1, 1] against

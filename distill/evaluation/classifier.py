@@ -24,6 +24,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from distill import batching
+
 Params = Mapping[str, Any]
 
 # The penultimate layer; its width tells `_model_from_params` the model's `features`.
@@ -219,14 +221,7 @@ def _batched(apply_fn, params, images: np.ndarray, batch_size: int) -> np.ndarra
   images = np.asarray(images, np.float32)
   if images.ndim != 4 or len(images) == 0:
     raise ValueError(f"images must be a non-empty [N, H, W, C], got {images.shape}")
-  outputs = []
-  for start in range(0, len(images), batch_size):
-    batch = images[start:start + batch_size]
-    valid = len(batch)
-    if valid < batch_size and len(images) > batch_size:
-      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, 0)])
-    outputs.append(np.asarray(apply_fn(params, batch))[:valid])
-  return np.concatenate(outputs)
+  return batching.in_batches(lambda x: apply_fn(params, x), images, batch_size)
 
 
 def logits(params: Params, images: np.ndarray, num_classes: int, batch_size: int = 1024) -> np.ndarray:

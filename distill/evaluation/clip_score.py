@@ -25,7 +25,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from distill import weights
+from distill import batching, weights
 from distill.evaluation import metrics
 from distill.models import clip_keys, clip_text, clip_tokenizer, clip_vision
 
@@ -85,15 +85,7 @@ def image_embedder(params, model: clip_vision.ClipVision, batch_size: int = 64
   apply = jax.jit(lambda p, x: clip_vision.embed_images(p, model, x))
 
   def embed(images):
-    images = protocol.quantize(images)
-    out = []
-    for i in range(0, len(images), batch_size):
-      batch = images[i:i + batch_size]
-      valid = len(batch)
-      if valid < batch_size:
-        batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, 0)])
-      out.append(np.asarray(apply(params, jnp.asarray(batch)))[:valid])
-    return np.concatenate(out)
+    return batching.in_batches(lambda x: apply(params, x), protocol.quantize(images), batch_size, full=True)
 
   return embed
 
@@ -277,10 +269,9 @@ class Scorer:
     """N caption strings → text embeddings float64 [N, projection_dim] (not normalised)."""
     captions = list(captions)
     new = sorted({c for c in captions if c not in self._texts})
-    for i in range(0, len(new), self.batch_size):
-      chunk = new[i:i + self.batch_size]
-      ids = self.tokenizer(chunk + [chunk[-1]] * (self.batch_size - len(chunk)))  # one compiled shape
-      self._texts.update(zip(chunk, self._embed_ids(ids)[:len(chunk)]))
+    if new:  # one compiled shape for any number of captions
+      self._texts.update(zip(new, batching.in_batches(self._embed_ids, self.tokenizer(new), self.batch_size,
+                                                      full=True)))
     return np.stack([self._texts[c] for c in captions])
 
   def score(self, images, captions, *, bootstrap: int = 0, seed: int = 0) -> dict:

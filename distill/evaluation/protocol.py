@@ -22,9 +22,9 @@ import dataclasses
 from typing import Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from distill import batching
 from distill.evaluation import classifier as classifier_lib
 from distill.evaluation import fid, inception, metrics
 
@@ -61,18 +61,8 @@ _inception_apply = jax.jit(inception.inception_outputs)
 def inception_net(params, batch_size: int = 100) -> FeatureNet:
   params = jax.device_put(params)  # once, not per batch
 
-  def outputs(images):
-    images = quantize(images)
-    feats, logits = [], []
-    for i in range(0, len(images), batch_size):
-      batch = images[i:i + batch_size]
-      valid = len(batch)
-      if valid < batch_size:  # one shape: one compilation
-        batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, 0)])
-      f, l = _inception_apply(params, jnp.asarray(batch))
-      feats.append(np.asarray(f)[:valid])
-      logits.append(np.asarray(l)[:valid])
-    return np.concatenate(feats), np.concatenate(logits)
+  def outputs(images):  # (features, logits); one shape for every row count: one compilation
+    return batching.in_batches(lambda x: _inception_apply(params, x), quantize(images), batch_size, full=True)
 
   return FeatureNet("inception", outputs, f"FID InceptionV3 ({inception.WEIGHTS_FILE})")
 

@@ -55,7 +55,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from distill import contract, optimizers, train, validation, weights, writers
+from distill import batching, contract, optimizers, train, validation, weights, writers
 from distill.context import Context, batch_fn, get_classifier, run_stage
 from distill.evaluation import classifier as classifier_lib
 from distill.evaluation import fid, protocol
@@ -294,21 +294,9 @@ def encode_split(model, params, source, batch: int) -> tuple[np.ndarray, np.ndar
   return np.concatenate(means), np.concatenate(logvars), np.concatenate(labels)
 
 
-def _in_batches(fn, arrays: np.ndarray, batch: int):
-  """fn over rows of `arrays` in batches of exactly `batch` rows (the last padded): one compiled shape."""
-  outs = []
-  for i in range(0, len(arrays), batch):
-    part = arrays[i:i + batch]
-    valid = len(part)
-    if valid < batch and len(arrays) > batch:
-      part = np.concatenate([part, np.repeat(part[-1:], batch - valid, 0)])
-    outs.append(jax.tree.map(lambda o: np.asarray(o)[:valid], fn(jnp.asarray(part))))
-  return jax.tree.map(lambda *o: np.concatenate(o), *outs)
-
-
 def decode_all(model, params, latents: np.ndarray, batch: int) -> np.ndarray:
   """Unscaled latents [N, h, w, c] → images [N, H, W, C] clipped to [−1, 1]."""
-  return np.clip(_in_batches(lambda z: ae.decode(model, params, z), latents, batch), -1.0, 1.0)
+  return np.clip(batching.in_batches(lambda z: ae.decode(model, params, z), latents, batch), -1.0, 1.0)
 
 
 def scale_factor(mean: np.ndarray, logvar: np.ndarray) -> float:
