@@ -453,7 +453,9 @@ class ProgressReporter:
       else:
         parts.append(f"{rate:.2f} steps/s")
     parts.append(f"elapsed {format_duration(now - self._start_time)}")
-    if rate is not None:
+    if step >= self.total_steps:  # done, even when this is the first update (a stage that logs only at its end)
+      parts.append("ETA 0s")
+    elif rate is not None:
       parts.append(f"ETA {format_duration((self.total_steps - step) / rate)}")
     else:
       parts.append("ETA ?")

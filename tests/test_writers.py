@@ -165,6 +165,13 @@ def test_progress_reporter_always_prints_last_step():
                          {"loss": 1e-5}) == ("step 3/3 (100.0%) | loss 1.000e-05 | 1.00 steps/s | elapsed 2s | ETA 0s")
 
 
+def test_progress_reporter_first_update_at_the_last_step_says_eta_0s():
+  clock = FakeClock()
+  reporter = writers.ProgressReporter(48, every_seconds=1e9, clock=clock, print_fn=lambda _: 0)
+  clock.now = 34.0
+  assert reporter.update(48, {"loss": 0.5}) == "step 48/48 (100.0%) | loss 0.5000 | elapsed 34s | ETA 0s"
+
+
 @pytest.mark.parametrize("seconds, text", [(0, "0s"), (9.4, "9s"), (62, "1m02s"), (3725, "1h02m05s"),
                                            (float("inf"), "?")])
 def test_format_duration(seconds, text):
