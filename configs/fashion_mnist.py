@@ -33,8 +33,10 @@ LATENT_PIPELINE = ("autoencoder", "teacher", "teacher_v", "stage_one", "distill_
                    "single_w", "two_student", "sfd", "dsd", "consistency", "evaluate")
 
 
+# Every method on the text teacher: guided distillation's stage one and deterministic halving, SFD, DSD and CD
+# (SFD's and DSD's trajectories take the captions of the training batches).
 TEXT_PIPELINE = ("autoencoder", "text_encoder", "teacher", "teacher_v", "stage_one", "distill_deterministic",
-                 "evaluate")
+                 "sfd", "dsd", "consistency", "evaluate")
 
 
 def get_config(arg: str | None = None):

@@ -266,6 +266,6 @@ def test_text_and_inpaint_combine_into_one_pipeline():
   from tests.test_configuration import load_config
   c = load_config("fashion_mnist", "text,inpaint,quick")
   assert c.pipeline == ("autoencoder", "text_encoder", "teacher", "teacher_v", "teacher_inpaint", "stage_one",
-                        "distill_deterministic", "evaluate")
+                        "distill_deterministic", "sfd", "dsd", "consistency", "evaluate")
   assert c.text.enabled and c.inpaint.enabled and c.model.kind == "sd_unet"
   configuration.validate(c)

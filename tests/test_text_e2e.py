@@ -1,6 +1,6 @@
 """Text-to-image end to end from the command line on a real 2,000 + 500 image subset of Fashion-MNIST: the
 autoencoder, the text encoder stage, a text-conditioned ε teacher on Stable Diffusion's U-Net, its inpainting
-extension, stage one, a halving round, SFD and DSD, and the evaluation with the text-image score; then --prompt with
+extension, stage one, a halving round, SFD, DSD and CD, and the evaluation with the text-image score; then --prompt with
 --mode=sample, img2img and inpaint on the finished student."""
 import json
 import os
@@ -23,16 +23,15 @@ def _main(args):
 def test_text_guided_pipeline_and_prompt_modes(tmp_path):
   write_subset(tmp_path / "fmnist")
   workdir = tmp_path / "run"
-  # SFD and DSD too: their trajectories take the text + inpainting conditions of the training batches.
+  # SFD, DSD and CD too: SFD's and DSD's trajectories take the text + inpainting conditions of the training batches.
   common = [f"--config={ROOT}/configs/fashion_mnist.py:text,inpaint,quick", f"--workdir={workdir}",
             f"--config.data.data_dir={tmp_path / 'fmnist'}", "--config.distill.start_steps=2",
             "--config.eval.w_values=(0.0,)", "--config.eval.max_reference=2000", "--config.text.steps=150",
-            "--config.pipeline=('autoencoder','text_encoder','teacher','teacher_v','teacher_inpaint','stage_one',"
-            "'distill_deterministic','sfd','dsd','evaluate')", "--config.dsd.kinds=('DSDI',)"]
+            "--config.dsd.kinds=('DSDI',)"]
   run = _main(common)
   assert run.returncode == 0, run.stderr[-3000:]
   rows = json.loads((workdir / "results.json").read_text())["rows"]
-  assert {"SFD (CFG)", "DSDI"} <= {r["method"] for r in rows}
+  assert {"SFD (CFG)", "DSDI", "CD"} <= {r["method"] for r in rows}, {r["method"] for r in rows}
   scores = [r["text_score"] for r in rows]
   assert rows and all(0.0 <= s <= 100.0 for s in scores) and all(r.get("text_score_ci") for r in rows)
   assert "text-image score" in (workdir / "report.md").read_text()
