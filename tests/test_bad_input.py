@@ -6,17 +6,18 @@ the workdir, the data files and the checkpoints the case points at) is byte-iden
 One subprocess per case, so the cases cannot influence each other; each costs the entry point's imports
 (~1.5 s). A case that exposes a bug may be marked with `xfail=` (the observed behaviour as the reason).
 """
+import functools
 import hashlib
 import importlib.util
 import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+
+from tests import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = "--config=configs/digits.py"
@@ -28,10 +29,8 @@ TEACHER = "{run}/teacher"
 ONLY_STAGE_ONE = "--config.pipeline=('stage_one',)"
 
 
-def run_main(*args, timeout=300, **extra_env):
-  env = dict(os.environ, DISTILL_JAX_CACHE="", JAX_PLATFORMS="cpu", **extra_env)
-  return subprocess.run([sys.executable, "-m", "distill.main", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+# One subprocess per case; no persistent compilation cache (a case fails before compiling).
+run_main = functools.partial(cli.run_main, cache=False)
 
 
 # --- fixtures: a fake finished run (real Orbax checkpoints of a tiny tree) and data files ----------------

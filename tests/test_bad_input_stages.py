@@ -12,14 +12,15 @@ tmp_path changes), 1 for a stage that fails on it (a `TrainingError`/`StageFaile
 fit", "any other error inside a stage"). Either way the finished stages' final/ are byte-identical afterwards.
 One subprocess per case (~2 s: it fails before compiling anything). The cases are listed in docs/bad_input.md.
 """
+import functools
 import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
+
+from tests import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = "--config=configs/digits.py:quick"
@@ -41,10 +42,7 @@ TINY = (
 TRAINED = ("teacher", "stage_one")
 
 
-def run_main(*args, timeout=300):
-  env = dict(os.environ, DISTILL_JAX_CACHE="", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "distill.main", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+run_main = functools.partial(cli.run_main, cache=False)
 
 
 def tiny_args(workdir, pipeline, *extra) -> list[str]:

@@ -9,6 +9,7 @@ import pytest
 
 from distill import configuration, context, diffusion, models, sampling, train
 from distill.methods import teacher as teacher_lib
+from tests.cli import run_main
 
 
 def tiny_run(tmp_path):
@@ -87,21 +88,15 @@ def test_which_samplers_follow_the_schedule():
   assert not registry.follows_schedule("sfd")  # SFD samples on its own σ grid
 
 
-def _main(args):
-  import subprocess
-  import sys
-  return subprocess.run([sys.executable, "-m", "distill.main", *args], capture_output=True, text=True, timeout=300)
-
-
 def test_img2img_from_the_command_line(tmp_path):
   tiny_run(tmp_path)
-  ok = _main(["--mode=img2img", f"--checkpoint={tmp_path / 'teacher'}", "--strength=0.25", "--w=0,2",
+  ok = run_main(*["--mode=img2img", f"--checkpoint={tmp_path / 'teacher'}", "--strength=0.25", "--w=0,2",
               "--labels=1", "--num=3", f"--out={tmp_path / 'cli'}"])
   assert ok.returncode == 0, ok.stderr
   assert "2 steps" in ok.stdout and (tmp_path / "cli.png").exists()
   with np.load(tmp_path / "cli.npz") as d:
     assert d["outputs"].shape == (6, 4, 4, 1) and set(d["target_labels"]) == {1}
-  bad = _main(["--mode=img2img", f"--checkpoint={tmp_path / 'teacher'}", "--strength=2"])
+  bad = run_main(*["--mode=img2img", f"--checkpoint={tmp_path / 'teacher'}", "--strength=2"])
   assert bad.returncode == 2 and "--strength=2" in bad.stderr and "(0, 1]" in bad.stderr
   assert len(bad.stderr.strip().splitlines()) == 1
 
@@ -111,7 +106,7 @@ def test_img2img_follows_the_requested_class_at_full_strength_and_keeps_the_inpu
   """A real digits teacher (`configs/digits.py:quick`'s, trained here) and the run's digits classifier: at s = 1
   the inputs are fully noised, so 60 test digits decoded to another class (label + 3 mod 10) are classified as
   that class; at s = 0.1 they stay their own class. Random outputs would agree 10 % of the time."""
-  ok = _main(["--config=configs/digits.py:quick", f"--workdir={tmp_path}", "--config.pipeline=('teacher',)"])
+  ok = run_main(*["--config=configs/digits.py:quick", f"--workdir={tmp_path}", "--config.pipeline=('teacher',)"])
   assert ok.returncode == 0, ok.stderr
   ctx = context.Context(*reversed(sampling.find_run(str(tmp_path / "teacher"))))
   clf, _ = context.get_classifier(ctx)

@@ -1,8 +1,6 @@
 """Inpainting (SD Inpainting's input layout): the condition pytree, the extended teacher, the batches, the
 sampler against a hand-written guided DDIM, `--mask`, the refusals, and (slow) a real digits run."""
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +10,7 @@ from PIL import Image
 
 from distill import conditions, configuration, context, diffusion, losses, models, samplers, sampling, train, validation
 from distill.methods import teacher as teacher_lib
+from tests.cli import run_main
 
 
 def test_null_keeps_the_mask_and_the_masked_image_and_drops_only_labels():
@@ -209,20 +208,16 @@ def test_inpaint_samples_the_masked_region_by_guided_ddim_on_the_condition(tmp_p
     assert d["outputs"].shape == (3, 4, 4, 1) and set(d["target_labels"]) == {2} and d["mask"].sum() == 8
 
 
-def _main(args):
-  return subprocess.run([sys.executable, "-m", "distill.main", *args], capture_output=True, text=True, timeout=300)
-
-
 def test_inpaint_from_the_command_line_and_its_refusals(tmp_path):
   tiny_inpaint_run(tmp_path)
-  ok = _main(["--mode=inpaint", f"--checkpoint={tmp_path / 'teacher_inpaint'}", "--mask=box:0,0.5,1,1", "--w=0,2",
+  ok = run_main(*["--mode=inpaint", f"--checkpoint={tmp_path / 'teacher_inpaint'}", "--mask=box:0,0.5,1,1", "--w=0,2",
               "--labels=1", "--num=3", f"--out={tmp_path / 'cli'}"])
   assert ok.returncode == 0, ok.stderr
   assert (tmp_path / "cli.png").exists()
   with np.load(tmp_path / "cli.npz") as d:
     assert d["outputs"].shape == (6, 4, 4, 1) and set(d["target_labels"]) == {1}
   for args, words in ((["--mask=box:0,0,1"], "--mask='box:0,0,1'"), (["--labels=7"], "--labels=7")):
-    bad = _main(["--mode=inpaint", f"--checkpoint={tmp_path / 'teacher_inpaint'}", *args])
+    bad = run_main(*["--mode=inpaint", f"--checkpoint={tmp_path / 'teacher_inpaint'}", *args])
     assert bad.returncode == 2 and words in bad.stderr, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
 
@@ -234,7 +229,7 @@ def test_a_distilled_inpainting_student_keeps_the_kept_region_and_follows_the_re
   all but their top quarter generated, toward another class (label + 3 mod 10) and toward their own, at w = 1.
   Measured when written: kept-region error 0.10 (other class) / 0.06 (own) against 0.51 / 0.30 in the generated
   region, 97 % of completions classified as the requested other class (chance 10 %)."""
-  ok = _main(["--config=configs/digits.py:inpaint,quick", f"--workdir={tmp_path}", "--config.teacher.num_steps=600",
+  ok = run_main(*["--config=configs/digits.py:inpaint,quick", f"--workdir={tmp_path}", "--config.teacher.num_steps=600",
               "--config.teacher.inpaint_steps=400",
               "--config.pipeline=('teacher','teacher_inpaint','stage_one','distill_deterministic')"])
   assert ok.returncode == 0, ok.stderr

@@ -1,18 +1,17 @@
 """The command line: bad flags and configs give one line and exit 2 with nothing written; a run resumes."""
+import functools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from tests import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(*args, cwd=ROOT, timeout=1800):
-  return subprocess.run([sys.executable, "-m", "distill.main", *args], cwd=cwd, capture_output=True, text=True,
-                        timeout=timeout)
+run_main = functools.partial(cli.run_main, timeout=1800)
 
 
 BAD = [
