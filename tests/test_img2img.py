@@ -90,13 +90,13 @@ def test_which_samplers_follow_the_schedule():
 
 def test_img2img_from_the_command_line(tmp_path):
   tiny_run(tmp_path)
-  ok = run_main(*["--mode=img2img", f"--checkpoint={tmp_path / 'teacher'}", "--strength=0.25", "--w=0,2",
-              "--labels=1", "--num=3", f"--out={tmp_path / 'cli'}"])
+  ok = run_main("--mode=img2img", f"--checkpoint={tmp_path / 'teacher'}", "--strength=0.25", "--w=0,2",
+                "--labels=1", "--num=3", f"--out={tmp_path / 'cli'}")
   assert ok.returncode == 0, ok.stderr
   assert "2 steps" in ok.stdout and (tmp_path / "cli.png").exists()
   with np.load(tmp_path / "cli.npz") as d:
     assert d["outputs"].shape == (6, 4, 4, 1) and set(d["target_labels"]) == {1}
-  bad = run_main(*["--mode=img2img", f"--checkpoint={tmp_path / 'teacher'}", "--strength=2"])
+  bad = run_main("--mode=img2img", f"--checkpoint={tmp_path / 'teacher'}", "--strength=2")
   assert bad.returncode == 2 and "--strength=2" in bad.stderr and "(0, 1]" in bad.stderr
   assert len(bad.stderr.strip().splitlines()) == 1
 
@@ -106,7 +106,7 @@ def test_img2img_follows_the_requested_class_at_full_strength_and_keeps_the_inpu
   """A real digits teacher (`configs/digits.py:quick`'s, trained here) and the run's digits classifier: at s = 1
   the inputs are fully noised, so 60 test digits decoded to another class (label + 3 mod 10) are classified as
   that class; at s = 0.1 they stay their own class. Random outputs would agree 10 % of the time."""
-  ok = run_main(*["--config=configs/digits.py:quick", f"--workdir={tmp_path}", "--config.pipeline=('teacher',)"])
+  ok = run_main("--config=configs/digits.py:quick", f"--workdir={tmp_path}", "--config.pipeline=('teacher',)")
   assert ok.returncode == 0, ok.stderr
   ctx = context.Context(*reversed(sampling.find_run(str(tmp_path / "teacher"))))
   clf, _ = context.get_classifier(ctx)

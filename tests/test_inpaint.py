@@ -210,14 +210,14 @@ def test_inpaint_samples_the_masked_region_by_guided_ddim_on_the_condition(tmp_p
 
 def test_inpaint_from_the_command_line_and_its_refusals(tmp_path):
   tiny_inpaint_run(tmp_path)
-  ok = run_main(*["--mode=inpaint", f"--checkpoint={tmp_path / 'teacher_inpaint'}", "--mask=box:0,0.5,1,1", "--w=0,2",
-              "--labels=1", "--num=3", f"--out={tmp_path / 'cli'}"])
+  ok = run_main("--mode=inpaint", f"--checkpoint={tmp_path / 'teacher_inpaint'}", "--mask=box:0,0.5,1,1", "--w=0,2",
+                "--labels=1", "--num=3", f"--out={tmp_path / 'cli'}")
   assert ok.returncode == 0, ok.stderr
   assert (tmp_path / "cli.png").exists()
   with np.load(tmp_path / "cli.npz") as d:
     assert d["outputs"].shape == (6, 4, 4, 1) and set(d["target_labels"]) == {1}
   for args, words in ((["--mask=box:0,0,1"], "--mask='box:0,0,1'"), (["--labels=7"], "--labels=7")):
-    bad = run_main(*["--mode=inpaint", f"--checkpoint={tmp_path / 'teacher_inpaint'}", *args])
+    bad = run_main("--mode=inpaint", f"--checkpoint={tmp_path / 'teacher_inpaint'}", *args)
     assert bad.returncode == 2 and words in bad.stderr, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
 
@@ -229,9 +229,9 @@ def test_a_distilled_inpainting_student_keeps_the_kept_region_and_follows_the_re
   all but their top quarter generated, toward another class (label + 3 mod 10) and toward their own, at w = 1.
   Measured when written: kept-region error 0.10 (other class) / 0.06 (own) against 0.51 / 0.30 in the generated
   region, 97 % of completions classified as the requested other class (chance 10 %)."""
-  ok = run_main(*["--config=configs/digits.py:inpaint,quick", f"--workdir={tmp_path}", "--config.teacher.num_steps=600",
-              "--config.teacher.inpaint_steps=400",
-              "--config.pipeline=('teacher','teacher_inpaint','stage_one','distill_deterministic')"])
+  ok = run_main("--config=configs/digits.py:inpaint,quick", f"--workdir={tmp_path}", "--config.teacher.num_steps=600",
+                "--config.teacher.inpaint_steps=400",
+                "--config.pipeline=('teacher','teacher_inpaint','stage_one','distill_deterministic')")
   assert ok.returncode == 0, ok.stderr
   stage = tmp_path / "distill_deterministic" / "N0002"
   ctx = context.Context(*reversed(sampling.find_run(str(stage))))

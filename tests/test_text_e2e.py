@@ -36,8 +36,8 @@ def test_text_guided_pipeline_and_prompt_modes(tmp_path):
   # The CLIP score from a CLIP model folder, every row sampled at the captions of a file (issue 17, item 6).
   from test_clip_scorer import write_clip_folder
   (tmp_path / "captions.txt").write_text("a bright large wide trouser\na dark small narrow bag\n")
-  scored = _main(*[*common, f"--config.eval.clip_path={write_clip_folder(tmp_path / 'clip')}",
-                  f"--config.eval.captions={tmp_path / 'captions.txt'}", "--allow_config_change"])
+  scored = _main(*common, f"--config.eval.clip_path={write_clip_folder(tmp_path / 'clip')}",
+                 f"--config.eval.captions={tmp_path / 'captions.txt'}", "--allow_config_change")
   assert scored.returncode == 0, scored.stderr[-3000:]
   clip_rows = json.loads((workdir / "results.json").read_text())["rows"]
   assert len(clip_rows) == len(rows) and all(0.0 <= r["clip_score"] <= 100.0 and r.get("clip_score_ci")
@@ -49,10 +49,10 @@ def test_text_guided_pipeline_and_prompt_modes(tmp_path):
   for mode, extra in (("sample", ["--num=2"]), ("img2img", ["--num=2", "--strength=0.8"]),
                       ("inpaint", ["--num=2", "--mask=box:0.5,0,1,1"])):
     out = tmp_path / mode
-    ok = _main(*[f"--mode={mode}", f"--checkpoint={student}", *prompts, "--w=0,2", *extra, f"--out={out}"])
+    ok = _main(f"--mode={mode}", f"--checkpoint={student}", *prompts, "--w=0,2", *extra, f"--out={out}")
     assert ok.returncode == 0, (mode, ok.stderr[-2000:])
     with np.load(str(out) + ".npz") as d:
       images = d["images"] if "images" in d else d["outputs"]
       assert np.all(np.isfinite(images)) and len(images) == 4 * (2 if mode == "sample" else 1)
-  bad = _main(*["--mode=sample", f"--checkpoint={student}", "--prompt=a purple trouser"])
+  bad = _main("--mode=sample", f"--checkpoint={student}", "--prompt=a purple trouser")
   assert bad.returncode == 2 and "unknown word 'purple'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
