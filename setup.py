@@ -33,7 +33,8 @@ setup(
     # cuda12 / tpu: jax with its accelerator plugins (both resolve for jax 0.10.2).
     # reference: the implementations tests check our SD networks against, never imported by distill/: diffusers
     # 0.39 (its last release with Flax models) and transformers 4.57 (its last with Flax CLIP); neither needs torch.
-    extras_require={"test": ["pytest>=8,<10", "scipy>=1.13,<2"], "gcs": ["gcsfs>=2024.2"],
+    # test: pytest-xdist runs the fast tests on two processes (`-n 2`: compilation is single-threaded).
+    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scipy>=1.13,<2"], "gcs": ["gcsfs>=2024.2"],
                     "cuda12": ["jax[cuda12]>=0.10,<0.11"], "tpu": ["jax[tpu]>=0.10,<0.11"],
                     "reference": ["diffusers==0.39.0", "transformers>=4.57,<4.58", "safetensors>=0.4"]},
     license="Apache-2.0",
