@@ -28,8 +28,8 @@ import numpy as np
 from etils import epath
 
 from distill import contract, registry, sampling, train, writers
-from distill.context import (Context, cfg_sample, class_captions, get_classifier, sample_images, teacher_model,
-                             teacher_params)
+from distill.context import (Context, cfg_sample, class_captions, get_classifier, sample_images, teacher_dir,
+                             teacher_model, teacher_params)
 from distill.evaluation import classifier as classifier_lib
 from distill.evaluation import inception, metrics, protocol, report
 
@@ -69,6 +69,15 @@ def reference(ctx: Context, net: protocol.FeatureNet) -> protocol.Reference:
   except ValueError as e:
     raise EvaluationError(f"eval.reference_stats: {e}") from e
   return dataclasses.replace(ref, mu=mu, sigma=sigma, stats_source=c.eval.reference_stats)
+
+
+def stamps(stages) -> dict:
+  """{name: a short hash of its final/meta.json} of finished stages [(name, stage_dir)]: the record holds the
+  training time, so a stage trained again under the same name gets another stamp and results.json no longer
+  covers it (its rows are then found or scored by the parameters' fingerprint, `row_key`)."""
+  import hashlib
+  return {name: hashlib.sha256(epath.Path(d, "final", "meta.json").read_bytes()).hexdigest()[:16]
+          for name, d in stages}
 
 
 def finished_students(workdir: str):
@@ -228,7 +237,8 @@ def run_stage(ctx: Context):
   e = c.eval
   students = [(n, d) for n, d in finished_students(ctx.workdir) if n != "teacher"]
   results_path = os.path.join(ctx.workdir, "results.json")
-  evaluated = {"checkpoints": ["teacher"] + [name for name, _ in students], "w_values": list(e.w_values),
+  evaluated = {"checkpoints": ["teacher"] + [name for name, _ in students],
+               "stamps": stamps([("teacher", teacher_dir(ctx))] + students), "w_values": list(e.w_values),
                "per_class": e.per_class, "seed": c.seed, "metric": protocol.resolve_metric(c),
                "teacher_ddpm": e.teacher_ddpm, "reference_stats": e.reference_stats, "seeds": e.seeds,
                **{f: e[f] for f in ("clip_path", "captions") if e[f]}}

@@ -269,6 +269,20 @@ def test_adding_a_stage_scores_only_its_rows(tmp_path, monkeypatch):
   second = json.loads((tmp_path / "wd" / "results.json").read_text())["rows"]
   assert len(calls) == 1 and len(second) == 4  # only the new round's row was sampled
   assert second[:3] == first and second[3]["method"] == "guided PD"
+  calls.clear()
+  evaluate.run_stage(ctx)
+  assert not calls  # results.json covers every checkpoint: nothing is loaded or scored
+  # The round trained again under the same name (other parameters, another record): results.json no longer
+  # covers it, and only its row is scored anew.
+  again = models.init_params(context.student_model(ctx, w_embedding=True), ctx.image_shape, 3)
+  import shutil
+  shutil.rmtree(tmp_path / "wd" / "distill_deterministic" / "N0002")
+  train._save_final(str(tmp_path / "wd" / "distill_deterministic" / "N0002"), again,
+                    dict(round_meta.to_dict(), num_steps=1, train_seconds=2.0))
+  evaluate.run_stage(ctx)
+  retrained = json.loads((tmp_path / "wd" / "results.json").read_text())["rows"]
+  assert len(calls) == 1 and retrained[:3] == first and retrained[3]["method"] == "guided PD"
+  # (a fresh U-Net's output layer is zero, so the two inits sample alike: the point is that the row was scored)
   c.seed = 1
   calls.clear()
   evaluate.run_stage(ctx)
